@@ -1,0 +1,28 @@
+# The two set-up commands. Each creates .venv (Python 3.11) if missing, installs torch
+# ==2.13.0 (the CPU build) first so that nothing pulls a CUDA build, then the project.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/splitserve serve deploy/manifests/demo.yaml --host 127.0.0.1 --port 8000
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
