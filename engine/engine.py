@@ -1,0 +1,161 @@
+"""The engine step: schedule, run, sample, postprocess. No Ray, no HTTP.
+
+Workers wrap an ``LLMEngine``; tests drive it directly. The model executor is a
+parameter, so a tensor-parallel worker can fan a step out to its ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.runner import ModelRunner, StepInput, StepResult, prepare_step
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from engine.sequence import SamplingParams, Sequence
+
+logger = logging.getLogger(__name__)
+
+Executor = Callable[[StepInput], StepResult]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepOutput:
+    # Token sampled this step, by request id.
+    new_tokens: dict[str, int] = field(default_factory=dict)
+    # Sequences that finished this step (finish_reason set).
+    finished: list[Sequence] = field(default_factory=list)
+    # KV of sequences that finished prefill (prefill-only engines), full heads.
+    exported_kv: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Sequences preempted by this step.
+    preempted: list[Sequence] = field(default_factory=list)
+    # Tokens computed by this step.
+    num_tokens: int = 0
+
+
+def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size: int,
+                 tp_rank: int = 0, tp_size: int = 1, tp_group: object = None) -> ModelRunner:
+    from engine.loader import load_model
+    from engine.model import allocate_kv_cache
+
+    torch_dtype = DTYPES[dtype]
+    model = load_model(model_dir, torch_dtype, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
+    caches = allocate_kv_cache(model.cfg, num_blocks, block_size, torch_dtype, tp_size=tp_size)
+    return ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler_config: SchedulerConfig,
+        num_blocks: int,
+        eos_token_ids: list[int] | None = None,
+        executor: Executor | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.runner = runner
+        self.block_size = runner.block_size
+        self.bm = BlockManager(num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.bm)
+        self.sampler = Sampler(seed)
+        self.eos_token_ids = list(eos_token_ids or [])
+        self.executor: Executor = executor or runner.execute
+        self._seqs: dict[str, Sequence] = {}
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, dtype: str = "float32", num_blocks: int = 512,
+                       block_size: int = 16, scheduler_config: SchedulerConfig | None = None,
+                       **kw: object) -> "LLMEngine":
+        from engine.config import ModelConfig
+
+        cfg = ModelConfig.from_dir(model_dir)
+        runner = build_runner(model_dir, dtype, num_blocks, block_size)
+        sc = scheduler_config or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
+        return cls(runner, sc, num_blocks, eos_token_ids=cfg.eos_token_ids, **kw)  # type: ignore[arg-type]
+
+    # -- requests -------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    output_token_ids: list[int] | None = None,
+                    pending_kv: torch.Tensor | None = None) -> Sequence:
+        """Queue a request. With pending_kv ([layers, 2, tokens, kvh, hd] for the prompt),
+        the prompt is not computed: its KV is written in and decoding continues from
+        output_token_ids (which then holds the token the prefill sampled)."""
+        if request_id in self._seqs:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, output_token_ids)
+        if pending_kv is not None:
+            if pending_kv.shape[2] != len(prompt_token_ids):
+                raise ValueError(
+                    f"KV covers {pending_kv.shape[2]} tokens, prompt has {len(prompt_token_ids)}")
+            seq.pending_kv = pending_kv
+            seq.num_pending_kv_tokens = len(prompt_token_ids)
+        self.scheduler.add(seq)
+        self._seqs[request_id] = seq
+        return seq
+
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, reason)
+        self.sampler.forget(request_id)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step -------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        batch: ScheduledBatch = self.scheduler.schedule()
+        out = StepOutput(preempted=list(batch.preempted))
+        if batch.is_empty and not batch.kv_imports:
+            return out
+        step_input, sample_seqs = prepare_step(
+            batch, self.block_size, export_on_sample=self.scheduler.config.prefill_only)
+        result = self.executor(step_input)
+        sampled: dict[str, int] = {}
+        if sample_seqs:
+            assert result.logits is not None
+            tokens = self.sampler.sample(result.logits, [s.request_id for s in sample_seqs],
+                                         [s.params for s in sample_seqs])
+            sampled = {s.request_id: t for s, t in zip(sample_seqs, tokens)}
+        out.new_tokens = sampled
+        out.exported_kv = result.exported
+        out.num_tokens = batch.total_tokens
+        out.finished = self.scheduler.postprocess(batch, sampled)
+        for seq in out.finished:
+            self._seqs.pop(seq.request_id, None)
+            self.sampler.forget(seq.request_id)
+        return out
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 max_steps: int = 100_000) -> list[list[int]]:
+        """Run prompts to completion (tests, offline use); returns output token ids."""
+        ids = [f"gen-{i}" for i in range(len(prompts))]
+        seqs = [self.add_request(rid, p, params) for rid, p in zip(ids, prompts)]
+        for _ in range(max_steps):
+            if not self.has_work:
+                break
+            self.step()
+        else:
+            raise RuntimeError(f"generate did not finish within {max_steps} steps")
+        return [s.output_token_ids for s in seqs]
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": self.bm.num_blocks,
+            "kv_blocks_free": self.bm.num_free_blocks,
+            "prefix_hits": self.bm.prefix_hits,
+        }

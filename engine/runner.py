@@ -1,0 +1,148 @@
+"""Turns a scheduled batch into tensors, runs the model, writes/reads paged KV.
+
+``prepare_step`` (rank 0) builds a picklable ``StepInput``; ``ModelRunner.execute`` runs
+it on any tensor-parallel rank, each rank holding its share of the KV heads. KV moving in
+and out of the cache (disaggregation) travels as full-head tensors
+``[layers, 2, tokens, kv_heads, head_dim]``; each rank takes or gives its head slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+
+@dataclass
+class StepInput:
+    # Token ids of the batch, sequences contiguous: LongTensor[T].
+    input_ids: torch.Tensor
+    # Position of each token in its sequence: LongTensor[T].
+    positions: torch.Tensor
+    # Paged-KV layout of the batch.
+    meta: AttentionMetadata
+    # Rows of the hidden states whose logits are needed (last token of sampled seqs).
+    logits_indices: torch.Tensor
+    # KV to write before the forward: (block table, full-head KV covering its first tokens).
+    kv_imports: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    # KV to read after the forward: (request id, block table, number of tokens).
+    kv_exports: list[tuple[str, list[int], int]] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    # float32 [len(logits_indices), vocab] (rank 0; other ranks may return None).
+    logits: torch.Tensor | None
+    # Exported KV by request id, this rank's heads: [layers, 2, tokens, kv_heads_local, hd].
+    exported: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(start, end)
+    table = torch.tensor(block_table, dtype=torch.long)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def prepare_step(
+    batch: ScheduledBatch, block_size: int, export_on_sample: bool = False
+) -> tuple[StepInput, list[Sequence]]:
+    """Build the forward inputs of a batch; also returns the sequences to sample, in the
+    order of the logits rows. With export_on_sample, every sampled sequence's KV (all its
+    tokens) is read out after the forward (prefill workers)."""
+    ids: list[int] = []
+    positions: list[torch.Tensor] = []
+    slots: list[torch.Tensor] = []
+    query_lens: list[int] = []
+    context_lens: list[int] = []
+    tables: list[list[int]] = []
+    logits_indices: list[int] = []
+    sample_seqs: list[Sequence] = []
+    exports: list[tuple[str, list[int], int]] = []
+    offset = 0
+    for seq, n in zip(batch.seqs, batch.num_tokens):
+        start = seq.num_computed_tokens
+        end = start + n
+        if n == 1 and end == seq.num_tokens:
+            ids.append(seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1])
+        else:
+            ids.extend(seq.token_ids[start:end])
+        positions.append(torch.arange(start, end))
+        slots.append(_slots(seq.block_table, start, end, block_size))
+        query_lens.append(n)
+        context_lens.append(end)
+        tables.append(list(seq.block_table))
+        offset += n
+        if end == seq.num_tokens:
+            logits_indices.append(offset - 1)
+            sample_seqs.append(seq)
+            if export_on_sample:
+                exports.append((seq.request_id, list(seq.block_table), end))
+    imports: list[tuple[list[int], torch.Tensor]] = []
+    for seq in batch.kv_imports:
+        imports.append((list(seq.block_table), seq.pending_kv))
+    step = StepInput(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        positions=torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
+        meta=AttentionMetadata(
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=tables,
+            slot_mapping=torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long),
+            block_size=block_size,
+        ),
+        logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+        kv_imports=imports,
+        kv_exports=exports,
+    )
+    return step, sample_seqs
+
+
+class ModelRunner:
+    """Holds one rank's model shard and KV cache; executes StepInputs."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.kv_heads_local = kv_caches[0].shape[3]
+
+    def _head_slice(self) -> slice:
+        lo = self.tp_rank * self.kv_heads_local
+        return slice(lo, lo + self.kv_heads_local)
+
+    def import_kv(self, block_table: list[int], kv: torch.Tensor) -> None:
+        """kv: [layers, 2, tokens, kv_heads (all ranks), head_dim]."""
+        num_tokens = kv.shape[2]
+        slots = _slots(block_table, 0, num_tokens, self.block_size)
+        if kv.shape[3] != self.kv_heads_local:
+            kv = kv[:, :, :, self._head_slice()]
+        for layer, cache in enumerate(self.kv_caches):
+            flat = cache.view(2, -1, cache.shape[3], cache.shape[4])
+            flat[:, slots] = kv[layer].to(cache.dtype)
+
+    def export_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """This rank's heads of the first num_tokens of a sequence: [layers, 2, tokens, kvh, hd]."""
+        slots = _slots(block_table, 0, num_tokens, self.block_size)
+        out = []
+        for cache in self.kv_caches:
+            flat = cache.view(2, -1, cache.shape[3], cache.shape[4])
+            out.append(flat[:, slots])
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepResult:
+        for table, kv in step.kv_imports:
+            self.import_kv(table, kv)
+        logits = None
+        if step.input_ids.numel():
+            hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches)
+            logits = self.model.compute_logits(hidden[step.logits_indices])
+        exported = {rid: self.export_kv(table, n) for rid, table, n in step.kv_exports}
+        return StepResult(logits=logits, exported=exported)

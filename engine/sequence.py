@@ -1,0 +1,93 @@
+"""A request inside the engine: its tokens, sampling parameters and paged-KV bookkeeping."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SamplingParams:
+    # 0 means greedy; otherwise logits are divided by it before sampling.
+    temperature: float = 1.0
+    # Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
+    top_p: float = 1.0
+    # Keep only the top_k most likely tokens; 0 or -1 disables.
+    top_k: int = 0
+    # Seed of this request's private generator; None draws from the worker's generator.
+    seed: int | None = None
+    # Tokens to generate at most (the first token counts).
+    max_tokens: int = 16
+    # Token ids that end the sequence (in addition to the model's EOS unless ignore_eos).
+    stop_token_ids: list[int] = field(default_factory=list)
+    # Keep generating past EOS (benchmarks that want fixed output lengths).
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sequence:
+    """One request's tokens and where its KV lives. Pure bookkeeping, no tensors."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: list[int] | None = None,
+        output_token_ids: list[int] | None = None,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = list(output_token_ids or [])
+        self.params = params
+        self.eos_token_ids = [] if params.ignore_eos else list(eos_token_ids or [])
+        self.status = SeqStatus.WAITING
+        # Physical KV block ids, in order.
+        self.block_table: list[int] = []
+        # Tokens whose KV is already in the cache.
+        self.num_computed_tokens = 0
+        # Tokens whose KV was found in the prefix cache at the last admission.
+        self.num_cached_tokens = 0
+        # KV that arrives from elsewhere (a prefill worker) instead of being computed:
+        # an opaque payload the runner writes into this sequence's blocks on admission.
+        self.pending_kv: Any = None
+        self.num_pending_kv_tokens = 0
+        self.finish_reason: str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.num_preemptions = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.value})"
+        )
