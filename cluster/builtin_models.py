@@ -1,0 +1,34 @@
+"""Tiny built-in models (demo, tests): built once by make-model, cached on disk."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+BUILTIN = {"tiny-llama": "llama", "tiny-mixtral": "mixtral"}
+# Bump when make-model's output changes, so caches are rebuilt.
+VERSION = "v1"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
+
+
+def builtin_model_dir(name: str) -> Path:
+    if name not in BUILTIN:
+        raise ValueError(f"unknown builtin model {name!r}; allowed: {sorted(BUILTIN)}")
+    root = cache_root() / "builtin"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"{name}-{VERSION}"
+    if (out / "model.safetensors").is_file():
+        return out
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several workers may ask at once
+        if not (out / "model.safetensors").is_file():
+            from cluster.make_model import make_model
+
+            tmp = root / f".{name}-{VERSION}.tmp{os.getpid()}"
+            make_model(BUILTIN[name], tmp, seed=0)
+            tmp.rename(out)
+    return out

@@ -1,0 +1,87 @@
+"""`splitserve` command line: serve, validate, make-model (plan, place-experts and bench
+come with the placement and benchmark work)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from cluster.errors import ManifestError
+
+
+def _load(path: str) -> object:
+    from cluster.manifest import load_manifest
+
+    return load_manifest(path)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        _load(args.manifest)
+    except ManifestError as e:
+        for line in e.lines():
+            print(line)
+        return 2
+    print(f"{args.manifest}: valid")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        manifest = _load(args.manifest)
+    except ManifestError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        return 2
+    from cluster.serve import serve_forever
+
+    try:
+        return serve_forever(manifest, args.host, args.port, args.address)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from cluster.make_model import make_model
+
+    out = make_model(args.arch, args.out, train=args.train, seed=args.seed)
+    print(f"wrote {args.arch} model to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving on Ray")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a manifest over the OpenAI API")
+    s.add_argument("manifest")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    s.set_defaults(func=cmd_serve)
+
+    v = sub.add_parser("validate", help="check a manifest; exit 2 with one line per problem")
+    v.add_argument("manifest")
+    v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("make-model", help="write a tiny HF-format model")
+    m.add_argument("--arch", choices=["llama", "mixtral"], required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--train", action="store_true", help="train it a few minutes on local text (cached)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_make_model)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

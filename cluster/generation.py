@@ -1,0 +1,247 @@
+"""One request's trip through the pools: prefill -> KV handle -> decode stream, or the
+colocated worker alone. Turns tokens into text, applies stop strings, records metrics,
+and turns worker failures into SplitServeErrors. Nothing here waits without a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from cluster.errors import InvalidRequestError, SplitServeError, WorkerFailedError
+from cluster.manifest import Manifest
+from cluster.metrics import Metrics
+from cluster.router import Router, WorkerView
+from engine.scheduler import RequestTooLargeError
+from engine.sequence import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class StopStrings:
+    """Holds back text that could be the start of a stop string; cuts at a full match."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, new: str, final: bool) -> tuple[str, bool]:
+        """Returns (text safe to send now, whether a stop string matched)."""
+        self.text += new
+        if self.stops:
+            start = max(0, self.sent - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                out, self.sent = self.text[self.sent:cut], cut
+                return out, True
+        end = len(self.text) if final else max(self.sent, len(self.text) - self._partial())
+        out, self.sent = self.text[self.sent:end], end
+        return out, False
+
+    def _partial(self) -> int:
+        """Length of the longest tail of the text that begins some stop string."""
+        best = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    if isinstance(e, RayTaskError):
+        cause = getattr(e, "cause", None)
+        if cause is not None:
+            return cause
+    return e
+
+
+class Generator:
+    """Runs requests against the pools (one per ingress)."""
+
+    def __init__(self, manifest: Manifest, router: Router, metrics: Metrics, tokenizer: Any,
+                 controller: Any) -> None:
+        self.m = manifest
+        self.router = router
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.controller = controller
+        self.eos = set(tokenizer.eos_token_ids)
+
+    def _worker_failed(self, w: WorkerView, e: BaseException) -> WorkerFailedError:
+        self.router.mark_failed(w.worker_id)
+        try:
+            self.controller.report_failure.remote(w.worker_id)
+        except Exception:  # noqa: BLE001 - controller itself may be gone
+            pass
+        return WorkerFailedError(f"{w.pool} worker {w.worker_id} failed: {type(e).__name__}; "
+                                 "it is being replaced, retry the request")
+
+    def _map_error(self, w: WorkerView, e: BaseException) -> SplitServeError:
+        e = _unwrap(e)
+        if isinstance(e, RequestTooLargeError):
+            return InvalidRequestError(str(e), param="max_tokens")
+        if isinstance(e, SplitServeError):
+            return e
+        if isinstance(e, (RayActorError, asyncio.TimeoutError, TimeoutError)):
+            return self._worker_failed(w, e)
+        logger.error("request failed on %s: %r", w.worker_id, e)
+        return WorkerFailedError(f"{w.pool} worker {w.worker_id} failed: {type(e).__name__}: {e}")
+
+    def _first_stop(self, token: int, p: SamplingParams) -> str | None:
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        return "length" if p.max_tokens <= 1 else None
+
+    async def _prefill(self, req: GenRequest, payload: dict[str, Any]) -> dict[str, Any]:
+        last: SplitServeError | None = None
+        for _attempt in range(2):  # nothing has been sent yet: one retry on another worker
+            w = self.router.pick_prefill()
+            load = len(req.prompt_token_ids)
+            self.router.begin(w, load)
+            try:
+                return await asyncio.wait_for(w.handle.prefill.remote(payload),
+                                              timeout=self.m.server.request_timeout_s)
+            except Exception as e:  # noqa: BLE001 - mapped below
+                last = self._map_error(w, e)
+                if not isinstance(last, WorkerFailedError):
+                    raise last from None
+            finally:
+                self.router.end(w, load)
+        assert last is not None
+        raise last
+
+    async def _stream(self, w: WorkerView, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        gen = w.handle.generate.options(num_returns="streaming").remote(payload)
+        timeout = self.m.server.token_timeout_s
+        done = False
+        try:
+            while True:
+                try:
+                    ref = await asyncio.wait_for(gen.__anext__(), timeout=timeout)
+                except StopAsyncIteration:
+                    return
+                msg = await asyncio.wait_for(ref, timeout=timeout)
+                done = msg.get("finish_reason") is not None
+                yield msg
+                if done:
+                    return
+        finally:
+            if not done:
+                try:
+                    w.handle.abort.remote(payload["request_id"])
+                    ray.cancel(gen)
+                except Exception:  # noqa: BLE001 - the worker may be dead
+                    pass
+
+    async def generate(self, req: GenRequest, usage: Usage) -> AsyncIterator[Delta]:
+        """Yields text deltas; the last has finish_reason. Raises SplitServeError; an error
+        before the first yield means nothing reached the client."""
+        t0 = time.monotonic()
+        p = req.params
+        usage.prompt_tokens = len(req.prompt_token_ids)
+        base = {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids,
+                "params": asdict(p)}
+        detok = self.tokenizer.incremental_detokenizer()
+        stops = StopStrings(req.stop)
+        ttft: float | None = None
+        n_out = 0
+
+        def emit(tokens: list[int], reason: str | None) -> Delta:
+            nonlocal n_out
+            n_out += len(tokens)
+            usage.completion_tokens = n_out
+            text, hit = stops.feed(detok.push(tokens), final=reason is not None)
+            return Delta(text, tokens, "stop" if hit else reason)
+
+        self.metrics.inflight.inc()
+        outcome = "error"
+        try:
+            if self.m.mode == "disaggregated":
+                res = await self._prefill(req, base)
+                ttft = time.monotonic() - t0
+                self.metrics.queue.observe(res["queue_s"])
+                self.metrics.prefill.observe(res["prefill_s"])
+                first = res["first_token"]
+                d = emit([first], self._first_stop(first, p))
+                yield d
+                if d.finish_reason is not None:
+                    outcome = "ok"
+                    return
+                handle = res["kv"]
+                payload = {**base, "output_token_ids": [first], "kv": handle}
+                w = self.router.pick_decode("decode", near=res.get("node_ip"))
+            else:
+                payload = base
+                w = self.router.pick_decode("colocated")
+            load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens)
+            self.router.begin(w, load)
+            stream = self._stream(w, payload)
+            try:
+                async for msg in stream:
+                    if ttft is None:
+                        ttft = time.monotonic() - t0
+                    if "kv_receive_s" in msg and self.m.mode == "disaggregated":
+                        self.metrics.kv_bytes.inc(handle.nbytes)
+                        self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
+                    d = emit(msg["token_ids"], msg["finish_reason"])
+                    if d.text or d.finish_reason:
+                        yield d
+                    if d.finish_reason is not None:
+                        outcome = "ok"
+                        return
+            except SplitServeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - worker death, timeout
+                raise self._map_error(w, e) from None
+            finally:
+                await stream.aclose()
+                self.router.end(w, load)
+            raise WorkerFailedError(f"decode stream of {req.request_id} ended without finishing")
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(outcome).inc()
+            if outcome == "ok":
+                e2e = time.monotonic() - t0
+                self.metrics.e2e.observe(e2e)
+                self.metrics.tokens.inc(n_out)
+                if ttft is not None:
+                    self.metrics.ttft.observe(ttft)
+                    if n_out > 1:
+                        self.metrics.tpot.observe((e2e - ttft) / (n_out - 1))

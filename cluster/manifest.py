@@ -1,0 +1,163 @@
+"""The operator's YAML manifest: model, pools, KV cache, transfer, SLOs.
+
+Strict pydantic models (``extra="forbid"``): a typo is an error with a field path, never
+a silent default. ``load_manifest`` also checks what needs the model files (directory
+exists, tp divides the heads, block counts) and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.errors import ManifestError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSpec(Strict):
+    path: str | None = Field(None, description="HF-format model directory (relative to the manifest)")
+    builtin: Literal["tiny-llama", "tiny-mixtral"] | None = Field(
+        None, description="A tiny model splitserve builds itself and caches (demo, tests)")
+    name: str = Field("default", description="Model id served at /v1/models and expected in requests")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and KV dtype")
+    max_model_len: int | None = Field(None, ge=16, description="Context length in tokens (default: the model's)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("set exactly one of 'path' (a model directory) or 'builtin' "
+                             "(tiny-llama or tiny-mixtral)")
+        return self
+
+
+class PoolSpec(Strict):
+    replicas: int = Field(1, ge=1, le=1024, description="Actors in this pool")
+    tp: int = Field(1, ge=1, le=64, description="Tensor-parallel degree of each replica")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per rank (also torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per rank")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Token budget of one step")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once")
+    num_kv_blocks: int = Field(512, ge=1, description="KV blocks per replica")
+    nodes: list[str] | None = Field(None, description="Node IPs to place replicas on, round-robin")
+
+
+class KVCacheSpec(Strict):
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of identical prompt prefixes")
+
+
+class KVTransferSpec(Strict):
+    codec: Literal["none"] = Field("none", description="KV codec on the prefill->decode path")
+    transport: Literal["auto", "object_store"] = Field("auto", description="auto: object store on one node")
+    timeout_s: float = Field(30.0, gt=0, description="Deadline of one KV transfer")
+
+
+class SLOSpec(Strict):
+    ttft_ms: float = Field(1000.0, gt=0, description="Time-to-first-token target")
+    tpot_ms: float = Field(100.0, gt=0, description="Time-per-output-token target")
+    attainment: float = Field(0.9, gt=0, le=1, description="Fraction of requests that must meet both")
+
+
+class ServerSpec(Strict):
+    request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may take end to end")
+    token_timeout_s: float = Field(30.0, gt=0, description="Longest gap between two tokens before failing")
+    max_waiting_requests: int = Field(256, ge=1, description="In-flight requests before 429")
+    health_check_period_s: float = Field(1.0, gt=0, description="Controller health-check period")
+
+
+class Manifest(Strict):
+    name: str = Field("splitserve", description="Deployment name (Ray namespace suffix)")
+    model: ModelSpec
+    mode: Literal["disaggregated", "colocated"] = Field("disaggregated", description="Pool layout")
+    pools: dict[Literal["prefill", "decode", "colocated"], PoolSpec] = Field(default_factory=dict)
+    kv_cache: KVCacheSpec = Field(default_factory=KVCacheSpec)
+    kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec)
+    slo: SLOSpec = Field(default_factory=SLOSpec)
+    server: ServerSpec = Field(default_factory=ServerSpec)
+    # Directory the manifest was read from (relative model paths resolve against it).
+    base_dir: str = Field(".", exclude=True, description="Set by the loader")
+
+    @model_validator(mode="after")
+    def _pools_match_mode(self) -> "Manifest":
+        need = {"prefill", "decode"} if self.mode == "disaggregated" else {"colocated"}
+        for name in need:
+            self.pools.setdefault(name, PoolSpec())  # type: ignore[index]
+        extra = set(self.pools) - need
+        if extra:
+            raise ValueError(f"mode {self.mode!r} uses pools {sorted(need)}; remove {sorted(extra)}")
+        return self
+
+    def model_dir(self) -> Path:
+        if self.model.builtin is not None:
+            from cluster.builtin_models import builtin_model_dir
+
+            return builtin_model_dir(self.model.builtin)
+        p = Path(self.model.path or "")
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def _field_path(loc: tuple[object, ...]) -> str:
+    return ".".join(str(x) for x in loc) or "<root>"
+
+
+def parse_manifest(data: object, base_dir: str = ".") -> Manifest:
+    if not isinstance(data, dict):
+        raise ManifestError([("<root>", f"expected a mapping, found {type(data).__name__}")])
+    try:
+        m = Manifest.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = _field_path(tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling; see the manifest reference in README)"
+            problems.append((loc, msg))
+        raise ManifestError(problems) from None
+    check_against_model(m)
+    return m
+
+
+def check_against_model(m: Manifest) -> None:
+    """Checks that need the model's config: directory, tp vs heads, context vs blocks."""
+    problems: list[tuple[str, str]] = []
+    if m.model.builtin is not None:
+        return  # built on demand, known-good shapes (4 heads, 2 kv heads)
+    d = m.model_dir()
+    if not (d / "config.json").is_file():
+        problems.append(("model.path", f"no config.json in {d} (expected an HF-format model "
+                                       "directory; build one with 'splitserve make-model')"))
+        raise ManifestError(problems)
+    from engine.config import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_dir(d)
+    except Exception as e:  # noqa: BLE001 - reported as a manifest problem
+        raise ManifestError([("model.path", f"cannot read model config: {e}")]) from None
+    for name, pool in m.pools.items():
+        for what, n in (("attention heads", cfg.num_attention_heads), ("KV heads", cfg.num_key_value_heads)):
+            if n % pool.tp:
+                problems.append((f"pools.{name}.tp", f"tp={pool.tp} does not divide the model's "
+                                 f"{n} {what}; allowed: a divisor of {n}"))
+    if m.model.max_model_len and m.model.max_model_len > cfg.max_position_embeddings:
+        problems.append(("model.max_model_len", f"{m.model.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}"))
+    if problems:
+        raise ManifestError(problems)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError([("<file>", f"manifest {p} does not exist")])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ManifestError([("<file>", f"not valid YAML: {e}")]) from None
+    return parse_manifest(data, base_dir=str(p.parent.resolve()))

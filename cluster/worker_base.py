@@ -1,0 +1,267 @@
+"""What every engine-owning Ray actor shares: building the engine (and its tensor-parallel
+ranks), the step loop, health, drain and abort.
+
+The step loop is the only code that touches the engine. Requests and aborts queue up and
+are applied between steps on the event loop; the step itself runs in a thread, so
+health checks and new requests are answered while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cluster.manifest import Manifest, PoolSpec
+from engine.engine import LLMEngine, StepOutput, build_runner
+from engine.runner import StepInput, StepResult
+from engine.scheduler import SchedulerConfig
+from engine.sequence import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerDrainingError(RuntimeError):
+    """The worker is draining and takes no new requests."""
+
+
+@dataclass
+class EngineSettings:
+    """What a worker needs to build its engine (picklable, sent to TP ranks too)."""
+
+    model_dir: str
+    dtype: str
+    num_blocks: int
+    block_size: int
+    tp_size: int
+    num_cpus: float
+
+
+def settings_for(manifest: Manifest, pool: PoolSpec) -> EngineSettings:
+    return EngineSettings(str(manifest.model_dir()), manifest.model.dtype, pool.num_kv_blocks,
+                          manifest.kv_cache.block_size, pool.tp, pool.num_cpus)
+
+
+def _node_ip() -> str:
+    import ray
+
+    return str(ray.util.get_node_ip_address())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_tp_group(rank: int, world: int, addr: str, port: int, timeout_s: float = 60.0) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class TPRank:
+    """A tensor-parallel rank > 0: holds its model shard and KV heads, runs what rank 0 sends."""
+
+    def __init__(self, settings: EngineSettings, rank: int, addr: str, port: int) -> None:
+        torch.set_num_threads(max(1, int(settings.num_cpus)))
+        self.settings, self.rank, self.addr, self.port = settings, rank, addr, port
+        self.runner: Any = None
+
+    def init(self) -> bool:
+        s = self.settings
+        init_tp_group(self.rank, s.tp_size, self.addr, self.port)
+        self.runner = build_runner(s.model_dir, s.dtype, s.num_blocks, s.block_size,
+                                   tp_rank=self.rank, tp_size=s.tp_size)
+        return True
+
+    def execute(self, step: StepInput) -> StepResult:
+        res = self.runner.execute(step)
+        return StepResult(logits=None, exported=res.exported)
+
+    def ping(self) -> bool:
+        return True
+
+
+class EngineWorker:
+    """Base of PrefillWorker and DecodeWorker (Ray async actors)."""
+
+    role = "worker"
+
+    def __init__(self, worker_id: str, manifest_json: str, pool_name: str) -> None:
+        self.worker_id = worker_id
+        self.manifest = Manifest.model_validate_json(manifest_json)
+        self.pool_name = pool_name
+        self.pool: PoolSpec = self.manifest.pools[pool_name]  # type: ignore[index]
+        self.settings = settings_for(self.manifest, self.pool)
+        torch.set_num_threads(max(1, int(self.pool.num_cpus)))
+        self.engine: LLMEngine | None = None
+        self._tp_ranks: list[Any] = []
+        self._pending_add: list[tuple[str, dict[str, Any]]] = []
+        self._pending_abort: list[str] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._draining = False
+        self._steps = 0
+        self._tokens = 0
+        self._busy_s = 0.0
+        self._started_at = time.monotonic()
+        self._last_error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        return SchedulerConfig(max_num_batched_tokens=self.pool.max_num_batched_tokens,
+                               max_num_seqs=self.pool.max_num_seqs, enable_chunked_prefill=True,
+                               prefill_only=False, max_model_len=max_model_len)
+
+    async def start(self) -> dict[str, Any]:
+        """Load the model (all TP ranks) and start the step loop. Idempotent."""
+        if self.engine is not None:
+            return await self.health()
+        from engine.config import ModelConfig
+
+        s = self.settings
+        cfg = ModelConfig.from_dir(s.model_dir)
+        max_len = self.manifest.model.max_model_len or cfg.max_position_embeddings
+        if s.tp_size > 1:
+            runner = await self._start_tp()
+        else:
+            runner = await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks,
+                                             s.block_size)
+        executor = self._tp_execute if self._tp_ranks else None
+        self.engine = LLMEngine(runner, self.scheduler_config(max_len), s.num_blocks,
+                                eos_token_ids=cfg.eos_token_ids, executor=executor,
+                                enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching)
+        self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+        logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
+        return await self.health()
+
+    async def _start_tp(self) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        s = self.settings
+        addr, port = "127.0.0.1", _free_port()
+        node_ip = ray.util.get_node_ip_address()
+        if not node_ip.startswith("127."):
+            addr = node_ip
+        here = ray.get_runtime_context().get_node_id()
+        rank_cls = ray.remote(TPRank)
+        for rank in range(1, s.tp_size):
+            self._tp_ranks.append(rank_cls.options(
+                num_cpus=s.num_cpus, num_gpus=self.pool.num_gpus,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+            ).remote(s, rank, addr, port))
+        inits = [r.init.remote() for r in self._tp_ranks]
+        await asyncio.to_thread(init_tp_group, 0, s.tp_size, addr, port)
+        runner = await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks,
+                                         s.block_size, 0, s.tp_size)
+        await asyncio.wait_for(asyncio.gather(*inits), timeout=120)
+        return runner
+
+    def _tp_execute(self, step: StepInput) -> StepResult:
+        import ray
+
+        assert self.engine is not None
+        refs = [r.execute.remote(step) for r in self._tp_ranks]
+        mine = self.engine.runner.execute(step)
+        others = ray.get(refs, timeout=self.manifest.server.token_timeout_s)
+        for rid in mine.exported:
+            mine.exported[rid] = torch.cat([mine.exported[rid]] + [o.exported[rid] for o in others], dim=3)
+        return mine
+
+    async def health(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"worker_id": self.worker_id, "role": self.role,
+                                 "pool": self.pool_name, "ready": self.engine is not None,
+                                 "draining": self._draining, "steps": self._steps,
+                                 "tokens": self._tokens, "busy_s": self._busy_s,
+                                 "pid": os.getpid(), "last_error": self._last_error,
+                                 "node_ip": _node_ip()}
+        if self.engine is not None:
+            stats.update(self.engine.stats())
+            stats["waiting"] += len(self._pending_add)
+        return stats
+
+    async def drain(self, timeout_s: float = 60.0) -> bool:
+        """Stop taking requests; return True once in-flight ones are done (False on timeout)."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.engine is None or (not self.engine.has_work and not self._pending_add):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def abort(self, request_id: str) -> None:
+        self._pending_abort.append(request_id)
+        self._wake.set()
+
+    # -- the loop ---------------------------------------------------------------------
+    def _submit(self, request_id: str, req: dict[str, Any]) -> None:
+        if self._draining:
+            raise WorkerDrainingError(f"{self.worker_id} is draining")
+        if self.engine is None:
+            raise RuntimeError(f"{self.worker_id} is not started")
+        self._pending_add.append((request_id, req))
+        self._wake.set()
+
+    def _apply_pending(self) -> None:
+        assert self.engine is not None
+        adds, self._pending_add = self._pending_add, []
+        for rid, req in adds:
+            try:
+                self.engine.add_request(rid, req["prompt_token_ids"], SamplingParams(**req["params"]),
+                                        output_token_ids=req.get("output_token_ids"),
+                                        pending_kv=req.get("kv"))
+            except Exception as e:  # noqa: BLE001 - handed to the request's waiter
+                self.on_request_error(rid, e)
+        aborts, self._pending_abort = self._pending_abort, []
+        for rid in aborts:
+            if self.engine.abort(rid):
+                self.on_aborted(rid)
+
+    async def _step_loop(self) -> None:
+        assert self.engine is not None
+        while True:
+            self._apply_pending()
+            if not self.engine.has_work:
+                self._wake.clear()
+                if self._pending_add or self._pending_abort:
+                    continue
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = await asyncio.to_thread(self.engine.step)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the worker
+                logger.exception("%s step failed", self.worker_id)
+                self._last_error = f"{type(e).__name__}: {e}"
+                for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+                    self.engine.abort(seq.request_id, "error")
+                    self.on_request_error(seq.request_id, e)
+                continue
+            self._busy_s += time.perf_counter() - t0
+            self._steps += 1
+            self._tokens += out.num_tokens
+            self.on_step(out)
+            await asyncio.sleep(0)  # let requests and health checks in between steps
+
+    # -- hooks for subclasses -----------------------------------------------------------
+    def on_step(self, out: StepOutput) -> None:
+        raise NotImplementedError
+
+    def on_request_error(self, request_id: str, error: Exception) -> None:
+        raise NotImplementedError
+
+    def on_aborted(self, request_id: str) -> None:
+        pass

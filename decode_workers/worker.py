@@ -1,0 +1,108 @@
+"""Decode worker: admits requests with their prompt KV into the running batch and
+streams tokens back. Fed whole prompts (no KV), it is the colocated worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.worker_base import EngineWorker
+from decode_workers.scheduler import decode_scheduler_config
+from engine.engine import StepOutput
+from engine.scheduler import SchedulerConfig
+from kvtransfer.connector import KVHandle, get_connector
+
+logger = logging.getLogger(__name__)
+
+_END = "end"
+
+
+class DecodeWorker(EngineWorker):
+    role = "decode"
+
+    def __init__(self, worker_id: str, manifest_json: str, pool_name: str = "decode") -> None:
+        super().__init__(worker_id, manifest_json, pool_name)
+        self.connector = get_connector(self.manifest.kv_transfer.transport)
+        self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
+                                       max_model_len)
+
+    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream a request's tokens (call with num_returns="streaming").
+
+        req: request_id, prompt_token_ids, params; for a disaggregated request also
+        output_token_ids (the first token, sampled by prefill) and kv (a KVHandle).
+        Yields {"token_ids": [...], "finish_reason": str|None, ...}; the first item also
+        carries kv_receive_s and queue_s."""
+        rid = req["request_id"]
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._queues[rid] = queue
+        finished = False
+        try:
+            t0 = time.monotonic()
+            item: dict[str, Any] = {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
+                                    "output_token_ids": req.get("output_token_ids")}
+            handle: KVHandle | None = req.get("kv")
+            kv_s = 0.0
+            if handle is not None:
+                item["kv"] = await asyncio.to_thread(self.connector.receive, handle,
+                                                     self.manifest.kv_transfer.timeout_s)
+                kv_s = time.monotonic() - t0
+                self.connector.release(handle)
+            self._submit(rid, item)
+            first = True
+            timeout = self.manifest.server.token_timeout_s
+            while not finished:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), timeout=timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"no token for {rid} within {timeout}s") from None
+                # Batch whatever else is already queued into one message.
+                tokens = list(msg.get("token_ids", []))
+                while not queue.empty() and msg.get("finish_reason") is None and "error" not in msg:
+                    msg = queue.get_nowait()
+                    tokens += msg.get("token_ids", [])
+                if "error" in msg:
+                    raise msg["error"]
+                out = {"token_ids": tokens, "finish_reason": msg.get("finish_reason")}
+                if first:
+                    out["kv_receive_s"] = kv_s
+                    out["worker_id"] = self.worker_id
+                    first = False
+                finished = out["finish_reason"] is not None
+                yield out
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                await self.abort(rid)
+
+    def on_step(self, out: StepOutput) -> None:
+        finished = {s.request_id: s.finish_reason for s in out.finished}
+        for rid, token in out.new_tokens.items():
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait({"token_ids": [token], "finish_reason": finished.get(rid)})
+
+    def on_request_error(self, request_id: str, error: Exception) -> None:
+        q = self._queues.get(request_id)
+        if q is not None:
+            q.put_nowait({"error": error})
+
+    def on_aborted(self, request_id: str) -> None:
+        q = self._queues.get(request_id)
+        if q is not None:
+            q.put_nowait({"token_ids": [], "finish_reason": "abort"})
+
+
+class ColocatedWorker(DecodeWorker):
+    """Prefill and decode in one engine with chunked prefill: the baseline layout."""
+
+    role = "colocated"
+
+    def __init__(self, worker_id: str, manifest_json: str, pool_name: str = "colocated") -> None:
+        super().__init__(worker_id, manifest_json, pool_name)

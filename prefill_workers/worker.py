@@ -1,0 +1,76 @@
+"""Prefill worker: computes prompt KV, samples the first token, hands the KV to the
+transfer layer and returns a handle that the decode worker redeems."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from cluster.worker_base import EngineWorker, _node_ip
+from engine.engine import StepOutput
+from engine.scheduler import SchedulerConfig
+from kvtransfer.connector import get_connector
+from prefill_workers.scheduler import prefill_scheduler_config
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillWorker(EngineWorker):
+    role = "prefill"
+
+    def __init__(self, worker_id: str, manifest_json: str, pool_name: str = "prefill") -> None:
+        super().__init__(worker_id, manifest_json, pool_name)
+        self.connector = get_connector(self.manifest.kv_transfer.transport)
+        self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._arrivals: dict[str, float] = {}
+        self._node_ip = _node_ip()
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
+                                        max_model_len)
+
+    async def prefill(self, req: dict[str, Any]) -> dict[str, Any]:
+        """req: request_id, prompt_token_ids, params (SamplingParams fields).
+
+        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens."""
+        rid = req["request_id"]
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._futures[rid] = fut
+        self._arrivals[rid] = time.monotonic()
+        try:
+            self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"]})
+            return await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
+        except asyncio.TimeoutError:
+            await self.abort(rid)
+            raise TimeoutError(f"prefill of {rid} took longer than "
+                               f"{self.manifest.server.request_timeout_s}s") from None
+        finally:
+            self._futures.pop(rid, None)
+            self._arrivals.pop(rid, None)
+
+    def on_step(self, out: StepOutput) -> None:
+        now = time.monotonic()
+        for seq in out.finished:
+            fut = self._futures.get(seq.request_id)
+            kv = out.exported_kv.get(seq.request_id)
+            if fut is None or fut.done() or kv is None:
+                continue
+            handle = self.connector.send(seq.request_id, kv)
+            arrival = self._arrivals.get(seq.request_id, now)
+            first = seq.first_scheduled_time or now
+            fut.set_result({"first_token": seq.output_token_ids[0], "kv": handle,
+                            "queue_s": first - arrival, "prefill_s": now - first,
+                            "num_cached_tokens": seq.num_cached_tokens,
+                            "worker_id": self.worker_id, "node_ip": self._node_ip})
+
+    def on_request_error(self, request_id: str, error: Exception) -> None:
+        fut = self._futures.get(request_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+
+    def on_aborted(self, request_id: str) -> None:
+        fut = self._futures.get(request_id)
+        if fut is not None and not fut.done():
+            fut.cancel()
