@@ -1,0 +1,201 @@
+"""gRPC streaming transport for KV bytes between nodes.
+
+Sender side (prefill worker): a ``KVServer`` keeps each request's encoded KV as a list of
+parts, appended as they are produced (whole, or layer by layer), and serves them on the
+server-streaming method ``/splitserve.KV/Fetch``. Receiver side (decode worker):
+``fetch(address, request_id, deadline_s)`` pulls the parts.
+
+The wire is raw bytes (no protobuf): each message is a frame
+``magic(4) | seq(u32) | flags(u32) | crc32(u32) | length(u32) | payload``; ``flags & 1``
+marks the last frame. The receiver checks magic, sequence, length and CRC of every frame
+and that the last one arrived, so a corrupted chunk, a cut stream, a dead peer or a
+missed deadline is a ``KVTransferError`` naming what happened, never silent garbage.
+HTTP/2 flow control bounds what is in flight; ``rate_gbps`` paces the sender to emulate
+a slower link (benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvtransfer.connector import KVTransferError
+
+logger = logging.getLogger(__name__)
+
+METHOD = "/splitserve.KV/Fetch"
+MAGIC = b"SSKV"
+_HEADER = struct.Struct("<4sIIII")
+FLAG_LAST = 1
+CHUNK_BYTES = 1 << 20
+# Parts not fetched within this time are dropped (the decode side gave up).
+EXPIRE_S = 300.0
+
+
+def frame(seq: int, payload: bytes, last: bool) -> bytes:
+    return _HEADER.pack(MAGIC, seq, FLAG_LAST if last else 0, zlib.crc32(payload), len(payload)) + payload
+
+
+def unframe(msg: bytes, expect_seq: int) -> tuple[bytes, bool]:
+    if len(msg) < _HEADER.size:
+        raise KVTransferError(f"KV frame {expect_seq} is {len(msg)} bytes, shorter than its header")
+    magic, seq, flags, crc, length = _HEADER.unpack_from(msg)
+    if magic != MAGIC:
+        raise KVTransferError(f"KV frame {expect_seq} has bad magic {magic!r}")
+    if seq != expect_seq:
+        raise KVTransferError(f"KV frame out of order: got {seq}, expected {expect_seq}")
+    payload = msg[_HEADER.size:]
+    if len(payload) != length:
+        raise KVTransferError(f"KV frame {seq} carries {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload) != crc:
+        raise KVTransferError(f"KV frame {seq} failed its checksum (corrupted in transit)")
+    return payload, bool(flags & FLAG_LAST)
+
+
+@dataclass
+class _Entry:
+    parts: list[bytes] = field(default_factory=list)
+    closed: bool = False
+    created: float = field(default_factory=time.monotonic)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+class KVServer:
+    """Serves published KV parts to decode workers. One per sender process."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, rate_gbps: float | None = None,
+                 max_workers: int = 8) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self.rate_gbps = rate_gbps
+        self.bytes_sent = 0
+        handler = grpc.method_handlers_generic_handler("splitserve.KV", {
+            "Fetch": grpc.unary_stream_rpc_method_handler(self._fetch),
+        })
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                                   options=[("grpc.max_send_message_length", 2 * CHUNK_BYTES),
+                                            ("grpc.max_receive_message_length", 2 * CHUNK_BYTES)])
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise KVTransferError(f"could not bind the KV server to {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self._server.start()
+
+    # -- sender API -------------------------------------------------------------------
+    def open(self, request_id: str) -> None:
+        with self._lock:
+            self._expire()
+            self._entries[request_id] = _Entry()
+
+    def append(self, request_id: str, data: bytes, last: bool = False) -> None:
+        """Publish the next part of a request's KV (split into frames of CHUNK_BYTES)."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            raise KVTransferError(f"no open KV transfer for {request_id}")
+        with entry.cond:
+            for i in range(0, max(len(data), 1), CHUNK_BYTES):
+                entry.parts.append(data[i:i + CHUNK_BYTES])
+            entry.closed = last
+            entry.cond.notify_all()
+
+    def publish(self, request_id: str, data: bytes) -> None:
+        self.open(request_id)
+        self.append(request_id, data, last=True)
+
+    def discard(self, request_id: str) -> None:
+        with self._lock:
+            self._entries.pop(request_id, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, e in self._entries.items() if now - e.created > EXPIRE_S]:
+            logger.warning("dropping unfetched KV of %s", rid)
+            del self._entries[rid]
+
+    # -- the RPC ----------------------------------------------------------------------
+    def _fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        rid = request.decode()
+        entry = self._entries.get(rid)
+        if entry is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no KV for {rid} on this worker")
+        seq = 0
+        t_start = time.perf_counter()
+        sent = 0
+        while True:
+            with entry.cond:
+                while seq >= len(entry.parts) and not entry.closed:
+                    remaining = context.time_remaining()
+                    if remaining is not None and remaining <= 0:
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"KV of {rid} was not produced before the deadline")
+                    entry.cond.wait(timeout=min(1.0, remaining or 1.0))
+                    if not context.is_active():
+                        return
+                part = entry.parts[seq]
+                last = entry.closed and seq == len(entry.parts) - 1
+            if self.rate_gbps:
+                sent += len(part)
+                ahead = sent * 8 / (self.rate_gbps * 1e9) - (time.perf_counter() - t_start)
+                if ahead > 0:
+                    time.sleep(ahead)
+            self.bytes_sent += len(part)
+            yield frame(seq, part, last)
+            seq += 1
+            if last:
+                self.discard(rid)
+                return
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._server.stop(grace_s)
+
+
+_channels: dict[str, grpc.Channel] = {}
+_channels_lock = threading.Lock()
+
+
+def _channel(address: str) -> grpc.Channel:
+    with _channels_lock:
+        ch = _channels.get(address)
+        if ch is None:
+            ch = grpc.insecure_channel(address, options=[
+                ("grpc.max_receive_message_length", 2 * CHUNK_BYTES),
+                ("grpc.max_send_message_length", 2 * CHUNK_BYTES)])
+            _channels[address] = ch
+        return ch
+
+
+def fetch_parts(address: str, request_id: str, deadline_s: float) -> Iterator[bytes]:
+    """Yield the payload of each frame of a request's KV, verified, in order."""
+    call = _channel(address).unary_stream(METHOD)(request_id.encode(), timeout=deadline_s)
+    seq = 0
+    try:
+        for msg in call:
+            payload, last = unframe(msg, seq)
+            yield payload
+            seq += 1
+            if last:
+                return
+    except grpc.RpcError as e:
+        code = e.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise KVTransferError(f"KV of {request_id} from {address} missed its {deadline_s}s "
+                                  f"deadline after {seq} frames") from None
+        raise KVTransferError(f"KV stream of {request_id} from {address} failed after {seq} "
+                              f"frames: {code.name}: {e.details()}") from None
+    finally:
+        call.cancel()
+    raise KVTransferError(f"KV stream of {request_id} from {address} was cut after {seq} frames "
+                          "(no last frame)")
+
+
+def fetch(address: str, request_id: str, deadline_s: float) -> bytes:
+    return b"".join(fetch_parts(address, request_id, deadline_s))

@@ -1,0 +1,100 @@
+"""The gRPC KV transport over real sockets on loopback: round trip, corruption, a cut
+stream, a dead peer and a missed deadline each end in a clear KVTransferError."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+import pytest
+
+from kvtransfer import grpc_transport as gt
+from kvtransfer.connector import KVTransferError
+
+
+@pytest.fixture
+def server():
+    s = gt.KVServer("127.0.0.1", 0)
+    yield s
+    s.stop(0)
+
+
+def test_round_trip_multi_frame(server):
+    data = os.urandom(3 * gt.CHUNK_BYTES + 123)
+    server.publish("r1", data)
+    assert gt.fetch(server.address, "r1", deadline_s=10) == data
+    with pytest.raises(KVTransferError, match="NOT_FOUND"):  # consumed
+        gt.fetch(server.address, "r1", deadline_s=5)
+
+
+def test_parts_stream_as_they_are_appended(server):
+    server.open("r2")
+
+    def produce():
+        for i in range(4):
+            time.sleep(0.05)
+            server.append("r2", bytes([i]) * 1000, last=(i == 3))
+
+    threading.Thread(target=produce).start()
+    got = list(gt.fetch_parts(server.address, "r2", deadline_s=10))
+    assert [p[0] for p in got] == [0, 1, 2, 3]
+
+
+def test_corrupted_frame_is_detected():
+    f = bytearray(gt.frame(0, b"x" * 100, last=True))
+    f[-1] ^= 0xFF
+    with pytest.raises(KVTransferError, match="checksum"):
+        gt.unframe(bytes(f), 0)
+    with pytest.raises(KVTransferError, match="out of order"):
+        gt.unframe(gt.frame(2, b"x", True), 1)
+    with pytest.raises(KVTransferError, match="magic"):
+        gt.unframe(b"XXXX" + gt.frame(0, b"x", True)[4:], 0)
+
+
+def test_deadline_when_sender_stalls(server):
+    server.open("r3")
+    server.append("r3", b"first part")
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="deadline"):
+        gt.fetch(server.address, "r3", deadline_s=0.5)
+    assert time.monotonic() - t0 < 3
+
+
+def test_dead_peer():
+    s = gt.KVServer("127.0.0.1", 0)
+    addr = s.address
+    s.publish("r4", b"x" * 10)
+    s.stop(0)
+    with pytest.raises(KVTransferError, match="UNAVAILABLE|failed"):
+        gt.fetch(addr, "r4", deadline_s=3)
+
+
+def test_cut_stream(server):
+    # A server whose stream ends without the last frame.
+    cut = grpc.server(gt.futures.ThreadPoolExecutor(2))
+
+    def fetch(_req, _ctx):
+        yield gt.frame(0, b"a" * 10, last=False)
+
+    cut.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "splitserve.KV", {"Fetch": grpc.unary_stream_rpc_method_handler(fetch)}),))
+    port = cut.add_insecure_port("127.0.0.1:0")
+    cut.start()
+    try:
+        with pytest.raises(KVTransferError, match="cut after 1 frames"):
+            gt.fetch(f"127.0.0.1:{port}", "r5", deadline_s=5)
+    finally:
+        cut.stop(0)
+
+
+def test_rate_limit_paces_sender():
+    s = gt.KVServer("127.0.0.1", 0, rate_gbps=0.08)  # 10 MB/s
+    try:
+        s.publish("r6", b"z" * 2_000_000)
+        t0 = time.monotonic()
+        gt.fetch(s.address, "r6", deadline_s=10)
+        assert time.monotonic() - t0 >= 0.15
+    finally:
+        s.stop(0)
