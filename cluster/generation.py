@@ -44,6 +44,8 @@ class Delta:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Seconds the prefill worker spent on the request (queue + compute), as it reports.
+    worker_s: float = 0.0
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -129,10 +131,10 @@ class Generator:
             return "stop"
         return "length" if p.max_tokens <= 1 else None
 
-    async def _prefill(self, req: GenRequest, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _prefill(self, req: GenRequest, payload: dict[str, Any], first: WorkerView) -> dict[str, Any]:
         last: SplitServeError | None = None
-        for _attempt in range(2):  # nothing has been sent yet: one retry on another worker
-            w = self.router.pick_prefill()
+        for attempt in range(2):  # nothing has been sent yet: one retry on another worker
+            w = first if attempt == 0 else self.router.pick_prefill()
             load = len(req.prompt_token_ids)
             self.router.begin(w, load)
             try:
@@ -194,8 +196,13 @@ class Generator:
         outcome = "error"
         try:
             if self.m.mode == "disaggregated":
-                res = await self._prefill(req, base)
+                # Both workers are chosen up front: the prefill worker picks the KV
+                # transport from where the decode worker is.
+                pw = self.router.pick_prefill()
+                w = self.router.pick_decode("decode", near=pw.node_ip)
+                res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip}, pw)
                 ttft = time.monotonic() - t0
+                usage.worker_s = res["queue_s"] + res["prefill_s"]
                 self.metrics.queue.observe(res["queue_s"])
                 self.metrics.prefill.observe(res["prefill_s"])
                 first = res["first_token"]
@@ -206,7 +213,6 @@ class Generator:
                     return
                 handle = res["kv"]
                 payload = {**base, "output_token_ids": [first], "kv": handle}
-                w = self.router.pick_decode("decode", near=res.get("node_ip"))
             else:
                 payload = base
                 w = self.router.pick_decode("colocated")

@@ -148,17 +148,21 @@ class Ingress:
             return StreamingResponse(self._sse(kind, rid, req, first, stream, usage, include_usage),
                                      media_type="text/event-stream")
         try:
-            text, reason = first.text, first.finish_reason
+            text, reason, ids = first.text, first.finish_reason, list(first.token_ids)
             async for d in stream:
                 text += d.text
+                ids += d.token_ids
                 reason = d.finish_reason or reason
         finally:
             self._inflight -= 1
             await stream.aclose()
-        return JSONResponse(self._body(kind, rid, req, text, reason, usage.as_dict(), final=True))
+        return JSONResponse(self._body(kind, rid, req, text, reason, usage.as_dict(), final=True,
+                                       token_ids=ids),
+                            headers={"Server-Timing": f"worker;dur={usage.worker_s * 1e3:.3f}"})
 
     def _body(self, kind: str, rid: str, req: CommonParams, text: str, reason: str | None,
-              usage: dict[str, int] | None, final: bool, first_chunk: bool = False) -> dict[str, Any]:
+              usage: dict[str, int] | None, final: bool, first_chunk: bool = False,
+              token_ids: list[int] | None = None) -> dict[str, Any]:
         if kind == "completion":
             choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
             obj = "text_completion"
@@ -172,6 +176,8 @@ class Ingress:
                 delta["role"] = "assistant"
             choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
             obj = "chat.completion.chunk"
+        if req.return_token_ids and token_ids is not None:
+            choice["token_ids"] = token_ids
         body: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
                                 "model": req.model, "choices": [choice]}
         if usage is not None:
@@ -181,11 +187,13 @@ class Ingress:
     async def _sse(self, kind: str, rid: str, req: CommonParams, first: Delta,
                    stream: AsyncIterator[Delta], usage: Usage, include_usage: bool) -> AsyncIterator[bytes]:
         try:
-            yield _sse(self._body(kind, rid, req, first.text, first.finish_reason, None, False, True))
+            yield _sse(self._body(kind, rid, req, first.text, first.finish_reason, None, False, True,
+                                  first.token_ids))
             if first.finish_reason is None:
                 try:
                     async for d in stream:
-                        yield _sse(self._body(kind, rid, req, d.text, d.finish_reason, None, False))
+                        yield _sse(self._body(kind, rid, req, d.text, d.finish_reason, None, False,
+                                              token_ids=d.token_ids))
                 except SplitServeError as e:
                     yield _sse(e.to_openai())
                     return

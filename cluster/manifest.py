@@ -54,7 +54,9 @@ class KVCacheSpec(Strict):
 
 class KVTransferSpec(Strict):
     codec: Literal["none"] = Field("none", description="KV codec on the prefill->decode path")
-    transport: Literal["auto", "object_store"] = Field("auto", description="auto: object store on one node")
+    transport: Literal["auto", "object_store", "grpc"] = Field(
+        "auto", description="auto: object store within a node, gRPC stream across nodes")
+    rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one KV transfer")
 
 

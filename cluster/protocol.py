@@ -35,6 +35,8 @@ class CommonParams(BaseModel):
     frequency_penalty: float = 0.0
     logprobs: Any = None
     user: str | None = None
+    # Extension: add the generated token ids to each choice (exactness tests, tooling).
+    return_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod

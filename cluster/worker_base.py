@@ -48,7 +48,7 @@ def settings_for(manifest: Manifest, pool: PoolSpec) -> EngineSettings:
                           manifest.kv_cache.block_size, pool.tp, pool.num_cpus)
 
 
-def _node_ip() -> str:
+def current_node_ip() -> str:
     import ray
 
     return str(ray.util.get_node_ip_address())
@@ -186,7 +186,7 @@ class EngineWorker:
                                  "draining": self._draining, "steps": self._steps,
                                  "tokens": self._tokens, "busy_s": self._busy_s,
                                  "pid": os.getpid(), "last_error": self._last_error,
-                                 "node_ip": _node_ip()}
+                                 "node_ip": current_node_ip()}
         if self.engine is not None:
             stats.update(self.engine.stats())
             stats["waiting"] += len(self._pending_add)

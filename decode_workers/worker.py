@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.worker_base import EngineWorker
+from cluster.worker_base import EngineWorker, current_node_ip
 from decode_workers.scheduler import decode_scheduler_config
 from engine.engine import StepOutput
 from engine.scheduler import SchedulerConfig
@@ -25,7 +25,7 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, worker_id: str, manifest_json: str, pool_name: str = "decode") -> None:
         super().__init__(worker_id, manifest_json, pool_name)
-        self.connector = get_connector(self.manifest.kv_transfer.transport)
+        self.connector = get_connector(self.manifest.kv_transfer.transport, current_node_ip())
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:

@@ -104,7 +104,76 @@ class ObjectStoreConnector:
         handle.ref = None
 
 
-def get_connector(transport: str = "auto") -> KVConnector:
-    if transport in ("auto", "object_store"):
-        return ObjectStoreConnector()
-    raise ValueError(f"unknown KV transport {transport!r}; allowed: auto, object_store")
+class GrpcConnector:
+    """gRPC stream between nodes. The sender publishes to its process's KVServer; the
+    receiver pulls from that address. Raw KV bytes for now; codecs plug in here."""
+
+    name = "grpc"
+    _server: "object | None" = None
+
+    def __init__(self, host: str = "127.0.0.1", rate_gbps: float | None = None) -> None:
+        self.host = host
+        self.rate_gbps = rate_gbps
+
+    def _kv_server(self) -> Any:
+        from kvtransfer.grpc_transport import KVServer
+
+        if GrpcConnector._server is None:
+            GrpcConnector._server = KVServer(self.host, 0, rate_gbps=self.rate_gbps)
+        return GrpcConnector._server
+
+    def send(self, request_id: str, kv: torch.Tensor) -> KVHandle:
+        t0 = time.perf_counter()
+        data = kv_to_numpy(kv).tobytes()
+        server = self._kv_server()
+        server.publish(request_id, data)
+        return KVHandle(request_id, tuple(kv.shape), str(kv.dtype).removeprefix("torch."),
+                        len(data), self.name, server.address, time.perf_counter() - t0)
+
+    def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
+        from kvtransfer.grpc_transport import fetch
+
+        data = fetch(handle.ref, handle.request_id, timeout_s)
+        if len(data) != handle.nbytes:
+            raise KVTransferError(f"KV of {handle.request_id}: {len(data)} bytes arrived, "
+                                  f"{handle.nbytes} were sent")
+        np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}[handle.dtype]
+        arr = np.frombuffer(data, dtype=np_dtype).reshape(handle.shape)
+        return numpy_to_kv(arr, handle.dtype)
+
+    def release(self, handle: KVHandle) -> None:
+        handle.ref = None
+
+
+class PairConnector:
+    """Chooses the transport per pair of workers: same node -> object store, else gRPC,
+    unless the manifest pins one. Receivers dispatch on the handle's transport."""
+
+    def __init__(self, transport: str = "auto", node_ip: str = "127.0.0.1",
+                 rate_gbps: float | None = None) -> None:
+        if transport not in ("auto", "object_store", "grpc"):
+            raise ValueError(f"unknown KV transport {transport!r}; allowed: auto, object_store, grpc")
+        self.transport = transport
+        self.node_ip = node_ip
+        self.object_store = ObjectStoreConnector()
+        self.grpc = GrpcConnector(node_ip, rate_gbps)
+
+    def pick(self, dest_node_ip: str | None) -> KVConnector:
+        if self.transport == "grpc" or (self.transport == "auto" and dest_node_ip not in (None, self.node_ip)):
+            return self.grpc
+        return self.object_store
+
+    def send(self, request_id: str, kv: torch.Tensor, dest_node_ip: str | None = None) -> KVHandle:
+        return self.pick(dest_node_ip).send(request_id, kv)
+
+    def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
+        conn: KVConnector = self.grpc if handle.transport == "grpc" else self.object_store
+        return conn.receive(handle, timeout_s)
+
+    def release(self, handle: KVHandle) -> None:
+        handle.ref = None
+
+
+def get_connector(transport: str = "auto", node_ip: str = "127.0.0.1",
+                  rate_gbps: float | None = None) -> PairConnector:
+    return PairConnector(transport, node_ip, rate_gbps)

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from cluster.worker_base import EngineWorker, _node_ip
+from cluster.worker_base import EngineWorker, current_node_ip
 from engine.engine import StepOutput
 from engine.scheduler import SchedulerConfig
 from kvtransfer.connector import get_connector
@@ -22,23 +22,27 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, worker_id: str, manifest_json: str, pool_name: str = "prefill") -> None:
         super().__init__(worker_id, manifest_json, pool_name)
-        self.connector = get_connector(self.manifest.kv_transfer.transport)
+        self._node_ip = current_node_ip()
+        kt = self.manifest.kv_transfer
+        self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps)
+        self._dest: dict[str, str | None] = {}
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._arrivals: dict[str, float] = {}
-        self._node_ip = _node_ip()
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
                                         max_model_len)
 
     async def prefill(self, req: dict[str, Any]) -> dict[str, Any]:
-        """req: request_id, prompt_token_ids, params (SamplingParams fields).
+        """req: request_id, prompt_token_ids, params (SamplingParams fields), and
+        decode_node_ip (where the KV goes: picks the transport).
 
         Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens."""
         rid = req["request_id"]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[rid] = fut
         self._arrivals[rid] = time.monotonic()
+        self._dest[rid] = req.get("decode_node_ip")
         try:
             self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"]})
             return await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
@@ -49,6 +53,7 @@ class PrefillWorker(EngineWorker):
         finally:
             self._futures.pop(rid, None)
             self._arrivals.pop(rid, None)
+            self._dest.pop(rid, None)
 
     def on_step(self, out: StepOutput) -> None:
         now = time.monotonic()
@@ -57,7 +62,11 @@ class PrefillWorker(EngineWorker):
             kv = out.exported_kv.get(seq.request_id)
             if fut is None or fut.done() or kv is None:
                 continue
-            handle = self.connector.send(seq.request_id, kv)
+            try:
+                handle = self.connector.send(seq.request_id, kv, self._dest.get(seq.request_id))
+            except Exception as e:  # noqa: BLE001 - the request fails, the worker stays
+                fut.set_exception(e)
+                continue
             arrival = self._arrivals.get(seq.request_id, now)
             first = seq.first_scheduled_time or now
             fut.set_result({"first_token": seq.output_token_ids[0], "kv": handle,
