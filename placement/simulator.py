@@ -1,0 +1,247 @@
+"""Discrete-event simulator of a serving cluster, to score layouts without running them.
+
+It models what the workers do: prefill instances batch prompts FCFS under a token budget
+(chunking long ones); each finished prompt's KV crosses a link (FIFO per node pair, so
+transfers contend) to a decode instance, which admits by free KV memory and runs
+continuous batching; colocated instances mix decode tokens and prefill chunks in one
+step (chunked prefill). Step times come from ``placement.latency.LatencyModel``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from placement.latency import LatencyModel
+
+
+@dataclass
+class SimRequest:
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    # Filled by the simulation.
+    first_token_s: float = float("nan")
+    finish_s: float = float("nan")
+    prefilled: int = 0
+    generated: int = 0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        if self.output_tokens <= 1:
+            return 0.0
+        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+@dataclass
+class Instance:
+    kind: str  # "prefill" | "decode" | "colocated"
+    model: LatencyModel
+    node: int = 0
+    max_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    kv_capacity_tokens: int = 1 << 30
+    # State.
+    queue: deque[SimRequest] = field(default_factory=deque)
+    running: list[SimRequest] = field(default_factory=list)
+    busy: bool = False
+    kv_used: int = 0
+
+    def load(self) -> float:
+        if self.kind == "prefill":
+            return sum(r.prompt_tokens - r.prefilled for r in self.queue) + (1e-3 if self.busy else 0)
+        return len(self.running) + len(self.queue) + self.kv_used / max(1, self.kv_capacity_tokens)
+
+
+@dataclass
+class ClusterSpec:
+    instances: list[Instance]
+    kv_bytes_per_token: float = 0.0
+    codec_ratio: float = 1.0
+    # Link bandwidth (bytes/s) from node a to node b; same node is the local copy speed.
+    link_bps: Callable[[int, int], float] = lambda a, b: 1e10 if a == b else 1.25e9
+    # Fixed per-request overhead before prefill (HTTP, tokenize, routing, RPC) and per
+    # decode step (streaming back), seconds: fitted from measurement on real runs.
+    request_overhead_s: float = 0.0
+    token_overhead_s: float = 0.0
+
+
+class Simulation:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._link_free: dict[tuple[int, int], float] = {}
+        self.prefill = [i for i in spec.instances if i.kind == "prefill"]
+        self.decode = [i for i in spec.instances if i.kind == "decode"]
+        self.colocated = [i for i in spec.instances if i.kind == "colocated"]
+        if not self.colocated and not (self.prefill and self.decode):
+            raise ValueError("a layout needs colocated instances, or prefill and decode instances")
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), fn))
+
+    def run(self, requests: list[SimRequest]) -> list[SimRequest]:
+        for r in requests:
+            self.at(r.arrival_s + self.spec.request_overhead_s, lambda r=r: self._arrive(r))
+        while self._events:
+            t, _, fn = heapq.heappop(self._events)
+            self.now = t
+            fn()
+        return requests
+
+    # -- routing ----------------------------------------------------------------------
+    def _arrive(self, r: SimRequest) -> None:
+        if self.colocated:
+            inst = min(self.colocated, key=Instance.load)
+        else:
+            inst = min(self.prefill, key=Instance.load)
+        inst.queue.append(r)
+        self._kick(inst)
+
+    def _kick(self, inst: Instance) -> None:
+        if inst.busy:
+            return
+        if inst.kind == "prefill":
+            self._prefill_step(inst)
+        else:
+            self._decode_step(inst)
+
+    # -- prefill ----------------------------------------------------------------------
+    def _prefill_step(self, inst: Instance) -> None:
+        budget = inst.max_batched_tokens
+        chunks: list[tuple[SimRequest, int]] = []
+        for r in inst.queue:
+            if budget <= 0:
+                break
+            n = min(r.prompt_tokens - r.prefilled, budget)
+            chunks.append((r, n))
+            budget -= n
+        if not chunks:
+            return
+        t = inst.model.mixed_s([n for _, n in chunks], [r.prefilled for r, _ in chunks], 0, 0)
+        inst.busy = True
+
+        def done() -> None:
+            inst.busy = False
+            for r, n in chunks:
+                r.prefilled += n
+                if r.prefilled >= r.prompt_tokens:
+                    inst.queue.remove(r)
+                    r.first_token_s = self.now
+                    r.generated = 1
+                    if r.output_tokens <= 1:
+                        r.finish_s = self.now
+                    else:
+                        self._transfer(inst, r)
+            self._kick(inst)
+
+        self.at(self.now + t, done)
+
+    def _transfer(self, src: Instance, r: SimRequest) -> None:
+        dst = min(self.decode, key=lambda d: (d.node != src.node, d.load()))
+        nbytes = r.prompt_tokens * self.spec.kv_bytes_per_token * self.spec.codec_ratio
+        key = (src.node, dst.node)
+        start = max(self.now, self._link_free.get(key, 0.0))
+        end = start + nbytes / self.spec.link_bps(src.node, dst.node)
+        self._link_free[key] = end
+
+        def landed() -> None:
+            dst.queue.append(r)
+            self._kick(dst)
+
+        self.at(end, landed)
+
+    # -- decode / colocated -----------------------------------------------------------
+    def _admit(self, inst: Instance) -> None:
+        while inst.queue and len(inst.running) < inst.max_num_seqs:
+            r = inst.queue[0]
+            need = r.prompt_tokens + r.output_tokens
+            if inst.kv_used + need > inst.kv_capacity_tokens and inst.running:
+                break
+            inst.queue.popleft()
+            inst.kv_used += need
+            inst.running.append(r)
+
+    def _decode_step(self, inst: Instance) -> None:
+        self._admit(inst)
+        if not inst.running:
+            return
+        decoding = [r for r in inst.running if r.prefilled >= r.prompt_tokens]
+        prefilling = [r for r in inst.running if r.prefilled < r.prompt_tokens]
+        budget = inst.max_batched_tokens - len(decoding)
+        chunks: list[tuple[SimRequest, int]] = []
+        for r in prefilling:
+            if budget <= 0:
+                break
+            n = min(r.prompt_tokens - r.prefilled, budget)
+            chunks.append((r, n))
+            budget -= n
+        ctx = sum(r.prompt_tokens + r.generated for r in decoding)
+        t = inst.model.mixed_s([n for _, n in chunks], [r.prefilled for r, _ in chunks], len(decoding), ctx)
+        t += self.spec.token_overhead_s if decoding else 0.0
+        inst.busy = True
+
+        def done() -> None:
+            inst.busy = False
+            for r in decoding:
+                r.generated += 1
+            for r, n in chunks:
+                r.prefilled += n
+                if r.prefilled >= r.prompt_tokens:
+                    r.first_token_s = self.now
+                    r.generated = 1
+            for r in list(inst.running):
+                if r.prefilled >= r.prompt_tokens and r.generated >= r.output_tokens:
+                    r.finish_s = self.now
+                    inst.running.remove(r)
+                    inst.kv_used -= r.prompt_tokens + r.output_tokens
+            self._kick(inst)
+
+        self.at(self.now + t, done)
+
+
+def poisson_requests(rate: float, n: int, prompt_tokens: Callable[[np.random.Generator], int],
+                     output_tokens: Callable[[np.random.Generator], int], seed: int = 0) -> list[SimRequest]:
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, size=n)
+    t = np.cumsum(gaps) - gaps[0]
+    return [SimRequest(float(t[i]), prompt_tokens(rng), output_tokens(rng)) for i in range(n)]
+
+
+def attainment(reqs: list[SimRequest], ttft_s: float, tpot_s: float) -> float:
+    ok = sum(1 for r in reqs if r.ttft_s <= ttft_s and r.tpot_s <= tpot_s)
+    return ok / max(1, len(reqs))
+
+
+def max_goodput_rate(make_spec: Callable[[], ClusterSpec], make_requests: Callable[[float], list[SimRequest]],
+                     ttft_s: float, tpot_s: float, target: float = 0.9, hi: float = 1.0,
+                     iters: int = 12) -> float:
+    """Highest request rate whose SLO attainment stays >= target (DistServe's goodput),
+    by doubling then bisection. Returns 0 when even a trickle misses the SLO."""
+    def ok(rate: float) -> bool:
+        reqs = Simulation(make_spec()).run(make_requests(rate))
+        return attainment(reqs, ttft_s, tpot_s) >= target
+
+    lo = 0.0
+    if not ok(hi * 1e-3):
+        return 0.0
+    while ok(hi) and hi < 1e6:
+        lo, hi = hi, hi * 2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
