@@ -1,5 +1,5 @@
-"""`splitserve` command line: serve, validate, make-model (plan, place-experts and bench
-come with the placement and benchmark work)."""
+"""`splitserve` command line: serve, validate, make-model, bench (plan and place-experts
+come with the placement work)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--train", action="store_true", help="train it a few minutes on local text (cached)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_make_model)
+
+    from benchmarks.bench import add_parser as add_bench
+
+    add_bench(sub)
     return p
 
 
