@@ -189,7 +189,8 @@ class Generator:
             nonlocal n_out
             n_out += len(tokens)
             usage.completion_tokens = n_out
-            text, hit = stops.feed(detok.push(tokens), final=reason is not None)
+            new = detok.push(tokens) + (detok.flush() if reason is not None else "")
+            text, hit = stops.feed(new, final=reason is not None)
             return Delta(text, tokens, "stop" if hit else reason)
 
         self.metrics.inflight.inc()
@@ -227,7 +228,7 @@ class Generator:
                         self.metrics.kv_bytes.inc(handle.nbytes)
                         self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
                     d = emit(msg["token_ids"], msg["finish_reason"])
-                    if d.text or d.finish_reason:
+                    if d.text or d.token_ids or d.finish_reason:
                         yield d
                     if d.finish_reason is not None:
                         outcome = "ok"

@@ -58,7 +58,6 @@ def deploy(manifest: Manifest, timeout_s: float = 600.0, name: str | None = None
     """Create the controller and all pools; returns once every worker has started."""
     from engine.config import ModelConfig
     from engine.loader import load_tokenizer
-    from cluster.text import TextCodec
 
     model_dir = manifest.model_dir()  # builds a builtin model here, once, not in every worker
     cfg = ModelConfig.from_dir(model_dir)
@@ -72,7 +71,7 @@ def deploy(manifest: Manifest, timeout_s: float = 600.0, name: str | None = None
             ray.kill(controller, no_restart=True)
         raise
     max_len = manifest.model.max_model_len or cfg.max_position_embeddings
-    ingress = Ingress(manifest, controller, TextCodec(load_tokenizer(model_dir)), max_len)
+    ingress = Ingress(manifest, controller, load_tokenizer(model_dir), max_len)
     return Deployment(manifest, controller, ingress)
 
 

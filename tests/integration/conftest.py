@@ -1,0 +1,86 @@
+"""Integration fixtures: one local Ray for the whole session (loopback only), tiny models
+built once, and helpers to deploy a manifest and serve it over real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import cluster  # noqa: F401 - Ray environment
+import ray
+
+from cluster.builtin_models import builtin_model_dir
+from cluster.manifest import parse_manifest
+from cluster.serve import Server, deploy
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    # More logical CPUs than cores: workers are small and pinned to one torch thread.
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=16, namespace="splitserve-tests",
+             include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llama_dir() -> Path:
+    return builtin_model_dir("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir() -> Path:
+    return builtin_model_dir("tiny-mixtral")
+
+
+def manifest_for(model_dir: Path, mode: str = "disaggregated", tp: int = 1, **overrides: object):
+    pools: dict[str, dict[str, object]]
+    common = {"tp": tp, "num_cpus": 1, "num_kv_blocks": 256, "max_num_batched_tokens": 256}
+    if mode == "disaggregated":
+        pools = {"prefill": dict(common), "decode": dict(common)}
+    else:
+        pools = {"colocated": dict(common)}
+    data: dict[str, object] = {
+        "name": f"test-{next(_names)}",
+        "model": {"path": str(model_dir), "name": "tiny"},
+        "mode": mode,
+        "pools": pools,
+        "kv_cache": {"block_size": 8},
+        "server": {"request_timeout_s": 60, "token_timeout_s": 20, "health_check_period_s": 0.5},
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return parse_manifest(data)
+
+
+@contextlib.contextmanager
+def serving(manifest) -> Iterator[tuple[str, object]]:
+    """Deploy a manifest and serve it on a free loopback port; yields (base url, deployment)."""
+    dep = deploy(manifest, timeout_s=300)
+    server = Server(dep)
+    try:
+        url = server.start()
+        wait_healthy(url)
+        yield url, dep
+    finally:
+        server.stop()
+        dep.stop()
+
+
+def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not healthy within {timeout_s}s")

@@ -1,0 +1,86 @@
+"""Each bad request gets a 4xx OpenAI error naming the field; the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .conftest import manifest_for, serving
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, llama_dir):
+    m = manifest_for(llama_dir, mode="disaggregated",
+                     model={"path": str(llama_dir), "name": "tiny", "max_model_len": 128})
+    with serving(m) as (u, _dep):
+        yield u
+
+
+def post(url: str, path: str, body: object) -> httpx.Response:
+    if isinstance(body, (bytes, str)):
+        return httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"},
+                          timeout=30)
+    return httpx.post(f"{url}{path}", json=body, timeout=30)
+
+
+CASES = [
+    # (path, body, status, words the message must contain)
+    ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, ["gpt-9", "tiny"]),
+    ("/v1/completions", {"model": "tiny"}, 400, ["prompt"]),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, ["prompt", "empty"]),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, ["messages"]),
+    ("/v1/chat/completions", {"model": "tiny"}, 400, ["messages"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, ["max_tokens"]),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", 1]}, 400, ["prompt"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, ["max_tokens"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 500}, 400, ["max_tokens", "128"]),
+    ("/v1/completions", {"model": "tiny", "prompt": list(range(3, 203))}, 400, ["prompt", "200", "128"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400, ["temperature"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 0}, 400, ["top_p"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 1.01}, 400, ["top_p"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 3}, 400, ["n=3", "1"]),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, ["JSON"]),
+    ("/v1/completions", {"model": "tiny", "prompt": [999999]}, 400, ["prompt"]),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", CASES)
+def test_bad_request_is_rejected_clearly(url, path, body, status, words):
+    r = post(url, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in err["message"] or w == err["param"], (w, err)
+
+
+def test_server_still_serves_after_bad_input(url):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
+    r = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=5, temperature=0)
+    assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4)
+    assert c.choices[0].message.role == "assistant"
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_overload_gives_429_with_retry_after(ray_session, llama_dir):
+    import asyncio
+
+    m = manifest_for(llama_dir, server={"max_waiting_requests": 1, "request_timeout_s": 60,
+                                        "token_timeout_s": 20})
+    with serving(m) as (u, _dep):
+        async def go():
+            async with httpx.AsyncClient(timeout=60) as c:
+                body = {"model": "tiny", "prompt": "x", "max_tokens": 64, "ignore_eos": True}
+                return await asyncio.gather(*(c.post(f"{u}/v1/completions", json=body) for _ in range(6)))
+        codes = [r.status_code for r in asyncio.run(go())]
+        assert 200 in codes and 429 in codes, codes
+        r429 = next(r for r in asyncio.run(go()) if r.status_code == 429)
+        assert r429.headers["retry-after"] and r429.json()["error"]["type"] == "rate_limit_error"
