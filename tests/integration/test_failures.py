@@ -1,0 +1,72 @@
+"""A worker that dies mid-request ends that request with an error within seconds; the
+controller replaces it and later requests succeed."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+
+from .conftest import manifest_for, serving, wait_healthy
+
+
+def workers(dep, pool: str) -> list[dict]:
+    return ray.get(dep.controller.get_state.remote(), timeout=10)["pools"][pool]
+
+
+def wait_replaced(dep, pool: str, old_id: str, timeout_s: float = 90.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ws = [w for w in workers(dep, pool) if w["healthy"] and w["worker_id"] != old_id]
+        if ws:
+            return ws[0]["worker_id"]
+        time.sleep(0.2)
+    raise TimeoutError(f"{pool} worker {old_id} not replaced within {timeout_s}s")
+
+
+def test_decode_death_mid_stream(ray_session, llama_dir):
+    with serving(manifest_for(llama_dir)) as (url, dep):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
+        victim = workers(dep, "decode")[0]
+        stream = client.completions.create(model="tiny", prompt="import os", max_tokens=2000,
+                                           stream=True, extra_body={"ignore_eos": True})
+        got = 0
+        t_kill = None
+        with pytest.raises(openai.APIError) as err:
+            for _chunk in stream:
+                got += 1
+                if got == 5:
+                    ray.kill(victim["handle"], no_restart=True)
+                    t_kill = time.monotonic()
+        assert t_kill is not None and time.monotonic() - t_kill < 10
+        assert "failed" in str(err.value)
+        new_id = wait_replaced(dep, "decode", victim["worker_id"])
+        assert new_id != victim["worker_id"]
+        wait_healthy(url)
+        r = client.completions.create(model="tiny", prompt="import os", max_tokens=8,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 8
+
+
+def test_colocated_death_before_first_token_is_503(ray_session, llama_dir):
+    with serving(manifest_for(llama_dir, mode="colocated")) as (url, dep):
+        victim = workers(dep, "colocated")[0]
+        ray.kill(victim["handle"], no_restart=True)
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 503 and time.monotonic() - t0 < 10, r.text
+        assert r.json()["error"]["type"] == "service_unavailable"
+        wait_replaced(dep, "colocated", victim["worker_id"])
+        wait_healthy(url)
+        deadline = time.monotonic() + 30
+        while True:  # the ingress picks up the new worker within its refresh period
+            r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4},
+                           timeout=30)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
