@@ -154,5 +154,5 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.time()
     make_model(a.arch, a.out, a.train, a.seed)
-    logger.info("made %s in %.1fs", a.out, time.time() - a.out.__len__() * 0 - t0)
+    print(f"wrote {a.arch} model to {a.out} in {time.time() - t0:.1f}s")
     return 0
