@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,10 +109,13 @@ class EngineWorker:
         torch.set_num_threads(max(1, int(self.pool.num_cpus)))
         self.engine: LLMEngine | None = None
         self._tp_ranks: list[Any] = []
-        self._pending_add: list[tuple[str, dict[str, Any]]] = []
-        self._pending_abort: list[str] = []
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        # ("add" | "abort", request id, request): appended by the event loop, consumed by
+        # the engine thread (deque append/popleft are thread-safe).
+        self._pending: deque[tuple[str, str, Any]] = deque()
+        self._work = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._draining = False
         self._steps = 0
         self._tokens = 0
@@ -142,7 +147,7 @@ class EngineWorker:
         self.engine = LLMEngine(runner, self.scheduler_config(max_len), s.num_blocks,
                                 eos_token_ids=cfg.eos_token_ids, executor=executor,
                                 enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching)
-        self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+        self._start_engine_thread()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
         return await self.health()
 
@@ -189,7 +194,7 @@ class EngineWorker:
                                  "node_ip": current_node_ip()}
         if self.engine is not None:
             stats.update(self.engine.stats())
-            stats["waiting"] += len(self._pending_add)
+            stats["waiting"] += sum(1 for kind, _, _ in list(self._pending) if kind == "add")
         return stats
 
     async def drain(self, timeout_s: float = 60.0) -> bool:
@@ -197,64 +202,71 @@ class EngineWorker:
         self._draining = True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.engine is None or (not self.engine.has_work and not self._pending_add):
+            if self.engine is None or (not self.engine.has_work and not self._pending):
                 return True
             await asyncio.sleep(0.05)
         return False
 
     async def abort(self, request_id: str) -> None:
-        self._pending_abort.append(request_id)
-        self._wake.set()
+        self._pending.append(("abort", request_id, None))
+        self._work.set()
 
-    # -- the loop ---------------------------------------------------------------------
+    # -- the engine thread ------------------------------------------------------------
+    # The engine runs in its own thread, steps back to back; the event loop only moves
+    # requests in and results out (call_soon_threadsafe), so streaming tokens to callers
+    # never delays the next step.
     def _submit(self, request_id: str, req: dict[str, Any]) -> None:
         if self._draining:
             raise WorkerDrainingError(f"{self.worker_id} is draining")
         if self.engine is None:
             raise RuntimeError(f"{self.worker_id} is not started")
-        self._pending_add.append((request_id, req))
-        self._wake.set()
+        self._pending.append(("add", request_id, req))
+        self._work.set()
+
+    def _start_engine_thread(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._engine_thread, name=f"{self.worker_id}-engine",
+                                        daemon=True)
+        self._thread.start()
 
     def _apply_pending(self) -> None:
-        assert self.engine is not None
-        adds, self._pending_add = self._pending_add, []
-        for rid, req in adds:
+        assert self.engine is not None and self._loop is not None
+        while self._pending:
+            kind, rid, req = self._pending.popleft()
+            if kind == "abort":
+                if self.engine.abort(rid):
+                    self._loop.call_soon_threadsafe(self.on_aborted, rid)
+                continue
             try:
                 self.engine.add_request(rid, req["prompt_token_ids"], SamplingParams(**req["params"]),
                                         output_token_ids=req.get("output_token_ids"),
                                         pending_kv=req.get("kv"))
             except Exception as e:  # noqa: BLE001 - handed to the request's waiter
-                self.on_request_error(rid, e)
-        aborts, self._pending_abort = self._pending_abort, []
-        for rid in aborts:
-            if self.engine.abort(rid):
-                self.on_aborted(rid)
+                self._loop.call_soon_threadsafe(self.on_request_error, rid, e)
 
-    async def _step_loop(self) -> None:
-        assert self.engine is not None
-        while True:
+    def _engine_thread(self) -> None:
+        assert self.engine is not None and self._loop is not None
+        engine, loop = self.engine, self._loop
+        while not self._stopping:
+            self._work.clear()
             self._apply_pending()
-            if not self.engine.has_work:
-                self._wake.clear()
-                if self._pending_add or self._pending_abort:
-                    continue
-                await self._wake.wait()
+            if not engine.has_work:
+                self._work.wait(timeout=1.0)
                 continue
             t0 = time.perf_counter()
             try:
-                out = await asyncio.to_thread(self.engine.step)
+                out = engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the worker
                 logger.exception("%s step failed", self.worker_id)
                 self._last_error = f"{type(e).__name__}: {e}"
-                for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-                    self.engine.abort(seq.request_id, "error")
-                    self.on_request_error(seq.request_id, e)
+                for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+                    engine.abort(seq.request_id, "error")
+                    loop.call_soon_threadsafe(self.on_request_error, seq.request_id, e)
                 continue
             self._busy_s += time.perf_counter() - t0
             self._steps += 1
             self._tokens += out.num_tokens
-            self.on_step(out)
-            await asyncio.sleep(0)  # let requests and health checks in between steps
+            loop.call_soon_threadsafe(self.on_step, out)
 
     # -- hooks for subclasses -----------------------------------------------------------
     def on_step(self, out: StepOutput) -> None:

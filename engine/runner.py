@@ -118,23 +118,35 @@ class ModelRunner:
         return slice(lo, lo + self.kv_heads_local)
 
     def import_kv(self, block_table: list[int], kv: torch.Tensor) -> None:
-        """kv: [layers, 2, tokens, kv_heads (all ranks), head_dim]."""
-        num_tokens = kv.shape[2]
-        slots = _slots(block_table, 0, num_tokens, self.block_size)
+        """kv: [layers, 2, tokens, kv_heads (all ranks), head_dim]. Whole blocks move with
+        one index_copy per layer and K/V; the last partial block separately."""
+        bs, n = self.block_size, kv.shape[2]
+        full, rem = divmod(n, bs)
         if kv.shape[3] != self.kv_heads_local:
             kv = kv[:, :, :, self._head_slice()]
+        blocks = torch.tensor(block_table[:full], dtype=torch.long)
         for layer, cache in enumerate(self.kv_caches):
-            flat = cache.view(2, -1, cache.shape[3], cache.shape[4])
-            flat[:, slots] = kv[layer].to(cache.dtype)
+            src = kv[layer].to(cache.dtype)
+            for j in (0, 1):
+                if full:
+                    cache[j].index_copy_(0, blocks, src[j, : full * bs].reshape(full, bs, *cache.shape[3:]))
+                if rem:
+                    cache[j, block_table[full], :rem] = src[j, full * bs:]
 
     def export_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """This rank's heads of the first num_tokens of a sequence: [layers, 2, tokens, kvh, hd]."""
-        slots = _slots(block_table, 0, num_tokens, self.block_size)
-        out = []
-        for cache in self.kv_caches:
-            flat = cache.view(2, -1, cache.shape[3], cache.shape[4])
-            out.append(flat[:, slots])
-        return torch.stack(out)
+        bs, c0 = self.block_size, self.kv_caches[0]
+        full, rem = divmod(num_tokens, bs)
+        out = torch.empty(len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4], dtype=c0.dtype)
+        blocks = torch.tensor(block_table[:full], dtype=torch.long)
+        for layer, cache in enumerate(self.kv_caches):
+            for j in (0, 1):
+                if full:
+                    torch.index_select(cache[j], 0, blocks,
+                                       out=out[layer, j, : full * bs].view(full, bs, *c0.shape[3:]))
+                if rem:
+                    out[layer, j, full * bs:] = cache[j, block_table[full], :rem]
+        return out
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cluster.worker_base import EngineWorker, current_node_ip
@@ -26,6 +27,7 @@ class PrefillWorker(EngineWorker):
         kt = self.manifest.kv_transfer
         self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps)
         self._dest: dict[str, str | None] = {}
+        self._sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{worker_id}-kv-send")
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._arrivals: dict[str, float] = {}
 
@@ -62,17 +64,25 @@ class PrefillWorker(EngineWorker):
             kv = out.exported_kv.get(seq.request_id)
             if fut is None or fut.done() or kv is None:
                 continue
-            try:
-                handle = self.connector.send(seq.request_id, kv, self._dest.get(seq.request_id))
-            except Exception as e:  # noqa: BLE001 - the request fails, the worker stays
-                fut.set_exception(e)
-                continue
             arrival = self._arrivals.get(seq.request_id, now)
             first = seq.first_scheduled_time or now
-            fut.set_result({"first_token": seq.output_token_ids[0], "kv": handle,
-                            "queue_s": first - arrival, "prefill_s": now - first,
-                            "num_cached_tokens": seq.num_cached_tokens,
-                            "worker_id": self.worker_id, "node_ip": self._node_ip})
+            result = {"first_token": seq.output_token_ids[0], "queue_s": first - arrival,
+                      "prefill_s": now - first, "num_cached_tokens": seq.num_cached_tokens,
+                      "worker_id": self.worker_id, "node_ip": self._node_ip}
+            # Publishing the KV (a copy into the object store, or encoding for gRPC) runs
+            # off the event loop and off the engine thread, beside the next prefill step.
+            send = asyncio.get_running_loop().run_in_executor(
+                self._sender, self.connector.send, seq.request_id, kv, self._dest.get(seq.request_id))
+            send.add_done_callback(lambda f, fut=fut, result=result: self._sent(fut, result, f))
+
+    @staticmethod
+    def _sent(fut: asyncio.Future[dict[str, Any]], result: dict[str, Any], send: asyncio.Future[Any]) -> None:
+        if fut.done():
+            return
+        if send.exception() is not None:
+            fut.set_exception(send.exception())  # type: ignore[arg-type]
+        else:
+            fut.set_result({**result, "kv": send.result()})
 
     def on_request_error(self, request_id: str, error: Exception) -> None:
         fut = self._futures.get(request_id)
