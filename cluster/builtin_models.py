@@ -6,7 +6,8 @@ import fcntl
 import os
 from pathlib import Path
 
-BUILTIN = {"tiny-llama": "llama", "tiny-mixtral": "mixtral"}
+BUILTIN = {"tiny-llama": ("llama", "tiny"), "tiny-mixtral": ("mixtral", "tiny"),
+           "small-llama": ("llama", "small")}
 # Bump when make-model's output changes, so caches are rebuilt.
 VERSION = "v1"
 
@@ -29,6 +30,7 @@ def builtin_model_dir(name: str) -> Path:
             from cluster.make_model import make_model
 
             tmp = root / f".{name}-{VERSION}.tmp{os.getpid()}"
-            make_model(BUILTIN[name], tmp, seed=0)
+            arch, size = BUILTIN[name]
+            make_model(arch, tmp, seed=0, size=size)
             tmp.rename(out)
     return out

@@ -46,6 +46,9 @@ class Usage:
     completion_tokens: int = 0
     # Seconds the prefill worker spent on the request (queue + compute), as it reports.
     worker_s: float = 0.0
+    # Monotonic times: request handed to a worker, first token back from it.
+    dispatched_at: float = 0.0
+    first_token_at: float = 0.0
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -199,10 +202,12 @@ class Generator:
             if self.m.mode == "disaggregated":
                 # Both workers are chosen up front: the prefill worker picks the KV
                 # transport from where the decode worker is.
+                usage.dispatched_at = time.monotonic()
                 pw = self.router.pick_prefill()
                 w = self.router.pick_decode("decode", near=pw.node_ip)
                 res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip}, pw)
-                ttft = time.monotonic() - t0
+                usage.first_token_at = time.monotonic()
+                ttft = usage.first_token_at - t0
                 usage.worker_s = res["queue_s"] + res["prefill_s"]
                 self.metrics.queue.observe(res["queue_s"])
                 self.metrics.prefill.observe(res["prefill_s"])

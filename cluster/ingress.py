@@ -129,7 +129,7 @@ class Ingress:
         return req, GenRequest(ids, self._params(req, len(ids), None), req.stop or [])
 
     # -- responses ----------------------------------------------------------------------
-    async def respond(self, kind: str, req: CommonParams, greq: GenRequest) -> Response:
+    async def respond(self, kind: str, req: CommonParams, greq: GenRequest, t_in: float | None = None) -> Response:
         self._admit()
         self._inflight += 1
         usage = Usage()
@@ -156,9 +156,15 @@ class Ingress:
         finally:
             self._inflight -= 1
             await stream.aclose()
-        return JSONResponse(self._body(kind, rid, req, text, reason, usage.as_dict(), final=True,
-                                       token_ids=ids),
-                            headers={"Server-Timing": f"worker;dur={usage.worker_s * 1e3:.3f}"})
+        body = self._body(kind, rid, req, text, reason, usage.as_dict(), final=True, token_ids=ids)
+        timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
+        if t_in is not None and usage.first_token_at and reason is not None and len(ids) == 1:
+            # Single-token requests: time spent in this process's own code (validation,
+            # tokenizing, routing, response), apart from the worker RPC.
+            ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
+            rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
+            timing += f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
+        return JSONResponse(body, headers={"Server-Timing": timing})
 
     def _body(self, kind: str, rid: str, req: CommonParams, text: str, reason: str | None,
               usage: dict[str, int] | None, final: bool, first_chunk: bool = False,
@@ -233,8 +239,9 @@ def build_app(ingress: Ingress) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        t_in = time.monotonic()
         req, greq = ingress.completion_request(await body_of(request))
-        return await ingress.respond("completion", req, greq)
+        return await ingress.respond("completion", req, greq, t_in)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

@@ -26,6 +26,10 @@ SIZES = {
     "mixtral": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2),
 }
+# A larger shape for overhead and goodput measurements, where a decode step takes
+# milliseconds rather than a fraction of one.
+SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=32)
 VOCAB = 1024
 SPECIAL = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -63,7 +67,7 @@ def train_tokenizer(out_dir: Path) -> None:
         "chat_template": CHAT_TEMPLATE, "model_max_length": 8192}, indent=2))
 
 
-def config_for(arch: str, vocab: int) -> dict[str, object]:
+def config_for(arch: str, vocab: int, size: str = "tiny") -> dict[str, object]:
     cfg: dict[str, object] = {
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "MixtralForCausalLM"],
         "model_type": arch, "vocab_size": vocab, "max_position_embeddings": 8192,
@@ -73,6 +77,10 @@ def config_for(arch: str, vocab: int) -> dict[str, object]:
         "pad_token_id": 0, "torch_dtype": "float32", "attention_bias": False, "mlp_bias": False,
         "head_dim": 16, "initializer_range": 0.02, "use_cache": True, **SIZES[arch],
     }
+    if size == "small":
+        cfg.update(SMALL)
+    elif size != "tiny":
+        raise ValueError(f"unknown size {size!r}; allowed: tiny, small")
     return cfg
 
 
@@ -119,7 +127,7 @@ def write_model(out: Path, cfg: dict[str, object], sd: dict[str, torch.Tensor]) 
 
 
 def make_model(arch: str, out_dir: str | Path, train: bool = False, seed: int = 0,
-               train_seconds: float = 180.0) -> Path:
+               train_seconds: float = 180.0, size: str = "tiny") -> Path:
     if arch not in SIZES:
         raise ValueError(f"unknown arch {arch!r}; allowed: {sorted(SIZES)}")
     out = Path(out_dir)
@@ -140,7 +148,7 @@ def make_model(arch: str, out_dir: str | Path, train: bool = False, seed: int = 
         return out
     out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(out)
-    cfg = config_for(arch, VOCAB)
+    cfg = config_for(arch, VOCAB, size)
     write_model(out, cfg, random_weights(cfg, seed))
     return out
 

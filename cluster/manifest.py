@@ -22,7 +22,7 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     path: str | None = Field(None, description="HF-format model directory (relative to the manifest)")
-    builtin: Literal["tiny-llama", "tiny-mixtral"] | None = Field(
+    builtin: Literal["tiny-llama", "tiny-mixtral", "small-llama"] | None = Field(
         None, description="A tiny model splitserve builds itself and caches (demo, tests)")
     name: str = Field("default", description="Model id served at /v1/models and expected in requests")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and KV dtype")
