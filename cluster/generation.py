@@ -231,6 +231,7 @@ class Generator:
                         ttft = time.monotonic() - t0
                     if "kv_receive_s" in msg and self.m.mode == "disaggregated":
                         self.metrics.kv_bytes.inc(handle.nbytes)
+                        self.metrics.kv_transfers.labels(handle.transport).inc()
                         self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
                     d = emit(msg["token_ids"], msg["finish_reason"])
                     if d.text or d.token_ids or d.finish_reason:

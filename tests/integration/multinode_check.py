@@ -1,0 +1,72 @@
+"""Run as a script (its own Ray cluster of fake nodes): prefill on 127.0.0.2, decode on
+127.0.0.3, KV over gRPC. Prints one JSON line with what it saw; exits non-zero on failure.
+
+    python -m tests.integration.multinode_check MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import cluster  # noqa: F401 - Ray environment
+import ray
+from ray.cluster_utils import Cluster
+
+
+def main(model_dir: str) -> int:
+    import httpx
+
+    from cluster.manifest import parse_manifest
+    from cluster.serve import Server, deploy
+    from engine.engine import LLMEngine
+    from engine.scheduler import SchedulerConfig
+    from engine.sequence import SamplingParams
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    c.add_node(num_cpus=2, node_ip_address="127.0.0.2")
+    c.add_node(num_cpus=2, node_ip_address="127.0.0.3")
+    ray.init(address=c.address, namespace="splitserve-multinode", log_to_driver=False)
+    out: dict[str, object] = {"nodes": sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])}
+    try:
+        m = parse_manifest({
+            "name": "multinode", "model": {"path": model_dir, "name": "tiny"}, "mode": "disaggregated",
+            "pools": {"prefill": {"num_cpus": 1, "nodes": ["127.0.0.2"], "num_kv_blocks": 128},
+                      "decode": {"num_cpus": 1, "nodes": ["127.0.0.3"], "num_kv_blocks": 128}},
+            "kv_cache": {"block_size": 8},
+            "server": {"request_timeout_s": 60, "token_timeout_s": 20}})
+        dep = deploy(m)
+        server = Server(dep)
+        url = server.start()
+        try:
+            state = ray.get(dep.controller.get_state.remote())
+            out["placed"] = {p: [w["node_ip"] for w in ws] for p, ws in state["pools"].items()}
+            prompts = [list(range(3, 3 + n)) for n in (5, 17, 40)]
+            got = []
+            for p in prompts:
+                r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                    "model": "tiny", "prompt": p, "max_tokens": 10, "temperature": 0,
+                    "ignore_eos": True, "return_token_ids": True})
+                r.raise_for_status()
+                got.append(r.json()["choices"][0]["token_ids"])
+            eng = LLMEngine.from_model_dir(model_dir, num_blocks=64, block_size=8,
+                                           scheduler_config=SchedulerConfig(max_model_len=8192))
+            want = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+            out["equal"] = got == want
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+            out["kv_bytes"] = float(next(line.split()[-1] for line in metrics.splitlines()
+                                         if line.startswith("splitserve_kv_transfer_bytes_total")))
+            out["transfers"] = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                                if line.startswith("splitserve_kv_transfers_total{")}
+        finally:
+            server.stop()
+            dep.stop()
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    print(json.dumps(out))
+    return 0 if out.get("equal") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
