@@ -21,6 +21,7 @@ from cluster.metrics import Metrics
 from cluster.router import Router, WorkerView
 from engine.scheduler import RequestTooLargeError
 from engine.sequence import SamplingParams
+from kvtransfer.connector import KVTransferError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class Generator:
         e = _unwrap(e)
         if isinstance(e, RequestTooLargeError):
             return InvalidRequestError(str(e), param="max_tokens")
+        if isinstance(e, KVTransferError):  # the link or the sender failed, not this worker
+            return WorkerFailedError(f"KV transfer failed: {e}", code="kv_transfer_failed")
         if isinstance(e, SplitServeError):
             return e
         if isinstance(e, (RayActorError, asyncio.TimeoutError, TimeoutError)):

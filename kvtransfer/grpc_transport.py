@@ -77,6 +77,8 @@ class KVServer:
         self._lock = threading.Lock()
         self.rate_gbps = rate_gbps
         self.bytes_sent = 0
+        # Fault injection for tests and drills: ("corrupt" | "cut", fetches left).
+        self.fault: tuple[str, int] | None = None
         handler = grpc.method_handlers_generic_handler("splitserve.KV", {
             "Fetch": grpc.unary_stream_rpc_method_handler(self._fetch),
         })
@@ -148,11 +150,24 @@ class KVServer:
                 if ahead > 0:
                     time.sleep(ahead)
             self.bytes_sent += len(part)
-            yield frame(seq, part, last)
+            fault = self._take_fault(seq)
+            if fault == "cut":
+                context.abort(grpc.StatusCode.ABORTED, "stream cut (injected fault)")
+            msg = frame(seq, part, last)
+            if fault == "corrupt":
+                msg = msg[:-1] + bytes([msg[-1] ^ 0xFF])
+            yield msg
             seq += 1
             if last:
                 self.discard(rid)
                 return
+
+    def _take_fault(self, seq: int) -> str | None:
+        if self.fault is None or seq != 0:
+            return None
+        kind, left = self.fault
+        self.fault = (kind, left - 1) if left > 1 else None
+        return kind
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._server.stop(grace_s)

@@ -75,6 +75,13 @@ class PrefillWorker(EngineWorker):
                 self._sender, self.connector.send, seq.request_id, kv, self._dest.get(seq.request_id))
             send.add_done_callback(lambda f, fut=fut, result=result: self._sent(fut, result, f))
 
+    async def inject_kv_fault(self, kind: str, count: int = 1) -> None:
+        """Drills and tests: the next `count` gRPC KV streams from this worker are
+        corrupted ("corrupt") or cut ("cut")."""
+        if kind not in ("corrupt", "cut"):
+            raise ValueError(f"unknown fault {kind!r}; allowed: corrupt, cut")
+        self.connector.grpc._kv_server().fault = (kind, count)
+
     @staticmethod
     def _sent(fut: asyncio.Future[dict[str, Any]], result: dict[str, Any], send: asyncio.Future[Any]) -> None:
         if fut.done():

@@ -53,6 +53,18 @@ def main(model_dir: str) -> int:
                                            scheduler_config=SchedulerConfig(max_model_len=8192))
             want = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
             out["equal"] = got == want
+            # Injected transfer faults end the request with a clear 503, and the next
+            # request is served.
+            prefill = ray.get(dep.controller.get_state.remote())["pools"]["prefill"][0]["handle"]
+            faults = {}
+            for kind in ("corrupt", "cut"):
+                ray.get(prefill.inject_kv_fault.remote(kind))
+                r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                    "model": "tiny", "prompt": prompts[1], "max_tokens": 5, "ignore_eos": True})
+                ok = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                    "model": "tiny", "prompt": prompts[1], "max_tokens": 5, "ignore_eos": True})
+                faults[kind] = [r.status_code, r.json()["error"]["message"][:120], ok.status_code]
+            out["faults"] = faults
             metrics = httpx.get(f"{url}/metrics", timeout=10).text
             out["kv_bytes"] = float(next(line.split()[-1] for line in metrics.splitlines()
                                          if line.startswith("splitserve_kv_transfer_bytes_total")))

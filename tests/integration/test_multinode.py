@@ -16,4 +16,7 @@ def test_cross_node_grpc_matches_engine(llama_dir):
     assert seen["nodes"] == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     assert seen["placed"] == {"prefill": ["127.0.0.2"], "decode": ["127.0.0.3"]}
     assert seen["equal"] is True and seen["kv_bytes"] > 0
-    assert seen["transfers"] == {"grpc": 3.0}
+    assert seen["transfers"]["grpc"] >= 3
+    assert seen["faults"]["corrupt"][0] == 503 and "checksum" in seen["faults"]["corrupt"][1]
+    assert seen["faults"]["cut"][0] == 503 and "KV" in seen["faults"]["cut"][1]
+    assert seen["faults"]["corrupt"][2] == 200 and seen["faults"]["cut"][2] == 200
