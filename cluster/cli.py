@@ -1,5 +1,4 @@
-"""`splitserve` command line: serve, validate, make-model, bench (plan and place-experts
-come with the placement work)."""
+"""`splitserve` command line: serve, validate, make-model, plan, profile, place-experts, bench."""
 
 from __future__ import annotations
 
@@ -51,6 +50,49 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from placement.plan import PlanError, make_plan, write_plan
+
+    try:
+        manifest = _load(args.manifest)
+        plan = make_plan(manifest)
+    except ManifestError as e:
+        for line in e.lines():
+            print(line)
+        return 2
+    except PlanError as e:
+        print(str(e))
+        return 2
+    write_plan(plan, args.out)
+    summary = plan.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"plan: {summary['mode']} {summary['pools']} on {summary['gpus']} GPUs -> {args.out}")
+        print(f"predicted goodput {summary['predicted_goodput_rps']:.3f} req/s "
+              f"({summary['predicted_goodput_per_gpu']:.3f} per GPU), TTFT p90 "
+              f"{summary['predicted_ttft_p90_ms']:.1f} ms, TPOT p90 {summary['predicted_tpot_p90_ms']:.1f} ms")
+    for miss in summary["slo_misses"]:
+        print(f"{miss['field']}: no layout meets it; best predicted p90 {miss['predicted_ms']:.1f} ms "
+              f"vs target {miss['target_ms']:.1f} ms")
+    return 3 if summary["slo_misses"] else 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from placement.profile import profile_engine
+
+    manifest = _load(args.manifest)
+    result = profile_engine(manifest.model_dir(), manifest.model.dtype, args.threads)  # type: ignore[attr-defined]
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving on Ray")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -74,9 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_make_model)
 
+    pl = sub.add_parser("plan", help="fill a manifest's layout for its hardware, workload and SLO")
+    pl.add_argument("manifest")
+    pl.add_argument("--out", required=True, help="planned manifest to write")
+    pl.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    pl.set_defaults(func=cmd_plan)
+
+    pr = sub.add_parser("profile", help="measure this machine's engine and fit the latency model")
+    pr.add_argument("manifest")
+    pr.add_argument("--out", required=True, help="profile.json to write")
+    pr.add_argument("--threads", type=int, default=1)
+    pr.set_defaults(func=cmd_profile)
+
     from benchmarks.bench import add_parser as add_bench
 
     add_bench(sub)
+    try:
+        from placement.experts import register as add_place_experts
+    except ImportError:  # placement extras not installed
+        pass
+    else:
+        add_place_experts(sub)
     return p
 
 

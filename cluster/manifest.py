@@ -73,6 +73,19 @@ class ServerSpec(Strict):
     health_check_period_s: float = Field(1.0, gt=0, description="Controller health-check period")
 
 
+class HardwareSpec(Strict):
+    gpu: str = Field("cpu", description="GPU type from placement/catalogue/gpus.yaml (cpu: one core per 'GPU')")
+    num_gpus: int = Field(1, ge=1, description="GPUs the planner may use")
+    gpus_per_node: int | None = Field(None, ge=1, description="Default: the catalogue's value")
+    node_ips: list[str] | None = Field(None, description="Ray node IPs in order; plans pin replicas to them")
+    profile: str | None = Field(None, description="profile.json from 'splitserve profile' (latency coefficients)")
+
+
+class WorkloadSpec(Strict):
+    prompt_tokens: tuple[int, int] = Field((64, 1024), description="Prompt length range, tokens")
+    output_tokens: tuple[int, int] = Field((16, 256), description="Output length range, tokens")
+
+
 class Manifest(Strict):
     name: str = Field("splitserve", description="Deployment name (Ray namespace suffix)")
     model: ModelSpec
@@ -82,6 +95,8 @@ class Manifest(Strict):
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec)
     slo: SLOSpec = Field(default_factory=SLOSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)
+    hardware: HardwareSpec | None = Field(None, description="What 'splitserve plan' may use")
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec, description="What 'splitserve plan' plans for")
     # Directory the manifest was read from (relative model paths resolve against it).
     base_dir: str = Field(".", exclude=True, description="Set by the loader")
 

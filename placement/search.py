@@ -31,11 +31,16 @@ class Workload:
     output_range: tuple[int, int]
     num_requests: int = 400
     seed: int = 0
+    # Arrivals must span at least this long (else a high rate is only a short burst that
+    # drains within the SLO), up to max_requests.
+    min_duration_s: float = 60.0
+    max_requests: int = 4000
 
     def requests(self, rate: float) -> list[SimRequest]:
         lo_p, hi_p = self.prompt_range
         lo_o, hi_o = self.output_range
-        return poisson_requests(rate, self.num_requests, lambda g: int(g.integers(lo_p, hi_p + 1)),
+        n = int(min(max(self.num_requests, rate * self.min_duration_s), self.max_requests))
+        return poisson_requests(rate, n, lambda g: int(g.integers(lo_p, hi_p + 1)),
                                 lambda g: int(g.integers(lo_o, hi_o + 1)), self.seed)
 
 
@@ -159,14 +164,26 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
                 if n_p >= 4:  # the unit repeats; larger groups only add rounding slack
                     break
             if best is not None:
-                units = max(1, num_gpus // best.gpus)
-                best.goodput_rps *= units
-                best.gpus *= units
-                for pool in best.pools.values():
-                    pool["replicas"] = int(pool["replicas"]) * units  # type: ignore[call-overload]
-                layouts.append(best)
+                layouts.append(_replicate(best, num_gpus, gpu.gpus_per_node))
     layouts.sort(key=lambda lay: lay.goodput_per_gpu, reverse=True)
     return layouts
+
+
+def _replicate(unit: Layout, num_gpus: int, per_node: int) -> Layout:
+    """Repeat a prefill+decode unit to fill the GPU budget, each copy on the next GPUs."""
+    units = max(1, num_gpus // unit.gpus)
+    p, d = unit.pools["prefill"], unit.pools["decode"]
+    n_p, n_d = int(p["replicas"]), int(d["replicas"])  # type: ignore[call-overload]
+    gp, gd = int(p["tp"]) * int(p["pp"]), int(d["tp"]) * int(d["pp"])  # type: ignore[call-overload]
+    nodes_p, nodes_d = [], []
+    for u in range(units):
+        base = u * unit.gpus
+        nodes_p += [(base + i * gp) // per_node for i in range(n_p)]
+        nodes_d += [(base + n_p * gp + i * gd) // per_node for i in range(n_d)]
+    return Layout("disaggregated",
+                  {"prefill": {**p, "replicas": n_p * units, "nodes": nodes_p},
+                   "decode": {**d, "replicas": n_d * units, "nodes": nodes_d}},
+                  unit.gpus * units, unit.goodput_rps * units, unit.ttft_p90_s, unit.tpot_p90_s)
 
 
 def _copy(i: Instance) -> Instance:

@@ -1,0 +1,121 @@
+"""`splitserve plan`: fill a manifest's layout (mode, pools: replicas, tp, nodes) with the
+best layout the search finds for its hardware, workload and SLO, and predict its goodput.
+
+Only this module turns a layout into placements (``pools.*.nodes``); tensor-parallel
+ranks follow their rank 0 onto the same node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from placement.catalogue import GPU, ModelShape, gpu as gpu_type
+from placement.latency import LatencyModel, roofline
+from placement.search import SLO, Layout, Workload, parallel_options, search
+
+
+class PlanError(ValueError):
+    """Input the planner cannot work with (exit 2)."""
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    manifest: dict[str, Any]
+    slo: SLO
+    # (field, predicted p90, target) for each SLO the best layout misses.
+    misses: list[tuple[str, float, float]]
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.layout.mode, "pools": self.layout.pools, "gpus": self.layout.gpus,
+                "predicted_goodput_rps": self.layout.goodput_rps,
+                "predicted_goodput_per_gpu": self.layout.goodput_per_gpu,
+                "predicted_ttft_p90_ms": self.layout.ttft_p90_s * 1e3,
+                "predicted_tpot_p90_ms": self.layout.tpot_p90_s * 1e3,
+                "slo_misses": [{"field": f, "predicted_ms": p * 1e3, "target_ms": t * 1e3}
+                               for f, p, t in self.misses]}
+
+
+def make_plan(manifest: Any) -> Plan:
+    hw = manifest.hardware
+    if hw is None:
+        raise PlanError("hardware: missing; the planner needs hardware.gpu and hardware.num_gpus")
+    try:
+        g: GPU = gpu_type(hw.gpu)
+    except ValueError as e:
+        raise PlanError(f"hardware.gpu: {e}") from None
+    if hw.gpus_per_node:
+        g = GPU(**{**g.__dict__, "gpus_per_node": hw.gpus_per_node})
+    bytes_per_param = 4 if manifest.model.dtype == "float32" else 2
+    shape = ModelShape.from_dir(manifest.model_dir(), bytes_per_param=bytes_per_param)
+    if not parallel_options(shape, g, hw.num_gpus):
+        need = shape.weight_bytes / (1 << 30)
+        raise PlanError(f"hardware.num_gpus: {hw.num_gpus} x {g.name} ({g.mem_gib} GiB each) cannot hold "
+                        f"the model's {need:.1f} GiB of weights with room for KV; add GPUs or pick a larger GPU")
+    profiled: LatencyModel | None = None
+    if hw.profile:
+        from placement.profile import load_profile
+
+        p = Path(hw.profile)
+        profiled = load_profile(p if p.is_absolute() else Path(manifest.base_dir) / p)
+
+    def lat(tp: int, pp: int) -> LatencyModel:
+        if profiled is None:
+            return roofline(shape, g, tp, pp)
+        # A profile holds one instance's coefficients; scale by parallelism as the roofline does.
+        base, par = roofline(shape, g, 1, 1), roofline(shape, g, tp, pp)
+        def scale(c: Any, b: Any, q: Any) -> Any:
+            return type(c)(*(x * (y / z if z else 1.0) for x, y, z in zip(c.as_tuple(), q.as_tuple(), b.as_tuple())))
+        return LatencyModel(scale(profiled.prefill, base.prefill, par.prefill),
+                            scale(profiled.decode, base.decode, par.decode), pp)
+
+    slo = SLO(manifest.slo.ttft_ms / 1e3, manifest.slo.tpot_ms / 1e3, manifest.slo.attainment)
+    wl = Workload(tuple(manifest.workload.prompt_tokens), tuple(manifest.workload.output_tokens),  # type: ignore[arg-type]
+                  num_requests=300)
+    layouts = search(shape, g, hw.num_gpus, slo, wl, lat=lat)
+    best = layouts[0]
+    misses = []
+    if best.goodput_rps <= 0:
+        if not best.ttft_p90_s <= slo.ttft_s:
+            misses.append(("slo.ttft_ms", best.ttft_p90_s, slo.ttft_s))
+        if not best.tpot_p90_s <= slo.tpot_s:
+            misses.append(("slo.tpot_ms", best.tpot_p90_s, slo.tpot_s))
+    return Plan(best, planned_manifest(manifest, best, g), slo, misses)
+
+
+def planned_manifest(manifest: Any, layout: Layout, g: GPU) -> dict[str, Any]:
+    data = manifest.model_dump(mode="json", exclude_none=True)
+    data.pop("base_dir", None)
+    model = data["model"]
+    if "path" in model and not Path(model["path"]).is_absolute():
+        model["path"] = str((Path(manifest.base_dir) / model["path"]).resolve())
+    if data.get("hardware", {}).get("profile") and not Path(data["hardware"]["profile"]).is_absolute():
+        data["hardware"]["profile"] = str((Path(manifest.base_dir) / data["hardware"]["profile"]).resolve())
+    ips = manifest.hardware.node_ips
+    pools: dict[str, Any] = {}
+    for name, spec in layout.pools.items():
+        old = dict(manifest.pools.get(name, {}) and manifest.pools[name].model_dump(exclude_none=True))
+        pool = {**old, "replicas": int(spec["replicas"]), "tp": int(spec["tp"])}  # type: ignore[call-overload]
+        if g.name != "cpu":
+            pool["num_gpus"] = 1
+        nodes = spec.get("nodes")
+        if ips and nodes is None:  # colocated: replicas fill nodes in order
+            nodes = [(i * int(spec["tp"]) * int(spec["pp"])) // g.gpus_per_node  # type: ignore[call-overload]
+                     for i in range(int(spec["replicas"]))]  # type: ignore[call-overload]
+        if ips and nodes is not None:
+            reps = int(spec["replicas"])  # type: ignore[call-overload]
+            idx = [nodes[i % len(nodes)] for i in range(reps)]  # type: ignore[index]
+            if max(idx) >= len(ips):
+                raise PlanError(f"hardware.node_ips: the plan uses {max(idx) + 1} nodes, {len(ips)} listed")
+            pool["nodes"] = [ips[i] for i in idx]
+        pools[name] = pool
+    data["mode"] = layout.mode
+    data["pools"] = pools
+    return data
+
+
+def write_plan(plan: Plan, out: str | Path) -> None:
+    Path(out).write_text(yaml.safe_dump(plan.manifest, sort_keys=False))
