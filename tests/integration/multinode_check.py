@@ -14,6 +14,34 @@ import ray
 from ray.cluster_utils import Cluster
 
 
+def check_planned_placement() -> dict[str, object]:
+    """`splitserve plan` on the example CPU manifest, then deploy the plan here: every
+    worker must run on the node the plan names."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from cluster.manifest import load_manifest
+    from cluster.serve import deploy
+
+    root = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        planned = Path(tmp) / "planned.yaml"
+        r = subprocess.run([sys.executable, "-m", "cluster", "plan", "deploy/manifests/plan-cpu-3node.yaml",
+                            "--out", str(planned)], cwd=root, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            return {"error": r.stdout + r.stderr}
+        m = load_manifest(planned)
+    want = {name: list(pool.nodes or []) for name, pool in m.pools.items()}
+    dep = deploy(m)
+    try:
+        state = ray.get(dep.controller.get_state.remote())
+        got = {p: sorted(w["node_ip"] for w in ws) for p, ws in state["pools"].items()}
+    finally:
+        dep.stop()
+    return {"mode": m.mode, "want": {k: sorted(v) for k, v in want.items()}, "got": got}
+
+
 def main(model_dir: str) -> int:
     import httpx
 
@@ -73,6 +101,7 @@ def main(model_dir: str) -> int:
         finally:
             server.stop()
             dep.stop()
+        out["plan"] = check_planned_placement()
     finally:
         ray.shutdown()
         c.shutdown()
