@@ -53,7 +53,8 @@ class KVCacheSpec(Strict):
 
 
 class KVTransferSpec(Strict):
-    codec: Literal["none"] = Field("none", description="KV codec on the prefill->decode path")
+    codec: Literal["none", "lossless", "int8"] = Field(
+        "none", description="KV codec on cross-node (gRPC) transfers; lossless is bit-exact")
     transport: Literal["auto", "object_store", "grpc"] = Field(
         "auto", description="auto: object store within a node, gRPC stream across nodes")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")

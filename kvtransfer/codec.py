@@ -258,3 +258,15 @@ def get_codec(name: str, **options: Any) -> KVCodec:
     if bad:
         raise ValueError(f"codec {name!r} takes options {sorted(allowed)}; got {sorted(bad)}")
     return _CODECS[name](**options)
+
+
+def decode_any(data: bytes | memoryview) -> torch.Tensor:
+    """Decode a stream written by any codec (the header names it)."""
+    view = memoryview(data)
+    if len(view) < _HEADER.size:
+        raise CodecError(f"KV stream is {len(view)} bytes, shorter than its {_HEADER.size}-byte header")
+    cid = view[5]
+    for cls in _CODECS.values():
+        if cls.codec_id == cid:
+            return cls().decode(view)
+    raise CodecError(f"KV stream names unknown codec id {cid}")

@@ -105,15 +105,19 @@ class ObjectStoreConnector:
 
 
 class GrpcConnector:
-    """gRPC stream between nodes. The sender publishes to its process's KVServer; the
-    receiver pulls from that address. Raw KV bytes for now; codecs plug in here."""
+    """gRPC stream between nodes. The sender encodes with its codec and publishes to its
+    process's KVServer; the receiver pulls from that address and decodes (the stream's
+    header names the codec)."""
 
     name = "grpc"
     _server: "object | None" = None
 
-    def __init__(self, host: str = "127.0.0.1", rate_gbps: float | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", rate_gbps: float | None = None, codec: str = "none") -> None:
+        from kvtransfer.codec import get_codec
+
         self.host = host
         self.rate_gbps = rate_gbps
+        self.codec = get_codec(codec)
 
     def _kv_server(self) -> Any:
         from kvtransfer.grpc_transport import KVServer
@@ -124,7 +128,7 @@ class GrpcConnector:
 
     def send(self, request_id: str, kv: torch.Tensor) -> KVHandle:
         t0 = time.perf_counter()
-        data = kv_to_numpy(kv).tobytes()
+        data = self.codec.encode(kv)
         server = self._kv_server()
         server.publish(request_id, data)
         return KVHandle(request_id, tuple(kv.shape), str(kv.dtype).removeprefix("torch."),
@@ -133,13 +137,19 @@ class GrpcConnector:
     def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
         from kvtransfer.grpc_transport import fetch
 
+        from kvtransfer.codec import CodecError, decode_any
+
         data = fetch(handle.ref, handle.request_id, timeout_s)
         if len(data) != handle.nbytes:
             raise KVTransferError(f"KV of {handle.request_id}: {len(data)} bytes arrived, "
                                   f"{handle.nbytes} were sent")
-        np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}[handle.dtype]
-        arr = np.frombuffer(data, dtype=np_dtype).reshape(handle.shape)
-        return numpy_to_kv(arr, handle.dtype)
+        try:
+            kv = decode_any(data)
+        except CodecError as e:
+            raise KVTransferError(f"KV of {handle.request_id} could not be decoded: {e}") from None
+        if tuple(kv.shape) != tuple(handle.shape):
+            raise KVTransferError(f"KV of {handle.request_id} decoded to {tuple(kv.shape)}, expected {handle.shape}")
+        return kv
 
     def release(self, handle: KVHandle) -> None:
         handle.ref = None
@@ -150,13 +160,13 @@ class PairConnector:
     unless the manifest pins one. Receivers dispatch on the handle's transport."""
 
     def __init__(self, transport: str = "auto", node_ip: str = "127.0.0.1",
-                 rate_gbps: float | None = None) -> None:
+                 rate_gbps: float | None = None, codec: str = "none") -> None:
         if transport not in ("auto", "object_store", "grpc"):
             raise ValueError(f"unknown KV transport {transport!r}; allowed: auto, object_store, grpc")
         self.transport = transport
         self.node_ip = node_ip
         self.object_store = ObjectStoreConnector()
-        self.grpc = GrpcConnector(node_ip, rate_gbps)
+        self.grpc = GrpcConnector(node_ip, rate_gbps, codec)
 
     def pick(self, dest_node_ip: str | None) -> KVConnector:
         if self.transport == "grpc" or (self.transport == "auto" and dest_node_ip not in (None, self.node_ip)):
@@ -175,5 +185,6 @@ class PairConnector:
 
 
 def get_connector(transport: str = "auto", node_ip: str = "127.0.0.1",
-                  rate_gbps: float | None = None) -> PairConnector:
-    return PairConnector(transport, node_ip, rate_gbps)
+                  rate_gbps: float | None = None, codec: str = "none") -> PairConnector:
+    """Codecs apply to the gRPC (cross-node) path; within a node KV moves raw."""
+    return PairConnector(transport, node_ip, rate_gbps, codec)

@@ -25,7 +25,7 @@ class PrefillWorker(EngineWorker):
         super().__init__(worker_id, manifest_json, pool_name)
         self._node_ip = current_node_ip()
         kt = self.manifest.kv_transfer
-        self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps)
+        self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps, kt.codec)
         self._dest: dict[str, str | None] = {}
         self._sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{worker_id}-kv-send")
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}

@@ -1,5 +1,5 @@
 """Run as a script (its own Ray cluster of fake nodes): prefill on 127.0.0.2, decode on
-127.0.0.3, KV over gRPC. Prints one JSON line with what it saw; exits non-zero on failure.
+127.0.0.3, KV over gRPC with the lossless codec. Prints one JSON line with what it saw; exits non-zero on failure.
 
     python -m tests.integration.multinode_check MODEL_DIR
 """
@@ -61,7 +61,7 @@ def main(model_dir: str) -> int:
             "name": "multinode", "model": {"path": model_dir, "name": "tiny"}, "mode": "disaggregated",
             "pools": {"prefill": {"num_cpus": 1, "nodes": ["127.0.0.2"], "num_kv_blocks": 128},
                       "decode": {"num_cpus": 1, "nodes": ["127.0.0.3"], "num_kv_blocks": 128}},
-            "kv_cache": {"block_size": 8},
+            "kv_cache": {"block_size": 8}, "kv_transfer": {"codec": "lossless"},
             "server": {"request_timeout_s": 60, "token_timeout_s": 20}})
         dep = deploy(m)
         server = Server(dep)
