@@ -203,7 +203,7 @@ def _targets(args: argparse.Namespace, manifest: Any) -> list[Callable[[], Conte
     if manifest is None:
         return [lambda: targets.url_target(args.url, (args.nodes or [1])[0], args.gpus)]
     if not args.nodes:
-        return [lambda: targets.manifest_target(manifest, args.address, args.gpus)]
+        return [lambda: targets.manifest_target(manifest, args.gpus)]
     return [(lambda n=n: targets.nodes_target(manifest, n, args.cpus_per_node, args.gpus))
             for n in args.nodes]
 
@@ -219,6 +219,24 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]bench: {e}[/red]", highlight=False)
         return 2
 
+    try:
+        with _ray_for(args, manifests):
+            return _run_layouts(args, cfg, manifests, console)
+    except KeyboardInterrupt:  # during Ray start or stop: nothing measured yet, or all written
+        console.print("[yellow]bench: interrupted[/yellow]")
+        return 130
+
+
+def _ray_for(args: argparse.Namespace, manifests: list[Any]) -> ContextManager[None]:
+    """One Ray session for all layouts of --manifest/--compare (--nodes makes its own)."""
+    if not manifests or args.nodes:
+        return contextlib.nullcontext()
+    from benchmarks.targets import manifest_cpus, ray_session
+
+    return ray_session(args.address, max(2, math.ceil(max(manifest_cpus(m) for m in manifests))))
+
+
+def _run_layouts(args: argparse.Namespace, cfg: Any, manifests: list[Any], console: Console) -> int:
     from benchmarks import report
     from benchmarks.runner import Collector, sweep
 

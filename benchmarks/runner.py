@@ -72,6 +72,7 @@ class Collector:
     server_phases: list[dict[str, Any]] = field(default_factory=list)
     gpus: dict[str, float] = field(default_factory=dict)
     gpu_unit: str = "cpu"
+    deployments: list[dict[str, Any]] = field(default_factory=list)  # where each node count ran
     interrupted: bool = False
 
     def config(self) -> dict[str, Any]:
@@ -82,6 +83,7 @@ class Collector:
     def summary(self) -> dict[str, Any]:
         s = compute_summary(self.records, self.config())
         s["server_phases"] = self.server_phases
+        s["deployments"] = self.deployments
         s["interrupted"] = self.interrupted
         return s
 
@@ -166,6 +168,7 @@ def bench_target(target: Target, cfg: BenchConfig, col: Collector) -> None:
     info = asyncio.run(check_and_warm(target, cfg))
     col.gpus[str(target.nodes)] = target.gpus
     col.gpu_unit = target.gpu_unit
+    col.deployments.append({"nodes": target.nodes, "url": target.url, "workers": target.workers})
     with _progress(cfg.progress) as progress:
         for rate in cfg.run_rates():
             asyncio.run(run_rate(target, info, cfg, rate, col, progress))

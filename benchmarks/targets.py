@@ -27,6 +27,18 @@ class Target:
     nodes: int
     gpus: float          # accelerators the layout uses (see metrics.py: CPUs on CPU)
     gpu_unit: str        # "gpu", "cpu" or "server" (unknown: one server)
+    workers: dict[str, list[str]] | None = None  # pool -> node IP of each worker (ours only)
+
+
+def _worker_nodes(dep: Any) -> dict[str, list[str]] | None:
+    import ray
+
+    try:
+        state = ray.get(dep.controller.get_state.remote(), timeout=30)
+    except Exception as e:  # noqa: BLE001 - informative only
+        logger.warning("could not read the deployment's workers: %s", e)
+        return None
+    return {pool: sorted(str(w.get("node_ip")) for w in ws) for pool, ws in state["pools"].items()}
 
 
 def manifest_gpus(manifest: Any) -> tuple[float, str]:
@@ -68,26 +80,34 @@ def _serve(manifest: Any, nodes: int, gpus: float | None, label: str) -> Iterato
     try:
         url = server.start()
         used, unit = manifest_gpus(manifest)
-        yield Target(url, label, nodes, gpus if gpus else used, unit)
+        yield Target(url, label, nodes, gpus if gpus else used, unit, _worker_nodes(dep))
     finally:
         server.stop()
         dep.stop()
 
 
 @contextlib.contextmanager
-def manifest_target(manifest: Any, address: str | None, gpus: float | None) -> Iterator[Target]:
-    """Deploy on the Ray cluster at `address` (or a local one this call starts and stops)."""
+def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), else start a local one with
+    `num_cpus` logical CPUs; stops only what it started. One per invocation: every layout
+    of a --compare runs on the same Ray, with the same CPUs."""
     import ray
 
     from cluster.serve import init_ray
 
-    started = init_ray(address, num_cpus=max(2, int(manifest_cpus(manifest) + 0.999)))
+    started = init_ray(address, num_cpus=num_cpus)
     try:
-        with _serve(manifest, 1, gpus, manifest.name) as t:
-            yield t
+        yield
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def manifest_target(manifest: Any, gpus: float | None) -> Iterator[Target]:
+    """Deploy on the Ray cluster this process is connected to (see ray_session)."""
+    with _serve(manifest, 1, gpus, manifest.name) as t:
+        yield t
 
 
 @contextlib.contextmanager
