@@ -30,8 +30,6 @@ from benchmarks.client import ServerCheckError
 from benchmarks.metrics import SLO
 from benchmarks.workload import WORKLOADS, Workload, WorkloadError, load_trace, parse_length
 
-SIMULATE_UNAVAILABLE = ("--simulate is not available yet: it needs the placement simulator "
-                        "(issue 5); run on fake nodes with --manifest and --nodes instead")
 
 
 class BadInput(ValueError):
@@ -121,7 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "goodput (default: the manifest's GPUs, else its CPUs; with --url: 1 server)")
     p.add_argument("--address", help="Ray cluster for --manifest/--compare (default: RAY_ADDRESS, "
                    "else a local one); not with --nodes, which starts fake nodes")
-    p.add_argument("--simulate", action="store_true", help="sweep in the placement simulator")
+    p.add_argument("--simulate", action="store_true", help="run the sweep in the placement simulator "
+                   "(roofline step times of --gpu-type) instead of on Ray; rows are labelled simulated")
+    p.add_argument("--gpu-type", help="GPU type for --simulate (placement/catalogue/gpus.yaml), e.g. h100")
     p.add_argument("--json", action="store_true", help="print summary.json (or compare.json) to stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -169,7 +169,16 @@ def _config(args: argparse.Namespace, manifests: list[Any]) -> Any:
     from benchmarks.runner import BenchConfig
 
     if args.simulate:
-        raise BadInput(SIMULATE_UNAVAILABLE)
+        if args.url:
+            raise BadInput("--simulate: simulates our manifests; use --manifest or --compare, not --url")
+        if not args.gpu_type:
+            raise BadInput("--simulate needs --gpu-type (a GPU of placement/catalogue/gpus.yaml, e.g. h100)")
+        from placement.catalogue import gpus
+
+        if args.gpu_type not in gpus():
+            raise BadInput(f"--gpu-type: unknown GPU type {args.gpu_type!r}; known: {sorted(gpus())}")
+    elif args.gpu_type:
+        raise BadInput("--gpu-type only applies with --simulate")
     if args.url and args.nodes and len(args.nodes) > 1:
         raise BadInput("--nodes: with --url give one node count (the size of that server); "
                        "a sweep needs --manifest or --compare")
@@ -229,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _ray_for(args: argparse.Namespace, manifests: list[Any]) -> ContextManager[None]:
     """One Ray session for all layouts of --manifest/--compare (--nodes makes its own)."""
-    if not manifests or args.nodes:
+    if not manifests or args.nodes or args.simulate:
         return contextlib.nullcontext()
     from benchmarks.targets import manifest_cpus, ray_session
 
@@ -246,9 +255,16 @@ def _run_layouts(args: argparse.Namespace, cfg: Any, manifests: list[Any], conso
     code = 0
     for m in layouts:
         name = m.name if m is not None else args.url
+        if args.simulate:
+            name = f"{name} (simulated {args.gpu_type})"
         col = Collector(out / m.name if args.compare else out, name, cfg)
         try:
-            summaries.append(sweep(_targets(args, m), cfg, col))
+            if args.simulate:
+                from benchmarks import simulate
+
+                summaries.append(simulate.sweep(m, args.gpu_type, args.nodes or [1], cfg, col))
+            else:
+                summaries.append(sweep(_targets(args, m), cfg, col))
         except ServerCheckError as e:
             console.print(f"[red]bench: {e}[/red]", highlight=False)
             return 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks import phases
@@ -74,9 +75,10 @@ class Collector:
     gpu_unit: str = "cpu"
     deployments: list[dict[str, Any]] = field(default_factory=list)  # where each node count ran
     interrupted: bool = False
+    simulated: bool = False  # rows come from the placement simulator, not from a server
 
     def config(self) -> dict[str, Any]:
-        return {"layout": self.layout, "slo_ttft_ms": self.cfg.slo.ttft_ms,
+        return {"layout": self.layout, "simulated": self.simulated, "slo_ttft_ms": self.cfg.slo.ttft_ms,
                 "slo_tpot_ms": self.cfg.slo.tpot_ms, "attainment_target": self.cfg.slo.attainment,
                 "gpus": dict(self.gpus), "gpu_unit": self.gpu_unit, **self.cfg.describe()}
 
@@ -111,7 +113,8 @@ def _progress(enabled: bool) -> Iterator[Progress | None]:
         yield None
         return
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                 TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
+                 TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+                 console=Console(stderr=True))  # stdout stays clean for --json
     with p:
         yield p
 

@@ -55,7 +55,8 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, message):
 @pytest.mark.parametrize("flags, message", [
     (["--rates", "1", "--nodes", "1,2"], "--nodes: with --url give one node count"),
     (["--duration", "1"], "--rates is required"),
-    (["--rates", "1", "--simulate"], "--simulate is not available yet: it needs the placement simulator"),
+    (["--rates", "1", "--simulate"], "--simulate: simulates our manifests; use --manifest or --compare"),
+    (["--rates", "1", "--gpu-type", "h100"], "--gpu-type only applies with --simulate"),
     (["--rates", "1", "--prompt-tokens", "9:3"], "--prompt-tokens"),
     (["--rates", "1", "--trace", "/nonexistent.jsonl"], "--trace: /nonexistent.jsonl does not exist"),
 ])
