@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -234,6 +235,8 @@ class Generator:
                         ttft = time.monotonic() - t0
                     if "kv_receive_s" in msg and self.m.mode == "disaggregated":
                         self.metrics.kv_bytes.inc(handle.nbytes)
+                        itemsize = 4 if handle.dtype == "float32" else 2
+                        self.metrics.kv_raw_bytes.inc(math.prod(handle.shape) * itemsize)
                         self.metrics.kv_transfers.labels(handle.transport).inc()
                         self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
                     d = emit(msg["token_ids"], msg["finish_reason"])

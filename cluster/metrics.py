@@ -23,6 +23,7 @@ class Metrics:
         self.requests = Counter("splitserve_requests", "Requests by outcome", ["outcome"], registry=r)
         self.tokens = Counter("splitserve_generated_tokens", "Tokens generated", registry=r)
         self.kv_bytes = Counter("splitserve_kv_transfer_bytes", "KV bytes moved prefill->decode", registry=r)
+        self.kv_raw_bytes = Counter("splitserve_kv_transfer_raw_bytes", "KV bytes before encoding", registry=r)
         self.kv_transfers = Counter("splitserve_kv_transfers", "KV transfers by transport", ["transport"],
                                     registry=r)
         self.kv_seconds = Counter("splitserve_kv_transfer_seconds", "Seconds spent moving KV", registry=r)
