@@ -1,8 +1,12 @@
-"""Paged attention on the CPU (and any device torch runs on): write the step's K/V into
-the block cache, gather each sequence's context through its block table, attend.
+"""Paged attention in plain PyTorch (CPU or any device torch runs on).
 
-Decode-only sequences are batched in one padded SDPA call; prefill chunks loop per
-sequence with a causal mask offset by the context already cached."""
+Per layer: ``write_kv`` stores the step's K/V at their slots, then ``paged_attention``
+gathers each sequence's keys and values for positions [0, context_len) through its block
+table and attends. Decode sequences (query_len 1) of a step go through one padded SDPA
+call with a key-padding mask; prefill chunks loop, each with a causal mask offset by the
+context already cached (query i of a chunk of q tokens over a context of c sits at
+position c - q + i and sees keys 0 .. c - q + i).
+"""
 
 from __future__ import annotations
 
@@ -13,59 +17,85 @@ from engine.attention_metadata import AttentionMetadata
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """cache: [2, blocks, block_size, kvh, hd]; k, v: [T, kvh, hd]."""
+    """cache: [2, blocks, block_size, kvh, hd]; k, v: [T, kvh, hd]; slots: LongTensor [T]."""
     flat = cache.view(2, -1, cache.shape[3], cache.shape[4])
-    flat[0, slots] = k
-    flat[1, slots] = v
+    slots = slots.to(cache.device)
+    flat[0].index_copy_(0, slots, k.to(cache.dtype))
+    flat[1].index_copy_(0, slots, v.to(cache.dtype))
 
 
-def _gather(cache: torch.Tensor, table: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(cache: torch.Tensor, table: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [n, kvh, hd] of the first n positions of one sequence."""
     bs = cache.shape[2]
-    blocks = torch.tensor(table[: -(-n // bs)], dtype=torch.long)
-    kv = cache[:, blocks].reshape(2, -1, cache.shape[3], cache.shape[4])[:, :n]
+    blocks = torch.tensor(table[: -(-n // bs)], dtype=torch.long, device=cache.device)
+    kv = cache.index_select(1, blocks).flatten(1, 2)[:, :n]
     return kv[0], kv[1]
 
 
-def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, heads, hd] (K/V of these tokens already written). Returns [T, heads, hd]."""
-    heads, hd = q.shape[1], q.shape[2]
-    groups = heads // cache.shape[3]
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """bool mask [.., Q, K]: key position visible from query position (causal, window)."""
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    return mask
+
+
+def _expand(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    """GQA: KV head j serves query heads j*groups .. (j+1)*groups - 1."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def _decode_batch(q: torch.Tensor, cache: torch.Tensor, tables: list[list[int]], ctx: list[int],
+                  scale: float, window: int | None) -> torch.Tensor:
+    """q: [B, heads, hd], one query per sequence at position ctx[b] - 1 -> [B, heads, hd]."""
+    dev, bs = cache.device, cache.shape[2]
+    nblk = max(-(-c // bs) for c in ctx)
+    table = torch.zeros(len(ctx), nblk, dtype=torch.long)
+    for b, (t, c) in enumerate(zip(tables, ctx)):
+        used = -(-c // bs)
+        table[b, :used] = torch.tensor(t[:used], dtype=torch.long)
+    kv = cache[:, table.to(dev)].flatten(2, 3)  # [2, B, L, kvh, hd]; padding reads block 0
+    lens = torch.tensor(ctx, device=dev)
+    k_pos = torch.arange(kv.shape[2], device=dev)[None, :]
+    mask = (k_pos < lens[:, None]) & _visible((lens - 1)[:, None], k_pos, window)  # [B, L]
+    groups = q.shape[1] // cache.shape[3]
+    k = _expand(kv[0].transpose(1, 2), groups, 1)  # [B, heads, L, hd]
+    v = _expand(kv[1].transpose(1, 2), groups, 1)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.squeeze(2)
+
+
+def _prefill_one(q: torch.Tensor, cache: torch.Tensor, table: list[int], c: int, scale: float,
+                 window: int | None) -> torch.Tensor:
+    """q: [n, heads, hd], the last n of c positions -> [n, heads, hd]."""
+    n, dev = q.shape[0], q.device
+    k, v = gather_kv(cache, table, c)
+    groups = q.shape[1] // cache.shape[3]
+    k = _expand(k.transpose(0, 1), groups, 0)  # [heads, c, hd]
+    v = _expand(v.transpose(0, 1), groups, 0)
+    q_pos = torch.arange(c - n, c, device=dev)[:, None]
+    mask = _visible(q_pos, torch.arange(c, device=dev)[None, :], window)  # [n, c]
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """q: [T, heads, hd] for the step's tokens, whose K/V are already in ``cache``.
+    Returns the attention output [T, heads, hd]."""
     out = torch.empty_like(q)
     starts = [0]
     for n in meta.query_lens:
         starts.append(starts[-1] + n)
-    decode_idx = [i for i, n in enumerate(meta.query_lens) if n == 1]
-    if len(decode_idx) > 1:
-        ctx = [meta.context_lens[i] for i in decode_idx]
-        longest = max(ctx)
-        keys = q.new_zeros(len(decode_idx), longest, cache.shape[3], hd)
-        vals = torch.zeros_like(keys)
-        for j, i in enumerate(decode_idx):
-            k, v = _gather(cache, meta.block_tables[i], ctx[j])
-            keys[j, : ctx[j]] = k
-            vals[j, : ctx[j]] = v
-        mask = torch.arange(longest)[None, :] < torch.tensor(ctx)[:, None]  # [B, L]
-        qb = q[[starts[i] for i in decode_idx]].unsqueeze(2)  # [B, heads, 1, hd]
-        kb = keys.repeat_interleave(groups, dim=2).transpose(1, 2)  # [B, heads, L, hd]
-        vb = vals.repeat_interleave(groups, dim=2).transpose(1, 2)
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None, None, :], scale=scale)
-        out[[starts[i] for i in decode_idx]] = ob.squeeze(2)
-        done = set(decode_idx)
-    else:
-        done = set()
+    decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
+    if decode:
+        rows = torch.tensor([starts[i] for i in decode], device=q.device)
+        ob = _decode_batch(q.index_select(0, rows), cache, [meta.block_tables[i] for i in decode],
+                           [meta.context_lens[i] for i in decode], scale, sliding_window)
+        out.index_copy_(0, rows, ob.to(out.dtype))
     for i, n in enumerate(meta.query_lens):
-        if i in done:
+        if n <= 1:
             continue
-        c = meta.context_lens[i]
-        k, v = _gather(cache, meta.block_tables[i], c)
-        qi = q[starts[i] : starts[i] + n].transpose(0, 1)  # [heads, n, hd]
-        ki = k.repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, c, hd]
-        vi = v.repeat_interleave(groups, dim=1).transpose(0, 1)
-        if n == 1:
-            oi = F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
-        else:
-            # query j sits at position c - n + j and sees keys 0 .. c - n + j
-            mask = torch.arange(c)[None, :] <= (torch.arange(n)[:, None] + (c - n))
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
-        out[starts[i] : starts[i] + n] = oi.transpose(0, 1)
+        s = starts[i]
+        out[s:s + n] = _prefill_one(q[s:s + n], cache, meta.block_tables[i], meta.context_lens[i], scale,
+                                    sliding_window)
     return out

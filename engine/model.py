@@ -1,7 +1,15 @@
-"""Llama-family decoder and Mixtral-style MoE in plain PyTorch, over a paged KV cache,
-tensor-parallel through engine.tp."""
+"""Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP) and the
+Mixtral sparse-MoE block, in plain PyTorch over a paged KV cache, tensor-parallel
+through engine.tp. The math follows transformers' Llama/Mixtral step for step, so fp32
+results agree with it to rounding.
+
+Parameters are named after the HF checkpoint (q_proj, gate_proj, ...); engine.loader maps
+checkpoint keys onto them, each rank taking its slice.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +22,16 @@ from engine.rope import Rotary, apply_rotary
 from engine.tp import ColumnParallelLinear, RowParallelLinear, TPContext
 
 
+def _frozen(*shape: int, dtype: torch.dtype, fill: float | None = None) -> nn.Parameter:
+    t = torch.empty(shape, dtype=dtype) if fill is None else torch.full(shape, fill, dtype=dtype)
+    return nn.Parameter(t, requires_grad=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, n: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(n, dtype=dtype), requires_grad=False)
+        self.weight = _frozen(n, dtype=dtype, fill=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -27,19 +40,20 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """GQA self-attention; this rank holds heads/tp query heads and kv_heads/tp KV heads."""
+
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
-        hd = cfg.head_dim
-        tp.shard(cfg.num_attention_heads, "attention heads")
-        tp.shard(cfg.num_key_value_heads, "KV heads")
-        self.heads = cfg.num_attention_heads // tp.size
-        self.kv_heads = cfg.num_key_value_heads // tp.size
+        hd, h, kvh = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.heads = tp.split(h, "attention heads")[1]
+        self.kv_heads = tp.split(kvh, "key-value heads")[1]
         self.head_dim = hd
         self.scale = hd ** -0.5
-        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_attention_heads * hd, tp, dtype, "attention heads x head_dim")
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_key_value_heads * hd, tp, dtype, "KV heads x head_dim")
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_key_value_heads * hd, tp, dtype, "KV heads x head_dim")
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, tp, dtype, "attention heads x head_dim")
+        self.sliding_window = cfg.sliding_window
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, h * hd, tp, dtype, "attention heads", units=hd)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kvh * hd, tp, dtype, "key-value heads", units=hd)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kvh * hd, tp, dtype, "key-value heads", units=hd)
+        self.o_proj = RowParallelLinear(h * hd, cfg.hidden_size, tp, dtype, "attention heads", units=hd)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 cache: torch.Tensor) -> torch.Tensor:
@@ -48,48 +62,62 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         write_kv(cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, cache, meta, self.scale)
+        o = paged_attention(q, cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), intermediate dimension split across ranks."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); the intermediate dimension is split across ranks."""
 
-    def __init__(self, hidden: int, intermediate: int, tp: TPContext, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, intermediate: int, tp: TPContext, dtype: torch.dtype,
+                 what: str = "MLP intermediate size") -> None:
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(hidden, intermediate, tp, dtype, "MLP intermediate size")
-        self.up_proj = ColumnParallelLinear(hidden, intermediate, tp, dtype, "MLP intermediate size")
-        self.down_proj = RowParallelLinear(intermediate, hidden, tp, dtype, "MLP intermediate size")
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, tp, dtype, what)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, tp, dtype, what)
+        self.down_proj = RowParallelLinear(intermediate, hidden, tp, dtype, what)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x), reduce=reduce)
 
 
 class MoE(nn.Module):
-    """Mixtral sparse MoE: softmax router, top-k, top-k weights renormalised to sum 1."""
+    """Mixtral sparse MoE: router linear -> softmax over experts (float32) -> top-k ->
+    top-k weights renormalised to sum 1 -> weighted sum of the chosen experts' SwiGLU
+    outputs. Each expert runs only on the tokens routed to it (index_select / index_add);
+    the TP all-reduce happens once, after all experts."""
 
     def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
         self.tp = tp
+        self.num_experts = cfg.num_local_experts
         self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False, dtype=dtype)
         self.gate.weight.requires_grad_(False)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.intermediate_size, tp, dtype)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.intermediate_size, tp, dtype, "expert intermediate size")
                                      for _ in range(cfg.num_local_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        """(weights float32 [T, k] summing to 1, expert ids [T, k])."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        return weights / weights.sum(dim=-1, keepdim=True), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tokens = order // self.top_k  # token of each (token, choice), grouped by expert
+        w = weights.reshape(-1).index_select(0, order)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         out = torch.zeros_like(x)
-        for e in torch.unique(experts).tolist():
-            tok, slot = torch.nonzero(experts == e, as_tuple=True)
-            y = self.experts[e](x[tok], reduce=False) * weights[tok, slot, None]
-            out.index_add_(0, tok, y)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = tokens[start:start + n]
+            y = self.experts[e](x.index_select(0, tok), reduce=False)
+            out.index_add_(0, tok, (y * w[start:start + n, None]).to(x.dtype))
+            start += n
         return self.tp.all_reduce(out)
 
 
@@ -99,7 +127,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, tp, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp: nn.Module = (MoE(cfg, tp, dtype) if cfg.is_moe
+        self.mlp: MLP | MoE = (MoE(cfg, tp, dtype) if cfg.is_moe
                                else MLP(cfg.hidden_size, cfg.intermediate_size, tp, dtype))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
@@ -109,8 +137,10 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
+    """Decoder over a paged KV cache. Weights are uninitialised until engine.loader fills them."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
-                 tp_group: object = None) -> None:
+                 tp_group: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
@@ -119,28 +149,31 @@ class CausalLM(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.tp, dtype) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if cfg.tie_word_embeddings:
-            self.lm_head_weight = self.embed_tokens.weight
-        else:
-            self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
-                                               requires_grad=False)
+        self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings
+                               else _frozen(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
         self.rotary = Rotary(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """input_ids, positions: LongTensor [T] -> final-normed hidden states [T, hidden]."""
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"{len(kv_caches)} KV caches for {len(self.layers)} layers")
         x = self.embed_tokens(input_ids)
+        if self.rotary.inv_freq.device != x.device:
+            self.rotary.to(x.device)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab] (lm_head is replicated)."""
         return F.linear(hidden, self.lm_head_weight).float()
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      tp_size: int = 1) -> list[torch.Tensor]:
-    """One [2, num_blocks, block_size, kv_heads/tp, head_dim] tensor per layer."""
-    kvh = cfg.num_key_value_heads // tp_size
-    return [torch.zeros(2, num_blocks, block_size, kvh, cfg.head_dim, dtype=dtype)
+                      tp_size: int = 1, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Zeroed caches, one [2, num_blocks, block_size, kv_heads/tp, head_dim] per layer."""
+    kvh = TPContext(0, tp_size).split(cfg.num_key_value_heads, "key-value heads")[1]
+    return [torch.zeros(2, num_blocks, block_size, kvh, cfg.head_dim, dtype=dtype, device=device)
             for _ in range(cfg.num_hidden_layers)]

@@ -1,63 +1,86 @@
-"""Tensor parallelism: column- and row-parallel linear layers over torch.distributed
-(gloo on CPU, NCCL on GPUs). Each rank holds a slice of the weight; a row-parallel layer
-all-reduces its partial outputs. With tp_size 1 nothing touches torch.distributed."""
+"""Tensor parallelism (Megatron style) over torch.distributed: gloo on CPU, NCCL on GPUs.
+
+A column-parallel linear holds a slice of the weight's output rows (no communication); a
+row-parallel linear holds a slice of the input columns and all-reduces its partial
+outputs over the TP group. Attention splits heads, the MLP (and each MoE expert) splits
+its intermediate dimension; embeddings, norms, router and lm_head are replicated.
+With tp_size 1 nothing touches torch.distributed.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ModelLoadError
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a full (checkpoint) tensor a rank holds."""
+    full_shape: tuple[int, ...]  # the tensor's shape in the checkpoint
+    dim: int | None  # split dimension; None when replicated
+    start: int = 0
+    length: int = 0
 
 
 class TPContext:
-    def __init__(self, rank: int = 0, size: int = 1, group: object = None) -> None:
+    def __init__(self, rank: int = 0, size: int = 1, group: Any = None) -> None:
+        if size < 1 or not 0 <= rank < size:
+            raise ModelLoadError(f"tensor-parallel rank {rank} of size {size}: need 0 <= rank < size")
         self.rank, self.size, self.group = rank, size, group
 
-    def shard(self, n: int, what: str) -> tuple[int, int]:
-        """(start, length) of this rank's slice of n items; n must divide evenly."""
+    def split(self, n: int, what: str) -> tuple[int, int]:
+        """(start, length) of this rank's contiguous share of n items; tp must divide n."""
         if n % self.size:
-            raise ModelLoadError(f"tp={self.size} does not divide the model's {n} {what}; "
-                                 f"allowed tp: a divisor of {n}")
+            raise ModelLoadError(f"tensor parallel size {self.size} does not divide the model's {n} {what}; "
+                                 f"use a tp that divides {n}")
         per = n // self.size
         return self.rank * per, per
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the TP group in place (a no-op for tp 1)."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)  # type: ignore[arg-type]
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x
 
 
+def _frozen(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W's output rows split across ranks (no communication)."""
+    """y = x W^T, W [out, in] split by output rows; `units` rows form one indivisible
+    unit (head_dim for attention projections), so tp must divide out // units."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, what: str) -> None:
+    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, what: str,
+                 units: int = 1) -> None:
         super().__init__()
-        self.start, self.local_out = tp.shard(out_features, what)
-        self.weight = nn.Parameter(torch.empty(self.local_out, in_features, dtype=dtype), requires_grad=False)
-
-    def load(self, full: torch.Tensor) -> None:
-        self.weight.data.copy_(full[self.start:self.start + self.local_out])
+        start, n = tp.split(out_features // units, what)
+        self.shard = Shard((out_features, in_features), 0, start * units, n * units)
+        self.weight = _frozen((n * units, in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+        return F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split across ranks; partial sums all-reduced."""
+    """y = x W^T, W [out, in] split by input columns; partial sums are all-reduced
+    unless the caller defers the reduction (reduce=False), e.g. to sum MoE experts first."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, what: str) -> None:
+    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, what: str,
+                 units: int = 1) -> None:
         super().__init__()
         self.tp = tp
-        self.start, self.local_in = tp.shard(in_features, what)
-        self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype), requires_grad=False)
-
-    def load(self, full: torch.Tensor) -> None:
-        self.weight.data.copy_(full[:, self.start:self.start + self.local_in])
+        start, n = tp.split(in_features // units, what)
+        self.shard = Shard((out_features, in_features), 1, start * units, n * units)
+        self.weight = _frozen((out_features, n * units), dtype)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        y = torch.nn.functional.linear(x, self.weight)
+        y = F.linear(x, self.weight)
         return self.tp.all_reduce(y) if reduce else y
