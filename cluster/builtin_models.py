@@ -9,7 +9,7 @@ from pathlib import Path
 BUILTIN = {"tiny-llama": ("llama", "tiny"), "tiny-mixtral": ("mixtral", "tiny"),
            "small-llama": ("llama", "small")}
 # Bump when make-model's output changes, so caches are rebuilt.
-VERSION = "v1"
+VERSION = "v2"
 
 
 def cache_root() -> Path:
