@@ -110,7 +110,10 @@ def fit_decode(samples: list[tuple[int, int, float]]) -> Coeffs:
 
 
 def _nnls(X: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Non-negative least squares (a latency term cannot be negative), by active set on 3 columns."""
+    """Non-negative least squares on relative error (a latency term cannot be negative;
+    short and long batches count alike), by trying every subset of the 3 columns."""
+    w = 1.0 / np.maximum(y, 1e-9)
+    X, y = X * w[:, None], y * w
     best: tuple[float, np.ndarray] | None = None
     for mask in range(1, 8):
         cols = [i for i in range(3) if mask >> i & 1]
