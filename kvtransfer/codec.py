@@ -1,272 +1,220 @@
-"""KV codecs: ``get_codec(name, **options)`` returns an object with
+"""KV codecs: ``get_codec(name, **options)`` returns a ``KVCodec`` with
 ``encode(kv: Tensor) -> bytes`` and ``decode(data: bytes) -> Tensor``; ``kv`` is
 ``[layers, 2, tokens, kv_heads, head_dim]`` (2 = key, value) in fp32, fp16 or bf16.
 
-Every stream is self-describing: a header (magic, version, codec, dtype, shape, options,
-payload length, CRC32 of the payload) in front of the payload, so decoding needs no side
-information and corrupted or truncated bytes raise ``CodecError`` instead of returning
-garbage. Chunks of tokens are coded independently by encoding token slices, which is how
-the adaptive controller picks a level per chunk.
+Every stream is self-describing, so ``decode`` (and ``decode_any``) need no side
+information::
+
+    magic "SSKC" | version u8 | codec id u8 | dtype u8 | reserved u8 | shape 5 x u32
+    | options length u16 | options (codec-specific: level, bits, ...) | payload length u64
+    | CRC32 u32 of everything before it and of the payload | payload
+
+The CRC covers the header too, so a flipped bit anywhere (shape, options, payload) is a
+``CodecError`` naming what was wrong, never a silently different tensor.
+
+Codecs (one module each under ``kvtransfer/codecs/``):
 
 - ``none``: the raw bytes, bit-exact.
-- ``lossless``: bit-exact and smaller. Float KV has very skewed exponents (SplitZip, 2026):
-  exponents are coded as indices into this tensor's most frequent values (rare ones in an
-  escape list) while sign and mantissa bits are packed raw. Fully vectorised (numpy).
-- ``int8``: symmetric int8, keys per channel and values per token (KIVI, 2024), fp16 scales.
+- ``lossless``: bit-exact and smaller; the sign+exponent byte is coded with a table of its
+  most frequent values and an escape list, the mantissa bytes are kept raw (SplitZip).
+- ``int8``: symmetric int8, keys per channel, values per token (KIVI), fp16 scales.
+- ``cachegen``: CacheGen (SIGCOMM 2024): anchor/delta tokens, layer-dependent
+  quantisation, range coding with per-(layer, channel) tables; ``level`` 0..5.
+
+Chunks. Tokens can be coded independently, with a level per chunk (CacheGen's per-chunk
+adaptation): ``encode`` a token slice ``kv[:, :, a:b]`` with the codec of that chunk's
+level and concatenate the decoded slices on dim 2. ``encode_chunks`` / ``decode_chunks``
+do exactly that and frame the pieces in one buffer.
 """
 
 from __future__ import annotations
 
+import importlib
 import struct
 import zlib
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 MAGIC = b"SSKC"
-VERSION = 1
-_HEADER = struct.Struct("<4sBBBB5IIQI")  # magic ver codec dtype level shape*5 reserved len crc
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_DTYPES_BACK = {v: k for k, v in _DTYPES.items()}
-_UINT = {torch.float32: (np.uint32, torch.int32), torch.float16: (np.uint16, torch.int16),
-         torch.bfloat16: (np.uint16, torch.int16)}
+VERSION = 2
+# magic, version, codec id, dtype id, reserved, shape x5, options length
+_HEAD = struct.Struct("<4sBBBB5IH")
+_TAIL = struct.Struct("<QI")  # payload length, CRC32
+DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES_BY_ID = {v: k for k, v in DTYPE_IDS.items()}
+# module, class name, codec id
+# Bytes-like buffers (numpy arrays included), joined once into the stream.
+Payload = Any
+_REGISTRY: dict[str, tuple[str, str, int]] = {
+    "none": ("kvtransfer.codecs.none", "NoneCodec", 0),
+    "lossless": ("kvtransfer.codecs.lossless", "LosslessCodec", 1),
+    "int8": ("kvtransfer.codecs.int8", "Int8Codec", 2),
+    "cachegen": ("kvtransfer.codecs.cachegen", "CacheGenCodec", 3),
+}
 
 
 class CodecError(ValueError):
-    """Bytes that are not a valid KV stream: bad magic, version, length or checksum."""
-
-
-def _bits(kv: torch.Tensor) -> np.ndarray:
-    """The tensor's raw bit patterns as unsigned ints (a view where possible)."""
-    np_u, t_i = _UINT[kv.dtype]
-    return kv.contiguous().view(t_i).numpy().view(np_u).reshape(-1)
-
-
-def _from_bits(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    _, t_i = _UINT[dtype]
-    signed = bits.view(np.int32 if bits.dtype == np.uint32 else np.int16)
-    return torch.from_numpy(signed.copy()).view(dtype).reshape(shape)
+    """Bytes that are not a valid KV stream: wrong magic or version, unknown codec,
+    truncated, failed checksum, or a payload that does not parse."""
 
 
 class KVCodec:
-    name = "base"
-    codec_id = 255
+    """Base class: the header, its checks and the shape/dtype checks live here;
+    subclasses implement ``_encode`` (payload and options bytes) and ``_decode``."""
 
-    def __init__(self, level: int = 0) -> None:
-        self.level = level
+    name: ClassVar[str] = "base"
+    codec_id: ClassVar[int] = 255
+    # Option names get_codec accepts for this codec.
+    options: ClassVar[tuple[str, ...]] = ()
 
     def encode(self, kv: torch.Tensor) -> bytes:
         if kv.dim() != 5 or kv.shape[1] != 2:
             raise ValueError(f"kv must be [layers, 2, tokens, kv_heads, head_dim], got {tuple(kv.shape)}")
-        if kv.dtype not in _DTYPES:
+        if kv.dtype not in DTYPE_IDS:
             raise ValueError(f"kv dtype {kv.dtype} not supported; allowed: float32, float16, bfloat16")
-        payload = self._encode(kv.detach().cpu().contiguous())
-        head = _HEADER.pack(MAGIC, VERSION, self.codec_id, _DTYPES[kv.dtype], self.level, *kv.shape, 0,
-                            len(payload), zlib.crc32(payload))
-        return head + payload
+        if any(s >= 2**32 for s in kv.shape):
+            raise ValueError(f"kv shape {tuple(kv.shape)} does not fit the stream header (u32 per dim)")
+        kv = kv.detach().cpu().contiguous()
+        opts, parts = self._encode(kv)
+        parts = [parts] if isinstance(parts, (bytes, bytearray, memoryview, np.ndarray)) else parts
+        length = sum(memoryview(p).nbytes for p in parts)
+        head = _HEAD.pack(MAGIC, VERSION, self.codec_id, DTYPE_IDS[kv.dtype], 0, *kv.shape, len(opts)) + opts
+        crc = zlib.crc32(head + struct.pack("<Q", length))
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        return b"".join([head, _TAIL.pack(length, crc), *parts])
 
-    def decode(self, data: bytes | memoryview) -> torch.Tensor:
-        data = memoryview(data)
-        if len(data) < _HEADER.size:
-            raise CodecError(f"KV stream is {len(data)} bytes, shorter than its {_HEADER.size}-byte header")
-        magic, ver, cid, did, level, *rest = _HEADER.unpack_from(data)
-        shape, length, crc = tuple(rest[:5]), rest[6], rest[7]
-        if magic != MAGIC:
-            raise CodecError(f"not a KV stream: magic {bytes(magic)!r}, expected {MAGIC!r}")
-        if ver != VERSION:
-            raise CodecError(f"KV stream version {ver}; this build reads version {VERSION}")
+    def decode(self, data: bytes | bytearray | memoryview) -> torch.Tensor:
+        cid, dtype, shape, opts, payload = parse(data)
         if cid != self.codec_id:
-            raise CodecError(f"KV stream was written by codec id {cid}, not {self.name} ({self.codec_id})")
-        if did not in _DTYPES_BACK:
-            raise CodecError(f"KV stream has unknown dtype id {did}")
-        payload = data[_HEADER.size:]
-        if len(payload) != length:
-            raise CodecError(f"KV stream truncated: payload {len(payload)} bytes, header says {length}")
-        if zlib.crc32(payload) != crc:
-            raise CodecError("KV stream failed its checksum (corrupted)")
+            raise CodecError(f"KV stream was written by codec id {cid} ({_name_of(cid)}), "
+                             f"not {self.name} ({self.codec_id}); use decode_any")
         try:
-            return self._decode(payload, shape, _DTYPES_BACK[did], level)
-        except (ValueError, IndexError) as e:
-            raise CodecError(f"KV stream payload is malformed: {e}") from None
+            out = self._decode(payload, shape, dtype, opts)
+        except CodecError:
+            raise
+        except (ValueError, IndexError, struct.error, OSError, RuntimeError) as e:
+            raise CodecError(f"{self.name} KV payload is malformed: {e}") from None
+        if tuple(out.shape) != shape or out.dtype != dtype:
+            raise CodecError(f"{self.name} KV payload decoded to {tuple(out.shape)} {out.dtype}, "
+                             f"header says {shape} {dtype}")
+        return out
 
-    def _encode(self, kv: torch.Tensor) -> bytes:
+    def _encode(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
+        """kv (contiguous, on CPU) -> (options bytes, payload: one buffer or a list of
+        buffers, concatenated once by encode)."""
         raise NotImplementedError
 
-    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, level: int) -> torch.Tensor:
+    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                opts: bytes) -> torch.Tensor:
         raise NotImplementedError
 
 
-class NoneCodec(KVCodec):
-    name, codec_id = "none", 0
-
-    def _encode(self, kv: torch.Tensor) -> bytes:
-        return _bits(kv).tobytes()
-
-    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, level: int) -> torch.Tensor:
-        np_u, _ = _UINT[dtype]
-        return _from_bits(np.frombuffer(payload, dtype=np_u), dtype, shape)
-
-
-# Exponent field of each float format: (shift, mask, index bits).
-_EXP = {torch.bfloat16: (7, 0xFF, 4), torch.float16: (10, 0x1F, 3), torch.float32: (23, 0xFF, 4)}
-
-
-def _pack(idx: np.ndarray, bits: int) -> bytes:
-    """Pack small ints (< 2**bits, bits 3 or 4) densely."""
-    per = 2 if bits == 4 else 8
-    pad = (-len(idx)) % per
-    v = np.concatenate([idx, np.zeros(pad, np.uint8)]) if pad else idx
-    if bits == 4:
-        return ((v[0::2] << 4) | v[1::2]).astype(np.uint8).tobytes()
-    g = v.reshape(-1, 8).astype(np.uint32)
-    word = np.zeros(len(g), np.uint32)
-    for i in range(8):
-        word |= g[:, i] << (21 - 3 * i)
-    return np.stack([(word >> 16) & 0xFF, (word >> 8) & 0xFF, word & 0xFF], 1).astype(np.uint8).tobytes()
+def parse(data: bytes | bytearray | memoryview) -> tuple[int, torch.dtype, tuple[int, ...], bytes, memoryview]:
+    """Check a stream's header and checksum: (codec id, dtype, shape, options, payload)."""
+    view = memoryview(data).cast("B")
+    if len(view) < 4 or bytes(view[:4]) != MAGIC:
+        raise CodecError(f"not a KV stream: magic {bytes(view[:4])!r}, expected {MAGIC!r}")
+    if len(view) < _HEAD.size:
+        raise CodecError(f"KV stream is {len(view)} bytes, shorter than its {_HEAD.size}-byte header")
+    _, ver, cid, did, _, *rest = _HEAD.unpack_from(view)
+    shape, n_opts = tuple(rest[:5]), rest[5]
+    if ver != VERSION:
+        raise CodecError(f"KV stream version {ver}; this build reads version {VERSION}")
+    end_head = _HEAD.size + n_opts
+    if len(view) < end_head + _TAIL.size:
+        raise CodecError(f"KV stream truncated: {len(view)} bytes, its header alone needs {end_head + _TAIL.size}")
+    length, crc = _TAIL.unpack_from(view, end_head)
+    payload = view[end_head + _TAIL.size:]
+    if len(payload) != length:
+        raise CodecError(f"KV stream truncated: payload {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload, zlib.crc32(view[:end_head + 8])) != crc:
+        raise CodecError("KV stream failed its CRC32 checksum (corrupted in header or payload)")
+    if did not in DTYPES_BY_ID:
+        raise CodecError(f"KV stream has unknown dtype id {did}")
+    if shape[1] != 2:
+        raise CodecError(f"KV stream shape {shape} is not [layers, 2, tokens, kv_heads, head_dim]")
+    return cid, DTYPES_BY_ID[did], shape, bytes(view[_HEAD.size:end_head]), payload
 
 
-def _unpack(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
-    if bits == 4:
-        out = np.empty(len(buf) * 2, np.uint8)
-        out[0::2], out[1::2] = buf >> 4, buf & 0x0F
-        return out[:n]
-    b = buf.reshape(-1, 3).astype(np.uint32)
-    word = (b[:, 0] << 16) | (b[:, 1] << 8) | b[:, 2]
-    out = np.empty((len(word), 8), np.uint8)
-    for i in range(8):
-        out[:, i] = (word >> (21 - 3 * i)) & 0x7
-    return out.reshape(-1)[:n]
+def _name_of(cid: int) -> str:
+    return next((n for n, (_, _, c) in _REGISTRY.items() if c == cid), "unknown")
 
 
-class LosslessCodec(KVCodec):
-    """Exponents as indices into this tensor's most frequent exponents (escape list for
-    the rest); sign and mantissa bits kept raw."""
-
-    name, codec_id = "lossless", 1
-
-    def _encode(self, kv: torch.Tensor) -> bytes:
-        u = _bits(kv)
-        shift, mask, bits = _EXP[kv.dtype]
-        escape = (1 << bits) - 1
-        exp = ((u >> shift) & mask).astype(np.uint8)
-        counts = np.bincount(exp, minlength=mask + 1)
-        table = np.argsort(-counts, kind="stable")[:escape].astype(np.uint8)
-        lut = np.full(mask + 1, escape, np.uint8)
-        lut[table] = np.arange(len(table), dtype=np.uint8)
-        idx = lut[exp]
-        escapes = exp[idx == escape]
-        rest = u & ~np.array(mask << shift, dtype=u.dtype)  # sign and mantissa, exponent zeroed
-        if kv.dtype == torch.bfloat16:   # sign at bit 15, mantissa bits 0-6 -> one byte
-            rest_b = (((rest >> 8) & 0x80) | (rest & 0x7F)).astype(np.uint8).tobytes()
-        elif kv.dtype == torch.float32:  # sign at 31, mantissa 0-22 -> three bytes
-            r = ((rest >> 8) & 0x800000) | (rest & 0x7FFFFF)
-            rest_b = np.stack([(r >> 16) & 0xFF, (r >> 8) & 0xFF, r & 0xFF], 1).astype(np.uint8).tobytes()
-        else:                            # fp16: sign 15, mantissa 0-9: low byte + 3 bits packed with idx
-            rest_b = (rest & 0xFF).astype(np.uint8).tobytes()
-            hi = (((rest >> 13) & 0x4) | ((rest >> 8) & 0x3)).astype(np.uint8)
-            idx = (hi << 3) | idx  # 6 bits: packed as two 3-bit fields
-            return (np.array([len(table)], np.uint8).tobytes() + table.tobytes().ljust(escape, b"\0")
-                    + struct.pack("<Q", len(escapes)) + rest_b + _pack(idx >> 3, 3) + _pack(idx & 7, 3)
-                    + escapes.tobytes())
-        return (np.array([len(table)], np.uint8).tobytes() + table.tobytes().ljust(escape, b"\0")
-                + struct.pack("<Q", len(escapes)) + rest_b + _pack(idx, bits) + escapes.tobytes())
-
-    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, level: int) -> torch.Tensor:
-        shift, mask, bits = _EXP[dtype]
-        escape = (1 << bits) - 1
-        n = int(np.prod(shape))
-        buf = np.frombuffer(payload, np.uint8)
-        np_u, _ = _UINT[dtype]
-        table = np.zeros(escape + 1, np_u)
-        table[:escape] = buf[1:1 + escape]
-        pos = 1 + escape
-        (n_esc,) = struct.unpack_from("<Q", payload, pos)
-        pos += 8
-        if dtype == torch.float32:
-            r = buf[pos:pos + 3 * n].reshape(n, 3).astype(np.uint32)
-            pos += 3 * n
-            r = (r[:, 0] << 16) | (r[:, 1] << 8) | r[:, 2]
-            rest = ((r & 0x800000) << 8) | (r & 0x7FFFFF)
-        elif dtype == torch.bfloat16:
-            r = buf[pos:pos + n].astype(np.uint16)
-            pos += n
-            rest = ((r & 0x80) << 8) | (r & 0x7F)
-        else:
-            low = buf[pos:pos + n].astype(np.uint16)
-            pos += n
-        if dtype == torch.float16:
-            size3 = ((n + 7) // 8) * 3
-            hi = _unpack(buf[pos:pos + size3], 3, n).astype(np.uint16)
-            idx = _unpack(buf[pos + size3:pos + 2 * size3], 3, n)
-            pos += 2 * size3
-            rest = ((hi & 0x4) << 13) | ((hi & 0x3) << 8) | low
-        else:
-            size = (n + 1) // 2
-            idx = _unpack(buf[pos:pos + size], 4, n)
-            pos += size
-        esc = buf[pos:pos + n_esc]
-        if len(esc) != n_esc or pos + n_esc != len(buf):
-            raise ValueError("escape list length does not match the payload")
-        exp = table[idx]
-        where = idx == escape
-        if int(where.sum()) != n_esc:
-            raise ValueError("escape count does not match the index stream")
-        exp[where] = esc
-        exp <<= shift
-        exp |= rest.astype(np_u, copy=False)
-        u = exp
-        return _from_bits(u, dtype, shape)
-
-
-class Int8Codec(KVCodec):
-    """Keys per channel (over tokens), values per token (over head_dim); fp16 scales."""
-
-    name, codec_id = "int8", 2
-
-    def _encode(self, kv: torch.Tensor) -> bytes:
-        x = kv.float()
-        k, v = x[:, 0], x[:, 1]  # [L, T, H, D]
-        ks = (k.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-8).half()
-        vs = (v.abs().amax(dim=3, keepdim=True) / 127).clamp_min(1e-8).half()
-        kq = torch.round(k / ks.float()).clamp(-127, 127).to(torch.int8)
-        vq = torch.round(v / vs.float()).clamp(-127, 127).to(torch.int8)
-        return b"".join(t.contiguous().numpy().tobytes() for t in (ks, vs, kq, vq))
-
-    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, level: int) -> torch.Tensor:
-        L, _, T, H, D = shape
-        parts, pos = [], 0
-        for shp, np_t in (((L, 1, H, D), np.float16), ((L, T, H, 1), np.float16),
-                          ((L, T, H, D), np.int8), ((L, T, H, D), np.int8)):
-            n = int(np.prod(shp)) * np.dtype(np_t).itemsize
-            parts.append(torch.from_numpy(np.frombuffer(payload[pos:pos + n], np_t).reshape(shp).copy()))
-            pos += n
-        if pos != len(payload):
-            raise ValueError(f"int8 payload is {len(payload)} bytes, expected {pos}")
-        ks, vs, kq, vq = parts
-        return torch.stack([kq.float() * ks.float(), vq.float() * vs.float()], dim=1).to(dtype)
-
-
-_CODECS: dict[str, type[KVCodec]] = {"none": NoneCodec, "lossless": LosslessCodec, "int8": Int8Codec}
+def _codec_class(name: str) -> type[KVCodec]:
+    mod, cls, _ = _REGISTRY[name]
+    out: type[KVCodec] = getattr(importlib.import_module(mod), cls)
+    return out
 
 
 def get_codec(name: str, **options: Any) -> KVCodec:
-    if name not in _CODECS:
-        raise ValueError(f"unknown codec {name!r}; allowed: {sorted(_CODECS)}")
-    allowed = {"level"}
-    bad = set(options) - allowed
+    """The codec called name (none, lossless, int8, cachegen) with its options; unknown
+    names or options raise ValueError naming what is allowed."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown codec {name!r}; allowed: {sorted(_REGISTRY)}")
+    cls = _codec_class(name)
+    bad = set(options) - set(cls.options)
     if bad:
-        raise ValueError(f"codec {name!r} takes options {sorted(allowed)}; got {sorted(bad)}")
-    return _CODECS[name](**options)
+        raise ValueError(f"codec {name!r} takes options {sorted(cls.options)}; got {sorted(bad)}")
+    return cls(**options)
 
 
-def decode_any(data: bytes | memoryview) -> torch.Tensor:
-    """Decode a stream written by any codec (the header names it)."""
-    view = memoryview(data)
-    if len(view) < _HEADER.size:
-        raise CodecError(f"KV stream is {len(view)} bytes, shorter than its {_HEADER.size}-byte header")
-    cid = view[5]
-    for cls in _CODECS.values():
-        if cls.codec_id == cid:
-            return cls().decode(view)
-    raise CodecError(f"KV stream names unknown codec id {cid}")
+def decode_any(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """Decode a stream written by any codec (its header names the codec)."""
+    cid = parse(data)[0]
+    for name, (_, _, c) in _REGISTRY.items():
+        if c == cid:
+            return _codec_class(name)().decode(data)
+    raise CodecError(f"KV stream names unknown codec id {cid}; known: "
+                     f"{ {n: c for n, (_, _, c) in _REGISTRY.items()} }")
+
+
+_FRAME = struct.Struct("<4sI")  # magic, number of chunks; then u64 length per chunk
+_FRAME_MAGIC = b"SSKF"
+
+
+def encode_chunks(kv: torch.Tensor, chunk_tokens: int,
+                  codecs: KVCodec | Sequence[KVCodec]) -> bytes:
+    """Code token chunks of kv independently: chunk i (tokens [i*chunk_tokens, ...)) with
+    codecs[i] (or one codec for all), so a controller can pick a level per chunk. The
+    result frames the chunk streams; ``decode_chunks`` reverses it. A caller that sends
+    chunks separately can call ``codec.encode(kv[:, :, a:b])`` itself instead."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    starts = list(range(0, kv.shape[2], chunk_tokens)) or [0]
+    per = [codecs] * len(starts) if isinstance(codecs, KVCodec) else list(codecs)
+    if len(per) != len(starts):
+        raise ValueError(f"{len(starts)} chunks of {chunk_tokens} tokens but {len(per)} codecs")
+    parts = [c.encode(kv[:, :, s:s + chunk_tokens]) for c, s in zip(per, starts)]
+    return b"".join([_FRAME.pack(_FRAME_MAGIC, len(parts)), struct.pack(f"<{len(parts)}Q", *map(len, parts)),
+                     *parts])
+
+
+def split_chunks(data: bytes | bytearray | memoryview) -> list[memoryview]:
+    """The chunk streams of an ``encode_chunks`` buffer."""
+    view = memoryview(data).cast("B")
+    if len(view) < _FRAME.size or bytes(view[:4]) != _FRAME_MAGIC:
+        raise CodecError(f"not a chunked KV buffer: magic {bytes(view[:4])!r}, expected {_FRAME_MAGIC!r}")
+    (_, n) = _FRAME.unpack_from(view)
+    pos = _FRAME.size + 8 * n
+    if len(view) < pos:
+        raise CodecError(f"chunked KV buffer truncated: {len(view)} bytes, its index needs {pos}")
+    lengths = np.frombuffer(view[_FRAME.size:pos], dtype="<u8")
+    want = pos + int(lengths.sum())
+    if want != len(view):
+        what = "truncated" if want > len(view) else "has trailing bytes"
+        raise CodecError(f"chunked KV buffer {what}: {len(view)} bytes, its index says {want}")
+    out = []
+    for ln in lengths.tolist():
+        out.append(view[pos:pos + ln])
+        pos += ln
+    return out
+
+
+def decode_chunks(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """Decode an ``encode_chunks`` buffer (each chunk by the codec its header names)."""
+    parts = [decode_any(p) for p in split_chunks(data)]
+    return torch.cat(parts, dim=2)

@@ -1,0 +1,1 @@
+"""Codec implementations behind ``kvtransfer.codec.get_codec``; one codec per module."""

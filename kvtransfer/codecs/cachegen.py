@@ -1,0 +1,320 @@
+"""``cachegen``: CacheGen (SIGCOMM 2024) KV encoding, ``get_codec("cachegen", level=...)``.
+
+1. Token-wise locality: tokens in groups of ``group`` (10); each group's first token is
+   its anchor; the others are coded as deltas against the reconstructed anchor (per
+   channel, only where that is smaller than coding the value itself: see
+   ``cachegen_quant``).
+2. Layer-wise sensitivity: one uniform step per (layer, K/V), a fraction of that layer's
+   RMS; the fraction (``LEVEL_STEPS[level]``) is scaled from ``SHALLOW`` (first layer)
+   to ``DEEP`` (last layer), i.e. shallow layers get more bins.
+3. Arithmetic (range) coding (``constriction``) with per-(layer, channel) probability
+   tables: every (layer, channel) row picks one of 24 tables by its spread (the choice is
+   shipped, 5 bits a row). The tables' counts are either computed from the chunk and
+   shipped in the stream (default: the stream is self-describing) or calibrated once per
+   model (``calibrate`` -> ``tables=``), which drops the table bytes from every chunk;
+   ``describe(data)`` shows the share.
+4. Levels 0..5 trade size for error; the error bound per value is step / 2.
+5. Optionally (calibrated tables with a PCA basis, the strongest levels) KVTC's
+   decorrelating transform; ``exact_head`` / ``exact_tail`` tokens (attention sink,
+   most recent tokens) are kept exact.
+
+Chunks: encode a token slice per chunk with the level chosen for it; set ``exact_head``
+only on the chunk holding the first tokens. RoPE is already applied to cached keys; the
+PCA basis is computed on them as they are (KVTC undoes RoPE first; a token slice does
+not carry its positions, so this codec does not).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from kvtransfer.codec import KVCodec, Payload
+from kvtransfer.codecs import bitpack, rangecoding
+from kvtransfer.codecs import cachegen_quant as cq
+from kvtransfer.codecs.cachegen_tables import (ROLES, CacheGenTables, LevelTables, merge_counts, pca_basis, raw_counts,
+                                               table_counts)
+from kvtransfer.codecs.int8 import check_finite
+from kvtransfer.codecs.none import UINT, bits_of, tensor_from_bits
+
+# Step as a fraction of the layer's RMS, by level (0 finest .. 5 coarsest).
+LEVEL_STEPS = (0.05, 0.1, 0.18, 0.3, 0.5, 0.8)
+DEFAULT_LEVEL = 3
+# Step multiplier of the first and of the last layer (linear in between).
+SHALLOW, DEEP = 0.75, 1.25
+_OPTS = struct.Struct("<BBBxHHI")  # level, group, flags, exact head, exact tail, tables fingerprint
+_CALIBRATED, _PCA = 1, 2
+# Alphabets up to this size are coded two symbols at a time (alphabet <= 4096).
+PAIR_MAX = 64
+_SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "words")
+
+
+def layer_steps(level: int, layers: int) -> np.ndarray:
+    ramp = np.linspace(SHALLOW, DEEP, layers) if layers > 1 else np.ones(1)
+    return (LEVEL_STEPS[level] * ramp).astype(np.float32)
+
+
+def _sections(parts: list[Payload]) -> list[Payload]:
+    return [struct.pack(f"<{len(parts)}Q", *(memoryview(p).nbytes for p in parts)), *parts]
+
+
+def _unsections(payload: memoryview) -> dict[str, memoryview]:
+    n = len(_SECTIONS)
+    if len(payload) < 8 * n:
+        raise ValueError(f"payload of {len(payload)} bytes has no room for its section index")
+    lengths = struct.unpack_from(f"<{n}Q", payload)
+    if 8 * n + sum(lengths) != len(payload):
+        raise ValueError(f"sections add up to {8 * n + sum(lengths)} bytes, payload is {len(payload)}")
+    out, pos = {}, 8 * n
+    for name, ln in zip(_SECTIONS, lengths):
+        out[name] = payload[pos:pos + ln]
+        pos += ln
+    return out
+
+
+class CacheGenCodec(KVCodec):
+    name, codec_id = "cachegen", 3
+    options: ClassVar[tuple[str, ...]] = ("level", "group", "tables", "exact_head", "exact_tail")
+
+    def __init__(self, level: int = DEFAULT_LEVEL, group: int = 10, tables: CacheGenTables | None = None,
+                 exact_head: int = 0, exact_tail: int = 0) -> None:
+        if level not in range(len(LEVEL_STEPS)):
+            raise ValueError(f"cachegen level must be 0..{len(LEVEL_STEPS) - 1}, got {level!r}")
+        if not 1 <= group <= 255:
+            raise ValueError(f"cachegen group must be 1..255 tokens, got {group!r}")
+        if not (0 <= exact_head < 65536 and 0 <= exact_tail < 65536):
+            raise ValueError("cachegen exact_head and exact_tail must be 0..65535 tokens")
+        if tables is not None:
+            if level not in tables.levels:
+                raise ValueError(f"cachegen tables hold levels {sorted(tables.levels)}, not {level}")
+            group = tables.group
+        self.level, self.group, self.tables = level, group, tables
+        self.exact_head, self.exact_tail = exact_head, exact_tail
+
+    # -- transform ---------------------------------------------------------------------
+    def _pca(self) -> bool:
+        return self.tables is not None and self.tables.levels[self.level].pca
+
+    def _to_channels(self, x: torch.Tensor, pca: bool, tables: CacheGenTables | None) -> torch.Tensor:
+        """[L, 2, T, H, D] -> channel-major [L, 2, H*D, T] (PCA coordinates if pca)."""
+        if pca and tables is not None and tables.pca_mean is not None and tables.pca_basis is not None:
+            x = torch.einsum("lkthd,lkhde->lkthe", x - torch.from_numpy(tables.pca_mean)[:, :, None],
+                             torch.from_numpy(tables.pca_basis))
+        L, _, T, H, D = x.shape
+        return x.permute(0, 1, 3, 4, 2).reshape(L, 2, H * D, T).contiguous()
+
+    @staticmethod
+    def _from_channels(z: torch.Tensor, shape: tuple[int, ...], pca: bool,
+                       tables: CacheGenTables | None) -> torch.Tensor:
+        L, _, T, H, D = shape
+        x = z.reshape(L, 2, H, D, T).permute(0, 1, 4, 2, 3)
+        if pca and tables is not None and tables.pca_mean is not None and tables.pca_basis is not None:
+            x = torch.einsum("lkthe,lkhde->lkthd", x, torch.from_numpy(tables.pca_basis))
+            x = x + torch.from_numpy(tables.pca_mean)[:, :, None]
+        return x
+
+    # -- encode ------------------------------------------------------------------------
+    def quantize(self, kv: torch.Tensor) -> tuple[cq.Quantized, int, int]:
+        """The middle tokens of kv quantised; (quantised, exact head, exact tail)."""
+        L, _, T, H, D = kv.shape
+        head = min(self.exact_head, T)
+        tail = min(self.exact_tail, T - head)
+        x = kv[:, :, head:T - tail].float()
+        check_finite(x, self.name)
+        if self.tables is not None:
+            self.tables.check_shape(tuple(kv.shape))
+        z = self._to_channels(x, self._pca(), self.tables)
+        rms = z.pow(2).mean(dim=(2, 3)).sqrt().numpy() if z.shape[3] else np.zeros((L, 2), np.float32)
+        delta = (layer_steps(self.level, L)[:, None] * np.where(rms > 0, rms, 1.0)).astype(np.float32)
+        delta = np.maximum(delta, np.float32(1e-30))
+        return cq.quantize(z, delta, self.group), head, tail
+
+    def _rows(self, q: cq.Quantized) -> list[np.ndarray]:
+        L, _, C = q.ref.shape
+        return [q.qa.reshape(L * 2 * C, -1), q.qd.reshape(L * 2 * C, -1), q.ref.reshape(L * 2, C)]
+
+    def _encode(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
+        q, head, tail = self.quantize(kv)
+        T = kv.shape[2]
+        exact = [bits_of(kv[:, :, :head].contiguous()), bits_of(kv[:, :, T - tail:].contiguous())]
+        rows = self._rows(q)
+        level = self.tables.levels[self.level] if self.tables is not None else None
+        buckets = [cq.buckets_of(r) for r in rows]
+        streams = [cq.to_streams(r, b) for r, b in zip(rows, buckets)]
+        counts = None if level is not None else [table_counts(s) for s in streams]
+        arrays: list[np.ndarray] = []
+        tables: list[np.ndarray] = []
+        shipped: list[np.ndarray] = []
+        table_of: list[int] = []
+        for role, s in enumerate(streams):
+            for b, sym in zip(s.buckets, s.symbols):
+                c = level.table(role, b) if level is not None else counts[role][b]  # type: ignore[index]
+                k = len(c)
+                paired = k <= PAIR_MAX
+                arrays.append(rangecoding.pair(sym, k) if paired else sym)
+                table_of.append(len(tables))
+                tables.append(rangecoding.pair_table(c) if paired else c)
+                shipped.append(c)
+        words = rangecoding.encode(arrays, table_of, tables)
+        shipped_b = bitpack.pack(np.concatenate(buckets), 5)
+        shipped_t = b"" if level is not None else zlib.compress(b"".join(t.tobytes() for t in shipped), 6)
+        flags = (_CALIBRATED if level is not None else 0) | (_PCA if self._pca() else 0)
+        fp = self.tables.fingerprint if self.tables is not None else 0
+        parts = [b"".join(e.tobytes() for e in exact), q.delta, np.packbits(q.mode.reshape(-1)), shipped_b,
+                 shipped_t, np.concatenate([s.escapes for s in streams]), words]
+        return _OPTS.pack(self.level, self.group, flags, head, tail, fp), _sections(parts)
+
+    # -- decode ------------------------------------------------------------------------
+    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                opts: bytes) -> torch.Tensor:
+        level, group, flags, head, tail, fp = _OPTS.unpack(opts)
+        L, _, T, H, D = shape
+        C, Tm = H * D, T - head - tail
+        if level >= len(LEVEL_STEPS) or group < 1 or Tm < 0:
+            raise ValueError(f"bad cachegen options: level {level}, group {group}, exact {head}+{tail} of {T}")
+        tables = None
+        if flags & _CALIBRATED:
+            if self.tables is None or self.tables.fingerprint != fp:
+                from kvtransfer.codec import CodecError
+
+                have = "no tables" if self.tables is None else f"tables {self.tables.fingerprint:#010x}"
+                raise CodecError(f"cachegen stream was coded with calibrated tables {fp:#010x}; this codec has "
+                                 f"{have} (pass tables= from the same calibrate/load)")
+            tables = self.tables
+            tables.check_shape(shape)
+        sec = _unsections(payload)
+        np_u = UINT[dtype][0]
+        item = np.dtype(np_u).itemsize
+        exact = np.frombuffer(sec["exact"], np_u)
+        if len(exact) * item != len(sec["exact"]) or len(exact) != L * 2 * (head + tail) * H * D:
+            raise ValueError(f"exact tokens section is {len(sec['exact'])} bytes for {head}+{tail} tokens")
+        delta = np.frombuffer(sec["delta"], np.float32).reshape(L, 2).copy()
+        mode = np.unpackbits(np.frombuffer(sec["mode"], np.uint8), count=L * 2 * C).astype(bool).reshape(L, 2, C)
+        anchors, others, _ = cq.token_layout(Tm, group)
+        sizes = [len(anchors), len(others), C]
+        nrows = [L * 2 * C, L * 2 * C, L * 2]
+        flat = bitpack.unpack(np.frombuffer(sec["buckets"], np.uint8), 5, sum(nrows))
+        if int(flat.max(initial=0)) >= cq.NUM_BUCKETS:
+            raise ValueError("table bucket out of range")
+        buckets = np.split(flat, np.cumsum(nrows)[:-1])
+        if tables is not None:
+            lt = tables.levels[level]
+            counts = [{b: lt.table(role, b) for b in cq.used_buckets(buckets[role])} for role in range(len(ROLES))]
+        else:
+            blob = np.frombuffer(zlib.decompress(sec["tables"]), np.uint16)
+            counts, pos = [], 0
+            for b_role in buckets:
+                role_counts: dict[int, np.ndarray] = {}
+                for b in cq.used_buckets(b_role):
+                    k = 2 * int(cq.RADIUS[b]) + 2
+                    role_counts[b] = blob[pos:pos + k]
+                    pos += k
+                counts.append(role_counts)
+            if pos != len(blob):
+                raise ValueError(f"tables section holds {len(blob)} counts, the buckets need {pos}")
+        tabs: list[np.ndarray] = []
+        table_of: list[int] = []
+        lens: list[int] = []
+        ks: list[tuple[int, int]] = []
+        for role in range(len(ROLES)):
+            rc = cq.row_counts(buckets[role])
+            for b in cq.used_buckets(buckets[role]):
+                c = counts[role][b]
+                n = int(rc[b]) * sizes[role]
+                paired = len(c) <= PAIR_MAX
+                table_of.append(len(tabs))
+                tabs.append(rangecoding.pair_table(c) if paired else c)
+                lens.append((n + 1) // 2 if paired else n)
+                ks.append((len(c) if paired else 0, n))
+        words = np.frombuffer(sec["words"], np.uint32)
+        syms = [rangecoding.unpair(s, k, n) if k else s
+                for s, (k, n) in zip(rangecoding.decode(words, lens, table_of, tabs), ks)]
+        escapes = np.frombuffer(sec["escapes"], np.int32)
+        rows, pos = [], 0
+        for role in range(len(ROLES)):
+            k = len(cq.used_buckets(buckets[role]))
+            r, used = cq.from_streams(syms[:k], buckets[role], sizes[role], escapes[pos:])
+            syms, pos = syms[k:], pos + used
+            rows.append(r)
+        if pos != len(escapes):
+            raise ValueError(f"{len(escapes) - pos} escaped values left over")
+        q = cq.Quantized(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
+                         rows[1].reshape(L, 2, C, -1))
+        mid = self._from_channels(cq.reconstruct(q, Tm, group), (L, 2, Tm, H, D), bool(flags & _PCA), tables)
+        n_head = L * 2 * head * H * D
+        parts = [tensor_from_bits(exact[:n_head], dtype, (L, 2, head, H, D)), mid.to(dtype),
+                 tensor_from_bits(exact[n_head:], dtype, (L, 2, tail, H, D))]
+        return torch.cat(parts, dim=2)
+
+
+def describe(data: bytes | memoryview) -> dict[str, int]:
+    """Bytes per section of a cachegen stream (side information vs coded symbols)."""
+    from kvtransfer.codec import parse
+
+    _, _, _, opts, payload = parse(data)
+    out = {k: len(v) for k, v in _unsections(payload).items()}
+    out["header"] = len(memoryview(data)) - len(payload)
+    return out
+
+
+def calibrate(samples: list[torch.Tensor] | torch.Tensor, levels: tuple[int, ...] = tuple(range(len(LEVEL_STEPS))),
+              group: int = 10, transform: str = "auto") -> CacheGenTables:
+    """Tables (and a PCA basis) from sample KV of one model, computed once per model.
+    transform: "none", "pca" (every level), or "auto" (PCA at the levels where it makes
+    the samples' streams at least 3% smaller)."""
+    items = [samples] if isinstance(samples, torch.Tensor) else list(samples)
+    if not items:
+        raise ValueError("calibrate needs at least one KV sample")
+    if transform not in ("none", "pca", "auto"):
+        raise ValueError(f"transform must be none, pca or auto, got {transform!r}")
+    L, _, _, H, D = items[0].shape
+    out = CacheGenTables(L, H, D, group)
+    if transform != "none":
+        out.pca_mean, out.pca_basis = pca_basis(items)
+    for level in levels:
+        choices = [False, True] if transform == "auto" else [transform == "pca"]
+        best: tuple[int, LevelTables] | None = None
+        for pca in choices:
+            lt = _level_tables(items, level, group, pca, out)
+            size = sum(len(get_codec_tables(out, level, lt).encode(s)) for s in items)
+            if best is None or size < best[0] * (0.97 if pca else 1.0):
+                best = (size, lt)
+        assert best is not None
+        out.levels[level] = best[1]
+    return out
+
+
+def get_codec_tables(tables: CacheGenTables, level: int, lt: LevelTables) -> CacheGenCodec:
+    """A codec using lt as the tables of level (for calibration trials)."""
+    trial = CacheGenTables(tables.layers, tables.kv_heads, tables.head_dim, tables.group, {level: lt},
+                           tables.pca_mean, tables.pca_basis)
+    return CacheGenCodec(level=level, tables=trial)
+
+
+def _level_tables(items: list[torch.Tensor], level: int, group: int, pca: bool,
+                  tables: CacheGenTables) -> LevelTables:
+    probe = CacheGenCodec(level=level, group=group)
+    rows_all: list[list[np.ndarray]] = [[], [], []]
+    for kv in items:
+        if pca:
+            x = kv.float()
+            z = probe._to_channels(x, True, tables)
+            L = z.shape[0]
+            rms = z.pow(2).mean(dim=(2, 3)).sqrt().numpy()
+            delta = (layer_steps(level, L)[:, None] * np.where(rms > 0, rms, 1.0)).astype(np.float32)
+            q = cq.quantize(z, delta, group)
+        else:
+            q = probe.quantize(kv)[0]
+        for role, r in enumerate(probe._rows(q)):
+            rows_all[role].append(r)
+    counts = []
+    for role in range(len(ROLES)):
+        acc: dict[int, np.ndarray] = {}
+        for rows in rows_all[role]:
+            merge_counts(acc, raw_counts(cq.to_streams(rows, cq.buckets_of(rows))))
+        counts.append({k: rangecoding.normalize(v) for k, v in acc.items()})
+    return LevelTables(counts, pca)
