@@ -96,8 +96,8 @@ class KVCodec:
             out = self._decode(payload, shape, dtype, opts)
         except CodecError:
             raise
-        except (ValueError, IndexError, struct.error, OSError, RuntimeError) as e:
-            raise CodecError(f"{self.name} KV payload is malformed: {e}") from None
+        except Exception as e:  # a payload that passed its CRC but does not parse
+            raise CodecError(f"{self.name} KV payload is malformed: {type(e).__name__}: {e}") from None
         if tuple(out.shape) != shape or out.dtype != dtype:
             raise CodecError(f"{self.name} KV payload decoded to {tuple(out.shape)} {out.dtype}, "
                              f"header says {shape} {dtype}")

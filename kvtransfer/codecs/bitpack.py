@@ -2,8 +2,9 @@
 ``unpack(buf, bits, n)`` for widths 1..8.
 
 Widths 4 and 2 pack two / four values per byte (first value in the lowest bits), through
-16- and 32-bit views; width 8 is the bytes themselves; other widths are stored as bit planes (plane j holds bit j of every value,
-``np.packbits``), which costs one fast pass per bit instead of shuffling words.
+16- and 32-bit views; width 8 is the bytes themselves; other widths are stored as bit
+planes (plane j holds bit j of every value, ``np.packbits``): one fast pass per bit
+instead of shuffling words.
 """
 
 from __future__ import annotations

@@ -159,34 +159,44 @@ def to_streams(rows: np.ndarray, bucket: np.ndarray) -> Streams:
     order = np.argsort(bucket, kind="stable")
     sb = bucket[order]
     radius = RADIUS[sb][:, None]
-    q = rows[order]
-    s = q + radius
-    esc = (s < 0) | (s > 2 * radius)
-    escapes = q[esc].astype(np.int32)
-    s = np.where(esc, 2 * radius + 1, s).astype(np.int32)
+    s = rows[order]  # a copy: shifted in place below
+    n = rows.shape[1]
+    escapes = np.zeros(0, np.int32)
+    if n and len(s):
+        wide = np.flatnonzero(np.abs(s).max(axis=1) > radius[:, 0])  # rows holding escapes (rare)
+        if len(wide):
+            sub = s[wide]
+            esc = np.abs(sub) > radius[wide]
+            escapes = sub[esc].astype(np.int32)
+            sub[esc] = (radius[wide] + radius[wide] + 1 - np.broadcast_to(radius[wide], sub.shape))[esc]
+            s[wide] = sub
+    s += radius
     counts = np.bincount(sb, minlength=NUM_BUCKETS)
     used = [int(b) for b in np.flatnonzero(counts)]
     flat = s.reshape(-1)
-    n = rows.shape[1]
     bounds = np.concatenate([[0], np.cumsum(counts[used]) * n])
     return Streams(used, [flat[bounds[i]:bounds[i + 1]] for i in range(len(used))], escapes)
 
 
-def from_streams(symbols: list[np.ndarray], bucket: np.ndarray, n: int, escapes: np.ndarray) -> tuple[np.ndarray, int]:
-    """Inverse of to_streams: (rows int32 [R, n], escapes consumed)."""
+def from_streams(symbols: list[np.ndarray], bucket: np.ndarray, n: int, escapes: np.ndarray) -> np.ndarray:
+    """Inverse of to_streams (given exactly this role's escaped values): rows int32 [R, n]."""
     order = np.argsort(bucket, kind="stable")
     sb = bucket[order]
     radius = RADIUS[sb][:, None]
-    s = (np.concatenate(symbols) if symbols else np.zeros(0, np.int32)).reshape(len(bucket), n).astype(np.int32)
-    esc = s == 2 * radius + 1
-    q = s - radius
-    k = int(esc.sum())
-    if k > len(escapes):
-        raise ValueError(f"{k} escape symbols but only {len(escapes)} escaped values left")
-    q[esc] = escapes[:k]
-    rows = np.empty_like(q)
-    rows[order] = q
-    return rows, k
+    s = np.concatenate(symbols) if len(symbols) > 1 else (symbols[0].copy() if symbols else np.zeros(0, np.int32))
+    s = s.astype(np.int32, copy=False).reshape(len(bucket), n)
+    if len(escapes):
+        esc = s == 2 * radius + 1
+        if int(esc.sum()) != len(escapes):
+            raise ValueError(f"{int(esc.sum())} escape symbols but {len(escapes)} escaped values")
+        s -= radius
+        s[esc] = escapes
+    else:
+        s -= radius
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    out: np.ndarray = s[inverse]
+    return out
 
 
 def used_buckets(bucket: np.ndarray) -> list[int]:

@@ -16,6 +16,7 @@ fingerprint, and decoding with other tables is a ``CodecError``.
 
 from __future__ import annotations
 
+import functools
 import io
 import zlib
 from dataclasses import dataclass, field
@@ -87,8 +88,9 @@ class CacheGenTables:
                     out[f"l{lv}_r{r}_b{b}"] = c
         return out
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> int:
+        """CRC32 of the content, computed once: treat the tables as immutable once used."""
         crc = 0
         for k, v in sorted(self._arrays().items()):
             crc = zlib.crc32(np.ascontiguousarray(v).tobytes(), zlib.crc32(k.encode(), crc))
