@@ -21,6 +21,12 @@ Codecs (one module each under ``kvtransfer/codecs/``):
 - ``cachegen``: CacheGen (SIGCOMM 2024): anchor/delta tokens, layer-dependent
   quantisation, range coding with per-(layer, channel) tables; ``level`` 0..5.
 
+Calibration. ``calibrate(name, samples)`` computes per-model side information once
+(``lossless``: the head table; ``cachegen``: probability tables and a PCA basis), passed
+back as ``get_codec("lossless", table=...)`` / ``get_codec("cachegen", tables=...)``.
+A ``lossless`` stream still carries its table; a calibrated ``cachegen`` stream names
+its tables' fingerprint and needs the same tables to decode.
+
 Chunks. Tokens can be coded independently, with a level per chunk (CacheGen's per-chunk
 adaptation): ``encode`` a token slice ``kv[:, :, a:b]`` with the codec of that chunk's
 level and concatenate the decoded slices on dim 2. ``encode_chunks`` / ``decode_chunks``
@@ -160,6 +166,21 @@ def get_codec(name: str, **options: Any) -> KVCodec:
     if bad:
         raise ValueError(f"codec {name!r} takes options {sorted(cls.options)}; got {sorted(bad)}")
     return cls(**options)
+
+
+def calibrate(name: str, samples: list[torch.Tensor] | torch.Tensor, **kwargs: Any) -> Any:
+    """Per-model side information, computed once from sample KV and passed back as an
+    option: ``lossless`` -> a head table (``table=``), ``cachegen`` -> probability tables
+    and PCA basis (``tables=``; kwargs: levels, group, transform). Other codecs have none."""
+    if name == "lossless":
+        from kvtransfer.codecs.lossless import calibrate as lossless_calibrate
+
+        return lossless_calibrate(samples, **kwargs)
+    if name == "cachegen":
+        from kvtransfer.codecs.cachegen import calibrate as cachegen_calibrate
+
+        return cachegen_calibrate(samples, **kwargs)
+    raise ValueError(f"codec {name!r} has nothing to calibrate; calibrate works for: cachegen, lossless")
 
 
 def decode_any(data: bytes | bytearray | memoryview) -> torch.Tensor:

@@ -54,7 +54,8 @@ LEVEL_STEPS = (0.1, 0.2, 0.4, 0.8, 1.2, 1.6)
 DEFAULT_LEVEL = 3
 # Step multiplier of the first and of the last layer (linear in between).
 SHALLOW, DEEP = 0.75, 1.25
-_OPTS = struct.Struct("<BBBxHHI")  # level, group, flags, exact head, exact tail, tables fingerprint
+# level, group, flags, exact head, exact tail, tables fingerprint, first layer
+_OPTS = struct.Struct("<BBBxHHIH")
 _CALIBRATED, _PCA = 1, 2
 # Alphabets up to this size are coded two symbols at a time (alphabet <= 4096).
 PAIR_MAX = 64
@@ -65,13 +66,16 @@ _SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "words")
 KV_STEP = (1.0, 1.0)
 
 
-def layer_steps(level: int, layers: int) -> np.ndarray:
-    """Step as a fraction of the layer's RMS, [layers, 2] (keys, values)."""
-    ramp = np.linspace(SHALLOW, DEEP, layers) if layers > 1 else np.ones(1)
+def layer_steps(level: int, layers: int, first_layer: int = 0, total_layers: int | None = None) -> np.ndarray:
+    """Step as a fraction of the layer's RMS, [layers, 2] (keys, values), for layers
+    first_layer.. of a model of total_layers (default: these layers are the model)."""
+    total = layers + first_layer if total_layers is None else total_layers
+    ramp = np.linspace(SHALLOW, DEEP, total) if total > 1 else np.ones(1)
+    ramp = ramp[first_layer:first_layer + layers]
     return (LEVEL_STEPS[level] * ramp[:, None] * np.array(KV_STEP)[None]).astype(np.float32)
 
 
-def steps_for(z: torch.Tensor, level: int) -> np.ndarray:
+def steps_for(z: torch.Tensor, level: int, first_layer: int = 0, total_layers: int | None = None) -> np.ndarray:
     """The quantiser step delta [L, 2] of channel-major z [L, 2, C, T]."""
     L = z.shape[0]
     rms = z.pow(2).mean(dim=(2, 3)).sqrt().numpy() if z.shape[3] else np.zeros((L, 2), np.float32)
@@ -79,7 +83,7 @@ def steps_for(z: torch.Tensor, level: int) -> np.ndarray:
         rms = z.double().pow(2).mean(dim=(2, 3)).sqrt().numpy()
         if not np.isfinite(rms).all():
             raise ValueError("cachegen codes finite KV only; this tensor holds NaN or inf (use 'lossless')")
-    delta = (layer_steps(level, L) * np.where(rms > 0, rms, 1.0)).astype(np.float32)
+    delta = (layer_steps(level, L, first_layer, total_layers) * np.where(rms > 0, rms, 1.0)).astype(np.float32)
     out: np.ndarray = np.maximum(delta, np.float32(1e-30))
     return out
 
@@ -104,16 +108,26 @@ def _unsections(payload: memoryview) -> dict[str, memoryview]:
 
 class CacheGenCodec(KVCodec):
     name, codec_id = "cachegen", 3
-    options: ClassVar[tuple[str, ...]] = ("level", "group", "tables", "exact_head", "exact_tail")
+    options: ClassVar[tuple[str, ...]] = ("level", "group", "tables", "exact_head", "exact_tail", "first_layer",
+                                          "total_layers")
 
     def __init__(self, level: int = DEFAULT_LEVEL, group: int = 10, tables: CacheGenTables | None = None,
-                 exact_head: int = 0, exact_tail: int = 0) -> None:
+                 exact_head: int = 0, exact_tail: int = 0, first_layer: int = 0,
+                 total_layers: int | None = None) -> None:
+        """level 0..5; group: tokens per anchor group; tables: from calibrate; exact_head /
+        exact_tail: tokens kept exact at either end (attention sink, recent tokens);
+        first_layer / total_layers: when encoding a slice of layers (layer-wise transfer),
+        where it sits in the model, so that the layer-dependent steps stay right."""
         if level not in range(len(LEVEL_STEPS)):
             raise ValueError(f"cachegen level must be 0..{len(LEVEL_STEPS) - 1}, got {level!r}")
         if not 1 <= group <= 255:
             raise ValueError(f"cachegen group must be 1..255 tokens, got {group!r}")
         if not (0 <= exact_head < 65536 and 0 <= exact_tail < 65536):
             raise ValueError("cachegen exact_head and exact_tail must be 0..65535 tokens")
+        if not 0 <= first_layer < 65536 or (total_layers is not None and total_layers <= first_layer):
+            raise ValueError(f"cachegen first_layer {first_layer} must be 0..65535 and below "
+                             f"total_layers {total_layers}")
+        self.first_layer, self.total_layers = first_layer, total_layers
         if tables is not None:
             if level not in tables.levels:
                 raise ValueError(f"cachegen tables hold levels {sorted(tables.levels)}, not {level}")
@@ -125,22 +139,21 @@ class CacheGenCodec(KVCodec):
     def _pca(self) -> bool:
         return self.tables is not None and self.tables.levels[self.level].pca
 
-    def _to_channels(self, x: torch.Tensor, pca: bool, tables: CacheGenTables | None) -> torch.Tensor:
-        """[L, 2, T, H, D] -> channel-major [L, 2, H*D, T] (PCA coordinates if pca)."""
-        if pca and tables is not None and tables.pca_mean is not None and tables.pca_basis is not None:
-            x = torch.einsum("lkthd,lkhde->lkthe", x - torch.from_numpy(tables.pca_mean)[:, :, None],
-                             torch.from_numpy(tables.pca_basis))
+    @staticmethod
+    def _to_channels(x: torch.Tensor, pca: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """[L, 2, T, H, D] -> channel-major [L, 2, H*D, T] (PCA coordinates with pca)."""
+        if pca is not None:
+            x = torch.einsum("lkthd,lkhde->lkthe", x - pca[0][:, :, None], pca[1])
         L, _, T, H, D = x.shape
         return x.permute(0, 1, 3, 4, 2).reshape(L, 2, H * D, T).contiguous()
 
     @staticmethod
-    def _from_channels(z: torch.Tensor, shape: tuple[int, ...], pca: bool,
-                       tables: CacheGenTables | None) -> torch.Tensor:
+    def _from_channels(z: torch.Tensor, shape: tuple[int, ...],
+                       pca: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         L, _, T, H, D = shape
         x = z.reshape(L, 2, H, D, T).permute(0, 1, 4, 2, 3)
-        if pca and tables is not None and tables.pca_mean is not None and tables.pca_basis is not None:
-            x = torch.einsum("lkthe,lkhde->lkthd", x, torch.from_numpy(tables.pca_basis))
-            x = x + torch.from_numpy(tables.pca_mean)[:, :, None]
+        if pca is not None:
+            x = torch.einsum("lkthe,lkhde->lkthd", x, pca[1]) + pca[0][:, :, None]
         return x
 
     # -- encode ------------------------------------------------------------------------
@@ -150,10 +163,12 @@ class CacheGenCodec(KVCodec):
         head = min(self.exact_head, T)
         tail = min(self.exact_tail, T - head)
         x = kv[:, :, head:T - tail].float()
+        pca = None
         if self.tables is not None:
-            self.tables.check_shape(tuple(kv.shape))
-        z = self._to_channels(x, self._pca(), self.tables)
-        return cq.quantize(z, steps_for(z, self.level), self.group), head, tail
+            self.tables.check_shape(tuple(kv.shape), self.first_layer)
+            pca = self.tables.pca(self.first_layer, L) if self._pca() else None
+        z = self._to_channels(x, pca)
+        return cq.quantize(z, steps_for(z, self.level, self.first_layer, self.total_layers), self.group), head, tail
 
     def _rows(self, q: cq.Quantized) -> list[np.ndarray]:
         L, _, C = q.ref.shape
@@ -189,12 +204,12 @@ class CacheGenCodec(KVCodec):
         escapes = np.concatenate([np.array([len(s.escapes) for s in streams], np.int32), *[s.escapes for s in streams]])
         parts: list[Payload] = [b"".join(e.tobytes() for e in exact), q.delta, np.packbits(q.mode.reshape(-1)),
                                 shipped_b, shipped_t, escapes, words]
-        return _OPTS.pack(self.level, self.group, flags, head, tail, fp), _sections(parts)
+        return _OPTS.pack(self.level, self.group, flags, head, tail, fp, self.first_layer), _sections(parts)
 
     # -- decode ------------------------------------------------------------------------
     def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
                 opts: bytes) -> torch.Tensor:
-        level, group, flags, head, tail, fp = _OPTS.unpack(opts)
+        level, group, flags, head, tail, fp, first_layer = _OPTS.unpack(opts)
         L, _, T, H, D = shape
         C, Tm = H * D, T - head - tail
         if level >= len(LEVEL_STEPS) or group < 1 or Tm < 0:
@@ -208,7 +223,7 @@ class CacheGenCodec(KVCodec):
                 raise CodecError(f"cachegen stream was coded with calibrated tables {fp:#010x}; this codec has "
                                  f"{have} (pass tables= from the same calibrate/load)")
             tables = self.tables
-            tables.check_shape(shape)
+            tables.check_shape(shape, first_layer)
         sec = _unsections(payload)
         np_u = UINT[dtype][0]
         item = np.dtype(np_u).itemsize
@@ -268,7 +283,10 @@ class CacheGenCodec(KVCodec):
             syms = syms[k:]
         q = cq.Quantized(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
                          rows[1].reshape(L, 2, C, -1))
-        mid = self._from_channels(cq.reconstruct(q, Tm, group), (L, 2, Tm, H, D), bool(flags & _PCA), tables)
+        pca = tables.pca(first_layer, L) if tables is not None and flags & _PCA else None
+        if flags & _PCA and pca is None:
+            raise ValueError("stream is in PCA coordinates but the tables hold no PCA basis")
+        mid = self._from_channels(cq.reconstruct(q, Tm, group), (L, 2, Tm, H, D), pca)
         if head == tail == 0:
             return mid.to(dtype)
         n_head = L * 2 * head * H * D
@@ -327,8 +345,7 @@ def _level_tables(items: list[torch.Tensor], level: int, group: int, pca: bool,
     rows_all: list[list[np.ndarray]] = [[], [], []]
     for kv in items:
         if pca:
-            x = kv.float()
-            z = probe._to_channels(x, True, tables)
+            z = probe._to_channels(kv.float(), tables.pca(0, kv.shape[0]))
             q = cq.quantize(z, steps_for(z, level), group)
         else:
             q = probe.quantize(kv)[0]

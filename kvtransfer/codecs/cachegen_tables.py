@@ -71,11 +71,19 @@ class CacheGenTables:
     pca_mean: np.ndarray | None = None
     pca_basis: np.ndarray | None = None
 
-    def check_shape(self, shape: tuple[int, ...]) -> None:
+    def check_shape(self, shape: tuple[int, ...], first_layer: int = 0) -> None:
+        """KV of shape covers layers first_layer.. of the calibrated model."""
         L, _, _, H, D = shape
-        if (L, H, D) != (self.layers, self.kv_heads, self.head_dim):
+        if first_layer + L > self.layers or (H, D) != (self.kv_heads, self.head_dim):
             raise ValueError(f"cachegen tables were calibrated for layers={self.layers} kv_heads={self.kv_heads} "
-                             f"head_dim={self.head_dim}, not KV of shape {shape}")
+                             f"head_dim={self.head_dim}, not KV of shape {shape} from layer {first_layer}")
+
+    def pca(self, first_layer: int, layers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, basis) of these layers, or None without a PCA basis."""
+        if self.pca_mean is None or self.pca_basis is None:
+            return None
+        sl = slice(first_layer, first_layer + layers)
+        return torch.from_numpy(self.pca_mean[sl]), torch.from_numpy(self.pca_basis[sl])
 
     def _arrays(self) -> dict[str, np.ndarray]:
         out = {"meta": np.array([self.layers, self.kv_heads, self.head_dim, self.group], np.int64)}

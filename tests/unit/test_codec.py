@@ -245,3 +245,21 @@ def test_unknown_names_and_options():
         get_codec("none").encode(torch.zeros(2, 3, 4, 5, 6))
     with pytest.raises(ValueError, match="dtype"):
         get_codec("none").encode(torch.zeros(2, 2, 4, 5, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("transform", [None, "pca"])
+def test_cachegen_layer_by_layer_equals_whole(transform):
+    """Layer-wise transfer: each layer coded alone (first_layer/total_layers) decodes to
+    exactly what coding all layers at once gives."""
+    kv = kv_like(torch.float32, 30, layers=4, specials=False)
+    tables = calibrate([kv_like(torch.float32, 60, seed=9, layers=4, specials=False)], levels=(4,),
+                       transform=transform) if transform else None
+    whole = get_codec("cachegen", level=4, tables=tables)
+    expect = whole.decode(whole.encode(kv))
+    parts = []
+    for layer in range(4):
+        c = get_codec("cachegen", level=4, tables=tables, first_layer=layer, total_layers=4)
+        parts.append(c.decode(c.encode(kv[layer:layer + 1])))
+    assert torch.equal(torch.cat(parts), expect)
+    alone = get_codec("cachegen", level=4)  # without first_layer the ramp differs
+    assert not torch.equal(alone.decode(alone.encode(kv[3:4])), expect[3:4])
