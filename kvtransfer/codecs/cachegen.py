@@ -143,9 +143,11 @@ class CacheGenCodec(KVCodec):
     def _to_channels(x: torch.Tensor, pca: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """[L, 2, T, H, D] -> channel-major [L, 2, H*D, T] (PCA coordinates with pca)."""
         if pca is not None:
-            x = torch.einsum("lkthd,lkhde->lkthe", x - pca[0][:, :, None], pca[1])
+            x = torch.einsum("lkthd,lkhde->lkthe", x.float() - pca[0][:, :, None], pca[1])
         L, _, T, H, D = x.shape
-        return x.permute(0, 1, 3, 4, 2).reshape(L, 2, H * D, T).contiguous()
+        out = torch.empty(L, 2, H, D, T, dtype=torch.float32)
+        out.copy_(x.permute(0, 1, 3, 4, 2))  # transpose and cast in one pass
+        return out.view(L, 2, H * D, T)
 
     @staticmethod
     def _from_channels(z: torch.Tensor, shape: tuple[int, ...],
@@ -162,7 +164,7 @@ class CacheGenCodec(KVCodec):
         L, _, T, H, D = kv.shape
         head = min(self.exact_head, T)
         tail = min(self.exact_tail, T - head)
-        x = kv[:, :, head:T - tail].float()
+        x = kv[:, :, head:T - tail]
         pca = None
         if self.tables is not None:
             self.tables.check_shape(tuple(kv.shape), self.first_layer)
