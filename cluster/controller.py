@@ -61,7 +61,7 @@ class Controller:
         self.replacements = 0
         self._ids = itertools.count()
         self._health_task: asyncio.Task[None] | None = None
-        self._replacing: set[int] = set()
+        self._replacing: set[tuple[str, int]] = set()
         self._stopping = False
 
     # -- creation ---------------------------------------------------------------------
@@ -121,7 +121,7 @@ class Controller:
             await self._replace(rec, f"{type(e).__name__}")
 
     async def _replace(self, rec: WorkerRecord, why: str) -> None:
-        key = hash((rec.pool, rec.slot))
+        key = (rec.pool, rec.slot)
         if self._stopping or key in self._replacing or rec.worker_id not in self.workers:
             return
         self._replacing.add(key)

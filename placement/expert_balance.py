@@ -44,16 +44,7 @@ def lpt_pack(size: np.ndarray, replicas: np.ndarray, gpus: int, slots: int) -> n
     load = np.zeros(gpus)
     used = np.zeros(gpus, dtype=np.int64)
     owners = np.repeat(np.arange(experts), replicas)
-    for e in owners[np.argsort(-size[owners], kind="stable")]:
-        room = (used < slots) & (counts[e] == 0)
-        if not room.any():
-            room = used < slots
-        candidates = np.flatnonzero(room)
-        g = int(candidates[np.argmin(load[candidates])])
-        counts[e, g] += 1
-        load[g] += size[e]
-        used[g] += 1
-    return counts
+    return _place_heaviest_first(counts, size, owners, load, used, slots)
 
 
 def warm_pack(size: np.ndarray, replicas: np.ndarray, previous: np.ndarray, slots: int) -> np.ndarray:
@@ -74,16 +65,7 @@ def warm_pack(size: np.ndarray, replicas: np.ndarray, previous: np.ndarray, slot
     used = counts.sum(axis=0)
     missing = replicas - counts.sum(axis=1)
     owners = np.repeat(np.arange(experts), np.maximum(missing, 0))
-    for e in owners[np.argsort(-size[owners], kind="stable")]:
-        room = (used < slots) & (counts[e] == 0)
-        if not room.any():
-            room = used < slots
-        candidates = np.flatnonzero(room)
-        g = int(candidates[np.argmin(load[candidates])])
-        counts[e, g] += 1
-        load[g] += size[e]
-        used[g] += 1
-    return counts
+    return _place_heaviest_first(counts, size, owners, load, used, slots)
 
 
 def improve_by_swaps(counts: np.ndarray, size: np.ndarray, max_rounds: int = 2000) -> np.ndarray:
@@ -184,3 +166,19 @@ def balance_layer(
         if base_max < max_load:
             counts, max_load = baseline.copy(), base_max
     return BalanceResult(counts, max_load, lower, bound, milp_used, limited)
+
+
+def _place_heaviest_first(counts: np.ndarray, size: np.ndarray, owners: np.ndarray, load: np.ndarray,
+                          used: np.ndarray, slots: int) -> np.ndarray:
+    """Place one replica per entry of ``owners``, heaviest expert first, on the least
+    loaded GPU with a free slot (preferring GPUs without a copy of that expert)."""
+    for e in owners[np.argsort(-size[owners], kind="stable")]:
+        room = (used < slots) & (counts[e] == 0)
+        if not room.any():
+            room = used < slots
+        candidates = np.flatnonzero(room)
+        g = int(candidates[np.argmin(load[candidates])])
+        counts[e, g] += 1
+        load[g] += size[e]
+        used[g] += 1
+    return counts
