@@ -209,7 +209,8 @@ class Generator:
                 usage.dispatched_at = time.monotonic()
                 pw = self.router.pick_prefill()
                 w = self.router.pick_decode("decode", near=pw.node_ip)
-                res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip}, pw)
+                res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
+                                                "decode_actor": w.handle}, pw)
                 usage.first_token_at = time.monotonic()
                 ttft = usage.first_token_at - t0
                 usage.worker_s = res["queue_s"] + res["prefill_s"]
@@ -234,7 +235,7 @@ class Generator:
                     if ttft is None:
                         ttft = time.monotonic() - t0
                     if "kv_receive_s" in msg and self.m.mode == "disaggregated":
-                        self.metrics.kv_bytes.inc(handle.nbytes)
+                        self.metrics.kv_bytes.inc(msg.get("kv_bytes", handle.nbytes))
                         itemsize = 4 if handle.dtype == "float32" else 2
                         self.metrics.kv_raw_bytes.inc(math.prod(handle.shape) * itemsize)
                         self.metrics.kv_transfers.labels(handle.transport).inc()

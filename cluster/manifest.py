@@ -53,12 +53,27 @@ class KVCacheSpec(Strict):
 
 
 class KVTransferSpec(Strict):
-    codec: Literal["none", "lossless", "int8"] = Field(
-        "none", description="KV codec on cross-node (gRPC) transfers; lossless is bit-exact")
+    codec: Literal["none", "lossless", "int8", "cachegen", "adaptive"] = Field(
+        "none", description="KV codec on cross-node (gRPC) transfers: none and lossless are bit-exact; "
+                            "cachegen is lossy (level 0..5); adaptive picks per chunk from the measured "
+                            "link, the codecs' measured speed and the budget")
+    level: int | None = Field(None, ge=0, le=5, description="cachegen: its level (default 3); "
+                              "adaptive: the strongest cachegen level it may use (default 5)")
+    chunk_tokens: int = Field(512, ge=16, description="Tokens per independently coded chunk")
+    allow_recompute: bool = Field(True, description="adaptive: may leave a suffix of the prompt for "
+                                  "the decode worker to recompute when no level meets the budget")
+    budget_ms: float | None = Field(None, gt=0, description="adaptive: ms from a request's arrival at "
+                                    "the prefill worker by which its KV should land (default slo.ttft_ms)")
     transport: Literal["auto", "object_store", "grpc"] = Field(
         "auto", description="auto: object store within a node, gRPC stream across nodes")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one KV transfer")
+
+    @model_validator(mode="after")
+    def _level_applies(self) -> "KVTransferSpec":
+        if self.level is not None and self.codec not in ("cachegen", "adaptive"):
+            raise ValueError(f"level applies to codec cachegen or adaptive, not {self.codec!r}")
+        return self
 
 
 class SLOSpec(Strict):

@@ -240,7 +240,7 @@ class EngineWorker:
             try:
                 self.engine.add_request(rid, req["prompt_token_ids"], SamplingParams(**req["params"]),
                                         output_token_ids=req.get("output_token_ids"),
-                                        pending_kv=req.get("kv"))
+                                        pending_kv=req.get("kv"), stream_kv=req.get("stream_kv", False))
             except Exception as e:  # noqa: BLE001 - handed to the request's waiter
                 self._loop.call_soon_threadsafe(self.on_request_error, rid, e)
 

@@ -27,10 +27,37 @@ class DecodeWorker(EngineWorker):
         super().__init__(worker_id, manifest_json, pool_name)
         self.connector = get_connector(self.manifest.kv_transfer.transport, current_node_ip())
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        # Streamed transfers pulled before their request arrives: request id -> (task,
+        # started at, sender address). Transfers seen recently, (request id, sender) ->
+        # time, so a prefetch arriving after its request does not fetch again.
+        self._prefetch: dict[str, tuple[asyncio.Future[Any], float, str]] = {}
+        self._seen: dict[tuple[str, str], float] = {}
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
                                        max_model_len)
+
+    def _fetch(self, handle: KVHandle) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(asyncio.to_thread(self.connector.receive_detailed, handle,
+                                                       self.manifest.kv_transfer.timeout_s))
+
+    def _reap(self) -> None:
+        horizon = time.monotonic() - 2 * self.manifest.kv_transfer.timeout_s - 10
+        for rid in [r for r, (t, t0, _) in self._prefetch.items() if t0 < horizon and t.done()]:
+            task = self._prefetch.pop(rid)[0]
+            if not task.cancelled() and task.exception() is None:
+                logger.warning("dropping prefetched KV of %s: its request never came", rid)
+        for key in [k for k, t0 in self._seen.items() if t0 < horizon]:
+            del self._seen[key]
+
+    async def prefetch_kv(self, handle: KVHandle) -> None:
+        """Called by the prefill worker as its prefill starts: pull the streamed KV now,
+        so that the network overlaps the prefill; ``generate`` picks it up."""
+        self._reap()
+        key = (handle.request_id, str(handle.ref))
+        if key not in self._seen:  # a retried prefill elsewhere replaces an older transfer
+            self._seen[key] = time.monotonic()
+            self._prefetch[handle.request_id] = (self._fetch(handle), time.monotonic(), str(handle.ref))
 
     async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream a request's tokens (call with num_returns="streaming").
@@ -49,10 +76,16 @@ class DecodeWorker(EngineWorker):
                                     "output_token_ids": req.get("output_token_ids")}
             handle: KVHandle | None = req.get("kv")
             kv_s = 0.0
+            kv_info: dict[str, Any] = {}
             if handle is not None:
-                item["kv"] = await asyncio.to_thread(self.connector.receive, handle,
-                                                     self.manifest.kv_transfer.timeout_s)
+                self._seen[(rid, str(handle.ref))] = time.monotonic()
+                entry = self._prefetch.pop(rid, None)
+                task = entry[0] if entry is not None and entry[2] == str(handle.ref) else self._fetch(handle)
+                got = await asyncio.wait_for(task, timeout=self.manifest.kv_transfer.timeout_s + 5)
+                item["kv"] = got.kv
                 kv_s = time.monotonic() - t0
+                kv_info = {"kv_bytes": got.nbytes, "kv_tokens": got.kv_tokens,
+                           "kv_attempts": got.attempts, "kv_choices": got.choices}
                 self.connector.release(handle)
             self._submit(rid, item)
             first = True
@@ -73,6 +106,7 @@ class DecodeWorker(EngineWorker):
                 if first:
                     out["kv_receive_s"] = kv_s
                     out["worker_id"] = self.worker_id
+                    out.update(kv_info)
                     first = False
                 finished = out["finish_reason"] is not None
                 yield out

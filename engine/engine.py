@@ -85,19 +85,24 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     output_token_ids: list[int] | None = None,
-                    pending_kv: torch.Tensor | None = None) -> Sequence:
-        """Queue a request. With pending_kv ([layers, 2, tokens, kvh, hd] for the prompt),
-        the prompt is not computed: its KV is written in and decoding continues from
-        output_token_ids (which then holds the token the prefill sampled)."""
+                    pending_kv: torch.Tensor | None = None, stream_kv: bool = False) -> Sequence:
+        """Queue a request. With pending_kv ([layers, 2, tokens, kvh, hd] for the first
+        tokens of the prompt), those tokens are not computed: their KV is written in, the
+        rest of the prompt (a suffix whose KV was not sent: recompute) and
+        output_token_ids (which then holds the token the prefill sampled) are computed, and
+        decoding continues. With stream_kv, each layer's new KV goes to the runner's
+        ``on_layer_kv`` as it is computed (prefill workers)."""
         if request_id in self._seqs:
             raise ValueError(f"duplicate request id {request_id!r}")
         seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, output_token_ids)
         if pending_kv is not None:
-            if pending_kv.shape[2] != len(prompt_token_ids):
+            if pending_kv.shape[2] > len(prompt_token_ids):
                 raise ValueError(
                     f"KV covers {pending_kv.shape[2]} tokens, prompt has {len(prompt_token_ids)}")
-            seq.pending_kv = pending_kv
-            seq.num_pending_kv_tokens = len(prompt_token_ids)
+            if pending_kv.shape[2] > 0:
+                seq.pending_kv = pending_kv
+                seq.num_pending_kv_tokens = int(pending_kv.shape[2])
+        seq.stream_kv = stream_kv
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         return seq

@@ -9,6 +9,7 @@ checkpoint keys onto them, each rank taking its slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -154,16 +155,20 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """input_ids, positions: LongTensor [T] -> final-normed hidden states [T, hidden]."""
+                kv_caches: list[torch.Tensor],
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        """input_ids, positions: LongTensor [T] -> final-normed hidden states [T, hidden].
+        layer_hook(i) runs after layer i has written its KV (layer-wise KV streaming)."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self.layers)} layers")
         x = self.embed_tokens(input_ids)
         if self.rotary.inv_freq.device != x.device:
             self.rotary.to(x.device)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, cache in zip(self.layers, kv_caches):
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, cos, sin, meta, cache)
+            if layer_hook is not None:
+                layer_hook(i)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ and out of the cache (disaggregation) travels as full-head tensors
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,9 @@ class StepInput:
     kv_imports: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
     # KV to read after the forward: (request id, block table, number of tokens).
     kv_exports: list[tuple[str, list[int], int]] = field(default_factory=list)
+    # KV to hand over layer by layer as it is written: (request id, first token, slots of
+    # tokens [first, first + len(slots))), for sequences that stream their KV.
+    kv_stream: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +66,7 @@ def prepare_step(
     logits_indices: list[int] = []
     sample_seqs: list[Sequence] = []
     exports: list[tuple[str, list[int], int]] = []
+    stream: list[tuple[str, int, torch.Tensor]] = []
     offset = 0
     for seq, n in zip(batch.seqs, batch.num_tokens):
         start = seq.num_computed_tokens
@@ -76,10 +81,15 @@ def prepare_step(
         context_lens.append(end)
         tables.append(list(seq.block_table))
         offset += n
+        if seq.stream_kv and end > seq.kv_streamed:
+            # From kv_streamed, not start: prefix-cache hits were never computed here.
+            stream.append((seq.request_id, seq.kv_streamed,
+                           _slots(seq.block_table, seq.kv_streamed, end, block_size)))
+            seq.kv_streamed = end
         if end == seq.num_tokens:
             logits_indices.append(offset - 1)
             sample_seqs.append(seq)
-            if export_on_sample:
+            if export_on_sample and not seq.stream_kv:
                 exports.append((seq.request_id, list(seq.block_table), end))
     imports: list[tuple[list[int], torch.Tensor]] = []
     for seq in batch.kv_imports:
@@ -97,6 +107,7 @@ def prepare_step(
         logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         kv_imports=imports,
         kv_exports=exports,
+        kv_stream=stream,
     )
     return step, sample_seqs
 
@@ -112,6 +123,9 @@ class ModelRunner:
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.kv_heads_local = kv_caches[0].shape[3]
+        # Layer-wise KV streaming: called (request id, layer, first token, kv [2, n, kvh, hd],
+        # a copy) after each layer of a step, for the step's kv_stream entries.
+        self.on_layer_kv: Callable[[str, int, int, torch.Tensor], None] | None = None
 
     def _head_slice(self) -> slice:
         lo = self.tp_rank * self.kv_heads_local
@@ -153,8 +167,16 @@ class ModelRunner:
         for table, kv in step.kv_imports:
             self.import_kv(table, kv)
         logits = None
+        hook = None
+        if step.kv_stream and self.on_layer_kv is not None:
+            sink = self.on_layer_kv
+
+            def hook(layer: int) -> None:
+                flat = self.kv_caches[layer].flatten(1, 2)  # [2, blocks * block_size, kvh, hd]
+                for rid, first, slots in step.kv_stream:
+                    sink(rid, layer, first, flat.index_select(1, slots))
         if step.input_ids.numel():
-            hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches)
+            hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches, hook)
             logits = self.model.compute_logits(hidden[step.logits_indices])
         exported = {rid: self.export_kv(table, n) for rid, table, n in step.kv_exports}
         return StepResult(logits=logits, exported=exported)

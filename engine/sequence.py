@@ -65,6 +65,10 @@ class Sequence:
         # an opaque payload the runner writes into this sequence's blocks on admission.
         self.pending_kv: Any = None
         self.num_pending_kv_tokens = 0
+        # Layer-wise KV streaming (prefill workers): hand each layer's new KV to the
+        # transfer layer as it is computed; kv_streamed counts tokens already handed over.
+        self.stream_kv = False
+        self.kv_streamed = 0
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None

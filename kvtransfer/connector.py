@@ -9,12 +9,16 @@ Primitives and who calls them:
   head_dim]`` ready to be written into the paged cache.
 - ``release(handle)``: either side, when the transfer is done or abandoned.
 
-Connectors are chosen per pair of workers by ``get_connector``; codecs and the gRPC
-transport plug in here (a later issue).
+Across nodes the KV streams layer by layer while the prompt is computed
+(``kvtransfer.stream``: ``begin`` before the prefill, ``sender.add`` per layer from the
+engine thread, ``sender.end``), so the receiver can ``receive`` it early (prefetch) and
+start decoding once all layers land. Connectors are chosen per pair of workers by
+``get_connector``; the codec per chunk comes from ``kvtransfer.policy``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -105,19 +109,21 @@ class ObjectStoreConnector:
 
 
 class GrpcConnector:
-    """gRPC stream between nodes. The sender encodes with its codec and publishes to its
-    process's KVServer; the receiver pulls from that address and decodes (the stream's
-    header names the codec)."""
+    """gRPC stream between nodes, layer by layer (``kvtransfer.stream``). The sender
+    publishes to its process's KVServer; the receiver pulls from that address, decoding
+    pieces as they arrive. ``policy`` (``kvtransfer.policy.TransferPolicy``) picks the
+    codec per chunk: pinned in the manifest, or adaptive."""
 
     name = "grpc"
     _server: "object | None" = None
 
-    def __init__(self, host: str = "127.0.0.1", rate_gbps: float | None = None, codec: str = "none") -> None:
-        from kvtransfer.codec import get_codec
+    def __init__(self, host: str = "127.0.0.1", rate_gbps: float | None = None, policy: Any = None) -> None:
+        from kvtransfer.policy import PolicySpec, TransferPolicy
 
         self.host = host
         self.rate_gbps = rate_gbps
-        self.codec = get_codec(codec)
+        self.policy = policy if policy is not None else TransferPolicy(PolicySpec())
+        self._sender: Any = None
 
     def _kv_server(self) -> Any:
         from kvtransfer.grpc_transport import KVServer
@@ -126,30 +132,43 @@ class GrpcConnector:
             GrpcConnector._server = KVServer(self.host, 0, rate_gbps=self.rate_gbps)
         return GrpcConnector._server
 
-    def send(self, request_id: str, kv: torch.Tensor) -> KVHandle:
+    @property
+    def sender(self) -> Any:
+        from kvtransfer.stream import StreamSender
+
+        if self._sender is None:
+            server = self._kv_server()
+            server.on_stream_done = lambda rid, dest, n, busy: self.policy.observe_link(self.host, dest, n, busy)
+            self._sender = StreamSender(server, on_encoded=self.policy.observe_encode)
+        return self._sender
+
+    def begin(self, request_id: str, shape: tuple[int, ...], dtype: str, dest: str | None,
+              arrival: float | None = None) -> KVHandle:
+        """Open a streamed transfer; feed it with ``sender.add`` and ``sender.end``."""
+        itemsize = 4 if dtype == "float32" else 2
+        per_token = math.prod(shape) // shape[2] * itemsize if shape[2] else 0
+        planner = self.policy.planner(self.host, dest or "?", per_token, arrival)
+        return self.sender.begin(request_id, tuple(shape), dtype, dest, planner)
+
+    def send(self, request_id: str, kv: torch.Tensor, dest: str | None = None) -> KVHandle:
+        """The whole KV at once (tensor-parallel prefill, tests): streamed all the same."""
         t0 = time.perf_counter()
-        data = self.codec.encode(kv)
-        server = self._kv_server()
-        server.publish(request_id, data)
-        return KVHandle(request_id, tuple(kv.shape), str(kv.dtype).removeprefix("torch."),
-                        len(data), self.name, server.address, time.perf_counter() - t0)
+        handle = self.begin(request_id, tuple(kv.shape), str(kv.dtype).removeprefix("torch."), dest)
+        for layer in range(kv.shape[0]):
+            self.sender.add(request_id, layer, 0, kv[layer])
+        self.sender.end(request_id)
+        handle.send_s = time.perf_counter() - t0
+        return handle
+
+    def receive_detailed(self, handle: KVHandle, timeout_s: float) -> Any:
+        from kvtransfer.stream import receive_stream
+
+        return receive_stream(handle, timeout_s)
 
     def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
-        from kvtransfer.grpc_transport import fetch
-
-        from kvtransfer.codec import CodecError, decode_any
-
-        data = fetch(handle.ref, handle.request_id, timeout_s)
-        if len(data) != handle.nbytes:
-            raise KVTransferError(f"KV of {handle.request_id}: {len(data)} bytes arrived, "
-                                  f"{handle.nbytes} were sent")
-        try:
-            kv = decode_any(data)
-        except CodecError as e:
-            raise KVTransferError(f"KV of {handle.request_id} could not be decoded: {e}") from None
-        if tuple(kv.shape) != tuple(handle.shape):
-            raise KVTransferError(f"KV of {handle.request_id} decoded to {tuple(kv.shape)}, expected {handle.shape}")
-        return kv
+        """KV of the prompt's first ``kv_tokens`` tokens (all of them unless the sender
+        chose to have a suffix recomputed)."""
+        return self.receive_detailed(handle, timeout_s).kv
 
     def release(self, handle: KVHandle) -> None:
         handle.ref = None
@@ -160,13 +179,13 @@ class PairConnector:
     unless the manifest pins one. Receivers dispatch on the handle's transport."""
 
     def __init__(self, transport: str = "auto", node_ip: str = "127.0.0.1",
-                 rate_gbps: float | None = None, codec: str = "none") -> None:
+                 rate_gbps: float | None = None, policy: Any = None) -> None:
         if transport not in ("auto", "object_store", "grpc"):
             raise ValueError(f"unknown KV transport {transport!r}; allowed: auto, object_store, grpc")
         self.transport = transport
         self.node_ip = node_ip
         self.object_store = ObjectStoreConnector()
-        self.grpc = GrpcConnector(node_ip, rate_gbps, codec)
+        self.grpc = GrpcConnector(node_ip, rate_gbps, policy)
 
     def pick(self, dest_node_ip: str | None) -> KVConnector:
         if self.transport == "grpc" or (self.transport == "auto" and dest_node_ip not in (None, self.node_ip)):
@@ -174,17 +193,28 @@ class PairConnector:
         return self.object_store
 
     def send(self, request_id: str, kv: torch.Tensor, dest_node_ip: str | None = None) -> KVHandle:
-        return self.pick(dest_node_ip).send(request_id, kv)
+        conn = self.pick(dest_node_ip)
+        if conn is self.grpc:
+            return self.grpc.send(request_id, kv, dest_node_ip)
+        return conn.send(request_id, kv)
+
+    def receive_detailed(self, handle: KVHandle, timeout_s: float) -> Any:
+        """A ``kvtransfer.stream.Received`` (kv, kv_tokens, choices, nbytes, attempts)."""
+        if handle.transport == "grpc":
+            return self.grpc.receive_detailed(handle, timeout_s)
+        from kvtransfer.stream import Received
+
+        kv = self.object_store.receive(handle, timeout_s)
+        return Received(kv, kv.shape[2], ["none"], handle.nbytes, 1)
 
     def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
-        conn: KVConnector = self.grpc if handle.transport == "grpc" else self.object_store
-        return conn.receive(handle, timeout_s)
+        return self.receive_detailed(handle, timeout_s).kv
 
     def release(self, handle: KVHandle) -> None:
         handle.ref = None
 
 
 def get_connector(transport: str = "auto", node_ip: str = "127.0.0.1",
-                  rate_gbps: float | None = None, codec: str = "none") -> PairConnector:
-    """Codecs apply to the gRPC (cross-node) path; within a node KV moves raw."""
-    return PairConnector(transport, node_ip, rate_gbps, codec)
+                  rate_gbps: float | None = None, policy: Any = None) -> PairConnector:
+    """Codecs (``policy``) apply to the gRPC (cross-node) path; within a node KV moves raw."""
+    return PairConnector(transport, node_ip, rate_gbps, policy)

@@ -11,7 +11,12 @@ marks the last frame. The receiver checks magic, sequence, length and CRC of eve
 and that the last one arrived, so a corrupted chunk, a cut stream, a dead peer or a
 missed deadline is a ``KVTransferError`` naming what happened, never silent garbage.
 HTTP/2 flow control bounds what is in flight; ``rate_gbps`` paces the sender to emulate
-a slower link (benchmarks).
+a slower link (benchmarks): one pacer per server, so concurrent streams share the link.
+
+A request's parts stay on the sender until the receiver releases them (``/splitserve.KV/
+Release``, after it has decoded everything) or they expire, so a receiver whose stream
+failed (bad checksum, cut) can fetch again once. ``fail`` ends a transfer that will never
+complete (the prefill failed): a waiting receiver gets the reason at once.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -32,12 +37,13 @@ from kvtransfer.connector import KVTransferError
 logger = logging.getLogger(__name__)
 
 METHOD = "/splitserve.KV/Fetch"
+RELEASE = "/splitserve.KV/Release"
 MAGIC = b"SSKV"
 _HEADER = struct.Struct("<4sIIII")
 FLAG_LAST = 1
 CHUNK_BYTES = 1 << 20
-# Parts not fetched within this time are dropped (the decode side gave up).
-EXPIRE_S = 300.0
+# Parts not released within this time are dropped (the decode side gave up or died).
+EXPIRE_S = 120.0
 
 
 def frame(seq: int, payload: bytes, last: bool) -> bytes:
@@ -64,6 +70,10 @@ def unframe(msg: bytes, expect_seq: int) -> tuple[bytes, bool]:
 class _Entry:
     parts: list[bytes] = field(default_factory=list)
     closed: bool = False
+    # Why the transfer will never complete (the sender failed), or None.
+    error: str | None = None
+    # Receiver's node (link statistics are kept per destination).
+    dest: str | None = None
     created: float = field(default_factory=time.monotonic)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -77,10 +87,16 @@ class KVServer:
         self._lock = threading.Lock()
         self.rate_gbps = rate_gbps
         self.bytes_sent = 0
+        self._pace_lock = threading.Lock()
+        self._pace_next = 0.0
+        # Called (request id, dest, bytes, seconds the stream was sending, not waiting for
+        # parts) when a stream has sent its last frame: the link throughput sample.
+        self.on_stream_done: "Callable[[str, str | None, int, float], None] | None" = None
         # Fault injection for tests and drills: ("corrupt" | "cut", fetches left).
         self.fault: tuple[str, int] | None = None
         handler = grpc.method_handlers_generic_handler("splitserve.KV", {
             "Fetch": grpc.unary_stream_rpc_method_handler(self._fetch),
+            "Release": grpc.unary_unary_rpc_method_handler(self._release),
         })
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                    options=[("grpc.max_send_message_length", 2 * CHUNK_BYTES),
@@ -93,10 +109,20 @@ class KVServer:
         self._server.start()
 
     # -- sender API -------------------------------------------------------------------
-    def open(self, request_id: str) -> None:
+    def open(self, request_id: str, dest: str | None = None) -> None:
         with self._lock:
             self._expire()
-            self._entries[request_id] = _Entry()
+            self._entries[request_id] = _Entry(dest=dest)
+
+    def fail(self, request_id: str, reason: str) -> None:
+        """The transfer will never complete: receivers get ``reason`` instead of waiting."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return
+        with entry.cond:
+            entry.error = reason
+            entry.closed = True
+            entry.cond.notify_all()
 
     def append(self, request_id: str, data: bytes, last: bool = False) -> None:
         """Publish the next part of a request's KV (split into frames of CHUNK_BYTES)."""
@@ -124,6 +150,22 @@ class KVServer:
             del self._entries[rid]
 
     # -- the RPC ----------------------------------------------------------------------
+    def _release(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.discard(request.decode())
+        return b""
+
+    def _pace(self, nbytes: int) -> None:
+        """Shared token bucket: this frame leaves when the emulated link is free."""
+        if not self.rate_gbps:
+            return
+        with self._pace_lock:
+            now = time.perf_counter()
+            start = max(now, self._pace_next)
+            self._pace_next = start + nbytes * 8 / (self.rate_gbps * 1e9)
+            wait = self._pace_next - now
+        if wait > 0:
+            time.sleep(wait)
+
     def _fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         rid = request.decode()
         entry = self._entries.get(rid)
@@ -131,6 +173,7 @@ class KVServer:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV for {rid} on this worker")
         seq = 0
         t_start = time.perf_counter()
+        waited = 0.0
         sent = 0
         while True:
             with entry.cond:
@@ -139,16 +182,17 @@ class KVServer:
                     if remaining is not None and remaining <= 0:
                         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                       f"KV of {rid} was not produced before the deadline")
+                    t_wait = time.perf_counter()
                     entry.cond.wait(timeout=min(1.0, remaining or 1.0))
+                    waited += time.perf_counter() - t_wait
                     if not context.is_active():
                         return
+                if entry.error is not None:
+                    context.abort(grpc.StatusCode.ABORTED, f"sender failed: {entry.error}")
                 part = entry.parts[seq]
                 last = entry.closed and seq == len(entry.parts) - 1
-            if self.rate_gbps:
-                sent += len(part)
-                ahead = sent * 8 / (self.rate_gbps * 1e9) - (time.perf_counter() - t_start)
-                if ahead > 0:
-                    time.sleep(ahead)
+            self._pace(len(part))
+            sent += len(part)
             self.bytes_sent += len(part)
             fault = self._take_fault(seq)
             if fault == "cut":
@@ -156,10 +200,16 @@ class KVServer:
             msg = frame(seq, part, last)
             if fault == "corrupt":
                 msg = msg[:-1] + bytes([msg[-1] ^ 0xFF])
+            if last and self.on_stream_done is not None:
+                # Before the last yield: the receiver may close the call once it has it.
+                busy = time.perf_counter() - t_start - waited
+                try:
+                    self.on_stream_done(rid, entry.dest, sent, busy)
+                except Exception:  # noqa: BLE001 - statistics never fail a transfer
+                    logger.exception("on_stream_done failed")
             yield msg
             seq += 1
             if last:
-                self.discard(rid)
                 return
 
     def _take_fault(self, seq: int) -> str | None:
@@ -210,6 +260,14 @@ def fetch_parts(address: str, request_id: str, deadline_s: float) -> Iterator[by
         call.cancel()
     raise KVTransferError(f"KV stream of {request_id} from {address} was cut after {seq} frames "
                           "(no last frame)")
+
+
+def release(address: str, request_id: str, timeout_s: float = 5.0) -> None:
+    """Tell the sender it may drop the request's parts (best effort: they expire anyway)."""
+    try:
+        _channel(address).unary_unary(RELEASE)(request_id.encode(), timeout=timeout_s)
+    except grpc.RpcError as e:
+        logger.debug("release of %s at %s failed: %s", request_id, address, e.code())
 
 
 def fetch(address: str, request_id: str, deadline_s: float) -> bytes:

@@ -1,5 +1,10 @@
 """Prefill worker: computes prompt KV, samples the first token, hands the KV to the
-transfer layer and returns a handle that the decode worker redeems."""
+transfer layer and returns a handle that the decode worker redeems.
+
+Across nodes (gRPC) the KV streams layer by layer while the prompt is computed: the
+transfer is opened before the prompt is queued, the decode worker is told to start
+pulling at once (``prefetch_kv``), and each layer's KV goes to the sender as the engine
+writes it. Within a node the finished KV goes through the object store."""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from typing import Any
 from cluster.worker_base import EngineWorker, current_node_ip
 from engine.engine import StepOutput
 from engine.scheduler import SchedulerConfig
-from kvtransfer.connector import get_connector
+from kvtransfer.connector import KVHandle, get_connector
+from kvtransfer.policy import PolicySpec, TransferPolicy
 from prefill_workers.scheduler import prefill_scheduler_config
 
 logger = logging.getLogger(__name__)
@@ -25,28 +31,104 @@ class PrefillWorker(EngineWorker):
         super().__init__(worker_id, manifest_json, pool_name)
         self._node_ip = current_node_ip()
         kt = self.manifest.kv_transfer
-        self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps, kt.codec)
+        budget_ms = kt.budget_ms if kt.budget_ms is not None else self.manifest.slo.ttft_ms
+        self.policy = TransferPolicy(PolicySpec(kt.codec, kt.level, kt.chunk_tokens, kt.allow_recompute,
+                                                budget_ms / 1000.0))
+        self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps, self.policy)
         self._dest: dict[str, str | None] = {}
         self._sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{worker_id}-kv-send")
         self._futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._arrivals: dict[str, float] = {}
+        # Requests whose KV streams layer-wise over gRPC, with their handles.
+        self._streams: dict[str, KVHandle] = {}
+        self._kv_shape: tuple[int, int, int] = (0, 0, 0)  # layers, kv heads, head dim
+        self._probe: str | None = None  # the internal request that samples KV for profiling
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
                                         max_model_len)
 
-    async def prefill(self, req: dict[str, Any]) -> dict[str, Any]:
-        """req: request_id, prompt_token_ids, params (SamplingParams fields), and
-        decode_node_ip (where the KV goes: picks the transport).
+    async def start(self) -> dict[str, Any]:
+        if self.engine is not None:
+            return await self.health()
+        from engine.config import ModelConfig
 
-        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens."""
+        out = await super().start()
+        cfg = ModelConfig.from_dir(self.settings.model_dir)
+        self._kv_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        assert self.engine is not None
+        if self.settings.tp_size == 1:
+            sender = self.connector.grpc.sender
+            self.engine.runner.on_layer_kv = sender.add
+        if self.policy.adaptive:
+            await self._profile_codecs()
+        return out
+
+    async def _profile_codecs(self, tokens: int = 512) -> None:
+        """Measure the adaptive options on this model's own KV (one internal prefill) and
+        the prefill speed; transfers refine both."""
+        from kvtransfer.adaptive import profile_options
+
+        rid = f"__kv-profile-{self.worker_id}"
+        vocab = self.engine.runner.model.cfg.vocab_size  # type: ignore[union-attr]
+        prompt = [(i * 7919 + 13) % (vocab - 2) + 1 for i in range(tokens)]
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._futures[rid] = fut
+        self._arrivals[rid] = time.monotonic()
+        self._dest[rid] = None
+        self._probe = rid
+        try:
+            self._submit(rid, {"prompt_token_ids": prompt, "params": {"max_tokens": 1, "temperature": 0.0}})
+            res = await asyncio.wait_for(fut, timeout=120)
+        finally:
+            self._futures.pop(rid, None)
+            self._arrivals.pop(rid, None)
+            self._dest.pop(rid, None)
+        kv = res["kv_tensor"]
+        self.policy.s_per_token = res["prefill_s"] / tokens
+        opts = await asyncio.to_thread(profile_options, kv, self.policy.spec.labels())
+        assert self.policy.controller is not None
+        self.policy.controller.options = sorted(opts, key=lambda o: o.lossiness)
+        self.policy.controller.recompute_s_per_token = self.policy.s_per_token
+        logger.info("%s KV codec profile: %s; prefill %.3f ms/token", self.worker_id,
+                    [(o.label, round(o.size_ratio, 3), int(o.encode_bps / 1e6), int(o.decode_bps / 1e6))
+                     for o in opts], self.policy.s_per_token * 1e3)
+
+    async def kv_policy(self) -> dict[str, Any]:
+        """What the adaptive controller believes (benchmarks, debugging)."""
+        c = self.policy.controller
+        return {"codec": self.policy.spec.codec, "prefill_s_per_token": self.policy.s_per_token,
+                "links": {} if c is None else {f"{a}->{b}": e.bps for (a, b), e in c.links.items()},
+                "options": [] if c is None else [
+                    {"label": o.label, "size_ratio": o.size_ratio, "encode_bps": o.encode_bps,
+                     "decode_bps": o.decode_bps} for o in c.options]}
+
+    async def prefill(self, req: dict[str, Any]) -> dict[str, Any]:
+        """req: request_id, prompt_token_ids, params (SamplingParams fields),
+        decode_node_ip (where the KV goes: picks the transport) and optionally
+        decode_actor (told to start pulling a streamed transfer at once).
+
+        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens and,
+        for streamed transfers, kv_plan (codec per chunk)."""
         rid = req["request_id"]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[rid] = fut
         self._arrivals[rid] = time.monotonic()
-        self._dest[rid] = req.get("decode_node_ip")
+        dest = req.get("decode_node_ip")
+        self._dest[rid] = dest
+        stream = self.settings.tp_size == 1 and self.connector.pick(dest) is self.connector.grpc
         try:
-            self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"]})
+            if stream:
+                layers, kvh, hd = self._kv_shape
+                shape = (layers, 2, len(req["prompt_token_ids"]), kvh, hd)
+                handle = self.connector.grpc.begin(rid, shape, self.manifest.model.dtype, dest,
+                                                   self._arrivals[rid])
+                self._streams[rid] = handle
+                decode = req.get("decode_actor")
+                if decode is not None:
+                    decode.prefetch_kv.remote(handle)
+            self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
+                               "stream_kv": stream})
             return await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
         except asyncio.TimeoutError:
             await self.abort(rid)
@@ -56,23 +138,40 @@ class PrefillWorker(EngineWorker):
             self._futures.pop(rid, None)
             self._arrivals.pop(rid, None)
             self._dest.pop(rid, None)
+            if self._streams.pop(rid, None) is not None:  # not handed over: the receiver must not wait
+                self.connector.grpc.sender.abort(rid, f"prefill of {rid} did not complete")
 
     def on_step(self, out: StepOutput) -> None:
         now = time.monotonic()
         for seq in out.finished:
-            fut = self._futures.get(seq.request_id)
-            kv = out.exported_kv.get(seq.request_id)
-            if fut is None or fut.done() or kv is None:
+            rid = seq.request_id
+            fut = self._futures.get(rid)
+            if fut is None or fut.done():
                 continue
-            arrival = self._arrivals.get(seq.request_id, now)
+            arrival = self._arrivals.get(rid, now)
             first = seq.first_scheduled_time or now
             result = {"first_token": seq.output_token_ids[0], "queue_s": first - arrival,
                       "prefill_s": now - first, "num_cached_tokens": seq.num_cached_tokens,
                       "worker_id": self.worker_id, "node_ip": self._node_ip}
+            self.policy.observe_prefill(len(seq.prompt_token_ids) - seq.num_cached_tokens, now - first)
+            handle = self._streams.pop(rid, None)
+            if handle is not None:
+                # Layers were handed to the sender as computed; the rest drains behind.
+                result["kv_plan"] = self.connector.grpc.sender.stats(rid)
+                self.connector.grpc.sender.end(rid)
+                fut.set_result({**result, "kv": handle})
+                continue
+            kv = out.exported_kv.get(rid)
+            if kv is None:
+                fut.set_exception(RuntimeError(f"prefill of {rid} finished without its KV"))
+                continue
+            if rid == self._probe:
+                fut.set_result({**result, "kv_tensor": kv})
+                continue
             # Publishing the KV (a copy into the object store, or encoding for gRPC) runs
             # off the event loop and off the engine thread, beside the next prefill step.
             send = asyncio.get_running_loop().run_in_executor(
-                self._sender, self.connector.send, seq.request_id, kv, self._dest.get(seq.request_id))
+                self._sender, self.connector.send, rid, kv, self._dest.get(rid))
             send.add_done_callback(lambda f, fut=fut, result=result: self._sent(fut, result, f))
 
     async def inject_kv_fault(self, kind: str, count: int = 1) -> None:

@@ -86,7 +86,7 @@ def main(model_dir: str) -> int:
             prefill = ray.get(dep.controller.get_state.remote())["pools"]["prefill"][0]["handle"]
             faults = {}
             for kind in ("corrupt", "cut"):
-                ray.get(prefill.inject_kv_fault.remote(kind))
+                ray.get(prefill.inject_kv_fault.remote(kind, 2))  # the receiver retries once
                 r = httpx.post(f"{url}/v1/completions", timeout=60, json={
                     "model": "tiny", "prompt": prompts[1], "max_tokens": 5, "ignore_eos": True})
                 ok = httpx.post(f"{url}/v1/completions", timeout=60, json={

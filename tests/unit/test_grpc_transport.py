@@ -25,8 +25,31 @@ def test_round_trip_multi_frame(server):
     data = os.urandom(3 * gt.CHUNK_BYTES + 123)
     server.publish("r1", data)
     assert gt.fetch(server.address, "r1", deadline_s=10) == data
-    with pytest.raises(KVTransferError, match="NOT_FOUND"):  # consumed
+    # Kept until released, so a receiver whose stream failed can fetch again.
+    assert gt.fetch(server.address, "r1", deadline_s=10) == data
+    gt.release(server.address, "r1")
+    with pytest.raises(KVTransferError, match="NOT_FOUND"):  # released
         gt.fetch(server.address, "r1", deadline_s=5)
+
+
+def test_fail_reaches_a_waiting_receiver_at_once(server):
+    server.open("rf")
+    server.append("rf", b"x" * 100)
+    threading.Timer(0.2, server.fail, args=("rf", "prefill aborted")).start()
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="prefill aborted"):
+        gt.fetch(server.address, "rf", deadline_s=20)
+    assert time.monotonic() - t0 < 5
+
+
+def test_stream_statistics_exclude_waiting_for_parts(server):
+    seen = []
+    server.on_stream_done = lambda rid, dest, n, busy: seen.append((rid, dest, n, busy))
+    server.open("rs", dest="10.0.0.9")
+    threading.Timer(0.5, server.append, args=("rs", b"y" * 1000), kwargs={"last": True}).start()
+    gt.fetch(server.address, "rs", deadline_s=10)
+    (rid, dest, n, busy), = seen
+    assert (rid, dest, n) == ("rs", "10.0.0.9", 1000) and busy < 0.4
 
 
 def test_parts_stream_as_they_are_appended(server):
