@@ -14,6 +14,7 @@ the KV of a prefix and computes the rest like a prompt whose prefix was cached.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
     import torch
 
 RECOMPUTE = "recompute"
-# A lossier step must save at least this share of the predicted time: when the budget is
-# out of reach, quality is not traded for crumbs.
-MIN_GAIN = 0.01
 
 
 @dataclass
@@ -131,39 +129,91 @@ class AdaptiveController:
              allow_recompute: bool = True) -> ChunkPlan:
         """Least lossy option per chunk such that all chunks land within budget_s.
 
-        Greedy: every chunk starts at the least lossy option; while the prediction is over
-        budget, the chunk whose next step (a lossier level; finally recomputing it, for the
-        last chunk not yet recomputed) saves the most time takes that step, if it saves at
-        least MIN_GAIN of the total. When nothing meets the budget, the fastest plan found
-        is returned with meets_budget False."""
+        Candidates in order of loss: every chunk at option 0, 1, ... (uniform), then the
+        strongest option with a growing suffix of chunks recomputed. The first candidate
+        that meets the budget is refined chunk by chunk: each chunk steps back to less
+        lossy options as long as the whole still meets the budget. When no candidate
+        meets it, the fastest one is returned with meets_budget False."""
         bps = self.link(src, dst).bps
-        top = len(self.options) if allow_recompute else len(self.options) - 1
-        idx = [0] * len(chunk_bytes)
-        total = self.predict(idx, chunk_bytes, chunk_tokens, bps, ready_s)
-        while total > budget_s:
-            best, best_total = -1, total
-            for i in range(len(idx)):
-                if idx[i] >= top:
-                    continue
-                if idx[i] + 1 == len(self.options) and i + 1 < len(idx) and idx[i + 1] != len(self.options):
-                    continue  # recompute only a suffix
-                idx[i] += 1
-                t = self.predict(idx, chunk_bytes, chunk_tokens, bps, ready_s)
-                idx[i] -= 1
-                if t < best_total and t < total * (1 - MIN_GAIN):
-                    best, best_total = i, t
-            if best < 0:
+        n, top = len(chunk_bytes), len(self.options) - 1
+
+        def predict(idx: list[int]) -> float:
+            return self.predict(idx, chunk_bytes, chunk_tokens, bps, ready_s)
+
+        candidates = [[k] * n for k in range(top + 1)]
+        if allow_recompute:
+            candidates += [[top] * (n - j) + [top + 1] * j for j in range(1, n + 1)]
+        best, best_t = candidates[0], predict(candidates[0])
+        chosen = None
+        for idx in candidates:
+            t = predict(idx)
+            if t <= budget_s:
+                chosen = list(idx)
                 break
-            idx[best] += 1
-            total = best_total
+            if t < best_t:
+                best, best_t = idx, t
+        if chosen is None:
+            # Mixed plans can beat every uniform one (the CPU codecs and the link are
+            # different bottlenecks): improve the fastest by single-chunk moves.
+            chosen, t = self._descend(list(best), best_t, predict, top + 1 if allow_recompute else top,
+                                      budget_s)
+            if t > budget_s:
+                return self._labels(chosen, t, False)
+        for i in range(n):
+            while chosen[i] > 0:
+                if chosen[i] == top + 1 and i + 1 < n and chosen[i + 1] != top + 1:
+                    break  # recompute stays a suffix
+                chosen[i] -= 1
+                if predict(chosen) > budget_s:
+                    chosen[i] += 1
+                    break
+        t = predict(chosen)
+        return self._labels(chosen, t, t <= budget_s)
+
+    @staticmethod
+    def _descend(idx: list[int], t: float, predict: Callable[[list[int]], float], last: int,
+                 budget_s: float) -> tuple[list[int], float]:
+        """Best-improvement moves of one chunk to any option 0..last (last is recompute
+        when allowed; it stays a suffix), at most len(idx) of them, until the budget is met."""
+        n, rc = len(idx), last
+        for _ in range(n):
+            if t <= budget_s:
+                break
+            move, move_t = None, t
+            for i in range(n):
+                old = idx[i]
+                for k in range(last + 1):
+                    if k == old:
+                        continue
+                    idx[i] = k
+                    if _suffix_ok(idx, rc) and (nt := predict(idx)) < move_t:
+                        move, move_t = (i, k), nt
+                idx[i] = old
+            if move is None:
+                break
+            idx[move[0]] = move[1]
+            t = move_t
+        return idx, t
+
+    def _labels(self, idx: list[int], t: float, ok: bool) -> ChunkPlan:
         labels = [RECOMPUTE if k == len(self.options) else self.options[k].label for k in idx]
-        return ChunkPlan(labels, total, total <= budget_s)
+        return ChunkPlan(labels, t, ok)
 
     def option(self, label: str) -> CodecOption:
         for o in self.options:
             if o.label == label:
                 return o
         raise KeyError(f"no codec option {label!r}; have {[o.label for o in self.options]}")
+
+
+def _suffix_ok(idx: list[int], rc: int) -> bool:
+    """Recompute (index rc) only on a suffix of the chunks."""
+    seen = False
+    for k in idx:
+        if seen and k != rc:
+            return False
+        seen = seen or k == rc
+    return True
 
 
 def option_label(name: str, level: int | None) -> str:
@@ -177,31 +227,40 @@ def parse_label(label: str) -> tuple[str, int | None]:
 
 # Lossiness ranks: exact first (none before lossless: cheaper on the CPU), then int8,
 # then cachegen levels in order.
-def _rank(name: str, level: int | None) -> int:
+def rank(name: str, level: int | None) -> int:
     return {"none": 0, "lossless": 0, "int8": 1}.get(name, 2 + (level or 0))
 
 
-def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2) -> list[CodecOption]:
-    """Measure each option on a sample of the model's KV ([layers, 2, tokens, kvh, hd]):
+def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2,
+                    piece_tokens: int | None = None) -> list[CodecOption]:
+    """Measure each option on a sample of the model's KV ([layers, 2, tokens, kvh, hd]),
+    coded the way transfers code it (one piece per layer and chunk of ``piece_tokens``):
     size ratio, and encode and decode speed (raw bytes per second, best of ``repeat``)."""
     import time
 
     from kvtransfer.codec import get_codec
 
+    layers, t = sample.shape[0], sample.shape[2]
+    c = piece_tokens or t
+    pieces = [(layer, sample[layer:layer + 1, :, a:a + c]) for layer in range(layers) for a in range(0, t, c)]
     raw = sample.numel() * sample.element_size()
     out = []
     for label in labels:
         name, level = parse_label(label)
-        codec = get_codec(name, **({} if level is None else {"level": level}))
+        codecs = [get_codec(name, **({} if level is None else
+                                      {"level": level, "first_layer": layer, "total_layers": layers}))
+                  for layer in range(layers)]
         enc_s = dec_s = float("inf")
-        data = b""
+        size = 0
         for _ in range(repeat):
             t0 = time.perf_counter()
-            data = codec.encode(sample)
+            data = [codecs[layer].encode(p) for layer, p in pieces]
             t1 = time.perf_counter()
-            codec.decode(data)
+            for (layer, _), d in zip(pieces, data):
+                codecs[layer].decode(d)
             t2 = time.perf_counter()
             enc_s, dec_s = min(enc_s, t1 - t0), min(dec_s, t2 - t1)
-        out.append(CodecOption(name, level, len(data) / raw, raw / max(enc_s, 1e-9), raw / max(dec_s, 1e-9),
-                               _rank(name, level)))
+            size = sum(map(len, data))
+        out.append(CodecOption(name, level, size / raw, raw / max(enc_s, 1e-9), raw / max(dec_s, 1e-9),
+                               rank(name, level)))
     return out

@@ -12,14 +12,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvtransfer.adaptive import AdaptiveController, CodecOption, option_label
+from kvtransfer.adaptive import AdaptiveController, CodecOption, rank, option_label, parse_label
 from kvtransfer.stream import Planner, StreamPlan
 
 # What the adaptive controller may choose from, least lossy first (cachegen levels up to
 # max_level are appended).
 ADAPTIVE_BASE = ["none", "lossless", "int8"]
 # Chunks per prompt at most (planning is quadratic in the chunk count).
-MAX_CHUNKS = 64
+MAX_CHUNKS = 32
+# Until a worker has profiled the codecs on its model's KV (it does so before serving):
+# size vs 16-bit KV and single-core MB/s each way, from benchmarks.codec_bench on the
+# trained tiny Llama's bf16 KV (session 1 figures).
+DEFAULT_PROFILE = {"none": (1.0, 5e9, 5e9), "lossless": (0.75, 0.9e9, 1.2e9), "int8": (0.53, 0.46e9, 1.6e9),
+                   "cachegen:0": (0.35, 1.6e8, 0.8e8), "cachegen:1": (0.27, 1.6e8, 0.86e8),
+                   "cachegen:2": (0.21, 1.7e8, 1.0e8), "cachegen:3": (0.15, 1.7e8, 1.1e8),
+                   "cachegen:4": (0.12, 1.7e8, 1.2e8), "cachegen:5": (0.094, 1.7e8, 1.3e8)}
 
 
 @dataclass
@@ -51,6 +58,9 @@ class TransferPolicy:
         self.spec = spec
         self.adaptive = spec.codec == "adaptive"
         self.s_per_token = prefill_s_per_token
+        if self.adaptive and not options:
+            options = [CodecOption(*parse_label(lb), *DEFAULT_PROFILE[lb], rank(*parse_label(lb)))
+                       for lb in spec.labels()]
         self.controller = (AdaptiveController(options or [], prefill_s_per_token, default_bps)
                            if self.adaptive else None)
 

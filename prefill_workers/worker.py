@@ -86,7 +86,8 @@ class PrefillWorker(EngineWorker):
             self._dest.pop(rid, None)
         kv = res["kv_tensor"]
         self.policy.s_per_token = res["prefill_s"] / tokens
-        opts = await asyncio.to_thread(profile_options, kv, self.policy.spec.labels())
+        opts = await asyncio.to_thread(profile_options, kv, self.policy.spec.labels(), 2,
+                                        self.policy.spec.chunk_tokens)
         assert self.policy.controller is not None
         self.policy.controller.options = sorted(opts, key=lambda o: o.lossiness)
         self.policy.controller.recompute_s_per_token = self.policy.s_per_token

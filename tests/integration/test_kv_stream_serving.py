@@ -1,0 +1,50 @@
+"""Streamed KV across fake nodes (its own Ray, in a subprocess): equality with the engine
+over a paced link, retry after one corrupted stream, 503s within the deadline after
+repeated faults, a receiver killed mid-transfer, and adaptive compression on a slow link."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def seen(llama_dir):
+    r = subprocess.run([sys.executable, "-m", "tests.integration.kv_stream_check", str(llama_dir)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_streamed_raw_kv_over_a_paced_link_equals_the_engine(seen):
+    assert seen["statuses"] == [200] * 6
+    assert seen["equal"] is True
+    assert seen["grpc_bytes"] >= seen["raw_bytes"] > 0  # raw plus framing
+
+
+def test_one_bad_stream_is_retried_two_end_the_request_within_the_deadline(seen):
+    f = seen["faults"]
+    status, _, same, _, ok = f["corruptx1"]
+    assert status == 200 and same and ok == 200
+    for kind, word in (("corruptx2", "checksum"), ("cutx2", "cut")):
+        status, msg, _, took, ok = f[kind]
+        assert status == 503 and word in msg and "2 attempt" in msg, f[kind]
+        assert took < 8 + 5  # the transfer deadline (timeout_s) plus slack
+        assert ok == 200
+
+
+def test_a_receiver_killed_mid_transfer_ends_the_request_and_the_pool_recovers(seen):
+    k = seen["killed_receiver"]
+    assert k["status"] in (500, 502, 503) and k["took"] < 30, k
+    assert k["recovered"] is True
+
+
+def test_adaptive_compresses_on_a_slow_link(seen):
+    a = seen["adaptive"]
+    assert a["statuses"] == [200, 200, 200]
+    assert a["bytes_ratio"] < 0.7, a
+    assert any(link for link in a["policy"]["links"]), a  # the link was measured
