@@ -16,6 +16,8 @@ order none, adaptive, adaptive, none, and the requests pooled):
 - ``t2_s``: second token at the client: the KV has landed (or the suffix recomputed) and
   the decode worker has run one step. This is the TTFT of a design whose decode worker
   emits the first token (vLLM's and llm-d's P/D), and the figure the KV transfer decides.
+- ``kv_wait_s`` = t2 - ttft: what the transfer adds after the prefill (plus one decode
+  step). Less noisy than t2 on a shared machine, where the prefill time itself varies.
 
 Links. Literal rates (``1``, ``10`` Gbit/s) move this small model's KV (4 MiB fp32 for 4K
 tokens) in milliseconds while the CPU prefill takes about a second: nothing to win. The
@@ -86,7 +88,7 @@ def one_request(url: str, ids: list[int], max_tokens: int = 4) -> dict[str, floa
                     times.append(time.perf_counter() - t0)
     if len(times) < 2:
         raise RuntimeError(f"expected >= 2 streamed tokens, got {len(times)}")
-    return {"ttft_s": times[0], "t2_s": times[1], "e2e_s": times[-1]}
+    return {"ttft_s": times[0], "t2_s": times[1], "kv_wait_s": times[1] - times[0], "e2e_s": times[-1]}
 
 
 def kv_counters(url: str) -> tuple[float, float]:
@@ -197,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         c.shutdown()
     summary = {link: {"gbps": r["gbps"], "raw_t2_s": r["none"]["median"]["t2_s"],
                       "adaptive_t2_s": r["adaptive"]["median"]["t2_s"], "t2_ratio": r["t2_ratio"],
-                      "ttft_ratio": r["ttft_ratio"], "adaptive_bytes_ratio": r["adaptive"]["bytes_ratio"]}
+                      "ttft_ratio": r["ttft_ratio"], "adaptive_bytes_ratio": r["adaptive"]["bytes_ratio"],
+                      "raw_kv_wait_s": r["none"]["median"]["kv_wait_s"],
+                      "adaptive_kv_wait_s": r["adaptive"]["median"]["kv_wait_s"]}
                for link, r in results["links"].items()}
     results["summary"] = summary
     print(json.dumps(summary, indent=1))

@@ -239,6 +239,9 @@ class Generator:
                         itemsize = 4 if handle.dtype == "float32" else 2
                         self.metrics.kv_raw_bytes.inc(math.prod(handle.shape) * itemsize)
                         self.metrics.kv_transfers.labels(handle.transport).inc()
+                        for choice in msg.get("kv_choices") or ():
+                            self.metrics.kv_chunks.labels(choice).inc()
+                        self.metrics.kv_refetches.inc(max(0, msg.get("kv_attempts", 1) - 1))
                         self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
                     d = emit(msg["token_ids"], msg["finish_reason"])
                     if d.text or d.token_ids or d.finish_reason:

@@ -26,6 +26,10 @@ class Metrics:
         self.kv_raw_bytes = Counter("splitserve_kv_transfer_raw_bytes", "KV bytes before encoding", registry=r)
         self.kv_transfers = Counter("splitserve_kv_transfers", "KV transfers by transport", ["transport"],
                                     registry=r)
+        self.kv_chunks = Counter("splitserve_kv_transfer_chunks", "KV chunks sent across nodes, by codec "
+                                 "(cachegen:LEVEL; recompute: left to the decode worker)", ["codec"], registry=r)
+        self.kv_refetches = Counter("splitserve_kv_transfer_refetches", "KV streams fetched again after a "
+                                    "failure (bad checksum, cut)", registry=r)
         self.kv_seconds = Counter("splitserve_kv_transfer_seconds", "Seconds spent moving KV", registry=r)
         self.running = Gauge("splitserve_worker_running_requests", "Running requests", ["worker", "pool"], registry=r)
         self.waiting = Gauge("splitserve_worker_waiting_requests", "Waiting requests", ["worker", "pool"], registry=r)

@@ -205,7 +205,7 @@ class PairConnector:
         from kvtransfer.stream import Received
 
         kv = self.object_store.receive(handle, timeout_s)
-        return Received(kv, kv.shape[2], ["none"], handle.nbytes, 1)
+        return Received(kv, kv.shape[2], [], handle.nbytes, 1)  # raw, not chunked
 
     def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
         return self.receive_detailed(handle, timeout_s).kv
