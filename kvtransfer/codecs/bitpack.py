@@ -81,12 +81,13 @@ def unpack(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
     if bits == 6:
         return _unpack6(buf, n)
     plane = (n + 7) // 8
-    out = np.unpackbits(buf[:plane], count=n)
-    for j in range(1, bits):
-        bit = np.unpackbits(buf[j * plane:(j + 1) * plane], count=n)
-        bit <<= j
-        out |= bit
-    return out
+    out = np.unpackbits(buf[:plane], count=8 * plane)  # whole uint64 words: shifts on 8 lanes at once
+    if bits > 1:
+        acc, bit = _u64(out), np.empty(plane, np.uint64)
+        for j in range(1, bits):
+            np.left_shift(_u64(np.unpackbits(buf[j * plane:(j + 1) * plane])), np.uint64(j), out=bit)
+            acc |= bit
+    return out[:n]
 
 
 # Byte masks for SWAR passes over uint64 views (numpy has no vectorised 8-bit left shift).

@@ -32,6 +32,7 @@ not carry its positions, so this codec does not).
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from typing import ClassVar
@@ -66,6 +67,19 @@ _SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "low", "w
 # shrink to <= 25 symbols, so they pair: ANS decoding costs per call and per bit of
 # alphabet, and this about halves it at levels 0-1.
 SPLIT_BITS = np.array([max(0, (b - 8) // 2) if b >= 11 else 0 for b in range(cq.NUM_BUCKETS)], np.int64)
+
+
+@functools.lru_cache(maxsize=512)
+def _pair_values(k: int, r: int, radius: int) -> np.ndarray:
+    """Pair symbol a * k + b -> its two centred values ((a << r) - radius, (b << r) -
+    radius), as int32 pairs packed in one int64 (one gather decodes both)."""
+    a, b = np.divmod(np.arange(k * k, dtype=np.int64), k)
+    out = np.empty((k * k, 2), np.int32)
+    out[:, 0] = (a << r) - radius
+    out[:, 1] = (b << r) - radius
+    lut: np.ndarray = out.view(np.int64).reshape(-1)
+    lut.flags.writeable = False
+    return lut
 
 
 def coded_counts(c: np.ndarray, r: int) -> np.ndarray:
@@ -296,36 +310,41 @@ class CacheGenCodec(KVCodec):
                 ks.append((len(c) if paired else 0, n, int(SPLIT_BITS[b])))
         words = np.frombuffer(sec["words"], np.uint32)
         low = np.frombuffer(sec["low"], np.uint8)
-        syms, pos = [], 0
-        for s, (k, n, r) in zip(rangecoding.decode(words, lens, table_of, tabs), ks):
-            if k:
-                s = rangecoding.unpair(s, k, n)
-            if r:
-                size = bitpack.packed_size(n, r)
-                if pos + size > len(low):
-                    raise ValueError(f"low-bits section is {len(low)} bytes, the streams need more")
-                s <<= r
-                s |= bitpack.unpack(low[pos:pos + size], r, n)
-                pos += size
-            syms.append(s)
-        if pos != len(low):
-            raise ValueError(f"low-bits section is {len(low)} bytes, the streams need {pos}")
         escapes = np.frombuffer(sec["escapes"], np.int32)
         n_esc = escapes[:len(ROLES)].view(np.uint32).astype(np.int64)
         if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):
             raise ValueError("escape counts do not match the escaped values")
         bounds = len(ROLES) + np.concatenate([[0], np.cumsum(n_esc)])
+        values, pos = [], 0
+        for s, (k, n, r), b in zip(rangecoding.decode(words, lens, table_of, tabs), ks,
+                                   [b for role in range(len(ROLES)) for b in cq.used_buckets(buckets[role])]):
+            radius = int(cq.RADIUS[b])
+            if k:  # centred values straight from the pair symbols
+                v = np.take(_pair_values(k, r, radius), s).view(np.int32)[:n]
+            else:
+                v = (s << r) - np.int32(radius)
+            if r:
+                size = bitpack.packed_size(n, r)
+                if pos + size > len(low):
+                    raise ValueError(f"low-bits section is {len(low)} bytes, the streams need more")
+                v += bitpack.unpack(low[pos:pos + size], r, n)
+                pos += size
+            values.append(v)
+        if pos != len(low):
+            raise ValueError(f"low-bits section is {len(low)} bytes, the streams need {pos}")
         rows = []
         for role in range(len(ROLES)):
             k = len(cq.used_buckets(buckets[role]))
-            rows.append(cq.from_streams(syms[:k], buckets[role], sizes[role], escapes[bounds[role]:bounds[role + 1]]))
-            syms = syms[k:]
-        q = cq.Quantized(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
-                         rows[1].reshape(L, 2, C, -1))
+            rows.append(cq.rows_from_values(values[:k], buckets[role], sizes[role],
+                                            escapes[bounds[role]:bounds[role + 1]]))
+            values = values[k:]
         pca = tables.pca(first_layer, L) if tables is not None and flags & _PCA else None
         if flags & _PCA and pca is None:
             raise ValueError("stream is in PCA coordinates but the tables hold no PCA basis")
-        mid = self._from_channels(cq.reconstruct(q, Tm, group), (L, 2, Tm, H, D), pca)
+        mid = cq.reconstruct_tokens(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
+                                    rows[1].reshape(L, 2, C, -1), Tm, group).view(L, 2, Tm, H, D)
+        if pca is not None:
+            mid = torch.einsum("lkthe,lkhde->lkthd", mid, pca[1]) + pca[0][:, :, None]
         if head == tail == 0:
             return mid.to(dtype)
         n_head = L * 2 * head * H * D
