@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 MAGIC = b"SSKC"
-VERSION = 2
+VERSION = 3
 # magic, version, codec id, dtype id, reserved, shape x5, options length
 _HEAD = struct.Struct("<4sBBBB5IH")
 _TAIL = struct.Struct("<QI")  # payload length, CRC32

@@ -32,6 +32,7 @@ not carry its positions, so this codec does not).
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from typing import ClassVar
@@ -42,8 +43,8 @@ import torch
 from kvtransfer.codec import KVCodec, Payload
 from kvtransfer.codecs import bitpack, rangecoding
 from kvtransfer.codecs import cachegen_quant as cq
-from kvtransfer.codecs.cachegen_tables import (ROLES, CacheGenTables, LevelTables, merge_counts, pca_basis, raw_counts,
-                                               table_counts)
+from kvtransfer.codecs.cachegen_tables import (ROLES, TABLE_SAMPLE, CacheGenTables, LevelTables, merge_counts, pca_basis,
+                                               raw_counts)
 from kvtransfer.codecs.none import UINT, bits_of, tensor_from_bits
 
 # Step as a fraction of the layer's RMS, by level (0 finest .. 5 coarsest).
@@ -59,7 +60,35 @@ _OPTS = struct.Struct("<BBBxHHIH")
 _CALIBRATED, _PCA = 1, 2
 # Alphabets up to this size are coded two symbols at a time (alphabet <= 4096).
 PAIR_MAX = 64
-_SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "words")
+_SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "low", "words")
+# Low bits of each symbol kept raw, per table bucket: wide buckets (mean |q| >= 2.8 steps)
+# code symbol >> r with the table and the r low bits raw. The low bits of a spread-out
+# distribution are nearly uniform (the streams grow 0.1-0.6%), and the coded alphabets
+# shrink to <= 25 symbols, so they pair: ANS decoding costs per call and per bit of
+# alphabet, and this about halves it at levels 0-1.
+SPLIT_BITS = np.array([max(0, (b - 8) // 2) if b >= 11 else 0 for b in range(cq.NUM_BUCKETS)], np.int64)
+
+
+@functools.lru_cache(maxsize=512)
+def _pair_values(k: int, r: int, radius: int) -> np.ndarray:
+    """Pair symbol a * k + b -> its two centred values ((a << r) - radius, (b << r) -
+    radius), as int32 pairs packed in one int64 (one gather decodes both)."""
+    a, b = np.divmod(np.arange(k * k, dtype=np.int64), k)
+    out = np.empty((k * k, 2), np.int32)
+    out[:, 0] = (a << r) - radius
+    out[:, 1] = (b << r) - radius
+    lut: np.ndarray = out.view(np.int64).reshape(-1)
+    lut.flags.writeable = False
+    return lut
+
+
+def coded_counts(c: np.ndarray, r: int) -> np.ndarray:
+    """Counts of symbol >> r from counts of the symbols."""
+    if not r:
+        return c
+    k = -(-len(c) // (1 << r))
+    out: np.ndarray = np.pad(c.astype(np.int64), (0, k * (1 << r) - len(c))).reshape(k, 1 << r).sum(axis=1)
+    return out
 
 
 # Step multiplier of keys and of values.
@@ -184,20 +213,28 @@ class CacheGenCodec(KVCodec):
         level = self.tables.levels[self.level] if self.tables is not None else None
         buckets = [cq.buckets_of(r) for r in rows]
         streams = [cq.to_streams(r, b) for r, b in zip(rows, buckets)]
-        counts = None if level is not None else [table_counts(s) for s in streams]
         arrays: list[np.ndarray] = []
         tables: list[np.ndarray] = []
         shipped: list[np.ndarray] = []
         table_of: list[int] = []
+        low: list[np.ndarray] = []
         for role, s in enumerate(streams):
             for b, sym in zip(s.buckets, s.symbols):
-                c = level.table(role, b) if level is not None else counts[role][b]  # type: ignore[index]
+                r = int(SPLIT_BITS[b])
+                if r:
+                    low.append(bitpack.pack((sym & ((1 << r) - 1)).astype(np.uint8), r))
+                    sym = sym >> r
+                if level is not None:
+                    c = coded_counts(level.table(role, b), r)
+                else:
+                    k = -(-(2 * int(cq.RADIUS[b]) + 2) // (1 << r))
+                    c = rangecoding.normalize(np.bincount(sym[::max(1, len(sym) // TABLE_SAMPLE)], minlength=k)[:k])
+                    shipped.append(c)
                 k = len(c)
                 paired = k <= PAIR_MAX
                 arrays.append(rangecoding.pair(sym, k) if paired else sym)
                 table_of.append(len(tables))
                 tables.append(rangecoding.pair_table(c) if paired else c)
-                shipped.append(c)
         words = rangecoding.encode(arrays, table_of, tables)
         shipped_b = bitpack.pack(np.concatenate(buckets), 5)
         shipped_t = b"" if level is not None else zlib.compress(b"".join(t.tobytes() for t in shipped), 6)
@@ -205,7 +242,7 @@ class CacheGenCodec(KVCodec):
         fp = self.tables.fingerprint if self.tables is not None else 0
         escapes = np.concatenate([np.array([len(s.escapes) for s in streams], np.int32), *[s.escapes for s in streams]])
         parts: list[Payload] = [b"".join(e.tobytes() for e in exact), q.delta, np.packbits(q.mode.reshape(-1)),
-                                shipped_b, shipped_t, escapes, words]
+                                shipped_b, shipped_t, escapes, b"".join(x.tobytes() for x in low), words]
         return _OPTS.pack(self.level, self.group, flags, head, tail, fp, self.first_layer), _sections(parts)
 
     # -- decode ------------------------------------------------------------------------
@@ -243,14 +280,15 @@ class CacheGenCodec(KVCodec):
         buckets = np.split(flat, np.cumsum(nrows)[:-1])
         if tables is not None:
             lt = tables.levels[level]
-            counts = [{b: lt.table(role, b) for b in cq.used_buckets(buckets[role])} for role in range(len(ROLES))]
+            counts = [{b: coded_counts(lt.table(role, b), int(SPLIT_BITS[b])) for b in cq.used_buckets(buckets[role])}
+                      for role in range(len(ROLES))]
         else:
             blob = np.frombuffer(zlib.decompress(sec["tables"]), np.uint16)
             counts, pos = [], 0
             for b_role in buckets:
                 role_counts: dict[int, np.ndarray] = {}
                 for b in cq.used_buckets(b_role):
-                    k = 2 * int(cq.RADIUS[b]) + 2
+                    k = -(-(2 * int(cq.RADIUS[b]) + 2) // (1 << int(SPLIT_BITS[b])))
                     role_counts[b] = blob[pos:pos + k]
                     pos += k
                 counts.append(role_counts)
@@ -259,7 +297,7 @@ class CacheGenCodec(KVCodec):
         tabs: list[np.ndarray] = []
         table_of: list[int] = []
         lens: list[int] = []
-        ks: list[tuple[int, int]] = []
+        ks: list[tuple[int, int, int]] = []
         for role in range(len(ROLES)):
             rc = cq.row_counts(buckets[role])
             for b in cq.used_buckets(buckets[role]):
@@ -269,26 +307,44 @@ class CacheGenCodec(KVCodec):
                 table_of.append(len(tabs))
                 tabs.append(rangecoding.pair_table(c) if paired else c)
                 lens.append((n + 1) // 2 if paired else n)
-                ks.append((len(c) if paired else 0, n))
+                ks.append((len(c) if paired else 0, n, int(SPLIT_BITS[b])))
         words = np.frombuffer(sec["words"], np.uint32)
-        syms = [rangecoding.unpair(s, k, n) if k else s
-                for s, (k, n) in zip(rangecoding.decode(words, lens, table_of, tabs), ks)]
+        low = np.frombuffer(sec["low"], np.uint8)
         escapes = np.frombuffer(sec["escapes"], np.int32)
         n_esc = escapes[:len(ROLES)].view(np.uint32).astype(np.int64)
         if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):
             raise ValueError("escape counts do not match the escaped values")
         bounds = len(ROLES) + np.concatenate([[0], np.cumsum(n_esc)])
+        values, pos = [], 0
+        for s, (k, n, r), b in zip(rangecoding.decode(words, lens, table_of, tabs), ks,
+                                   [b for role in range(len(ROLES)) for b in cq.used_buckets(buckets[role])]):
+            radius = int(cq.RADIUS[b])
+            if k:  # centred values straight from the pair symbols
+                v = np.take(_pair_values(k, r, radius), s).view(np.int32)[:n]
+            else:
+                v = (s << r) - np.int32(radius)
+            if r:
+                size = bitpack.packed_size(n, r)
+                if pos + size > len(low):
+                    raise ValueError(f"low-bits section is {len(low)} bytes, the streams need more")
+                v += bitpack.unpack(low[pos:pos + size], r, n)
+                pos += size
+            values.append(v)
+        if pos != len(low):
+            raise ValueError(f"low-bits section is {len(low)} bytes, the streams need {pos}")
         rows = []
         for role in range(len(ROLES)):
             k = len(cq.used_buckets(buckets[role]))
-            rows.append(cq.from_streams(syms[:k], buckets[role], sizes[role], escapes[bounds[role]:bounds[role + 1]]))
-            syms = syms[k:]
-        q = cq.Quantized(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
-                         rows[1].reshape(L, 2, C, -1))
+            rows.append(cq.rows_from_values(values[:k], buckets[role], sizes[role],
+                                            escapes[bounds[role]:bounds[role + 1]]))
+            values = values[k:]
         pca = tables.pca(first_layer, L) if tables is not None and flags & _PCA else None
         if flags & _PCA and pca is None:
             raise ValueError("stream is in PCA coordinates but the tables hold no PCA basis")
-        mid = self._from_channels(cq.reconstruct(q, Tm, group), (L, 2, Tm, H, D), pca)
+        mid = cq.reconstruct_tokens(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
+                                    rows[1].reshape(L, 2, C, -1), Tm, group).view(L, 2, Tm, H, D)
+        if pca is not None:
+            mid = torch.einsum("lkthe,lkhde->lkthd", mid, pca[1]) + pca[0][:, :, None]
         if head == tail == 0:
             return mid.to(dtype)
         n_head = L * 2 * head * H * D

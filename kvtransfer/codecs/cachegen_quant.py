@@ -132,6 +132,71 @@ def reconstruct(q: Quantized, tokens: int, group: int) -> torch.Tensor:
     return out
 
 
+def reconstruct_tokens(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa: np.ndarray, qd: np.ndarray,
+                       tokens: int, group: int) -> torch.Tensor:
+    """Inverse of quantize, token-major: float32 [L, 2, T, C] (what ``reconstruct`` gives,
+    transposed). The arithmetic is the encoder's (a^ = ref * d + qa * d, x = base + q * d,
+    unfused), so every value is within delta / 2 of the input, whatever the slicing."""
+    L, _, C = ref.shape
+    # all symbols token-major in one int32 buffer (numpy transposes int32 faster than a
+    # transposing int -> float copy), then one contiguous cast
+    q = np.empty((L, 2, tokens, C), np.int32)
+    full = tokens // group * group
+    parts = [(0, tokens // group, group), (full, 1 if tokens > full else 0, tokens - full)]
+    a0 = o0 = 0
+    for t0, n, g in parts:
+        if n:
+            seg = q[:, :, t0:t0 + n * g].reshape(L, 2, n, g, C)
+            seg[:, :, :, 0] = qa[..., a0:a0 + n].transpose(0, 1, 3, 2)
+            k = n * (g - 1)
+            seg[:, :, :, 1:] = qd[..., o0:o0 + k].reshape(L, 2, C, n, g - 1).transpose(0, 1, 3, 4, 2)
+            a0, o0 = a0 + n, o0 + k
+    out = torch.from_numpy(q).float()
+    d = torch.from_numpy(delta)[:, :, None, None]  # [L, 2, 1, 1]
+    out.mul_(d)
+    ref_x = torch.from_numpy(ref)[:, :, None, :].float().mul_(d)  # [L, 2, 1, C]
+    mode_t = torch.from_numpy(mode)[:, :, None, :]  # [L, 2, 1, C]
+    for t0, n, g in parts:
+        if n:
+            seg = out[:, :, t0:t0 + n * g].view(L, 2, n, g, C)
+            anchor = seg[:, :, :, 0]
+            anchor.add_(ref_x)
+            if g > 1:
+                seg[:, :, :, 1:].add_(torch.where(mode_t, anchor, ref_x)[:, :, :, None, :])
+    return out
+
+
+def rows_from_values(values: list[np.ndarray], bucket: np.ndarray, n: int, escapes: np.ndarray) -> np.ndarray:
+    """Inverse of to_streams from the centred values (symbol - radius; radius + 1 marks
+    an escape) of each used bucket, in stream order, and this role's escaped values: rows
+    int32 [R, n]. Each bucket's rows are written in place, no concatenation."""
+    counts = np.bincount(bucket, minlength=NUM_BUCKETS)
+    used = np.flatnonzero(counts)
+    if len(values) != len(used):
+        raise ValueError(f"{len(values)} symbol streams for {len(used)} used table buckets")
+    out = np.empty((len(bucket), n), np.int32)
+    order = np.argsort(bucket, kind="stable")
+    pos = e = 0
+    for b, v in zip(used, values):
+        cnt = int(counts[b])
+        v = v.reshape(cnt, n)
+        if len(escapes):
+            flat = v.reshape(-1)
+            esc = np.flatnonzero(flat == RADIUS[b] + 1)
+            if e + len(esc) > len(escapes):
+                raise ValueError(f"more escape symbols than the {len(escapes)} escaped values")
+            flat[esc] = escapes[e:e + len(esc)]
+            e += len(esc)
+        if cnt == len(bucket):
+            out[...] = v
+        else:
+            out[order[pos:pos + cnt]] = v
+        pos += cnt
+    if e != len(escapes):
+        raise ValueError(f"{e} escape symbols but {len(escapes)} escaped values")
+    return out
+
+
 def buckets_of(rows: np.ndarray) -> np.ndarray:
     """Table bucket (uint8) of each row of symbols [R, n] by its mean |q|."""
     if rows.shape[1] == 0:

@@ -1,29 +1,35 @@
 """``lossless``: bit-exact and smaller (SplitZip, 2026: KV exponents are very skewed).
 
-Each value is split into a *head* symbol (sign and exponent bits) and raw mantissa bytes:
+Table mode (default, ``entropy="table"``; vectorised numpy, about 2 GB/s of raw KV per
+core each way for bf16 and fp16): every value's top byte (sign and the exponent's top
+bits) becomes a *symbol*, rotated left by one bit (``2 * rest + sign``: the frequent top
+bytes of a KV tensor are the magnitudes around its typical one, of both signs, so this
+puts them side by side); the other bytes are kept raw:
 
-- bf16: head = the high byte (sign + 7 exponent MSBs); raw = the low byte (exponent LSB
-  + 7 mantissa bits);
-- fp32: head = the high byte, as for bf16; raw = the low 16 bits and the third byte;
-- fp16: head = sign + 5 exponent bits (6 bits); raw = the low byte and the 2 mantissa
-  MSBs (a packed 2-bit stream).
+- bf16: symbol = sign + 7 exponent MSBs; raw = the low byte (exponent LSB + 7 mantissa
+  bits);
+- fp16: symbol = sign + 5 exponent bits + 2 mantissa MSBs; raw = the low byte;
+- fp32: symbol = sign + 7 exponent MSBs; raw = the low 16 bits and the third byte.
 
-Heads are coded in one of two ways (option ``entropy``):
+A symbol is coded as a ``bits``-wide index into a window of ``2**bits - 1`` consecutive
+symbols; the last index is an escape whose top byte goes, raw, into an escape list. The
+window is arithmetic (subtract its start), never a gather, and every pass is a numpy
+ufunc over 8/16-bit lanes. ``bits`` and the window are chosen per tensor to minimise the
+size over the fast widths 2, 4 and 6 (byte-aligned packings; 3, 5 and 7 as bit planes
+through the ``bits`` option) from a subsample, or taken from a calibrated table; both
+(2 bytes) are always in the stream. Typical choice: bf16 4 bits (12 bits a value), fp16
+6 bits (14 bits a value).
 
-- ``"table"`` (default, vectorised numpy): a ``bits``-wide index into a table of
-  ``2**bits - 1`` heads; the last index is an escape whose head goes, raw, into an escape
-  list. The table is a window of consecutive heads in sign-folded order
-  (``2 * exponent + sign``: the frequent heads of a KV tensor are the exponents around its
-  typical magnitude, of both signs), so that mapping is arithmetic, not a gather, which
-  keeps the codec near 1 GB/s per core. ``bits`` (2..5) and the window are chosen per
-  tensor to minimise the size (or taken from a calibrated table); both (2 bytes) are
-  always in the stream.
-- ``"range"``: arithmetic coding (constriction's ANS coder) with the heads' histogram,
-  shipped in the stream (~30-60 bytes): closer to the entropy (bf16 1.50x instead of
-  1.33x on the trained model's KV), about 5-10x slower.
+``"range"``: arithmetic coding (constriction's ANS coder) of the sign+exponent head with
+its histogram, shipped in the stream (~30-60 bytes): closer to the entropy (bf16 1.50x
+instead of 1.33x on the trained model's KV), about 5-10x slower. Heads there are bf16 /
+fp32: the top byte; fp16: sign + 5 exponent bits (the 2 mantissa MSBs in a packed 2-bit
+stream).
 
 ``calibrate(samples)`` computes the table once per model (it then skips the histogram
-on the hot path); without it the table comes from a subsample of the tensor itself.
+on the hot path); without it the table comes from a subsample of the tensor itself. A
+table's window is in the rotated-symbol space above (for fp16 that space is the whole
+top byte since stream version 3).
 """
 
 from __future__ import annotations
@@ -37,25 +43,25 @@ import torch
 
 from kvtransfer.codec import KVCodec, Payload
 from kvtransfer.codecs import bitpack, rangecoding
-from kvtransfer.codecs.none import UINT, bits_of, tensor_from_bits
+from kvtransfer.codecs.none import bits_of, tensor_from_bits
 
 HEAD_BITS = {torch.bfloat16: 8, torch.float32: 8, torch.float16: 6}
 _OPTS = struct.Struct("<BB")  # entropy mode (0 table, 1 range), index bits
-_SAMPLE = 1 << 16  # values histogrammed to choose the table
-# Index widths chosen by default: byte-aligned packing keeps the codec near 1 GB/s per core;
-# 3 and 5 bits (bit planes) can be ~5% smaller but run at about half that speed.
-FAST_BITS = (2, 4)
+_SAMPLE = 1 << 14  # values (a strided sample) histogrammed to choose the table
+# Index widths chosen by default: byte-aligned packings (bitpack) keep the codec near 2 GB/s
+# per core; 3, 5 and 7 bits (bit planes) can be a few % smaller but are about 2x slower.
+FAST_BITS = (2, 4, 6)
 
 
 @dataclass(frozen=True)
 class LosslessTable:
-    """Calibrated head table for one dtype: a window of sign-folded heads."""
+    """Calibrated table for one dtype: a window of symbols (see the module docstring)."""
 
     # torch dtype name: "bfloat16", "float16" or "float32".
     dtype: str
-    # Index width in bits (2..5); the window holds 2**bits - 1 folded heads.
+    # Index width in bits (2..7); the window holds 2**bits - 1 symbols.
     bits: int
-    # First folded head (2 * exponent field + sign) of the window.
+    # First symbol (top byte rotated left by one bit: 2 * rest + sign) of the window.
     start: int
 
 
@@ -96,25 +102,35 @@ def raw_sizes(dtype: torch.dtype, n: int) -> list[int]:
     return [n, bitpack.packed_size(n, 2)]
 
 
-def fold(head: np.ndarray, width: int) -> np.ndarray:
-    """Head (sign at the top bit) -> 2 * rest + sign, so both signs of one magnitude sit
-    side by side."""
-    k = head << 1
-    k |= head >> (width - 1)
-    if width < 8:
-        k &= np.uint8((1 << width) - 1)
-    return k
+def symbols(u: np.ndarray) -> np.ndarray:
+    """Table-mode symbols of raw bit patterns (uint16 or uint32): the top byte rotated left
+    by one bit (sign to bit 0), in a fresh array of u's dtype."""
+    top = 8 * u.itemsize
+    f = np.right_shift(u, top - 9)
+    np.bitwise_and(f, f.dtype.type(0xFE), out=f)
+    sign = np.right_shift(u, top - 1)
+    np.bitwise_or(f, sign, out=f)
+    return f
 
 
-def unfold(k: np.ndarray, width: int) -> np.ndarray:
-    h = k >> 1
-    h |= (k & np.uint8(1)) << (width - 1)
-    return h
+def sparse_nonzero(mask: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a bool array that is mostly False (escapes), faster: find the
+    non-zero 8-byte words first, then the positions within those words only."""
+    k = len(mask) // 8 * 8
+    words = mask[:k].view(np.uint64)
+    hit = np.flatnonzero(words != 0)
+    if len(hit) > len(words) // 16:  # dense: the plain scan is as fast
+        return np.flatnonzero(mask)
+    within = np.flatnonzero(words[hit].view(np.bool_))
+    out: np.ndarray = hit[within >> 3] * 8 + (within & 7)
+    if k < len(mask):
+        out = np.concatenate([out, np.flatnonzero(mask[k:]) + k])
+    return out
 
 
 def choose_table(counts: np.ndarray, widths: tuple[int, ...] = FAST_BITS) -> tuple[int, int]:
     """(bits, window start) minimising index bits + 8 bits per escape for these counts of
-    folded heads, over the allowed index widths."""
+    symbols, over the allowed index widths."""
     total = max(int(counts.sum()), 1)
     cum = np.concatenate([[0], np.cumsum(counts)])
     best: tuple[float, int, int] = (float("inf"), 4, 0)
@@ -129,21 +145,19 @@ def choose_table(counts: np.ndarray, widths: tuple[int, ...] = FAST_BITS) -> tup
 
 def calibrate(samples: list[torch.Tensor] | torch.Tensor, bits: int | None = None) -> LosslessTable:
     """A head table from sample KV of one model (all one dtype); pass it as
-    ``get_codec("lossless", table=...)``. bits: index width (2..5), default the best of
-    the fast widths (2, 4)."""
+    ``get_codec("lossless", table=...)``. bits: index width (2..7), default the best of
+    the fast widths (2, 4, 6)."""
     items = [samples] if isinstance(samples, torch.Tensor) else list(samples)
     if not items or any(t.dtype != items[0].dtype for t in items) or items[0].dtype not in HEAD_BITS:
         raise ValueError("calibrate needs one or more KV tensors of one dtype (float32, float16 or bfloat16)")
-    width = HEAD_BITS[items[0].dtype]
-    counts = sum(np.bincount(fold(split(t.detach().cpu().contiguous())[0], width), minlength=1 << width)
-                 for t in items)
+    counts = sum(np.bincount(symbols(bits_of(t.detach().cpu().contiguous())), minlength=256) for t in items)
     bits, start = choose_table(np.asarray(counts), FAST_BITS if bits is None else (_check_bits(bits),))
     return LosslessTable(str(items[0].dtype).removeprefix("torch."), bits, start)
 
 
 def _check_bits(bits: int) -> int:
-    if bits not in (2, 3, 4, 5):
-        raise ValueError(f"lossless bits must be 2, 3, 4 or 5, got {bits!r}")
+    if bits not in range(2, 8):
+        raise ValueError(f"lossless bits must be 2..7, got {bits!r}")
     return bits
 
 
@@ -153,7 +167,7 @@ class LosslessCodec(KVCodec):
 
     def __init__(self, entropy: str = "table", table: LosslessTable | None = None, bits: int | None = None) -> None:
         """entropy: "table" (fast) or "range"; table: from calibrate (else chosen per
-        tensor); bits: force the index width (2..5) instead of the best of 2 and 4."""
+        tensor); bits: force the index width (2..7) instead of the best of 2, 4 and 6."""
         if entropy not in ("table", "range"):
             raise ValueError(f"lossless entropy must be 'table' or 'range', got {entropy!r}")
         self.entropy = entropy
@@ -161,27 +175,35 @@ class LosslessCodec(KVCodec):
         self.widths = FAST_BITS if bits is None else (_check_bits(bits),)
 
     def _encode(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
-        head, raw = split(kv)
-        width = HEAD_BITS[kv.dtype]
         if self.entropy == "range":
-            counts = np.bincount(head, minlength=1 << width)
-            syms = np.flatnonzero(counts).astype(np.uint8)
-            table = rangecoding.normalize(counts[syms])
-            lut = np.zeros(1 << width, np.int32)
-            lut[syms] = np.arange(len(syms), dtype=np.int32)
-            words = rangecoding.encode([lut[head]], [0], [table])
-            return _OPTS.pack(1, 0), [struct.pack("<H", len(syms)), syms, table, *raw, words]
+            return self._encode_range(kv)
+        u = bits_of(kv)
+        sym = symbols(u)
         if self.table is not None and self.table.dtype == str(kv.dtype).removeprefix("torch."):
             bits, start = self.table.bits, self.table.start
         else:
-            step = max(1, len(head) // _SAMPLE)
-            bits, start = choose_table(np.bincount(fold(head[::step], width), minlength=1 << width), self.widths)
+            step = max(1, len(sym) // _SAMPLE)
+            bits, start = choose_table(np.bincount(sym[::step], minlength=256), self.widths)
         esc = (1 << bits) - 1
-        idx = fold(head, width)
-        idx -= np.uint8(start)  # wraps below the window: escapes either way
-        np.minimum(idx, np.uint8(esc), out=idx)
-        escapes = head[np.flatnonzero(idx == esc)]
-        return _OPTS.pack(0, bits), [struct.pack("<BQ", start, len(escapes)), *raw, bitpack.pack(idx, bits), escapes]
+        idx = sym
+        np.subtract(idx, idx.dtype.type(start), out=idx)  # wraps below the window: escapes either way
+        where = sparse_nonzero(np.greater_equal(idx, esc))
+        escapes = (u[where] >> (8 * u.itemsize - 8)).astype(np.uint8)
+        idx[where] = esc
+        packed = bitpack.pack(idx.astype(np.uint8), bits)
+        raw = [u.astype(np.uint8)] if u.itemsize == 2 else [u.astype(np.uint16), (u >> 16).astype(np.uint8)]
+        return _OPTS.pack(0, bits), [struct.pack("<BQ", start, len(escapes)), *raw, packed, escapes]
+
+    def _encode_range(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
+        head, raw = split(kv)
+        width = HEAD_BITS[kv.dtype]
+        counts = np.bincount(head, minlength=1 << width)
+        syms = np.flatnonzero(counts).astype(np.uint8)
+        table = rangecoding.normalize(counts[syms])
+        lut = np.zeros(1 << width, np.int32)
+        lut[syms] = np.arange(len(syms), dtype=np.int32)
+        words = rangecoding.encode([lut[head]], [0], [table])
+        return _OPTS.pack(1, 0), [struct.pack("<H", len(syms)), syms, table, *raw, words]
 
     def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
                 opts: bytes) -> torch.Tensor:
@@ -198,6 +220,10 @@ class LosslessCodec(KVCodec):
             pos += size
             return out
 
+        def done() -> None:
+            if pos != len(buf):
+                raise ValueError(f"{len(buf) - pos} bytes left over after the last field")
+
         if mode == 1:
             (k,) = struct.unpack("<H", take(2).tobytes())
             syms = take(k)
@@ -207,23 +233,44 @@ class LosslessCodec(KVCodec):
             if len(words) % 4:
                 raise ValueError("range-coded heads are not whole 32-bit words")
             head = syms[rangecoding.decode(words.view(np.uint32), [n], [0], [table])[0]]
-        elif mode == 0 and 2 <= bits <= 5:
-            esc = (1 << bits) - 1
-            start, n_esc = struct.unpack("<BQ", take(9).tobytes())
-            width = HEAD_BITS[dtype]
-            if start + esc > 1 << width:
-                raise ValueError(f"table window {start}+{esc} exceeds {width}-bit heads")
-            raw = [take(s) for s in raw_sizes(dtype, n)]
-            idx = bitpack.unpack(take(bitpack.packed_size(n, bits)), bits, n)
-            escapes = take(n_esc)
-            where = np.flatnonzero(idx == esc)
-            if len(where) != n_esc:
-                raise ValueError(f"{len(where)} escape indices but {n_esc} escaped heads")
-            idx += np.uint8(start)
-            head = unfold(idx, width)
-            head[where] = escapes
-        else:
+            done()
+            return join(head, raw, dtype, shape)
+        if mode != 0 or not 2 <= bits <= 7:
             raise ValueError(f"unknown lossless mode {mode} / index bits {bits}")
-        if pos != len(buf):
-            raise ValueError(f"{len(buf) - pos} bytes left over after the last field")
-        return join(head, raw, dtype, shape)
+        esc = (1 << bits) - 1
+        start, n_esc = struct.unpack("<BQ", take(9).tobytes())
+        if start + esc > 256:
+            raise ValueError(f"table window {start}+{esc} exceeds 8-bit symbols")
+        wide = dtype == torch.float32
+        low = take(2 * n if wide else n)
+        mid = take(n) if wide else None
+        idx = bitpack.unpack(take(bitpack.packed_size(n, bits)), bits, n)
+        escapes = take(n_esc)
+        done()
+        where = sparse_nonzero(np.equal(idx, np.uint8(esc)))
+        if len(where) != n_esc:
+            raise ValueError(f"{len(where)} escape indices but {n_esc} escaped top bytes")
+        # symbol f = index + start -> top byte (f rotated right by one bit), placed in the
+        # value's top byte: ((f << 7) & 0x7F00 | f << 15) >> (16 - width) ... done in the
+        # value's own width, then the raw bytes below it.
+        if wide:
+            f32 = idx.astype(np.uint32)
+            f32 += np.uint32(start)
+            u32 = np.left_shift(f32, 23)
+            u32 &= np.uint32(0x7F000000)
+            np.left_shift(f32, 31, out=f32)
+            u32 |= f32
+            u32[where] = escapes.astype(np.uint32) << 24
+            u32 |= np.left_shift(mid, 16, dtype=np.uint32)
+            u32 |= low.view(np.uint16)
+            return tensor_from_bits(u32, dtype, shape)
+        f = idx.astype(np.uint16)
+        f += np.uint16(start)
+        u = np.left_shift(f, 7)
+        u &= np.uint16(0x7F00)
+        np.left_shift(f, 15, out=f)
+        u |= f
+        u[where] = escapes.astype(np.uint16) << 8
+        np.copyto(f, low)
+        u |= f
+        return tensor_from_bits(u, dtype, shape)
