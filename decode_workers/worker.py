@@ -13,7 +13,7 @@ from cluster.worker_base import EngineWorker, current_node_ip
 from decode_workers.scheduler import decode_scheduler_config
 from engine.engine import StepOutput
 from engine.scheduler import SchedulerConfig
-from kvtransfer.connector import KVHandle, get_connector
+from kvtransfer.connector import KVHandle, KVTransferError, get_connector
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,14 @@ class DecodeWorker(EngineWorker):
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
                                        max_model_len)
 
-    def _fetch(self, handle: KVHandle) -> asyncio.Future[Any]:
-        return asyncio.ensure_future(asyncio.to_thread(self.connector.receive_detailed, handle,
-                                                       self.manifest.kv_transfer.timeout_s))
+    def _fetch(self, handle: KVHandle, early: bool = False) -> asyncio.Future[Any]:
+        # A prefetch starts before the prompt is even queued at the prefill worker: its
+        # deadline also covers queueing and prefill. generate() bounds the wait after
+        # the prefill to kv_transfer.timeout_s itself.
+        deadline = self.manifest.kv_transfer.timeout_s
+        if early:
+            deadline += self.manifest.server.request_timeout_s
+        return asyncio.ensure_future(asyncio.to_thread(self.connector.receive_detailed, handle, deadline))
 
     def _reap(self) -> None:
         horizon = time.monotonic() - 2 * self.manifest.kv_transfer.timeout_s - 10
@@ -57,7 +62,8 @@ class DecodeWorker(EngineWorker):
         key = (handle.request_id, str(handle.ref))
         if key not in self._seen:  # a retried prefill elsewhere replaces an older transfer
             self._seen[key] = time.monotonic()
-            self._prefetch[handle.request_id] = (self._fetch(handle), time.monotonic(), str(handle.ref))
+            self._prefetch[handle.request_id] = (self._fetch(handle, early=True), time.monotonic(),
+                                                 str(handle.ref))
 
     async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream a request's tokens (call with num_returns="streaming").
@@ -81,7 +87,12 @@ class DecodeWorker(EngineWorker):
                 self._seen[(rid, str(handle.ref))] = time.monotonic()
                 entry = self._prefetch.pop(rid, None)
                 task = entry[0] if entry is not None and entry[2] == str(handle.ref) else self._fetch(handle)
-                got = await asyncio.wait_for(task, timeout=self.manifest.kv_transfer.timeout_s + 5)
+                kv_timeout = self.manifest.kv_transfer.timeout_s
+                try:
+                    got = await asyncio.wait_for(asyncio.shield(task), timeout=kv_timeout)
+                except asyncio.TimeoutError:
+                    raise KVTransferError(f"KV of {rid} did not land within {kv_timeout}s of its "
+                                          "prefill finishing") from None
                 item["kv"] = got.kv
                 kv_s = time.monotonic() - t0
                 kv_info = {"kv_bytes": got.nbytes, "kv_tokens": got.kv_tokens,
