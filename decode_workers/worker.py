@@ -55,6 +55,11 @@ class DecodeWorker(EngineWorker):
         for key in [k for k, t0 in self._seen.items() if t0 < horizon]:
             del self._seen[key]
 
+    async def health(self) -> dict[str, Any]:
+        stats = await super().health()
+        stats["kv_in_flight"] = sum(1 for task, _, _ in self._prefetch.values() if not task.done())
+        return stats
+
     async def prefetch_kv(self, handle: KVHandle) -> None:
         """Called by the prefill worker as its prefill starts: pull the streamed KV now,
         so that the network overlaps the prefill; ``generate`` picks it up."""

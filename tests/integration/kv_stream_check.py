@@ -104,7 +104,10 @@ def main(model_dir: str) -> int:
 
             th = threading.Thread(target=long_request)
             th.start()
-            time.sleep(1.0)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not ray.get(decode.health.remote())["kv_in_flight"]:
+                time.sleep(0.05)  # poll: kill once the KV is on its way
+            res["in_flight"] = time.monotonic() < deadline
             ray.kill(decode, no_restart=True)
             th.join(timeout=90)
             recovered = None
