@@ -53,7 +53,12 @@ PREFILL_BUDGET = 4096
 # "Whole prompts": vLLM's max_num_batched_tokens in DistServe's baseline runs
 # (evaluation/2-benchmark-serving/2-start-api-server.py in LLMServe/DistServe).
 WHOLE_BUDGET = 16384
-MAX_NUM_SEQS = 256
+# Sequences batched at once by decode and colocated instances: DistServe ran both its
+# decode instances and vLLM with 1024 (--decoding-max-batch-size, --max-num-seqs).
+MAX_NUM_SEQS = 1024
+# Goodput is searched up to this multiple of an instance's estimated capacity (the
+# estimate is a mean-value one; the slack keeps it from cutting a true goodput short).
+CAP_SLACK = 1.1
 
 
 @dataclass(frozen=True)
@@ -175,18 +180,23 @@ def goodput(make_spec: Callable[[], ClusterSpec], wl: Workload, ttft_s: float, t
             target: float, guess: float, rel_tol: float = 0.05, max_rate: float = 1e5) -> float:
     """Highest Poisson rate whose SLO attainment stays >= target, by bracketing from a
     guess and bisecting to a relative tolerance. Attainment is monotone in rate (more load
-    never helps a request), which makes the bracket valid. 0 when a trickle misses."""
+    never helps a request), which makes the bracket valid. 0 when a trickle misses.
+
+    ``max_rate`` is the instance's processing capacity: above it the queue grows without
+    bound, so no rate there is sustainable, although a finite run of arrivals can still
+    drain within the SLO (TPOT is averaged over a request's tokens, so a backlog of a few
+    seconds hides in it)."""
     def ok(rate: float) -> bool:
         _Counter.sims += 1
         return attainment(Simulation(make_spec()).run(wl.requests(rate)), ttft_s, tpot_s) >= target
 
-    guess = max(guess, 1e-3)
+    guess = max(min(guess, max_rate), 1e-3)
     if ok(guess):
-        lo, hi = guess, guess * 2
-        while ok(hi):
-            lo, hi = hi, hi * 2
-            if hi > max_rate:
-                return lo
+        lo, hi = guess, min(guess * 2, max_rate)
+        while hi > lo and ok(hi):
+            if hi >= max_rate:
+                return hi
+            lo, hi = hi, min(hi * 2, max_rate)
     else:
         lo, hi = guess / 2, guess
         while not ok(lo):
@@ -266,10 +276,13 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
                            else (lambda a, b: 1e18))
 
     def capacity(tp: int, pp: int, phase: str) -> float:
-        """Rough requests/s one instance can process, the bisection's first guess."""
+        """Requests/s one instance processes when saturated (prefill: full batches of
+        mean prompts; decode: the largest batch memory and max_num_seqs allow, by Little's
+        law; colocated: both works on the same GPUs): the bisection's guess and ceiling."""
         lm = latc(tp, pp)
         p, o = wl.mean_prompt, wl.mean_output
-        prefill_s = lm.prefill_s([int(p)])
+        per_batch = max(1, int(PREFILL_BUDGET // p))
+        prefill_s = lm.prefill_s([int(p)] * per_batch) / per_batch
         if phase == "prefill":
             return 1.0 / prefill_s
         kv = kv_capacity_tokens(model, gpu, tp, pp)
@@ -285,7 +298,8 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
         for kind, budget in (("colocated/chunked", CHUNKED_BUDGET), ("colocated/whole", WHOLE_BUDGET)):
             mk = lambda tp=tp, pp=pp, budget=budget: spec(  # noqa: E731
                 [_instance("colocated", model, gpu, latc, tp, pp, budget=budget)])
-            rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.5 * capacity(tp, pp, "colocated"))
+            cap = capacity(tp, pp, "colocated")
+            rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.5 * cap, max_rate=CAP_SLACK * cap)
             t90, p90 = _p90s(mk, wl, rate)
             nodes = [i * g // per_node for i in range(n)]
             layouts.append(Layout("colocated", {"colocated": {"tp": tp, "pp": pp, "replicas": n, "nodes": nodes,
@@ -296,13 +310,19 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
 
     # Disaggregated. Each phase alone: the other phase is free and the link infinite.
     rates = PhaseRates({}, {})
+    cap_p: dict[tuple[int, int], float] = {}
+    cap_d: dict[tuple[int, int], float] = {}
     for tp, pp in opts:
         mk_p = lambda tp=tp, pp=pp: spec([_instance("prefill", model, gpu, latc, tp, pp, budget=PREFILL_BUDGET),  # noqa: E731
                                           Instance("decode", _FREE)], link=False)
-        rates.prefill[(tp, pp)] = goodput(mk_p, wl, slo.ttft_s, 1e9, slo.attainment, 0.5 * capacity(tp, pp, "prefill"))
+        cap_p[(tp, pp)] = capacity(tp, pp, "prefill")
+        rates.prefill[(tp, pp)] = goodput(mk_p, wl, slo.ttft_s, 1e9, slo.attainment, 0.5 * cap_p[(tp, pp)],
+                                          max_rate=CAP_SLACK * cap_p[(tp, pp)])
         mk_d = lambda tp=tp, pp=pp: spec([Instance("prefill", _FREE, max_batched_tokens=1 << 30),  # noqa: E731
                                           _instance("decode", model, gpu, latc, tp, pp)], link=False)
-        rates.decode[(tp, pp)] = goodput(mk_d, wl, 1e9, slo.tpot_s, slo.attainment, 0.5 * capacity(tp, pp, "decode"))
+        cap_d[(tp, pp)] = capacity(tp, pp, "decode")
+        rates.decode[(tp, pp)] = goodput(mk_d, wl, 1e9, slo.tpot_s, slo.attainment, 0.5 * cap_d[(tp, pp)],
+                                         max_rate=CAP_SLACK * cap_d[(tp, pp)])
 
     pairs = []
     for cp, rp in rates.prefill.items():
@@ -345,7 +365,9 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
                       for i in range(n_p)]
                      + [_instance("decode", model, gpu, latc, *cd, node=nodes[n_p + i]) for i in range(n_d)])
             mk = lambda insts=insts: spec([_copy(i) for i in insts])  # noqa: E731
-            rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.85 * pred * g)
+            cap = min(n_p * cap_p[cp], n_d * cap_d[cd])
+            rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.85 * pred * g,
+                           max_rate=CAP_SLACK * cap)
             verified += 1
             t90, p90 = _p90s(mk, wl, rate)
             unit = Layout("disaggregated",
