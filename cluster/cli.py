@@ -70,13 +70,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"plan: {summary['mode']} {summary['pools']} on {summary['gpus']} GPUs -> {args.out}")
+        print(f"plan: {summary['kind']} {summary['pools']} on {summary['gpus']} GPUs -> {args.out}")
         print(f"predicted goodput {summary['predicted_goodput_rps']:.3f} req/s "
               f"({summary['predicted_goodput_per_gpu']:.3f} per GPU), TTFT p90 "
               f"{summary['predicted_ttft_p90_ms']:.1f} ms, TPOT p90 {summary['predicted_tpot_p90_ms']:.1f} ms")
+        for kind, alt in summary["best_of_each_kind"].items():
+            print(f"  best {kind}: {alt['goodput_per_gpu']:.3f} per GPU on {alt['gpus']} GPUs {alt['pools']}")
     for miss in summary["slo_misses"]:
+        over = miss["predicted_ms"] - miss["target_ms"]
         print(f"{miss['field']}: no layout meets it; best predicted p90 {miss['predicted_ms']:.1f} ms "
-              f"vs target {miss['target_ms']:.1f} ms")
+              f"vs target {miss['target_ms']:.1f} ms (over by {over:.1f} ms, "
+              f"{miss['predicted_ms'] / miss['target_ms']:.1f}x)")
     return 3 if summary["slo_misses"] else 0
 
 

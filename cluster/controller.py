@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 CONTROLLER_NAME = "splitserve-controller"
 HEALTH_TIMEOUT_S = 5.0
 MISSES_BEFORE_REPLACE = 3
+# How long a worker's placement group may take to be placed (hardware.placement_timeout_s).
+PLACEMENT_TIMEOUT_S = 60.0
 
 
 def worker_class(pool: str) -> type:
@@ -46,10 +48,8 @@ class WorkerRecord:
     misses: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
-
-
-def _node_ids_by_ip() -> dict[str, str]:
-    return {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    # The worker's placement group (placement.groups.WorkerGroup); removed with the worker.
+    group: Any = None
 
 
 class Controller:
@@ -65,32 +65,40 @@ class Controller:
         self._stopping = False
 
     # -- creation ---------------------------------------------------------------------
-    def _options(self, pool_name: str, slot: int) -> dict[str, Any]:
-        pool = self.manifest.pools[pool_name]  # type: ignore[index]
-        opts: dict[str, Any] = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus,
-                                "max_restarts": 0, "max_concurrency": 1000}
-        if pool.nodes:
-            ip = pool.nodes[slot % len(pool.nodes)]
-            node_id = _node_ids_by_ip().get(ip)
-            if node_id is None:
-                raise RuntimeError(f"pools.{pool_name}.nodes names {ip}, which is not an alive "
-                                   f"Ray node; alive: {sorted(_node_ids_by_ip())}")
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
+        """The worker's placement group: one bundle per TP rank, STRICT_PACK on the node
+        the manifest names for this slot (any one node when it names none)."""
+        from placement.groups import create_worker_group
 
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
-        return opts
+        pool = self.manifest.pools[pool_name]  # type: ignore[index]
+        ip = pool.nodes[slot % len(pool.nodes)] if pool.nodes else None
+        hw = self.manifest.hardware
+        timeout = hw.placement_timeout_s if hw is not None else PLACEMENT_TIMEOUT_S
+        return await create_worker_group(pool_name, worker_id, pool.tp, pool.num_cpus, pool.num_gpus, ip,
+                                         timeout)
+
+    def _options(self, pool_name: str, group: Any) -> dict[str, Any]:
+        pool = self.manifest.pools[pool_name]  # type: ignore[index]
+        return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0,
+                "max_concurrency": 1000, "scheduling_strategy": group.strategy(0)}
 
     async def _create(self, pool_name: str, slot: int) -> WorkerRecord:
         worker_id = f"{pool_name}-{slot}-g{next(self._ids)}"
-        cls = ray.remote(worker_class(pool_name))
-        handle = cls.options(**self._options(pool_name, slot)).remote(
-            worker_id, self.manifest_json, pool_name)
-        rec = WorkerRecord(worker_id, pool_name, slot, handle)
+        group = await self._group(pool_name, slot, worker_id)
+        try:
+            cls = ray.remote(worker_class(pool_name))
+            handle = cls.options(**self._options(pool_name, group)).remote(
+                worker_id, self.manifest_json, pool_name)
+        except Exception:
+            group.remove()
+            raise
+        rec = WorkerRecord(worker_id, pool_name, slot, handle, group=group)
         try:
             rec.stats = await asyncio.wait_for(handle.start.remote(), timeout=300)
             rec.node_ip = rec.stats.get("node_ip")
         except Exception:
             ray.kill(handle, no_restart=True)
+            group.remove()
             raise
         rec.healthy = True
         self.workers[worker_id] = rec
@@ -101,7 +109,12 @@ class Controller:
     async def start(self) -> dict[str, Any]:
         tasks = [self._create(name, slot) for name, pool in self.manifest.pools.items()
                  for slot in range(pool.replicas)]
-        await asyncio.gather(*tasks)
+        # Every creation runs to its end (placed or failed) before a failure is raised, so
+        # that shutdown() then finds every worker and placement group to remove.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return self.get_state()
 
@@ -132,6 +145,8 @@ class Controller:
             ray.kill(rec.handle, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead
             pass
+        if rec.group is not None:
+            rec.group.remove()
         try:
             for attempt in range(5):
                 try:
@@ -163,7 +178,9 @@ class Controller:
         for rec in self.workers.values():
             pools[rec.pool].append({"worker_id": rec.worker_id, "handle": rec.handle,
                                     "healthy": rec.healthy, "node_ip": rec.node_ip,
-                                    "stats": rec.stats})
+                                    "stats": rec.stats,
+                                    "placement_group": rec.group.id_hex if rec.group is not None else None,
+                                    "planned_node": rec.group.node_ip if rec.group is not None else None})
         return {"version": self.version, "pools": pools, "replacements": self.replacements}
 
     async def ping(self) -> bool:
@@ -181,6 +198,8 @@ class Controller:
                 n += 1
             except Exception:  # noqa: BLE001
                 pass
+            if rec.group is not None:
+                rec.group.remove()
         self.workers.clear()
         self.version += 1
         return n

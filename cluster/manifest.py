@@ -95,6 +95,8 @@ class HardwareSpec(Strict):
     gpus_per_node: int | None = Field(None, ge=1, description="Default: the catalogue's value")
     node_ips: list[str] | None = Field(None, description="Ray node IPs in order; plans pin replicas to them")
     profile: str | None = Field(None, description="profile.json from 'splitserve profile' (latency coefficients)")
+    placement_timeout_s: float = Field(60.0, gt=0, description="How long serve waits for a worker's placement "
+                                       "group (node and resources) before failing with the pool, node and resources")
 
 
 class WorkloadSpec(Strict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import uvicorn
 from cluster.controller import start_controller
 from cluster.ingress import Ingress, build_app
 from cluster.manifest import Manifest
+from placement.groups import PlacementGroupError
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +66,14 @@ def deploy(manifest: Manifest, timeout_s: float = 600.0, name: str | None = None
     controller = start_controller(manifest, name)
     try:
         ray.get(controller.start.remote(), timeout=timeout_s)
-    except BaseException:
+    except BaseException as e:
         try:
             ray.get(controller.shutdown.remote(), timeout=30)
         finally:
             ray.kill(controller, no_restart=True)
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, PlacementGroupError):  # the controller's error, without Ray's wrapping
+            raise PlacementGroupError(str(cause)) from None
         raise
     max_len = manifest.model.max_model_len or cfg.max_position_embeddings
     ingress = Ingress(manifest, controller, load_tokenizer(model_dir), max_len)
@@ -106,7 +111,11 @@ def serve_forever(manifest: Manifest, host: str, port: int, address: str | None)
     started_ray = init_ray(address)
     dep = None
     try:
-        dep = deploy(manifest)
+        try:
+            dep = deploy(manifest)
+        except PlacementGroupError as e:
+            print(f"splitserve: {e}", file=sys.stderr, flush=True)
+            return 1
         config = uvicorn.Config(build_app(dep.ingress), host=host, port=port, log_level="info",
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)

@@ -56,6 +56,13 @@ def current_node_ip() -> str:
     return str(ray.util.get_node_ip_address())
 
 
+def _current_pg_hex() -> str | None:
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,11 +168,18 @@ class EngineWorker:
         if not node_ip.startswith("127."):
             addr = node_ip
         here = ray.get_runtime_context().get_node_id()
+        # Rank r runs in bundle r of this worker's placement group (placement.groups) when
+        # it has one, else beside rank 0 on this node.
+        pg = ray.util.get_current_placement_group()
         rank_cls = ray.remote(TPRank)
         for rank in range(1, s.tp_size):
+            strategy: Any = NodeAffinitySchedulingStrategy(here, soft=False)
+            if pg is not None and rank < pg.bundle_count:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
             self._tp_ranks.append(rank_cls.options(
-                num_cpus=s.num_cpus, num_gpus=self.pool.num_gpus,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+                num_cpus=s.num_cpus, num_gpus=self.pool.num_gpus, scheduling_strategy=strategy,
             ).remote(s, rank, addr, port))
         inits = [r.init.remote() for r in self._tp_ranks]
         await asyncio.to_thread(init_tp_group, 0, s.tp_size, addr, port)
@@ -191,7 +205,7 @@ class EngineWorker:
                                  "draining": self._draining, "steps": self._steps,
                                  "tokens": self._tokens, "busy_s": self._busy_s,
                                  "pid": os.getpid(), "last_error": self._last_error,
-                                 "node_ip": current_node_ip()}
+                                 "node_ip": current_node_ip(), "placement_group": _current_pg_hex()}
         if self.engine is not None:
             stats.update(self.engine.stats())
             stats["waiting"] += sum(1 for kind, _, _ in list(self._pending) if kind == "add")

@@ -21,6 +21,11 @@ class GPU:
     intra_node_gbps: float
     cross_node_gbps: float
     gpus_per_node: int
+    # Achieved fractions of peak FLOPs and HBM bandwidth for the roofline, and the latency
+    # of one small all-reduce on the intra-node link; None: placement.latency's defaults.
+    mfu: float | None = None
+    mbu: float | None = None
+    allreduce_latency_us: float | None = None
 
 
 @cache

@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 
 from placement.catalogue import GPU, ModelShape, gpu as gpu_type
-from placement.latency import LatencyModel, roofline
-from placement.search import SLO, Layout, Workload, parallel_options, search
+from placement.latency import LatencyModel
+from placement.search import (MAX_NUM_SEQS, PREFILL_BUDGET, SLO, Layout, Workload, best_of_kind,
+                              catalogue_latency, parallel_options, search)
 
 
 class PlanError(ValueError):
@@ -28,13 +29,22 @@ class Plan:
     slo: SLO
     # (field, predicted p90, target) for each SLO the best layout misses.
     misses: list[tuple[str, float, float]]
+    # The best layout of each kind (disaggregated, colocated/chunked, colocated/whole).
+    alternatives: dict[str, Layout] | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"mode": self.layout.mode, "pools": self.layout.pools, "gpus": self.layout.gpus,
+        def pools(lay: Layout) -> dict[str, Any]:
+            return {name: {k: v for k, v in spec.items() if k != "nodes"} for name, spec in lay.pools.items()}
+
+        return {"mode": self.layout.mode, "kind": self.layout.kind, "pools": self.layout.pools,
+                "gpus": self.layout.gpus,
                 "predicted_goodput_rps": self.layout.goodput_rps,
                 "predicted_goodput_per_gpu": self.layout.goodput_per_gpu,
                 "predicted_ttft_p90_ms": self.layout.ttft_p90_s * 1e3,
                 "predicted_tpot_p90_ms": self.layout.tpot_p90_s * 1e3,
+                "best_of_each_kind": {k: {"goodput_per_gpu": lay.goodput_per_gpu, "gpus": lay.gpus,
+                                          "pools": pools(lay)}
+                                      for k, lay in (self.alternatives or {}).items()},
                 "slo_misses": [{"field": f, "predicted_ms": p * 1e3, "target_ms": t * 1e3}
                                for f, p, t in self.misses]}
 
@@ -51,10 +61,13 @@ def make_plan(manifest: Any) -> Plan:
         g = GPU(**{**g.__dict__, "gpus_per_node": hw.gpus_per_node})
     bytes_per_param = 4 if manifest.model.dtype == "float32" else 2
     shape = ModelShape.from_dir(manifest.model_dir(), bytes_per_param=bytes_per_param)
-    if not parallel_options(shape, g, hw.num_gpus):
+    longest = manifest.workload.prompt_tokens[1] + manifest.workload.output_tokens[1]
+    if not parallel_options(shape, g, hw.num_gpus, max_pp=1, min_kv_tokens=longest):
         need = shape.weight_bytes / (1 << 30)
-        raise PlanError(f"hardware.num_gpus: {hw.num_gpus} x {g.name} ({g.mem_gib} GiB each) cannot hold "
-                        f"the model's {need:.1f} GiB of weights with room for KV; add GPUs or pick a larger GPU")
+        tp_max = min(hw.num_gpus, g.gpus_per_node)
+        raise PlanError(f"hardware.num_gpus: {hw.num_gpus} x {g.name} ({g.mem_gib} GiB each, at most "
+                        f"{tp_max} per instance) cannot hold the model's {need:.1f} GiB of weights with room "
+                        f"for KV of one {longest}-token request (workload); add GPUs or pick a larger GPU")
     profiled: LatencyModel | None = None
     if hw.profile:
         from placement.profile import load_profile
@@ -64,26 +77,31 @@ def make_plan(manifest: Any) -> Plan:
 
     def lat(tp: int, pp: int) -> LatencyModel:
         if profiled is None:
-            return roofline(shape, g, tp, pp)
+            return catalogue_latency(shape, g, tp, pp)
         # A profile holds one instance's coefficients; scale by parallelism as the roofline does.
-        base, par = roofline(shape, g, 1, 1), roofline(shape, g, tp, pp)
+        base, par = catalogue_latency(shape, g, 1, 1), catalogue_latency(shape, g, tp, pp)
         def scale(c: Any, b: Any, q: Any) -> Any:
             return type(c)(*(x * (y / z if z else 1.0) for x, y, z in zip(c.as_tuple(), q.as_tuple(), b.as_tuple())))
         return LatencyModel(scale(profiled.prefill, base.prefill, par.prefill),
                             scale(profiled.decode, base.decode, par.decode), pp)
 
     slo = SLO(manifest.slo.ttft_ms / 1e3, manifest.slo.tpot_ms / 1e3, manifest.slo.attainment)
+    # At most 2000 requests per simulated run: at high rates the arrivals then span less
+    # than a minute, but the search stays within seconds per parallelism.
     wl = Workload(tuple(manifest.workload.prompt_tokens), tuple(manifest.workload.output_tokens),  # type: ignore[arg-type]
-                  num_requests=300)
+                  num_requests=300, max_requests=2000)
     layouts = search(shape, g, hw.num_gpus, slo, wl, lat=lat)
     best = layouts[0]
     misses = []
     if best.goodput_rps <= 0:
+        # No layout meets the SLO at any rate: the one that comes closest (its worse ratio
+        # of predicted p90 to target), and what it misses by.
+        best = min(layouts, key=lambda lay: max(lay.ttft_p90_s / slo.ttft_s, lay.tpot_p90_s / slo.tpot_s))
         if not best.ttft_p90_s <= slo.ttft_s:
             misses.append(("slo.ttft_ms", best.ttft_p90_s, slo.ttft_s))
         if not best.tpot_p90_s <= slo.tpot_s:
             misses.append(("slo.tpot_ms", best.tpot_p90_s, slo.tpot_s))
-    return Plan(best, planned_manifest(manifest, best, g), slo, misses)
+    return Plan(best, planned_manifest(manifest, best, g), slo, misses, best_of_kind(layouts))
 
 
 def planned_manifest(manifest: Any, layout: Layout, g: GPU) -> dict[str, Any]:
@@ -99,6 +117,13 @@ def planned_manifest(manifest: Any, layout: Layout, g: GPU) -> dict[str, Any]:
     for name, spec in layout.pools.items():
         old = dict(manifest.pools.get(name, {}) and manifest.pools[name].model_dump(exclude_none=True))
         pool = {**old, "replicas": int(spec["replicas"]), "tp": int(spec["tp"])}  # type: ignore[call-overload]
+        # The step budget and batch the prediction assumed (colocated: chunked or whole).
+        if name == "colocated":
+            pool["max_num_batched_tokens"] = int(spec.get("max_num_batched_tokens", PREFILL_BUDGET))  # type: ignore[call-overload]
+        elif name == "prefill":
+            pool["max_num_batched_tokens"] = PREFILL_BUDGET
+        if name != "prefill":
+            pool["max_num_seqs"] = MAX_NUM_SEQS
         if g.name != "cpu":
             pool["num_gpus"] = 1
         nodes = spec.get("nodes")

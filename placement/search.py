@@ -1,11 +1,33 @@
 """Layout search: which parallelism, how many replicas of each pool, and which nodes, to
 maximise goodput per GPU under the SLO.
 
-DistServe's approach (OSDI 2024, algorithm 1): size the prefill instance against the TTFT
-SLO and the decode instance against the TPOT SLO separately, each by simulated goodput
-of one instance, then replicate them in the ratio that balances their rates. We add the
-KV-transfer term (which DistServe leaves out) by simulating the combined unit, placed so
-that KV stays inside a node where possible, and compare against colocated layouts.
+DistServe's approach (Zhong et al., OSDI 2024, section 4, algorithm 1): size the prefill
+instance against the TTFT SLO and the decode instance against the TPOT SLO separately,
+each by the simulated goodput of one instance, then replicate them in the ratio that
+balances their rates. We add the KV-transfer term (which DistServe leaves out) by
+simulating the combined unit, placed so that KV stays inside a node where possible, and
+compare against colocated layouts of two kinds, labelled:
+
+- ``colocated/chunked``: prefill chunks ride along with decodes under a token budget
+  (Sarathi / DeepSpeed-FastGen "SplitFuse"; what splitserve's colocated worker does);
+- ``colocated/whole``: prompts are prefilled whole as soon as they are admitted, so
+  decodes wait for them (vLLM <= 0.3 without chunked prefill: the baseline DistServe
+  measured against, section 6.1).
+
+How the search stays fast (a 64-GPU cluster in well under a minute on one core):
+
+1. memory first: a (tp, pp) whose weights leave no room for one longest request's KV is
+   never simulated;
+2. one instance per phase: the prefill goodput (TTFT only) and decode goodput (TPOT only)
+   of each parallelism are simulated in isolation, once, whatever the cluster size; the
+   bisection on rate starts from a capacity estimate and stops at a relative tolerance
+   (attainment is monotone in rate, so the bracket is valid);
+3. bounds: a (prefill, decode) pair can do no better per GPU than the two phases in the
+   continuous ratio, ``1 / (g_p / r_p + g_d / r_d)``; pairs are verified best bound first,
+   and the rest are dropped once their bound is below the best verified layout (with a
+   small slack for the pooling gain of several instances behind one router);
+4. a unit (a few prefill + decode instances) is verified by simulation with transfers, then
+   replicated over the cluster; the cluster itself is never simulated.
 """
 
 from __future__ import annotations
@@ -17,11 +39,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from placement.catalogue import GPU, ModelShape
-from placement.latency import LatencyModel, roofline
-from placement.simulator import (ClusterSpec, Instance, SimRequest, Simulation, attainment,
-                                 max_goodput_rate, poisson_requests)
+from placement.latency import ALLREDUCE_LATENCY_S, Coeffs, LatencyModel, roofline
+from placement.simulator import ClusterSpec, Instance, SimRequest, Simulation, attainment, poisson_requests
 
 LatencyFn = Callable[[int, int], LatencyModel]  # (tp, pp) -> model
+
+# Token budget of a chunked-prefill colocated step (vLLM 0.4-0.6's default budget with
+# chunked prefill on; prompts longer than this are split across steps) and of a prefill
+# instance's batch (DistServe, section 4.3: beyond
+# a few thousand tokens a prefill batch is compute bound and batching only adds latency).
+CHUNKED_BUDGET = 512
+PREFILL_BUDGET = 4096
+# "Whole prompts": vLLM's max_num_batched_tokens in DistServe's baseline runs
+# (evaluation/2-benchmark-serving/2-start-api-server.py in LLMServe/DistServe).
+WHOLE_BUDGET = 16384
+# Sequences batched at once by decode and colocated instances: DistServe ran both its
+# decode instances and vLLM with 1024 (--decoding-max-batch-size, --max-num-seqs).
+MAX_NUM_SEQS = 1024
+# Goodput is searched up to this multiple of an instance's estimated capacity (the
+# estimate is a mean-value one; the slack keeps it from cutting a true goodput short).
+CAP_SLACK = 1.1
 
 
 @dataclass(frozen=True)
@@ -43,6 +80,14 @@ class Workload:
         return poisson_requests(rate, n, lambda g: int(g.integers(lo_p, hi_p + 1)),
                                 lambda g: int(g.integers(lo_o, hi_o + 1)), self.seed)
 
+    @property
+    def mean_prompt(self) -> float:
+        return sum(self.prompt_range) / 2
+
+    @property
+    def mean_output(self) -> float:
+        return sum(self.output_range) / 2
+
 
 @dataclass(frozen=True)
 class SLO:
@@ -54,32 +99,35 @@ class SLO:
 @dataclass
 class Layout:
     mode: str  # "colocated" | "disaggregated"
-    # Per pool: tp, pp, replicas, node of each replica.
+    # Per pool: tp, pp, replicas, node of each replica (and, colocated, the step budget).
     pools: dict[str, dict[str, object]]
     gpus: int
     goodput_rps: float
     ttft_p90_s: float = float("nan")
     tpot_p90_s: float = float("nan")
     notes: list[str] = field(default_factory=list)
+    # "disaggregated", "colocated/chunked" or "colocated/whole" (see the module docstring).
+    kind: str = ""
 
     @property
     def goodput_per_gpu(self) -> float:
         return self.goodput_rps / max(1, self.gpus)
 
 
-def parallel_options(model: ModelShape, gpu: GPU, max_gpus: int, kv_reserve: float = 0.2) -> list[tuple[int, int]]:
-    """(tp, pp) pairs that fit the model's weights with kv_reserve of memory left for KV."""
-    out = []
-    for tp in (1, 2, 4, 8):
-        if tp > gpu.gpus_per_node or model.num_heads % tp or model.num_kv_heads % tp and model.num_kv_heads >= tp:
-            continue
-        for pp in (1, 2, 4, 8):
-            if tp * pp > max_gpus or model.num_layers % pp:
-                continue
-            per_gpu = model.weight_bytes / (tp * pp)
-            if per_gpu <= gpu.mem_gib * (1 << 30) * (1 - kv_reserve):
-                out.append((tp, pp))
-    return out
+def catalogue_latency(model: ModelShape, gpu: GPU, tp: int, pp: int = 1) -> LatencyModel:
+    """The roofline of ``placement.latency`` with the GPU type's achieved efficiencies
+    from the catalogue, plus the per-collective latency the catalogue gives for the GPU's
+    interconnect where it is higher than the roofline's built-in constant (TP adds two
+    all-reduces per layer to every step, prefill and decode alike)."""
+    lat = roofline(model, gpu, tp, pp, **({"mfu": gpu.mfu} if gpu.mfu else {}),
+                   **({"mbu": gpu.mbu} if gpu.mbu else {}))
+    extra = 0.0
+    if tp > 1 and gpu.allreduce_latency_us:
+        extra = 2 * model.num_layers * max(0.0, gpu.allreduce_latency_us * 1e-6 - ALLREDUCE_LATENCY_S)
+    if not extra:
+        return lat
+    return LatencyModel(Coeffs(lat.prefill.a + extra, lat.prefill.b, lat.prefill.c),
+                        Coeffs(lat.decode.a + extra, lat.decode.b, lat.decode.c), lat.pp)
 
 
 def kv_capacity_tokens(model: ModelShape, gpu: GPU, tp: int, pp: int) -> int:
@@ -87,107 +135,289 @@ def kv_capacity_tokens(model: ModelShape, gpu: GPU, tp: int, pp: int) -> int:
     return max(0, int(free / model.kv_bytes_per_token))
 
 
+def parallel_options(model: ModelShape, gpu: GPU, max_gpus: int, kv_reserve: float = 0.2,
+                     max_pp: int = 8, min_kv_tokens: int = 0) -> list[tuple[int, int]]:
+    """(tp, pp) pairs that fit the model's weights with kv_reserve of memory left for KV
+    (and, with min_kv_tokens, room for at least that many tokens of KV)."""
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp > gpu.gpus_per_node or model.num_heads % tp or model.num_kv_heads % tp and model.num_kv_heads >= tp:
+            continue
+        for pp in (1, 2, 4, 8):
+            if pp > max_pp or tp * pp > max_gpus or model.num_layers % pp:
+                continue
+            per_gpu = model.weight_bytes / (tp * pp)
+            if per_gpu > gpu.mem_gib * (1 << 30) * (1 - kv_reserve):
+                continue
+            if kv_capacity_tokens(model, gpu, tp, pp) < min_kv_tokens:
+                continue
+            out.append((tp, pp))
+    return out
+
+
 def _instance(kind: str, model: ModelShape, gpu: GPU, lat: LatencyFn, tp: int, pp: int, node: int = 0,
-              budget: int = 2048) -> Instance:
-    return Instance(kind, lat(tp, pp), node=node, max_batched_tokens=budget, max_num_seqs=256,
+              budget: int = CHUNKED_BUDGET) -> Instance:
+    return Instance(kind, lat(tp, pp), node=node, max_batched_tokens=budget, max_num_seqs=MAX_NUM_SEQS,
                     kv_capacity_tokens=kv_capacity_tokens(model, gpu, tp, pp))
+
+
+def _copy(i: Instance) -> Instance:
+    return Instance(i.kind, i.model, i.node, i.max_batched_tokens, i.max_num_seqs, i.kv_capacity_tokens)
 
 
 def _p90(xs: list[float]) -> float:
     return float(np.percentile(xs, 90)) if xs else float("nan")
 
 
-def evaluate(spec_fn: Callable[[], ClusterSpec], wl: Workload, slo: SLO) -> tuple[float, float, float]:
-    rate = max_goodput_rate(spec_fn, wl.requests, slo.ttft_s, slo.tpot_s, slo.attainment, hi=1.0, iters=8)
-    reqs = Simulation(spec_fn()).run(wl.requests(max(rate, 1e-3)))
-    return rate, _p90([r.ttft_s for r in reqs]), _p90([r.tpot_s for r in reqs])
+_FREE = LatencyModel(Coeffs(0.0, 0.0, 0.0), Coeffs(0.0, 0.0, 0.0))
+
+
+class _Counter:
+    sims = 0
+
+
+def goodput(make_spec: Callable[[], ClusterSpec], wl: Workload, ttft_s: float, tpot_s: float,
+            target: float, guess: float, rel_tol: float = 0.05, max_rate: float = 1e5) -> float:
+    """Highest Poisson rate whose SLO attainment stays >= target, by bracketing from a
+    guess and bisecting to a relative tolerance. Attainment is monotone in rate (more load
+    never helps a request), which makes the bracket valid. 0 when a trickle misses.
+
+    ``max_rate`` is the instance's processing capacity: above it the queue grows without
+    bound, so no rate there is sustainable, although a finite run of arrivals can still
+    drain within the SLO (TPOT is averaged over a request's tokens, so a backlog of a few
+    seconds hides in it)."""
+    def ok(rate: float) -> bool:
+        _Counter.sims += 1
+        return attainment(Simulation(make_spec()).run(wl.requests(rate)), ttft_s, tpot_s) >= target
+
+    guess = max(min(guess, max_rate), 1e-3)
+    if ok(guess):
+        lo, hi = guess, min(guess * 2, max_rate)
+        while hi > lo and ok(hi):
+            if hi >= max_rate:
+                return hi
+            lo, hi = hi, min(hi * 2, max_rate)
+    else:
+        lo, hi = guess / 2, guess
+        while not ok(lo):
+            lo, hi = lo / 2, lo
+            if lo < guess * 1e-3:
+                return 0.0
+    while hi - lo > rel_tol * lo:
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _p90s(make_spec: Callable[[], ClusterSpec], wl: Workload, rate: float) -> tuple[float, float]:
+    reqs = Simulation(make_spec()).run(wl.requests(max(rate, 1e-3)))
+    return _p90([r.ttft_s for r in reqs]), _p90([r.tpot_s for r in reqs])
+
+
+def place_units(unit: list[int], units: int, per_node: int, num_nodes: int) -> list[list[int]] | None:
+    """Node of every instance of ``units`` copies of a unit (instance sizes in GPUs): a
+    unit's instances go to one node when they fit (KV stays on NVLink), and an instance
+    never spans nodes. None when they do not fit on ``num_nodes`` nodes."""
+    free = [per_node] * num_nodes
+    out: list[list[int]] = []
+    for _ in range(units):
+        nodes: list[int] = []
+        home = next((n for n, f in enumerate(free) if f >= sum(unit)), None)
+        for g in unit:
+            n = home if home is not None and free[home] >= g else next(
+                (n for n, f in enumerate(free) if f >= g), None)
+            if n is None:
+                return None
+            free[n] -= g
+            nodes.append(n)
+        out.append(nodes)
+    return out
+
+
+@dataclass
+class PhaseRates:
+    """Per-instance goodput of each parallelism, each phase on its own."""
+
+    prefill: dict[tuple[int, int], float]
+    decode: dict[tuple[int, int], float]
 
 
 def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
-           lat: LatencyFn | None = None, codec_ratio: float = 1.0) -> list[Layout]:
-    """All layouts considered, best goodput per GPU first."""
-    lat = lat or (lambda tp, pp: roofline(model, gpu, tp, pp))
+           lat: LatencyFn | None = None, codec_ratio: float = 1.0, max_pp: int = 1,
+           max_unit_gpus: int | None = None, stats: dict[str, object] | None = None) -> list[Layout]:
+    """All layouts kept, best goodput per GPU first (colocated of both kinds, and the
+    verified disaggregated units).
+
+    ``max_pp`` is 1 by default: the engine has no pipeline parallelism, and the simulator
+    runs one batch at a time per instance (a pipelined instance would keep pp micro-batches
+    in flight), so pp>1 would be both unservable and mispriced."""
+    lat = lat or (lambda tp, pp: catalogue_latency(model, gpu, tp, pp))
     link_local = gpu.intra_node_gbps * 1e9
     link_remote = gpu.cross_node_gbps * 1e9
-    opts = parallel_options(model, gpu, num_gpus)
+    longest = wl.prompt_range[1] + wl.output_range[1]
+    opts = parallel_options(model, gpu, num_gpus, max_pp=max_pp, min_kv_tokens=longest)
+    per_node = gpu.gpus_per_node
+    max_unit = max_unit_gpus or max(per_node, 16)
     layouts: list[Layout] = []
+    sims0 = _Counter.sims
+    lat_cache: dict[tuple[int, int], LatencyModel] = {}
 
-    def spec(instances: list[Instance]) -> ClusterSpec:
+    def latc(tp: int, pp: int) -> LatencyModel:
+        if (tp, pp) not in lat_cache:
+            lat_cache[(tp, pp)] = lat(tp, pp)
+        return lat_cache[(tp, pp)]
+
+    def spec(instances: list[Instance], link: bool = True) -> ClusterSpec:
         return ClusterSpec(instances, kv_bytes_per_token=model.kv_bytes_per_token, codec_ratio=codec_ratio,
-                           link_bps=lambda a, b: link_local if a == b else link_remote)
+                           link_bps=(lambda a, b: link_local if a == b else link_remote) if link
+                           else (lambda a, b: 1e18))
 
-    # Colocated: one instance's goodput, replicated.
+    def capacity(tp: int, pp: int, phase: str) -> float:
+        """Requests/s one instance processes when saturated (prefill: full batches of
+        mean prompts; decode: the largest batch memory and max_num_seqs allow, by Little's
+        law; colocated: both works on the same GPUs): the bisection's guess and ceiling."""
+        lm = latc(tp, pp)
+        p, o = wl.mean_prompt, wl.mean_output
+        per_batch = max(1, int(PREFILL_BUDGET // p))
+        prefill_s = lm.prefill_s([int(p)] * per_batch) / per_batch
+        if phase == "prefill":
+            return 1.0 / prefill_s
+        kv = kv_capacity_tokens(model, gpu, tp, pp)
+        batch = max(1.0, min(MAX_NUM_SEQS, kv / (p + o)))
+        step = lm.decode_s(int(batch), int(batch * (p + o / 2)))
+        dec = batch / (step * o)
+        return dec if phase == "decode" else 1.0 / (1.0 / dec + prefill_s)
+
+    # Colocated, both kinds: one instance's goodput, replicated.
     for tp, pp in opts:
-        rate, t90, p90 = evaluate(lambda: spec([_instance("colocated", model, gpu, lat, tp, pp)]), wl, slo)
-        n = num_gpus // (tp * pp)
-        layouts.append(Layout("colocated", {"colocated": {"tp": tp, "pp": pp, "replicas": n}},
-                              n * tp * pp, rate * n, t90, p90))
+        g = tp * pp
+        n = num_gpus // g
+        for kind, budget in (("colocated/chunked", CHUNKED_BUDGET), ("colocated/whole", WHOLE_BUDGET)):
+            mk = lambda tp=tp, pp=pp, budget=budget: spec(  # noqa: E731
+                [_instance("colocated", model, gpu, latc, tp, pp, budget=budget)])
+            cap = capacity(tp, pp, "colocated")
+            rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.5 * cap, max_rate=CAP_SLACK * cap)
+            t90, p90 = _p90s(mk, wl, rate)
+            nodes = [i * g // per_node for i in range(n)]
+            layouts.append(Layout("colocated", {"colocated": {"tp": tp, "pp": pp, "replicas": n, "nodes": nodes,
+                                                              "max_num_batched_tokens": budget}},
+                                  n * g, rate * n, t90, p90, kind=kind,
+                                  notes=["chunked prefill" if kind.endswith("chunked") else
+                                         "whole-prompt prefill (no chunking)"]))
 
-    # Disaggregated: best single-phase instances first (per-GPU rate), then the ratio.
-    def phase_rate(kind: str, tp: int, pp: int) -> float:
-        if kind == "prefill":
-            slo_p = SLO(slo.ttft_s, float("inf"), slo.attainment)
-            mk = lambda: spec([_instance("prefill", model, gpu, lat, tp, pp),  # noqa: E731
-                               _instance("decode", model, gpu, lat, 8, 1)])
-            return max_goodput_rate(mk, wl.requests, slo_p.ttft_s, 1e9, slo.attainment, iters=8)
-        mk = lambda: spec([_instance("prefill", model, gpu, lambda t, p: lat(t, p), 8 if 8 in [o[0] for o in opts] else tp, 1),  # noqa: E731
-                           _instance("decode", model, gpu, lat, tp, pp)])
-        return max_goodput_rate(mk, wl.requests, 1e9, slo.tpot_s, slo.attainment, iters=8)
+    # Disaggregated. Each phase alone: the other phase is free and the link infinite.
+    rates = PhaseRates({}, {})
+    cap_p: dict[tuple[int, int], float] = {}
+    cap_d: dict[tuple[int, int], float] = {}
+    for tp, pp in opts:
+        mk_p = lambda tp=tp, pp=pp: spec([_instance("prefill", model, gpu, latc, tp, pp, budget=PREFILL_BUDGET),  # noqa: E731
+                                          Instance("decode", _FREE)], link=False)
+        cap_p[(tp, pp)] = capacity(tp, pp, "prefill")
+        rates.prefill[(tp, pp)] = goodput(mk_p, wl, slo.ttft_s, 1e9, slo.attainment, 0.5 * cap_p[(tp, pp)],
+                                          max_rate=CAP_SLACK * cap_p[(tp, pp)])
+        mk_d = lambda tp=tp, pp=pp: spec([Instance("prefill", _FREE, max_batched_tokens=1 << 30),  # noqa: E731
+                                          _instance("decode", model, gpu, latc, tp, pp)], link=False)
+        cap_d[(tp, pp)] = capacity(tp, pp, "decode")
+        rates.decode[(tp, pp)] = goodput(mk_d, wl, 1e9, slo.tpot_s, slo.attainment, 0.5 * cap_d[(tp, pp)],
+                                         max_rate=CAP_SLACK * cap_d[(tp, pp)])
 
-    best_p = sorted(((phase_rate("prefill", tp, pp) / (tp * pp), tp, pp) for tp, pp in opts), reverse=True)[:2]
-    best_d = sorted(((phase_rate("decode", tp, pp) / (tp * pp), tp, pp) for tp, pp in opts), reverse=True)[:2]
-    for rp, tpp, ppp in best_p:
-        for rd, tpd, ppd in best_d:
-            if rp <= 0 or rd <= 0:
+    pairs = []
+    for cp, rp in rates.prefill.items():
+        for cd, rd in rates.decode.items():
+            if rp > 0 and rd > 0:
+                gp, gd = cp[0] * cp[1], cd[0] * cd[1]
+                pairs.append((1.0 / (gp / rp + gd / rd), cp, cd))
+    pairs.sort(reverse=True)
+    best = 0.0
+    verified = pruned = 0
+    # The bound assumes the two phases in the exact ratio; a unit of several instances
+    # behind one router also pools their queues, which can lift it a little above, so the
+    # bound is taken with a small slack.
+    slack = 1.03
+    for bound, cp, cd in pairs:
+        if bound * slack < best:
+            pruned += 1
+            continue
+        rp, rd = rates.prefill[cp], rates.decode[cd]
+        gp, gd = cp[0] * cp[1], cd[0] * cd[1]
+        # Integer mixes near the balancing ratio, within one unit's GPU budget.
+        mixes = []
+        for n_p in range(1, max_unit // gp + 1):
+            for n_d in {max(1, math.floor(n_p * rp / rd)), max(1, math.ceil(n_p * rp / rd))}:
+                g = n_p * gp + n_d * gd
+                if g <= min(num_gpus, max_unit):
+                    mixes.append((min(n_p * rp, n_d * rd) / g, n_p, n_d))
+        if not mixes:
+            continue
+        mixes.sort(reverse=True)
+        for pred, n_p, n_d in mixes[:2]:
+            if pred * slack < best:
                 continue
-            gp, gd = tpp * ppp, tpd * ppd
-            # Replica ratio that balances the phases: n_p * (r_p * g_p) == n_d * (r_d * g_d),
-            # with r the per-GPU rate of an instance of g GPUs.
-            ratio = (rp * gp) / (rd * gd)
-            best: Layout | None = None
-            for n_p in range(1, num_gpus // gp + 1):
-                n_d = max(1, round(n_p * ratio))
-                if n_p * gp + n_d * gd > num_gpus:
-                    break
-                per_node = gpu.gpus_per_node
-                nodes_p = [(i * gp) // per_node for i in range(n_p)]
-                nodes_d = [((n_p * gp) + i * gd) // per_node for i in range(n_d)]
-                insts = ([_instance("prefill", model, gpu, lat, tpp, ppp, node=n) for n in nodes_p]
-                         + [_instance("decode", model, gpu, lat, tpd, ppd, node=n) for n in nodes_d])
-                rate, t90, p90 = evaluate(lambda insts=insts: spec([_copy(i) for i in insts]), wl, slo)
-                lay = Layout("disaggregated",
-                             {"prefill": {"tp": tpp, "pp": ppp, "replicas": n_p, "nodes": nodes_p},
-                              "decode": {"tp": tpd, "pp": ppd, "replicas": n_d, "nodes": nodes_d}},
-                             n_p * gp + n_d * gd, rate, t90, p90)
-                if best is None or lay.goodput_per_gpu > best.goodput_per_gpu:
-                    best = lay
-                if n_p >= 4:  # the unit repeats; larger groups only add rounding slack
-                    break
-            if best is not None:
-                layouts.append(_replicate(best, num_gpus, gpu.gpus_per_node))
+            g = n_p * gp + n_d * gd
+            placed = place_units([gp] * n_p + [gd] * n_d, 1, per_node, math.ceil(num_gpus / per_node))
+            if placed is None:
+                continue
+            nodes = placed[0]
+            insts = ([_instance("prefill", model, gpu, latc, *cp, node=nodes[i], budget=PREFILL_BUDGET)
+                      for i in range(n_p)]
+                     + [_instance("decode", model, gpu, latc, *cd, node=nodes[n_p + i]) for i in range(n_d)])
+            mk = lambda insts=insts: spec([_copy(i) for i in insts])  # noqa: E731
+            cap = min(n_p * cap_p[cp], n_d * cap_d[cd])
+            rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.85 * pred * g,
+                           max_rate=CAP_SLACK * cap)
+            verified += 1
+            t90, p90 = _p90s(mk, wl, rate)
+            unit = Layout("disaggregated",
+                          {"prefill": {"tp": cp[0], "pp": cp[1], "replicas": n_p, "nodes": nodes[:n_p]},
+                           "decode": {"tp": cd[0], "pp": cd[1], "replicas": n_d, "nodes": nodes[n_p:]}},
+                          g, rate, t90, p90, kind="disaggregated",
+                          notes=[f"unit of {n_p} prefill + {n_d} decode, bound {bound:.3f}/GPU"])
+            lay = _replicate(unit, num_gpus, per_node)
+            if lay is None:
+                continue
+            layouts.append(lay)
+            best = max(best, lay.goodput_per_gpu)
     layouts.sort(key=lambda lay: lay.goodput_per_gpu, reverse=True)
+    if stats is not None:
+        stats.update({"options": opts, "phase_rates": rates, "pairs": len(pairs), "pairs_pruned": pruned,
+                      "units_verified": verified, "simulations": _Counter.sims - sims0})
     return layouts
 
 
-def _replicate(unit: Layout, num_gpus: int, per_node: int) -> Layout:
-    """Repeat a prefill+decode unit to fill the GPU budget, each copy on the next GPUs."""
-    units = max(1, num_gpus // unit.gpus)
+def _replicate(unit: Layout, num_gpus: int, per_node: int) -> Layout | None:
+    """Repeat a prefill+decode unit to fill the GPU budget, units kept inside a node when
+    they fit, no instance across nodes."""
     p, d = unit.pools["prefill"], unit.pools["decode"]
     n_p, n_d = int(p["replicas"]), int(d["replicas"])  # type: ignore[call-overload]
     gp, gd = int(p["tp"]) * int(p["pp"]), int(d["tp"]) * int(d["pp"])  # type: ignore[call-overload]
-    nodes_p, nodes_d = [], []
-    for u in range(units):
-        base = u * unit.gpus
-        nodes_p += [(base + i * gp) // per_node for i in range(n_p)]
-        nodes_d += [(base + n_p * gp + i * gd) // per_node for i in range(n_d)]
+    sizes = [gp] * n_p + [gd] * n_d
+    units = max(1, num_gpus // unit.gpus)
+    placed = None
+    while units >= 1:
+        placed = place_units(sizes, units, per_node, math.ceil(num_gpus / per_node))
+        if placed is not None:
+            break
+        units -= 1
+    if placed is None:
+        return None
+    nodes_p = [n for u in placed for n in u[:n_p]]
+    nodes_d = [n for u in placed for n in u[n_p:]]
     return Layout("disaggregated",
                   {"prefill": {**p, "replicas": n_p * units, "nodes": nodes_p},
                    "decode": {**d, "replicas": n_d * units, "nodes": nodes_d}},
-                  unit.gpus * units, unit.goodput_rps * units, unit.ttft_p90_s, unit.tpot_p90_s)
+                  unit.gpus * units, unit.goodput_rps * units, unit.ttft_p90_s, unit.tpot_p90_s,
+                  notes=unit.notes + [f"{units} units"], kind="disaggregated")
 
 
-def _copy(i: Instance) -> Instance:
-    return Instance(i.kind, i.model, i.node, i.max_batched_tokens, i.max_num_seqs, i.kv_capacity_tokens)
+def best_of_kind(layouts: list[Layout]) -> dict[str, Layout]:
+    """The best layout of each kind (layouts come best first)."""
+    out: dict[str, Layout] = {}
+    for lay in layouts:
+        out.setdefault(lay.kind or lay.mode, lay)
+    return out
 
 
 def meets(layout: Layout, slo: SLO) -> bool:

@@ -1,5 +1,7 @@
 """Run as a script (its own Ray cluster of fake nodes): prefill on 127.0.0.2, decode on
-127.0.0.3, KV over gRPC with the lossless codec. Prints one JSON line with what it saw; exits non-zero on failure.
+127.0.0.3, KV over gRPC with the lossless codec; then a planned layout, a tp=2 worker
+and two unplaceable pools, to check placement groups. Prints one JSON line with what it
+saw; exits non-zero on failure.
 
     python -m tests.integration.multinode_check MODEL_DIR
 """
@@ -14,11 +16,46 @@ import ray
 from ray.cluster_utils import Cluster
 
 
+def _actors_on_nodes() -> dict[str, list[str]]:
+    """Alive actors by class name: the node IPs they run on (GCS actor table)."""
+    import ray._private.state as state
+
+    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    out: dict[str, list[str]] = {}
+    for a in state.actors().values():
+        if a["State"] == "ALIVE":
+            out.setdefault(a["ActorClassName"], []).append(ip_of.get(a["Address"]["NodeID"], "?"))
+    return out
+
+
+def _pg_node(pg_id: str) -> list[str]:
+    """Node IP of each bundle of a placement group."""
+    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    table = ray.util.placement_group_table().get(pg_id, {})
+    return sorted({ip_of.get(n, "?") for n in table.get("bundles_to_node_id", {}).values()})
+
+
+def _pg_states() -> dict[str, str]:
+    return {pg_id: t["state"] for pg_id, t in ray.util.placement_group_table().items()}
+
+
+def _placement(state: dict) -> dict[str, list[dict[str, object]]]:
+    """Per pool, per worker: the node it reports, the node the plan named, the placement
+    group the controller made for it, the group the worker says it runs in, and the
+    node(s) Ray placed that group's bundles on."""
+    return {p: [{"node_ip": w["node_ip"], "planned_node": w["planned_node"], "pg": w["placement_group"],
+                 "worker_pg": w["stats"].get("placement_group"), "pg_nodes": _pg_node(w["placement_group"])}
+                for w in ws]
+            for p, ws in state["pools"].items()}
+
+
 def check_planned_placement() -> dict[str, object]:
     """`splitserve plan` on the example CPU manifest, then deploy the plan here: every
-    worker must run on the node the plan names."""
+    worker must run on the node the plan names, inside its own placement group; a replaced
+    worker gets a new group (the old one removed), and teardown removes them all."""
     import subprocess
     import tempfile
+    import time
     from pathlib import Path
 
     from cluster.manifest import load_manifest
@@ -34,12 +71,90 @@ def check_planned_placement() -> dict[str, object]:
         m = load_manifest(planned)
     want = {name: list(pool.nodes or []) for name, pool in m.pools.items()}
     dep = deploy(m)
+    out: dict[str, object] = {"mode": m.mode, "want": {k: sorted(v) for k, v in want.items()}}
     try:
         state = ray.get(dep.controller.get_state.remote())
-        got = {p: sorted(w["node_ip"] for w in ws) for p, ws in state["pools"].items()}
+        out["got"] = {p: sorted(w["node_ip"] for w in ws) for p, ws in state["pools"].items()}
+        out["workers"] = _placement(state)
+        # Replace one worker: the controller must give the new one a new group on the same
+        # node and remove the old group.
+        victim = next(w for ws in state["pools"].values() for w in ws)
+        ray.kill(victim["handle"], no_restart=True)
+        deadline = time.monotonic() + 120
+        new = None
+        while time.monotonic() < deadline:
+            st = ray.get(dep.controller.get_state.remote())
+            new = next((w for ws in st["pools"].values() for w in ws
+                        if w["worker_id"] not in {x["worker_id"] for xs in state["pools"].values() for x in xs}), None)
+            if new is not None:
+                break
+            time.sleep(0.5)
+        states = _pg_states()
+        out["replaced"] = {"old_pg_state": states.get(victim["placement_group"]),
+                           "new": None if new is None else {
+                               "node_ip": new["node_ip"], "planned_node": new["planned_node"],
+                               "same_planned_node": new["planned_node"] == victim["planned_node"],
+                               "pg_state": states.get(new["placement_group"]),
+                               "worker_pg": new["stats"].get("placement_group") == new["placement_group"],
+                               "pg_nodes": _pg_node(new["placement_group"])}}
+        pgs = [w["placement_group"] for ws in ray.get(dep.controller.get_state.remote())["pools"].values()
+               for w in ws]
     finally:
         dep.stop()
-    return {"mode": m.mode, "want": {k: sorted(v) for k, v in want.items()}, "got": got}
+    states = _pg_states()
+    out["after_stop"] = sorted({states.get(pg, "missing") for pg in pgs})
+    return out
+
+
+def check_tp_group() -> dict[str, object]:
+    """A tp=2 worker on a named node: one placement group of two bundles holding the
+    worker (rank 0) and its TP rank, both on that node."""
+    from cluster.manifest import parse_manifest
+    from cluster.serve import deploy
+
+    m = parse_manifest({"name": "tpgroup", "model": {"builtin": "tiny-llama", "name": "tiny"}, "mode": "colocated",
+                        "pools": {"colocated": {"tp": 2, "num_cpus": 1, "nodes": ["127.0.0.3"], "num_kv_blocks": 64}}})
+    dep = deploy(m)
+    try:
+        state = ray.get(dep.controller.get_state.remote())
+        w = state["pools"]["colocated"][0]
+        table = ray.util.placement_group_table()[w["placement_group"]]
+        # The node has 2 CPUs and the group holds both: the TP rank could not have been
+        # scheduled outside it.
+        return {"bundles": len(table["bundles"]), "strategy": table["strategy"],
+                "worker_in_pg": w["stats"].get("placement_group") == w["placement_group"],
+                "pg_nodes": _pg_node(w["placement_group"]), "actors": _actors_on_nodes()}
+    finally:
+        dep.stop()
+
+
+def check_placement_errors() -> dict[str, object]:
+    """A node that is not there, and a node without the CPUs: a clear error, in time."""
+    import time
+
+    from cluster.manifest import parse_manifest
+    from cluster.serve import deploy
+    from placement.groups import PlacementGroupError
+
+    out: dict[str, object] = {}
+    for case, pool in (("missing_node", {"nodes": ["127.0.0.9"], "num_cpus": 1}),
+                       ("too_few_cpus", {"nodes": ["127.0.0.2"], "num_cpus": 3})):
+        m = parse_manifest({"name": f"bad-{case}", "model": {"builtin": "tiny-llama", "name": "tiny"},
+                            "mode": "colocated", "pools": {"colocated": pool},
+                            "hardware": {"gpu": "cpu", "placement_timeout_s": 3}})
+        t0 = time.monotonic()
+        try:
+            dep = deploy(m)
+        except PlacementGroupError as e:
+            out[case] = {"error": str(e), "seconds": time.monotonic() - t0}
+        except Exception as e:  # noqa: BLE001 - reported, the test fails on it
+            out[case] = {"other": f"{type(e).__name__}: {e}"}
+        else:
+            dep.stop()
+            out[case] = {"other": "deployed"}
+    out["leftover_pgs"] = sorted(t["state"] for t in ray.util.placement_group_table().values()
+                                 if t["name"].startswith("splitserve-") and t["state"] != "REMOVED")
+    return out
 
 
 def main(model_dir: str) -> int:
@@ -102,6 +217,8 @@ def main(model_dir: str) -> int:
             server.stop()
             dep.stop()
         out["plan"] = check_planned_placement()
+        out["tp_group"] = check_tp_group()
+        out["placement_errors"] = check_placement_errors()
     finally:
         ray.shutdown()
         c.shutdown()

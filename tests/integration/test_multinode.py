@@ -39,3 +39,38 @@ def test_planned_layout_is_placed_where_the_plan_says(seen):
     plan = seen["plan"]
     assert "error" not in plan, plan
     assert plan["want"] and plan["got"] == plan["want"], plan
+    # Every worker runs in its own placement group, on the node the plan names.
+    pgs = set()
+    for pool, workers in plan["workers"].items():
+        for w in workers:
+            assert w["planned_node"] and w["node_ip"] == w["planned_node"], (pool, w)
+            assert w["pg"] and w["pg"] not in pgs, (pool, w)
+            pgs.add(w["pg"])
+            assert w["worker_pg"] == w["pg"] and w["pg_nodes"] == [w["planned_node"]], (pool, w)
+
+
+def test_replaced_worker_gets_a_new_group_and_teardown_removes_all(seen):
+    rep = seen["plan"]["replaced"]
+    assert rep["old_pg_state"] == "REMOVED", rep
+    new = rep["new"]
+    assert new and new["same_planned_node"] and new["node_ip"] == new["planned_node"], rep
+    assert new["pg_state"] == "CREATED" and new["worker_pg"] and new["pg_nodes"] == [new["planned_node"]]
+    assert seen["plan"]["after_stop"] == ["REMOVED"], seen["plan"]
+
+
+def test_tp_ranks_share_the_worker_group_on_its_node(seen):
+    tp = seen["tp_group"]
+    assert tp["bundles"] == 2 and tp["strategy"] == "STRICT_PACK", tp
+    assert tp["worker_in_pg"] and tp["pg_nodes"] == ["127.0.0.3"], tp
+    assert tp["actors"]["ColocatedWorker"] == ["127.0.0.3"] and tp["actors"]["TPRank"] == ["127.0.0.3"], tp
+
+
+def test_unplaceable_pool_fails_in_time_naming_pool_node_resources(seen):
+    errs = seen["placement_errors"]
+    missing, cpus = errs["missing_node"], errs["too_few_cpus"]
+    assert "error" in missing and "error" in cpus, errs
+    assert "pools.colocated" in missing["error"] and "127.0.0.9" in missing["error"], missing
+    assert "not an alive Ray node" in missing["error"], missing
+    assert "127.0.0.2" in cpus["error"] and "'CPU': 3.0" in cpus["error"], cpus
+    assert missing["seconds"] < 30 and cpus["seconds"] < 30, errs
+    assert errs["leftover_pgs"] == [], errs

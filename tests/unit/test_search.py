@@ -1,5 +1,7 @@
 from placement.catalogue import gpu, opt
-from placement.search import SLO, Workload, parallel_options, search
+import pytest
+
+from placement.search import CHUNKED_BUDGET, SLO, WHOLE_BUDGET, Workload, parallel_options, search
 
 
 def test_parallel_options_respect_memory():
@@ -17,3 +19,52 @@ def test_search_returns_sorted_layouts_of_both_kinds():
     assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[0] > 0
     for lay in lays:
         assert lay.gpus <= 4
+
+
+def test_colocated_offered_both_ways_and_labelled():
+    lays = search(opt("13b"), gpu("a100-80g"), 4, SLO(0.5, 0.1),
+                  Workload((64, 512), (16, 128), num_requests=120, max_requests=600))
+    kinds = {lay.kind for lay in lays}
+    assert {"colocated/chunked", "colocated/whole", "disaggregated"} <= kinds
+    for lay in lays:
+        if lay.mode == "colocated":
+            budget = lay.pools["colocated"]["max_num_batched_tokens"]
+            assert budget == (CHUNKED_BUDGET if lay.kind == "colocated/chunked" else WHOLE_BUDGET)
+        else:  # prefill and decode may differ in parallelism; no instance spans a node
+            assert set(lay.pools) == {"prefill", "decode"}
+
+
+def test_search_prunes_pairs_by_bound_and_is_fast_on_16_gpus():
+    import time
+
+    st: dict = {}
+    t0 = time.monotonic()
+    lays = search(opt("13b"), gpu("a100-80g"), 16, SLO(0.25, 0.1),
+                  Workload((64, 512), (16, 128), num_requests=120, max_requests=600), stats=st)
+    assert time.monotonic() - t0 < 60
+    assert st["pairs_pruned"] > 0 and st["units_verified"] >= 1
+    assert lays[0].gpus <= 16 and lays[0].goodput_per_gpu > 0
+
+
+def test_place_units_keeps_instances_inside_nodes():
+    from placement.search import place_units
+
+    placed = place_units([2, 2, 4], 3, 8, 3)
+    assert placed is not None
+    used = {}
+    for unit in placed:
+        for g, n in zip([2, 2, 4], unit):
+            used[n] = used.get(n, 0) + g
+    assert all(v <= 8 for v in used.values())
+    assert all(len(set(u)) == 1 for u in placed)  # each unit fits one node here
+    assert place_units([8, 8], 2, 8, 3) is None
+
+
+@pytest.mark.slow
+def test_64_gpu_search_under_a_minute():
+    """8 nodes x 8 A100: OPT-66B and a Mixtral-8x7B-shaped MoE (benchmarks/plan_search.py)."""
+    from benchmarks.plan_search import run_64
+
+    for name, seconds, lay in run_64():
+        assert seconds < 60, (name, seconds)
+        assert lay.goodput_per_gpu > 0 and lay.gpus <= 64
