@@ -11,6 +11,7 @@ worker is replaced or the deployment is torn down.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,9 @@ async def create_worker_group(pool: str, worker_id: str, tp: int, num_cpus: floa
     """Create and wait for a worker's placement group; on timeout remove it and raise
     PlacementGroupError naming the pool, node and resources."""
     bundles = worker_bundles(tp, num_cpus, num_gpus, node_ip)
-    pg = placement_group(bundles, strategy="STRICT_PACK", name=f"splitserve-{worker_id}")
+    # Worker ids repeat across deployments (and replacements) in one Ray cluster: the
+    # name only helps operators read `ray list placement-groups`, so it is made unique.
+    pg = placement_group(bundles, strategy="STRICT_PACK", name=f"splitserve-{worker_id}-{uuid.uuid4().hex[:8]}")
     group = WorkerGroup(pg, bundles, node_ip)
     try:
         await asyncio.wait_for(asyncio.wrap_future(pg.ready().future()), timeout=timeout_s)
