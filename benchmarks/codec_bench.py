@@ -339,7 +339,7 @@ def plot_curve(summ: dict[str, Any], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(6.5 * max(1, len(dtypes)), 5), squeeze=False)
     styles = {"cg": ("o-", "C0"), "cgcal": ("s-", "C1"), "cgpca": ("^--", "C2"), "int8": ("D", "C3"),
               "lossless": ("*", "C4")}
-    for ax, dtype in zip(axes[0], dtypes or [None]):
+    for ax, dtype in zip(axes[0], dtypes or [""]):
         pts = summ[dtype]["curve"] if dtype else []
         top = max([p["ppl_vs_exact_pct"] for p in pts if p["ppl_vs_exact_pct"] is not None] + [1.0])
         for fam, (fmt, color) in styles.items():
