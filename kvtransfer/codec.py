@@ -5,7 +5,7 @@
 Every stream is self-describing, so ``decode`` (and ``decode_any``) need no side
 information::
 
-    magic "SSKC" | version u8 | codec id u8 | dtype u8 | reserved u8 | shape 5 x u32
+    magic "SSKC" | version u8 (3) | codec id u8 | dtype u8 | reserved u8 | shape 5 x u32
     | options length u16 | options (codec-specific: level, bits, ...) | payload length u64
     | CRC32 u32 of everything before it and of the payload | payload
 
@@ -15,8 +15,9 @@ The CRC covers the header too, so a flipped bit anywhere (shape, options, payloa
 Codecs (one module each under ``kvtransfer/codecs/``):
 
 - ``none``: the raw bytes, bit-exact.
-- ``lossless``: bit-exact and smaller; the sign+exponent byte is coded with a table of its
-  most frequent values and an escape list, the mantissa bytes are kept raw (SplitZip).
+- ``lossless``: bit-exact and smaller; each value's top byte (sign + exponent bits) is
+  coded as an index into a window of its most frequent values with an escape list, the
+  lower bytes are kept raw (SplitZip); vectorised, ~1-2 GB/s per core each way.
 - ``int8``: symmetric int8, keys per channel, values per token (KIVI), fp16 scales.
 - ``cachegen``: CacheGen (SIGCOMM 2024): anchor/delta tokens, layer-dependent
   quantisation, range coding with per-(layer, channel) tables; ``level`` 0..5.

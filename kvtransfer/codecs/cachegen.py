@@ -18,11 +18,18 @@
    decorrelating transform; ``exact_head`` / ``exact_tail`` tokens (attention sink,
    most recent tokens) are kept exact.
 
-Stream payload: seven u64 section lengths, then the sections ``exact`` (raw head/tail
+Stream payload: eight u64 section lengths, then the sections ``exact`` (raw head/tail
 tokens), ``delta`` (fp32 step per layer and K/V), ``mode`` (delta-mode bit per channel),
 ``buckets`` (5-bit table choice per row), ``tables`` (zlib'd uint16 counts of the used
-tables; empty when calibrated), ``escapes`` (int32 counts per role, then values) and
-``words`` (the ANS-coded symbols).
+tables, of the coded part ``symbol >> SPLIT_BITS[bucket]``; empty when calibrated),
+``escapes`` (int32 counts per role, then values), ``low`` (the ``SPLIT_BITS`` raw low bits
+of the symbols of wide buckets, packed per stream) and ``words`` (the ANS-coded symbols,
+two per coded symbol where the alphabet allows).
+
+Speed: decoding is bound by the ANS coder (about 10 ns a call plus 2 ns per bit of the
+coded alphabet), so symbols are coded in pairs and wide buckets keep low bits raw; the
+rest of decoding is a pair lookup table, in-place row placement and one token-major
+reconstruction pass.
 
 Chunks: encode a token slice per chunk with the level chosen for it; set ``exact_head``
 only on the chunk holding the first tokens. RoPE is already applied to cached keys; the

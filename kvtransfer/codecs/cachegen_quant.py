@@ -158,11 +158,11 @@ def reconstruct_tokens(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa:
     mode_t = torch.from_numpy(mode)[:, :, None, :]  # [L, 2, 1, C]
     for t0, n, g in parts:
         if n:
-            seg = out[:, :, t0:t0 + n * g].view(L, 2, n, g, C)
-            anchor = seg[:, :, :, 0]
+            tseg = out[:, :, t0:t0 + n * g].view(L, 2, n, g, C)
+            anchor = tseg[:, :, :, 0]
             anchor.add_(ref_x)
             if g > 1:
-                seg[:, :, :, 1:].add_(torch.where(mode_t, anchor, ref_x)[:, :, :, None, :])
+                tseg[:, :, :, 1:].add_(torch.where(mode_t, anchor, ref_x)[:, :, :, None, :])
     return out
 
 

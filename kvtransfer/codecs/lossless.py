@@ -254,6 +254,7 @@ class LosslessCodec(KVCodec):
         # value's top byte: ((f << 7) & 0x7F00 | f << 15) >> (16 - width) ... done in the
         # value's own width, then the raw bytes below it.
         if wide:
+            assert mid is not None
             f32 = idx.astype(np.uint32)
             f32 += np.uint32(start)
             u32 = np.left_shift(f32, 23)

@@ -92,4 +92,6 @@ def decode(words: np.ndarray, sizes: Sequence[int], table_of: Sequence[int],
         if t not in models:
             models[t] = _model(tables[t])
         out.append(dec.decode(models[t], int(n)))
+    if not dec.is_empty():  # a stack coder ends where the encoder started: anything else is a bad stream
+        raise ValueError("ANS words do not decode to exactly these symbols (truncated or altered stream)")
     return out

@@ -379,3 +379,37 @@ def test_lossless_truncated_anywhere_is_codec_error(dtype):
     for cut in range(0, len(data), max(1, len(data) // 50)):
         with pytest.raises(CodecError):
             c.decode(data[:cut])
+
+
+def test_cachegen_wide_buckets_keep_low_bits_and_malformed_sections_are_codec_errors():
+    import struct
+
+    from kvtransfer.codecs.cachegen import _SECTIONS
+
+    c = get_codec("cachegen", level=0)
+    kv = kv_like(torch.float32, 120, specials=False)
+    data = c.encode(kv)
+    assert describe(data)["low"] > 0  # level 0: wide buckets split their symbols
+    _, _, _, opts, payload = parse(data)
+    n = len(_SECTIONS)
+    lengths = list(struct.unpack_from(f"<{n}Q", payload))
+    body = bytes(payload[8 * n:])
+    secs, pos = {}, 0
+    for name, ln in zip(_SECTIONS, lengths):
+        secs[name] = body[pos:pos + ln]
+        pos += ln
+
+    def build(**change):
+        parts = [change.get(k, v) for k, v in secs.items()]
+        return struct.pack(f"<{n}Q", *map(len, parts)) + b"".join(parts)
+
+    assert torch.equal(c.decode(restamp(data, build())), c.decode(data))
+    # ANS words altered at their end (where decoding starts) or in the middle decode to other
+    # symbols without an error: only the CRC guards those. Words missing at the start leave
+    # the coder non-empty, which is caught.
+    for bad in ({"low": secs["low"][:-1]}, {"low": secs["low"] + b"\0"}, {"words": secs["words"][4:]},
+                {"escapes": b""}, {"buckets": secs["buckets"][:-1]}, {"tables": b"garbage"}):
+        with pytest.raises(CodecError):
+            c.decode(restamp(data, build(**bad)))
+    with pytest.raises(CodecError):
+        c.decode(restamp(data, bytes(payload[:-3])))
