@@ -61,7 +61,12 @@ class PrefillWorker(EngineWorker):
             sender = self.connector.grpc.sender
             self.engine.runner.on_layer_kv = sender.add
         if self.policy.adaptive:
-            await self._profile_codecs()
+            tokens = max(16, min(512, self.settings.num_blocks * self.settings.block_size // 2))
+            try:
+                await self._profile_codecs(tokens)
+            except Exception as e:  # noqa: BLE001 - transfers refine the default profile anyway
+                logger.warning("%s could not profile the KV codecs (%r); starting from defaults",
+                               self.worker_id, e)
         return out
 
     async def _profile_codecs(self, tokens: int = 512) -> None:
