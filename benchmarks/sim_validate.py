@@ -10,11 +10,14 @@ run, before any load:
    shapes the workers run (token budget, chunked prefill with context, decode batches);
 2. the serving overheads (``placement.latency.fit_overheads``), from probe requests sent
    to the served layout: one at a time (prompts of 64..1280 tokens, outputs of 4 and 40)
-   and in bursts that decode as one batch (2, 4, 8 sequences).
+   and in bursts that decode as one batch (2, 4, 8 sequences); for a layout of several
+   workers also a 4-sequence burst while long prompts keep the prefill worker busy, whose
+   slowdown gives the cores the workers effectively share (``ClusterSpec.cores``).
 During every probe and rate, the engine busy time of each worker is read from the
 workers, so the table also shows measured vs simulated utilisation.
 
-    python -m benchmarks.sim_validate --rates 2,4,6,7 --duration 15 --out /tmp/simval
+    python -m benchmarks.sim_validate --rates "colocated=2,4,6,7;1p1d=2,4,5,6" --duration 15 --out /tmp/simval
+    python -m benchmarks.sim_validate --resimulate --out /tmp/simval   # model changes only
 """
 
 from __future__ import annotations
@@ -124,7 +127,31 @@ async def _probe(url: str, workers: dict[str, list[Any]], reps: int) -> dict[str
                     bursts.append({"batch": b, "prompt": 64, "output": 40,
                                    "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok)})
                 await asyncio.sleep(0.05)
-    return {"isolated": iso, "bursts": bursts}
+        # Interference: the same 4-sequence burst while another request keeps the
+        # prefill pool busy (back-to-back long prompts), against the burst alone.
+        loaded: list[dict[str, Any]] = []
+        if "prefill" in workers:
+            for _ in range(reps):
+                seed += 1
+                stop = asyncio.Event()
+
+                async def hammer(seed: int = seed) -> None:
+                    k = 0
+                    while not stop.is_set():
+                        k += 1
+                        await send(client, info, _spec(1280, 1, seed * 1000 + k), "completions", 60)
+
+                h = asyncio.create_task(hammer())
+                await asyncio.sleep(0.05)
+                rs = await asyncio.gather(*[send(client, info, _spec(64, 40, seed * 100 + k), "completions", 60)
+                                            for k in range(4)])
+                stop.set()
+                await h
+                ok = [r for r in rs if r.ok]
+                if ok:
+                    loaded.append({"batch": 4, "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok)})
+                await asyncio.sleep(0.05)
+    return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded}
 
 
 def measure(layout: str, rates: list[float], duration: float, out: Path, reps: int) -> dict[str, Any]:
@@ -179,17 +206,43 @@ def overheads_from(probes: dict[str, Any], lat: LatencyModel, disaggregated: boo
     bursts = [(x["batch"], x["batch"] * (x["prompt"] + x["output"] // 2), x["output"], x["decode_s"])
               for x in probes["bursts"]]
     kv_s = statistics.mean(p * KV_BYTES_PER_TOKEN / LINK_BPS for p, _, _, _ in iso)
-    return fit_overheads(lat, BUDGET, iso, bursts, disaggregated, kv_link_s=kv_s)
+    # The prefilling worker's own busy time per probe: the prefill pool's, or the colocated
+    # worker's minus the decode steps that followed (short outputs only).
+    busy: list[float | None] = []
+    for x in probes["isolated"]:
+        b = x["busy_s"]
+        if disaggregated:
+            busy.append(b["prefill"])
+        elif x["output"] <= 8:
+            ctx = x["prompt"] + x["output"] // 2
+            busy.append(b["colocated"] - (x["output"] - 1) * lat.decode_s(1, ctx))
+        else:
+            busy.append(None)
+    return fit_overheads(lat, BUDGET, iso, bursts, disaggregated, kv_link_s=kv_s, prefill_busy=busy)
 
 
-def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any]) -> list[dict[str, Any]]:
+def cores_from(probes: dict[str, Any], instances: int) -> float | None:
+    """Effective cores the layout's workers share: a decode burst beside a busy prefill
+    worker runs s times slower than alone, i.e. two busy workers on 2 / s cores."""
+    loaded = probes.get("loaded_bursts") or []
+    alone = [x["decode_s"] for x in probes["bursts"] if x["batch"] == 4]
+    if instances < 2 or not loaded or not alone:
+        return None
+    slow = statistics.mean(x["decode_s"] for x in loaded) / statistics.mean(alone)
+    return float(min(instances, max(1.0, instances / max(slow, 1e-9))))
+
+
+def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any],
+            cores: float | None = None) -> list[dict[str, Any]]:
     rows = meas["records"]
     table = []
     for run in meas["runs"]:
         rate = run["rate"]
         got = [x for x in rows if x["rate"] == rate and x["ok"]]
         sim = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in got]
-        Simulation(spec_for(layout, lat, over)).run(sim)
+        spec = spec_for(layout, lat, over)
+        spec.cores = cores
+        Simulation(spec).run(sim)
         row: dict[str, Any] = {"layout": layout, "rate": rate, "n": len(got),
                                "loadavg": run["loadavg_before"][0]}
         for metric, get_m, get_s in (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s),
@@ -258,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             meas = measure(layout, rates[layout], args.duration, out, args.probe_reps)
             mpath.write_text(json.dumps(meas))
         over = overheads_from(meas["probes"], lat, LAYOUTS[layout]["mode"] == "disaggregated")
-        fitted[layout] = over.__dict__
-        table += compare(layout, lat, over, meas)
+        cores = cores_from(meas["probes"], len(LAYOUTS[layout]["pools"]))
+        fitted[layout] = {**over.__dict__, "cores": cores}
+        table += compare(layout, lat, over, meas, cores)
     (out / "table.json").write_text(json.dumps({"profile": prof, "overheads": fitted, "table": table}, indent=2))
     (out / "table.md").write_text(format_table(table) + "\n")
     if args.json:

@@ -207,12 +207,18 @@ class Overheads:
     decode_start_s: float = 0.0
     step_s: float = 0.0
     stream_token_s: float = 0.0
+    # Inside the worker that prefills, beyond the engine's step: per prompt token of a
+    # step and per prompt finished (KV export and hand-off, the event loop's work): they
+    # lengthen the worker's steps, so they queue later prompts.
+    prefill_token_s: float = 0.0
+    prefill_done_s: float = 0.0
 
     def spec_kwargs(self) -> dict[str, float]:
         """Keyword arguments of ``placement.simulator.ClusterSpec``."""
         return {"request_overhead_s": self.request_s, "prompt_token_overhead_s": self.prompt_token_s,
                 "decode_start_overhead_s": self.decode_start_s, "token_overhead_s": self.step_s,
-                "stream_overhead_s": self.stream_token_s}
+                "stream_overhead_s": self.stream_token_s, "prefill_token_overhead_s": self.prefill_token_s,
+                "prefill_done_overhead_s": self.prefill_done_s}
 
 
 def _nnls2(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -234,7 +240,7 @@ def _nnls2(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit_overheads(lat: LatencyModel, budget: int, isolated: list[tuple[int, int, float, float]],
                   bursts: list[tuple[int, int, int, float]], disaggregated: bool,
-                  kv_link_s: float = 0.0) -> Overheads:
+                  kv_link_s: float = 0.0, prefill_busy: list[float | None] | None = None) -> Overheads:
     """Overheads of a served system from two kinds of probe requests.
 
     isolated: (prompt tokens, output tokens, TTFT, end-to-end seconds) of requests sent
@@ -247,9 +253,23 @@ def fit_overheads(lat: LatencyModel, budget: int, isolated: list[tuple[int, int,
     isolated ones, period(b) minus the model's decode step gives step_s + stream_token_s * b.
     kv_link_s: the link time the simulator already charges a disaggregated request's KV
     (mean over the isolated probes), left out of decode_start_s.
+    prefill_busy: the busy seconds the prefilling worker's engine loop reported for each
+    isolated probe's prefill (None where unknown); busy minus the model's prefill gives
+    the in-worker terms prefill_done_s + prefill_token_s * l, and TTFT minus busy the
+    outside ones. Without it, everything beyond the model's prefill counts as outside.
     """
     ls = np.array([float(p) for p, _, _, _ in isolated])
-    resid = np.array([ttft - lat.chunked_prefill_s(int(p), budget) for p, _, ttft, _ in isolated])
+    model_pre = np.array([lat.chunked_prefill_s(int(p), budget) for p, _, _, _ in isolated])
+    pdone = ptok_in = 0.0
+    inside = np.zeros_like(ls)
+    if prefill_busy is not None:
+        known = np.array([b is not None for b in prefill_busy])
+        if known.sum() >= 2:
+            busy = np.array([b if b is not None else 0.0 for b in prefill_busy])
+            lk = ls[known]
+            pdone, ptok_in = _nnls2(np.stack([np.ones_like(lk), lk], axis=1), busy[known] - model_pre[known])
+            inside = pdone + ptok_in * ls
+    resid = np.array([ttft for _, _, ttft, _ in isolated]) - model_pre - inside
     req, ptok = _nnls2(np.stack([np.ones_like(ls), ls], axis=1), resid)
     outs = np.array([float(o) for _, o, _, _ in isolated])
     dec = np.array([e2e - ttft for _, _, ttft, e2e in isolated])
@@ -267,7 +287,8 @@ def fit_overheads(lat: LatencyModel, budget: int, isolated: list[tuple[int, int,
     step, per_tok = _nnls2(np.stack([np.ones_like(bsa), bsa], axis=1), np.array(over))
     return Overheads(request_s=float(req), prompt_token_s=float(ptok),
                      decode_start_s=max(0.0, float(start) - kv_link_s) if disaggregated else 0.0,
-                     step_s=float(step), stream_token_s=float(per_tok))
+                     step_s=float(step), stream_token_s=float(per_tok), prefill_token_s=float(ptok_in),
+                     prefill_done_s=float(pdone))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ ping-pong between the attention and expert pools.
 
 The served system's costs around the engine (``placement.latency.Overheads``) are
 explicit terms of ``ClusterSpec``: per request before the first worker, per prompt token,
-before a disaggregated decode starts, per streaming step and per streamed token.
+before a disaggregated decode starts, per streaming step and per streamed token, per
+prompt token and per finished prompt inside the prefilling worker. ``ClusterSpec.cores``
+makes instances that share a machine's cores slow each other down.
 """
 
 from __future__ import annotations
@@ -108,6 +110,14 @@ class ClusterSpec:
     prompt_token_overhead_s: float = 0.0
     decode_start_overhead_s: float = 0.0
     stream_overhead_s: float = 0.0
+    # Inside the prefilling worker, added to its steps: per prompt token computed, per
+    # prompt finished (KV export and hand-off).
+    prefill_token_overhead_s: float = 0.0
+    prefill_done_overhead_s: float = 0.0
+    # Cores the instances share (None: each has its own, as GPUs do). A step that starts
+    # while k instances (itself included) are busy runs max(1, k / cores) times longer:
+    # workers of one CPU machine, or of GPUs whose host threads are oversubscribed.
+    cores: float | None = None
 
 
 class Simulation:
@@ -160,6 +170,9 @@ class Simulation:
         steps) and the instance is free for its next step once stage 0 is."""
         pp = inst.stages
         inst.busy = True
+        if self.spec.cores:
+            k = sum(1 for i in self.spec.instances if i.busy)
+            t *= max(1.0, k / self.spec.cores)
         if pp == 1:
             def fin() -> None:
                 inst.busy = False
@@ -189,6 +202,11 @@ class Simulation:
         self.at(ends[0], first_free)
         self.at(ends[-1], fin)
 
+    def _prefill_overhead(self, chunks: list[tuple[SimRequest, int, int]]) -> float:
+        tokens = sum(n for _, n, _ in chunks)
+        done = sum(1 for r, n, c in chunks if c + n >= r.prompt_tokens)
+        return self.spec.prefill_token_overhead_s * tokens + self.spec.prefill_done_overhead_s * done
+
     def _prefill_step(self, inst: Instance) -> None:
         budget = inst.max_batched_tokens
         chunks: list[tuple[SimRequest, int, int]] = []  # (request, tokens, context before)
@@ -203,6 +221,7 @@ class Simulation:
         if not chunks:
             return
         t = inst.model.mixed_s([n for _, n, _ in chunks], [c for _, _, c in chunks], 0, 0)
+        t += self._prefill_overhead(chunks)
         for r, n, _ in chunks:
             r.scheduled += n
 
@@ -273,6 +292,7 @@ class Simulation:
             t = inst.model.mixed_s([n for _, n, _ in chunks], [c for _, _, c in chunks], len(decoding), ctx)
         if decoding:
             t += self.spec.token_overhead_s + self.spec.stream_overhead_s * len(decoding)
+        t += self._prefill_overhead(chunks)
         for r, n, _ in chunks:
             r.scheduled += n
         for r in decoding:

@@ -164,3 +164,20 @@ def test_attention_expert_ratio_and_micro_batches():
     # With m >= 2 the step follows the larger pool's time.
     a2 = replace(ae, micro_batches=2)
     assert abs(a2.step_s(64, 64000) - a2.closed_form_s(64, 64000)) / a2.closed_form_s(64, 64000) < 0.05
+
+
+def test_fit_overheads_splits_inside_and_outside_the_worker():
+    lat = LatencyModel(Coeffs(1e-3, 2e-5, 8e-8), Coeffs(1.3e-3, 5e-7, 6e-5), attention="dense")
+    want = Overheads(request_s=5e-3, prompt_token_s=2e-6, step_s=3e-4, stream_token_s=8e-4,
+                     prefill_token_s=1e-5, prefill_done_s=1e-3)
+    iso, bursts = _probes(lat, replace(want, prefill_token_s=0.0, prefill_done_s=0.0), False, 0.0)
+    # The worker's busy time holds the in-worker terms; TTFT holds both.
+    busy = [lat.chunked_prefill_s(p, 512) + want.prefill_done_s + want.prefill_token_s * p for p, _, _, _ in iso]
+    iso = [(p, o, ttft + b - lat.chunked_prefill_s(p, 512), e2e + b - lat.chunked_prefill_s(p, 512))
+           for (p, o, ttft, e2e), b in zip(iso, busy)]
+    got = fit_overheads(lat, 512, iso, bursts, disaggregated=False, prefill_busy=busy)
+    for k in ("request_s", "prompt_token_s", "prefill_token_s", "prefill_done_s"):
+        assert abs(getattr(got, k) - getattr(want, k)) <= 0.02 * getattr(want, k) + 1e-9, (k, got)
+    # Without the busy times the same delay is all outside the worker.
+    got2 = fit_overheads(lat, 512, iso, bursts, disaggregated=False)
+    assert got2.prefill_token_s == 0.0 and got2.prompt_token_s > want.prompt_token_s

@@ -146,3 +146,27 @@ def test_positional_instance_copy_still_works():
     i = Instance("decode", LM, 1, 256, 32, 1000)
     assert (i.kind, i.node, i.max_batched_tokens, i.max_num_seqs, i.kv_capacity_tokens) == ("decode", 1, 256, 32, 1000)
     assert i.pp is None and i.ae is None and i.stages == 1
+
+
+def test_prefill_worker_overheads_lengthen_its_steps():
+    spec = ClusterSpec([Instance("prefill", LM, max_batched_tokens=1000), Instance("decode", LM)],
+                       link_bps=lambda a, b: 1e12, prefill_token_overhead_s=1e-5, prefill_done_overhead_s=0.002)
+    a, b = SimRequest(0.0, 100, 1), SimRequest(0.0005, 100, 1)
+    Simulation(spec).run([a, b])
+    step = 0.01 + 100 * 1e-4 + 100 * 1e-5 + 0.002
+    assert abs(a.ttft_s - step) < 1e-9
+    assert abs(b.first_token_s - 2 * step) < 1e-9  # b queued behind a's longer step
+
+
+def test_shared_cores_slow_concurrent_instances():
+    def ttft(cores: float | None) -> float:
+        spec = ClusterSpec([Instance("prefill", LM), Instance("decode", LM)], link_bps=lambda a, b: 1e12,
+                           cores=cores)
+        long_decode = SimRequest(0.0, 10, 400)  # keeps the decode instance busy
+        late = SimRequest(0.5, 100, 1)
+        Simulation(spec).run([long_decode, late])
+        return late.ttft_s
+
+    assert abs(ttft(None) - (0.01 + 100 * 1e-4)) < 1e-9
+    assert abs(ttft(2.0) - ttft(None)) < 1e-9  # two instances, two cores
+    assert abs(ttft(1.0) - 2 * ttft(None)) < 1e-9  # two busy instances on one core
