@@ -5,12 +5,12 @@ prompt and output lengths) through the placement simulator, and compare P50/P90 
 and TPOT.
 
 Nothing in the simulator is tuned on the measured rates. Its inputs come from the same
-run, before any load:
+run, outside the measured load:
 1. the engine profile (``placement.profile``): this machine's step times on the batch
    shapes the workers run (token budget, chunked prefill with context, decode batches);
 2. the serving overheads (``placement.latency.fit_overheads``), from probe requests sent
-   to the served layout: one at a time (prompts of 64..1280 tokens, outputs of 4 and 40)
-   and in bursts that decode as one batch (2, 4, 8 sequences); for a layout of several
+   to the served layout before and after the load (medians per probe shape): one at a
+   time (prompts of 64..1280 tokens, outputs of 4 and 40) and in bursts that decode as one batch (2, 4, 8 sequences); for a layout of several
    workers also a 4-sequence burst while long prompts keep the prefill worker busy, whose
    slowdown gives the cores the workers effectively share (``ClusterSpec.cores``).
 During every probe and rate, the engine busy time of each worker is read from the
@@ -95,7 +95,7 @@ def _spec(prompt: int, output: int, seed: int) -> Any:
     return RequestSpec(0.0, rng.integers(3, 1024, size=prompt).tolist(), prompt, output)
 
 
-async def _probe(url: str, workers: dict[str, list[Any]], reps: int) -> dict[str, Any]:
+async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int = 0) -> dict[str, Any]:
     """Isolated requests and decode bursts against the served layout."""
     from benchmarks.client import make_client, preflight, send
 
@@ -103,9 +103,14 @@ async def _probe(url: str, workers: dict[str, list[Any]], reps: int) -> dict[str
     bursts: list[dict[str, Any]] = []
     async with make_client(60) as client:
         info = await preflight(client, url, None, "completions")
-        for i in range(3):  # warm-up
-            await send(client, info, _spec(512, 8, 100 + i), "completions", 60)
-        seed = 0
+        # Warm-up: every probe shape once, unrecorded (the first requests of a fresh
+        # worker at a new size run up to 1.5x slower: allocator, first touch of KV pages).
+        for p in PROBE_PROMPTS:
+            for o in PROBE_OUTPUTS:
+                await send(client, info, _spec(p, o, 10_000 + p + o), "completions", 60)
+        await asyncio.gather(*[send(client, info, _spec(64, 40, 20_000 + k), "completions", 60)
+                               for k in range(max(BURSTS))])
+        seed = seed0
         for _ in range(reps):
             for p in PROBE_PROMPTS:
                 for o in PROBE_OUTPUTS:
@@ -180,6 +185,8 @@ def measure(layout: str, rates: list[float], duration: float, out: Path, reps: i
         try:
             url = server.start()
             workers = _workers(dep)
+            # Probes before and after the load, pooled: background load on this shared
+            # machine comes and goes, and the simulator should not hang on one moment.
             probes = asyncio.run(_probe(url, workers, reps))
             target = Target(url, manifest.name, 1, 1.0, "cpu")
             from benchmarks.client import ServerInfo
@@ -192,6 +199,8 @@ def measure(layout: str, rates: list[float], duration: float, out: Path, reps: i
                 runs.append({"rate": rate, "busy_s": _delta(b0, _busy(workers)), "loadavg_before": load0,
                              "loadavg_after": os.getloadavg()})
                 col.write()
+            after = asyncio.run(_probe(url, workers, reps, seed0=1000))
+            probes = {k: probes[k] + after[k] for k in probes}
         finally:
             server.stop()
             dep.stop()
@@ -201,7 +210,22 @@ def measure(layout: str, rates: list[float], duration: float, out: Path, reps: i
 
 # -- the model --------------------------------------------------------------------------------
 
+def _medians(isolated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One probe per (prompt, output): the medians of its repetitions (the machine is
+    shared; single requests can be 1.5x off)."""
+    cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for x in isolated:
+        cells.setdefault((x["prompt"], x["output"]), []).append(x)
+    out = []
+    for (p, o), xs in sorted(cells.items()):
+        out.append({"prompt": p, "output": o, "ttft_s": statistics.median(x["ttft_s"] for x in xs),
+                    "e2e_s": statistics.median(x["e2e_s"] for x in xs),
+                    "busy_s": {k: statistics.median(x["busy_s"][k] for x in xs) for k in xs[0]["busy_s"]}})
+    return out
+
+
 def overheads_from(probes: dict[str, Any], lat: LatencyModel, disaggregated: bool) -> Overheads:
+    probes = {**probes, "isolated": _medians(probes["isolated"])}
     iso = [(x["prompt"], x["output"], x["ttft_s"], x["e2e_s"]) for x in probes["isolated"]]
     bursts = [(x["batch"], x["batch"] * (x["prompt"] + x["output"] // 2), x["output"], x["decode_s"])
               for x in probes["bursts"]]
@@ -276,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     "colocated=2,3,4,5;1p1d=2,4,6,7")
     ap.add_argument("--duration", type=float, default=15)
     ap.add_argument("--layouts", default="colocated,1p1d")
-    ap.add_argument("--probe-reps", type=int, default=2)
+    ap.add_argument("--probe-reps", type=int, default=2, help="probe rounds before and after the load")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--resimulate", action="store_true",
