@@ -1,109 +1,350 @@
-"""Simulator vs measurement (issue 5): run the real server with `splitserve bench` at
-several rates, replay the very same requests (arrival, prompt and output lengths) through
-the placement simulator with coefficients profiled on this machine, and compare P50/P90
-TTFT and TPOT.
+"""Simulator vs measurement (issue 5): serve each layout of the demo model, measure it the
+way `splitserve bench --manifest` does (open-loop Poisson arrivals of the summarize
+workload, client and ingress in this process), replay the very same requests (arrival,
+prompt and output lengths) through the placement simulator, and compare P50/P90 TTFT
+and TPOT.
 
-    python -m benchmarks.sim_validate --json --rates 2,4,6,8 --duration 20 --out /tmp/simval
+Nothing in the simulator is tuned on the measured rates. Its inputs come from the same
+run, outside the measured load:
+1. the engine profile (``placement.profile``): this machine's step times on the batch
+   shapes the workers run (token budget, chunked prefill with context, decode batches);
+2. the serving overheads (``placement.latency.fit_overheads``), from probe requests sent
+   to the served layout before and after the load (medians per probe shape): one at a
+   time (prompts of 64..1280 tokens, outputs of 4 and 40) and in bursts that decode as one batch (2, 4, 8 sequences); for a layout of several
+   workers also a 4-sequence burst while long prompts keep the prefill worker busy, whose
+   slowdown gives the cores the workers effectively share (``ClusterSpec.cores``).
+During every probe and rate, the engine busy time of each worker is read from the
+workers, so the table also shows measured vs simulated utilisation.
+
+    python -m benchmarks.sim_validate --rates "colocated=2,4,6,7;1p1d=2,4,5,6" --duration 15 --out /tmp/simval
+    python -m benchmarks.sim_validate --resimulate --out /tmp/simval   # model changes only
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import subprocess
-import sys
+import math
+import os
+import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
 
-from placement.latency import LatencyModel
+from placement.latency import LatencyModel, Overheads, fit_overheads
 from placement.simulator import ClusterSpec, Instance, SimRequest, Simulation
 
-LAYOUTS = {
+LAYOUTS: dict[str, dict[str, Any]] = {
     "colocated": {"mode": "colocated", "pools": {"colocated": {"num_cpus": 1, "max_num_batched_tokens": 512,
                                                                "num_kv_blocks": 512}}},
     "1p1d": {"mode": "disaggregated", "pools": {"prefill": {"num_cpus": 1, "max_num_batched_tokens": 512,
                                                             "num_kv_blocks": 256},
                                                 "decode": {"num_cpus": 1, "num_kv_blocks": 512}}},
 }
+BUDGET = 512
+KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 16 * 4  # tiny-llama fp32: K+V, 4 layers, 2 heads of 16
+# One node: the KV moves through the object store (measured ~0.8 GB/s incl. scatter).
+LINK_BPS = 0.8e9
+PROBE_PROMPTS = (64, 512, 1024, 1280)
+PROBE_OUTPUTS = (4, 40)
+BURSTS = (2, 4, 8)
 
 
-def spec_for(layout: str, lat: LatencyModel, overhead: dict[str, float]) -> ClusterSpec:
+def spec_for(layout: str, lat: LatencyModel, over: Overheads) -> ClusterSpec:
     pools = LAYOUTS[layout]["pools"]
-    insts = [Instance(name if name != "colocated" else "colocated", lat,
-                      max_batched_tokens=int(p.get("max_num_batched_tokens", 512)),
+    insts = [Instance(name, lat, max_batched_tokens=int(p.get("max_num_batched_tokens", BUDGET)),
                       kv_capacity_tokens=int(p["num_kv_blocks"]) * 16)
-             for name, p in pools.items()]  # type: ignore[union-attr]
-    # Same node: the KV moves through the object store (measured ~0.8 GB/s incl. scatter).
-    return ClusterSpec(insts, kv_bytes_per_token=2 * 4 * 2 * 16 * 4, link_bps=lambda a, b: 0.8e9,
-                       request_overhead_s=overhead["request_s"], token_overhead_s=overhead["token_s"])
+             for name, p in pools.items()]
+    return ClusterSpec(insts, kv_bytes_per_token=KV_BYTES_PER_TOKEN, link_bps=lambda a, b: LINK_BPS,
+                       **over.spec_kwargs())
 
 
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
+# -- the served system ----------------------------------------------------------------------
+
+def _workers(dep: Any) -> dict[str, list[Any]]:
+    import ray
+
+    state = ray.get(dep.controller.get_state.remote(), timeout=30)
+    return {pool: [w["handle"] for w in ws] for pool, ws in state["pools"].items()}
+
+
+def _busy(workers: dict[str, list[Any]]) -> dict[str, float]:
+    """Engine busy seconds so far of each pool (summed over its workers)."""
+    import ray
+
+    out = {}
+    for pool, hs in workers.items():
+        out[pool] = sum(h["busy_s"] for h in ray.get([w.health.remote() for w in hs], timeout=30))
+    return out
+
+
+def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b[k] - a[k] for k in b}
+
+
+def _spec(prompt: int, output: int, seed: int) -> Any:
+    from benchmarks.workload import RequestSpec
+
+    rng = np.random.default_rng([seed, prompt, output])
+    return RequestSpec(0.0, rng.integers(3, 1024, size=prompt).tolist(), prompt, output)
+
+
+async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int = 0) -> dict[str, Any]:
+    """Isolated requests and decode bursts against the served layout."""
+    from benchmarks.client import make_client, preflight, send
+
+    iso: list[dict[str, Any]] = []
+    bursts: list[dict[str, Any]] = []
+    async with make_client(60) as client:
+        info = await preflight(client, url, None, "completions")
+        # Warm-up: every probe shape once, unrecorded (the first requests of a fresh
+        # worker at a new size run up to 1.5x slower: allocator, first touch of KV pages).
+        for p in PROBE_PROMPTS:
+            for o in PROBE_OUTPUTS:
+                await send(client, info, _spec(p, o, 10_000 + p + o), "completions", 60)
+        await asyncio.gather(*[send(client, info, _spec(64, 40, 20_000 + k), "completions", 60)
+                               for k in range(max(BURSTS))])
+        seed = seed0
+        for _ in range(reps):
+            for p in PROBE_PROMPTS:
+                for o in PROBE_OUTPUTS:
+                    seed += 1
+                    b0 = await asyncio.to_thread(_busy, workers)
+                    r = await send(client, info, _spec(p, o, seed), "completions", 60)
+                    b1 = await asyncio.to_thread(_busy, workers)
+                    if r.ok:
+                        iso.append({"prompt": p, "output": o, "ttft_s": r.ttft_s, "e2e_s": r.e2e_s,
+                                    "busy_s": _delta(b0, b1)})
+                    await asyncio.sleep(0.05)
+        for _ in range(reps):
+            for b in BURSTS:
+                seed += 1
+                rs = await asyncio.gather(*[send(client, info, _spec(64, 40, seed * 100 + k), "completions", 60)
+                                            for k in range(b)])
+                ok = [r for r in rs if r.ok]
+                if ok:
+                    bursts.append({"batch": b, "prompt": 64, "output": 40,
+                                   "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok)})
+                await asyncio.sleep(0.05)
+        # Interference: the same 4-sequence burst while another request keeps the
+        # prefill pool busy (back-to-back long prompts), against the burst alone.
+        loaded: list[dict[str, Any]] = []
+        if "prefill" in workers:
+            for _ in range(reps):
+                seed += 1
+                stop = asyncio.Event()
+
+                async def hammer(seed: int = seed) -> None:
+                    k = 0
+                    while not stop.is_set():
+                        k += 1
+                        await send(client, info, _spec(1280, 1, seed * 1000 + k), "completions", 60)
+
+                h = asyncio.create_task(hammer())
+                await asyncio.sleep(0.05)
+                rs = await asyncio.gather(*[send(client, info, _spec(64, 40, seed * 100 + k), "completions", 60)
+                                            for k in range(4)])
+                stop.set()
+                await h
+                ok = [r for r in rs if r.ok]
+                if ok:
+                    loaded.append({"batch": 4, "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok)})
+                await asyncio.sleep(0.05)
+    return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded}
+
+
+def measure(layout: str, rates: list[float], duration: float, out: Path, reps: int) -> dict[str, Any]:
+    """Serve the layout, probe it, run the rates; returns probes, records and busy times."""
+    import yaml
+
+    from benchmarks.metrics import SLO
+    from benchmarks.runner import BenchConfig, Collector, run_rate
+    from benchmarks.targets import Target, manifest_cpus, ray_session
+    from benchmarks.workload import WORKLOADS
+    from cluster.manifest import load_manifest
+    from cluster.serve import Server, deploy
+
+    manifest_data = {"name": f"simval-{layout}", "model": {"builtin": "tiny-llama", "name": "demo"},
+                     "kv_cache": {"block_size": 16}, **LAYOUTS[layout]}
+    mpath = out / f"{layout}.yaml"
+    mpath.write_text(yaml.safe_dump(manifest_data))
+    manifest = load_manifest(mpath)
+    cfg = BenchConfig(rates=rates, duration_s=duration, slo=SLO(1000, 50, 0.9), workload=WORKLOADS["summarize"],
+                      trace=None, progress=False)
+    col = Collector(out / layout, manifest.name, cfg)
+    runs: list[dict[str, Any]] = []
+    with ray_session(None, max(2, math.ceil(manifest_cpus(manifest)))):
+        dep = deploy(manifest, timeout_s=600)
+        server = Server(dep)
+        try:
+            url = server.start()
+            workers = _workers(dep)
+            # Probes before and after the load, pooled: background load on this shared
+            # machine comes and goes, and the simulator should not hang on one moment.
+            probes = asyncio.run(_probe(url, workers, reps))
+            target = Target(url, manifest.name, 1, 1.0, "cpu")
+            from benchmarks.client import ServerInfo
+
+            info = ServerInfo(url, "demo", True)
+            for rate in rates:
+                b0 = _busy(workers)
+                load0 = os.getloadavg()
+                asyncio.run(run_rate(target, info, cfg, rate, col, None))
+                runs.append({"rate": rate, "busy_s": _delta(b0, _busy(workers)), "loadavg_before": load0,
+                             "loadavg_after": os.getloadavg()})
+                col.write()
+            after = asyncio.run(_probe(url, workers, reps, seed0=1000))
+            probes = {k: probes[k] + after[k] for k in probes}
+        finally:
+            server.stop()
+            dep.stop()
+    records = [json.loads(line) for line in (out / layout / "requests.jsonl").read_text().splitlines()]
+    return {"probes": probes, "runs": runs, "records": records}
+
+
+# -- the model --------------------------------------------------------------------------------
+
+def _medians(isolated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One probe per (prompt, output): the medians of its repetitions (the machine is
+    shared; single requests can be 1.5x off)."""
+    cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for x in isolated:
+        cells.setdefault((x["prompt"], x["output"]), []).append(x)
+    out = []
+    for (p, o), xs in sorted(cells.items()):
+        out.append({"prompt": p, "output": o, "ttft_s": statistics.median(x["ttft_s"] for x in xs),
+                    "e2e_s": statistics.median(x["e2e_s"] for x in xs),
+                    "busy_s": {k: statistics.median(x["busy_s"][k] for x in xs) for k in xs[0]["busy_s"]}})
+    return out
+
+
+def overheads_from(probes: dict[str, Any], lat: LatencyModel, disaggregated: bool) -> Overheads:
+    probes = {**probes, "isolated": _medians(probes["isolated"])}
+    iso = [(x["prompt"], x["output"], x["ttft_s"], x["e2e_s"]) for x in probes["isolated"]]
+    bursts = [(x["batch"], x["batch"] * (x["prompt"] + x["output"] // 2), x["output"], x["decode_s"])
+              for x in probes["bursts"]]
+    kv_s = statistics.mean(p * KV_BYTES_PER_TOKEN / LINK_BPS for p, _, _, _ in iso)
+    # The prefilling worker's own busy time per probe: the prefill pool's, or the colocated
+    # worker's minus the decode steps that followed (short outputs only).
+    busy: list[float | None] = []
+    for x in probes["isolated"]:
+        b = x["busy_s"]
+        if disaggregated:
+            busy.append(b["prefill"])
+        elif x["output"] <= 8:
+            ctx = x["prompt"] + x["output"] // 2
+            busy.append(b["colocated"] - (x["output"] - 1) * lat.decode_s(1, ctx))
+        else:
+            busy.append(None)
+    return fit_overheads(lat, BUDGET, iso, bursts, disaggregated, kv_link_s=kv_s, prefill_busy=busy)
+
+
+def cores_from(probes: dict[str, Any], instances: int) -> float | None:
+    """Effective cores the layout's workers share: a decode burst beside a busy prefill
+    worker runs s times slower than alone, i.e. two busy workers on 2 / s cores."""
+    loaded = probes.get("loaded_bursts") or []
+    alone = [x["decode_s"] for x in probes["bursts"] if x["batch"] == 4]
+    if instances < 2 or not loaded or not alone:
+        return None
+    slow = statistics.mean(x["decode_s"] for x in loaded) / statistics.mean(alone)
+    return float(min(instances, max(1.0, instances / max(slow, 1e-9))))
+
+
+def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any],
+            cores: float | None = None) -> list[dict[str, Any]]:
+    rows = meas["records"]
+    table = []
+    for run in meas["runs"]:
+        rate = run["rate"]
+        got = [x for x in rows if x["rate"] == rate and x["ok"]]
+        sim = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in got]
+        spec = spec_for(layout, lat, over)
+        spec.cores = cores
+        Simulation(spec).run(sim)
+        row: dict[str, Any] = {"layout": layout, "rate": rate, "n": len(got),
+                               "loadavg": run["loadavg_before"][0]}
+        for metric, get_m, get_s in (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s),
+                                     ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s)):
+            m = [get_m(x) for x in got if get_m(x) is not None]
+            s = [get_s(x) for x in sim]
+            for q in (50, 90):
+                mv, sv = pct(m, q), pct(s, q)
+                row[f"{metric}_p{q}_measured_ms"] = mv * 1e3
+                row[f"{metric}_p{q}_predicted_ms"] = sv * 1e3
+                row[f"{metric}_p{q}_error"] = (sv - mv) / mv if mv else float("nan")
+        span = max(x["arrival_s"] for x in got) if got else 1.0
+        row["busy_measured"] = {k: v / span for k, v in run["busy_s"].items()}
+        table.append(row)
+    return table
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    lines = ["| layout | rate | n | load | TTFT P50 ms meas/pred (err) | TTFT P90 | TPOT P50 | TPOT P90 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        cells = [f"{r[k + '_measured_ms']:.1f} / {r[k + '_predicted_ms']:.1f} ({r[k + '_error']:+.0%})"
+                 for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")]
+        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['n']} | {r['loadavg']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="2,4,6,8")
-    ap.add_argument("--duration", type=float, default=20)
+    ap.add_argument("--rates", default="2,4,6,7", help="rates for every layout, or per layout: "
+                    "colocated=2,3,4,5;1p1d=2,4,6,7")
+    ap.add_argument("--duration", type=float, default=15)
+    ap.add_argument("--layouts", default="colocated,1p1d")
+    ap.add_argument("--probe-reps", type=int, default=2, help="probe rounds before and after the load")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--request-overhead-ms", type=float, default=6.5,
-                    help="per-request HTTP+RPC overhead (benchmarks.overhead: client e2e minus worker)")
-    ap.add_argument("--token-overhead-ms", type=float, default=1.0,
-                    help="per-token streaming overhead (benchmarks.overhead: TPOT minus step)")
+    ap.add_argument("--resimulate", action="store_true",
+                    help="only re-run the simulator on the measurements already in --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from cluster.builtin_models import builtin_model_dir
-    from placement.profile import profile_engine
+    layouts = args.layouts.split(",")
+    rates: dict[str, list[float]] = {}
+    for part in args.rates.split(";"):
+        name, _, rs = part.rpartition("=")
+        for lay in ([name] if name else layouts):
+            rates[lay] = [float(x) for x in rs.split(",")]
+    from placement.profile import latency_model, profile_engine
 
-    prof = profile_engine(builtin_model_dir("tiny-llama"), threads=1)
-    (out / "profile.json").write_text(json.dumps(prof, indent=2))
-    from placement.latency import Coeffs
-
-    lat = LatencyModel(Coeffs(*prof["prefill"]), Coeffs(*prof["decode"]))  # type: ignore[arg-type]
-    overhead = {"request_s": args.request_overhead_ms / 1e3, "token_s": args.token_overhead_ms / 1e3}
-    table = []
-    for layout, shape in LAYOUTS.items():
-        manifest = {"name": f"simval-{layout}", "model": {"builtin": "tiny-llama", "name": "demo"},
-                    "kv_cache": {"block_size": 16}, **shape}
-        mpath = out / f"{layout}.yaml"
-        mpath.write_text(yaml.safe_dump(manifest))
-        run_dir = out / layout
-        r = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--manifest", str(mpath), "--rates", args.rates,
-                            "--duration", str(args.duration), "--workload", "summarize", "--slo-ttft-ms", "1000",
-                            "--slo-tpot-ms", "50", "--out", str(run_dir), "--no-progress", "--no-plots"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stdout[-2000:], r.stderr[-2000:], file=sys.stderr)
-            return 1
-        rows = [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]
-        for rate in sorted({x["rate"] for x in rows}):
-            meas = [x for x in rows if x["rate"] == rate and x["ok"]]
-            sim = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in meas]
-            Simulation(spec_for(layout, lat, overhead)).run(sim)
-            row = {"layout": layout, "rate": rate, "n": len(meas)}
-            for metric, get_m, get_s in (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s),
-                                         ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s)):
-                m = [get_m(x) for x in meas if get_m(x) is not None]
-                s = [get_s(x) for x in sim]
-                for q in (50, 90):
-                    mv, sv = pct(m, q), pct(s, q)
-                    row[f"{metric}_p{q}_measured_ms"] = mv * 1e3
-                    row[f"{metric}_p{q}_predicted_ms"] = sv * 1e3
-                    row[f"{metric}_p{q}_error"] = (sv - mv) / mv if mv else float("nan")
-            table.append(row)
-    (out / "table.json").write_text(json.dumps(table, indent=2))
-    if args.json:
-        print(json.dumps({"profile": prof, "table": table}, indent=2))
+    if args.resimulate:
+        prof = json.loads((out / "profile.json").read_text())
     else:
-        for row in table:
-            print(f"{row['layout']:9s} {row['rate']:>4} " + " ".join(
-                f"{k}={row[k + '_measured_ms']:.1f}/{row[k + '_predicted_ms']:.1f}ms({row[k + '_error']:+.0%})"
-                for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")))
+        import cluster  # noqa: F401 - Ray environment before ray is imported
+        from cluster.builtin_models import builtin_model_dir
+
+        prof = profile_engine(builtin_model_dir("tiny-llama"), threads=1, max_batched_tokens=BUDGET)
+        (out / "profile.json").write_text(json.dumps(prof, indent=2))
+    lat = latency_model(prof)
+    table = []
+    fitted = {}
+    for layout in layouts:
+        mpath = out / f"{layout}.measured.json"
+        if args.resimulate:
+            meas = json.loads(mpath.read_text())
+        else:
+            meas = measure(layout, rates[layout], args.duration, out, args.probe_reps)
+            mpath.write_text(json.dumps(meas))
+        over = overheads_from(meas["probes"], lat, LAYOUTS[layout]["mode"] == "disaggregated")
+        cores = cores_from(meas["probes"], len(LAYOUTS[layout]["pools"]))
+        fitted[layout] = {**over.__dict__, "cores": cores}
+        table += compare(layout, lat, over, meas, cores)
+    (out / "table.json").write_text(json.dumps({"profile": prof, "overheads": fitted, "table": table}, indent=2))
+    (out / "table.md").write_text(format_table(table) + "\n")
+    if args.json:
+        print(json.dumps({"profile": prof, "overheads": fitted, "table": table}, indent=2))
+    else:
+        print(json.dumps({"profile": {k: v for k, v in prof.items() if k != "steps"}, "overheads": fitted}, indent=1))
+        print(format_table(table))
     return 0
 
 

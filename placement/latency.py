@@ -7,7 +7,21 @@
 Coefficients come from profiling this machine (``fit``) or from a roofline of the
 catalogue's GPU. Tensor parallelism divides compute and memory traffic and adds two
 all-reduces per layer; pipeline parallelism divides the per-stage time and adds a
-point-to-point hop per stage. The KV-transfer term DistServe leaves out is ``kv_transfer_s``.
+point-to-point hop per stage (the simulator runs the stages concurrently). The KV-transfer
+term DistServe leaves out is ``kv_transfer_s``.
+
+Chunked prefill: a chunk of n tokens over ctx tokens already cached attends to ctx + n
+keys. A causal kernel (flash attention) does n*ctx + n^2/2 of work, a kernel that applies
+the causal mask to the full score matrix (plain SDPA with a mask, this repo's CPU engine)
+n*(ctx + n); both reduce to c*l^2 for a whole prompt of l tokens, so ``attention`` picks
+the chunk formula without changing the meaning of c.
+
+``Overheads`` are the serving system's fixed costs around the engine (HTTP, routing, Ray
+RPC, token streaming), measured on the served system, not on the engine alone.
+
+``AttentionExpert`` is MoE decode with attention and expert workers in separate pools
+(MegaScale-Infer): per layer, micro-batches ping-pong between the pools, so a step costs
+about the larger pool's time once there are enough micro-batches to overlap.
 """
 
 from __future__ import annotations
@@ -36,17 +50,44 @@ class Coeffs:
         return (self.a, self.b, self.c)
 
 
+ATTENTION_KINDS = ("causal", "dense")
+
+
+def chunk_attention_work(chunks: list[int] | np.ndarray, ctx: list[int] | np.ndarray,
+                         attention: str = "causal") -> float:
+    """The quadratic feature of a prefill batch: sum over chunks (n tokens after ctx cached
+    ones) in units where a whole prompt of l tokens counts l^2."""
+    n = np.asarray(chunks, dtype=np.float64)
+    c = np.asarray(ctx, dtype=np.float64)
+    if attention == "causal":
+        return float((n * (n + 2 * c)).sum())
+    if attention == "dense":
+        return float((n * (n + c)).sum())
+    raise ValueError(f"unknown attention kind {attention!r}; allowed: {ATTENTION_KINDS}")
+
+
 @dataclass(frozen=True)
 class LatencyModel:
     prefill: Coeffs
     decode: Coeffs
     # Pipeline stages: the per-stage time is what limits throughput.
     pp: int = 1
+    # How chunked prefill's attention grows with the cached context (see the module doc).
+    attention: str = "causal"
 
     def prefill_s(self, lens: list[int] | np.ndarray) -> float:
         arr = np.asarray(lens, dtype=np.float64)
         p = self.prefill
         return p.a + p.b * arr.sum() + p.c * (arr * arr).sum()
+
+    def chunked_prefill_s(self, prompt_tokens: int, budget: int) -> float:
+        """One prompt alone, prefilled in chunks of at most ``budget`` tokens."""
+        t, done = 0.0, 0
+        while done < prompt_tokens:
+            n = min(budget, prompt_tokens - done)
+            t += self.mixed_s([n], [done], 0, 0)
+            done += n
+        return t
 
     def decode_s(self, batch: int, total_context: int) -> float:
         d = self.decode
@@ -57,9 +98,8 @@ class LatencyModel:
         if not prefill_lens:
             return self.decode_s(batch, total_context)
         p = self.prefill
-        chunk = np.asarray(prefill_lens, dtype=np.float64)
-        ctx = np.asarray(prefill_ctx, dtype=np.float64)
-        t = p.a + p.b * chunk.sum() + p.c * (chunk * (chunk + 2 * ctx)).sum()
+        t = p.a + p.b * float(np.sum(prefill_lens)) + p.c * chunk_attention_work(prefill_lens, prefill_ctx,
+                                                                               self.attention)
         if batch:
             t += self.decode.b * total_context + self.decode.c * batch
         return t
@@ -102,6 +142,16 @@ def fit_prefill(samples: list[tuple[list[int], float]]) -> Coeffs:
     return Coeffs(*_nnls(X, y))
 
 
+def fit_prefill_steps(samples: list[tuple[list[int], list[int], float]],
+                      attention: str = "causal") -> Coeffs:
+    """Least squares a + b*sum(n) + c*attention_work over prefill steps as the workers run
+    them: (chunk lengths, context cached before each chunk, seconds). Whole prompts are
+    chunks with context 0."""
+    X = np.array([[1.0, float(sum(ns)), chunk_attention_work(ns, cs, attention)] for ns, cs, _ in samples])
+    y = np.array([t for _, _, t in samples])
+    return Coeffs(*_nnls(X, y))
+
+
 def fit_decode(samples: list[tuple[int, int, float]]) -> Coeffs:
     """Least squares a + b*sum(context) + c*batch over (batch, total context, seconds)."""
     X = np.array([[1.0, float(ctx), float(b)] for b, ctx, _ in samples])
@@ -132,3 +182,186 @@ def _nnls(X: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 def kv_transfer_s(model: ModelShape, tokens: int, link_gbps: float, codec_ratio: float = 1.0) -> float:
     """Seconds to move a prompt's KV over a link (bytes x codec ratio / bandwidth)."""
     return tokens * model.kv_bytes_per_token * codec_ratio / (link_gbps * 1e9)
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """What the served system adds around the engine's steps (seconds), measured by
+    sending requests to the running server (``fit_overheads``), not on the engine alone.
+    The simulator (``ClusterSpec``) takes them as explicit terms:
+
+    - ``request_s`` + ``prompt_token_s`` * prompt tokens: every request's trip outside the
+      engine that TTFT sees (HTTP, validation, routing, Ray RPC to the worker and back,
+      and in a disaggregated layout publishing the prompt's KV before the first token
+      returns);
+    - ``decode_start_s``: disaggregated only, from the first token at the ingress until the
+      decode worker queues the request (decode RPC, fetching and importing the KV), beyond
+      the KV's time on the link;
+    - ``step_s`` per engine step that streams tokens and ``stream_token_s`` per token it
+      streams (one message per running sequence per step): the event loop's work, which
+      shares the worker's core and interpreter with the engine, so it lengthens steps.
+    """
+
+    request_s: float = 0.0
+    prompt_token_s: float = 0.0
+    decode_start_s: float = 0.0
+    step_s: float = 0.0
+    stream_token_s: float = 0.0
+    # Inside the worker that prefills, beyond the engine's step: per prompt token of a
+    # step and per prompt finished (KV export and hand-off, the event loop's work): they
+    # lengthen the worker's steps, so they queue later prompts.
+    prefill_token_s: float = 0.0
+    prefill_done_s: float = 0.0
+
+    def spec_kwargs(self) -> dict[str, float]:
+        """Keyword arguments of ``placement.simulator.ClusterSpec``."""
+        return {"request_overhead_s": self.request_s, "prompt_token_overhead_s": self.prompt_token_s,
+                "decode_start_overhead_s": self.decode_start_s, "token_overhead_s": self.step_s,
+                "stream_overhead_s": self.stream_token_s, "prefill_token_overhead_s": self.prefill_token_s,
+                "prefill_done_overhead_s": self.prefill_done_s}
+
+
+def _nnls2(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares (absolute error) over every subset of X's columns."""
+    best: tuple[float, np.ndarray] | None = None
+    k = X.shape[1]
+    for mask in range(1, 1 << k):
+        cols = [i for i in range(k) if mask >> i & 1]
+        coef, *_ = np.linalg.lstsq(X[:, cols], y, rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(k)
+        full[cols] = coef
+        err = float(((X @ full - y) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, full)
+    return best[1] if best is not None else np.zeros(k)
+
+
+def fit_overheads(lat: LatencyModel, budget: int, isolated: list[tuple[int, int, float, float]],
+                  bursts: list[tuple[int, int, int, float]], disaggregated: bool,
+                  kv_link_s: float = 0.0, prefill_busy: list[float | None] | None = None) -> Overheads:
+    """Overheads of a served system from two kinds of probe requests.
+
+    isolated: (prompt tokens, output tokens, TTFT, end-to-end seconds) of requests sent
+    one at a time, prompts of several lengths and outputs of two or more lengths; their
+    TTFT minus the model's (chunked) prefill time gives request_s + prompt_token_s * l,
+    and their decode time (e2e - TTFT) = start + (output - 1) * period gives the start
+    and the batch-1 token period.
+    bursts: (sequences, total context per step, output tokens, mean e2e - TTFT) of
+    requests sent together so that they decode as one batch; with batch 1 from the
+    isolated ones, period(b) minus the model's decode step gives step_s + stream_token_s * b.
+    kv_link_s: the link time the simulator already charges a disaggregated request's KV
+    (mean over the isolated probes), left out of decode_start_s.
+    prefill_busy: the busy seconds the prefilling worker's engine loop reported for each
+    isolated probe's prefill (None where unknown); busy minus the model's prefill gives
+    the in-worker terms prefill_done_s + prefill_token_s * l, and TTFT minus busy the
+    outside ones. Without it, everything beyond the model's prefill counts as outside.
+    """
+    ls = np.array([float(p) for p, _, _, _ in isolated])
+    model_pre = np.array([lat.chunked_prefill_s(int(p), budget) for p, _, _, _ in isolated])
+    pdone = ptok_in = 0.0
+    inside = np.zeros_like(ls)
+    if prefill_busy is not None:
+        known = np.array([b is not None for b in prefill_busy])
+        if known.sum() >= 2:
+            busy = np.array([b if b is not None else 0.0 for b in prefill_busy])
+            lk = ls[known]
+            pdone, ptok_in = _nnls2(np.stack([np.ones_like(lk), lk], axis=1), busy[known] - model_pre[known])
+            inside = pdone + ptok_in * ls
+    resid = np.array([ttft for _, _, ttft, _ in isolated]) - model_pre - inside
+    req, ptok = _nnls2(np.stack([np.ones_like(ls), ls], axis=1), resid)
+    outs = np.array([float(o) for _, o, _, _ in isolated])
+    dec = np.array([e2e - ttft for _, _, ttft, e2e in isolated])
+    X = np.stack([np.ones_like(outs), outs - 1], axis=1)
+    start, period1 = _nnls2(X, dec)
+    # Batch-1 context: the mean prompt of the isolated probes plus half their output.
+    ctx1 = float(np.mean(ls + outs / 2))
+    bs = [1.0]
+    over = [period1 - lat.decode_s(1, int(ctx1))]
+    for b, ctx, out, d in bursts:
+        period = max(0.0, d - start) / max(1, out - 1)
+        bs.append(float(b))
+        over.append(period - lat.decode_s(b, ctx))
+    bsa = np.array(bs)
+    step, per_tok = _nnls2(np.stack([np.ones_like(bsa), bsa], axis=1), np.array(over))
+    return Overheads(request_s=float(req), prompt_token_s=float(ptok),
+                     decode_start_s=max(0.0, float(start) - kv_link_s) if disaggregated else 0.0,
+                     step_s=float(step), stream_token_s=float(per_tok), prefill_token_s=float(ptok_in),
+                     prefill_done_s=float(pdone))
+
+
+@dataclass(frozen=True)
+class AttentionExpert:
+    """MoE decode disaggregated into attention and expert workers (MegaScale-Infer,
+    Zhu et al. 2025). Per layer, a micro-batch runs attention on the attention pool (each
+    of the ``n_attention`` workers holds its share of the sequences and their KV), its
+    routed hidden states go to the expert pool (``top_k`` experts per token, spread over
+    ``n_expert`` workers), and back. With ``micro_batches`` m >= 2 the pools ping-pong:
+    one works on micro-batch j while the other works on j - 1, so a step costs about
+    m * layers * max(T_a, T_e) plus one fill, instead of layers * (T_a + T_e + 2 T_c).
+
+    Coefficients are per layer and per micro-batch:
+    attention: a + b * context tokens + c * sequences (on one attention worker);
+    expert:    a + b * routed tokens + c * routed tokens^2 (on one expert worker; c is
+               usually 0);
+    comm:      a + b * tokens (one hop between the pools, either way).
+    """
+
+    attention: Coeffs
+    expert: Coeffs
+    comm: Coeffs
+    layers: int
+    top_k: int = 2
+    n_attention: int = 1
+    n_expert: int = 1
+    micro_batches: int = 2
+
+    def stage_times(self, batch: int, total_context: int) -> tuple[float, float, float]:
+        """(T_a, T_e, T_c): one micro-batch through one layer on each pool, and one hop."""
+        m, na = max(1, self.micro_batches), max(1, self.n_attention)
+        seqs = batch / (na * m)
+        ctx = total_context / (na * m)
+        ta = self.attention.a + self.attention.b * ctx + self.attention.c * seqs
+        routed = batch / m * self.top_k / max(1, self.n_expert)
+        te = self.expert.a + self.expert.b * routed + self.expert.c * routed * routed
+        tc = self.comm.a + self.comm.b * batch / m
+        return ta, te, tc
+
+    def step_s(self, batch: int, total_context: int) -> float:
+        """One decode step of the whole batch: the micro-batches' ping-pong simulated as
+        two FIFO servers (the pools) with the hops as delays between them."""
+        if batch <= 0:
+            return 0.0
+        ta, te, tc = self.stage_times(batch, total_context)
+        return pingpong_s(ta, te, tc, self.layers, max(1, self.micro_batches))
+
+    def closed_form_s(self, batch: int, total_context: int) -> float:
+        """MegaScale-Infer's estimate when the pools overlap: (T_a + T_e + 2 T_c) +
+        max(T_a, T_e) * (m * layers - 1)."""
+        ta, te, tc = self.stage_times(batch, total_context)
+        m = max(1, self.micro_batches)
+        return (ta + te + 2 * tc) + max(ta, te) * (m * self.layers - 1)
+
+
+def pingpong_s(ta: float, te: float, tc: float, layers: int, m: int) -> float:
+    """Makespan of m micro-batches, each through ``layers`` x (attention ta, hop tc,
+    experts te, hop tc), where the attention pool and the expert pool each serve one
+    micro-batch at a time, in the order they become ready."""
+    import heapq
+
+    heap: list[tuple[float, int, int, int]] = [(0.0, j, 0, 0) for j in range(m)]  # (ready, mb, layer, pool)
+    free = [0.0, 0.0]
+    end_all = 0.0
+    while heap:
+        ready, j, layer, pool = heapq.heappop(heap)
+        start = max(ready, free[pool])
+        end = start + (ta if pool == 0 else te)
+        free[pool] = end
+        if pool == 0:
+            heapq.heappush(heap, (end + tc, j, layer, 1))
+        elif layer + 1 < layers:
+            heapq.heappush(heap, (end + tc, j, layer + 1, 0))
+        else:
+            end_all = max(end_all, end + tc)
+    return end_all

@@ -1,77 +1,184 @@
 """`splitserve profile`: run the engine on this machine and fit the latency model's
-coefficients (DistServe's form) for the planner and simulator."""
+coefficients (DistServe's form) for the planner and simulator.
+
+The engine is driven the way the workers drive it: prompts go through the scheduler with
+the pools' token budget, so long prompts are chunked and several prompts share a step,
+and every step is timed with the batch it actually ran (chunk lengths and the context
+cached before each chunk). Prefill is fitted on pure prefill steps, decode on pure decode
+steps at the batch sizes and contexts the workload reaches; mixed steps (decodes beside a
+chunk, what colocated workers run) are only checked. Both chunked-attention forms are
+fitted (``placement.latency.chunk_attention_work``) and the one that fits better is kept.
+"""
 
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from placement.latency import Coeffs, LatencyModel, fit_decode, fit_prefill
+from placement.latency import (ATTENTION_KINDS, Coeffs, LatencyModel, fit_decode, fit_prefill_steps)
+
+# (chunk lengths, context before each chunk, seconds)
+Step = tuple[list[int], list[int], float]
+
+PREFILL_SETS: tuple[tuple[int, ...], ...] = (
+    (32,), (128,), (384,), (512,), (768,), (1024,), (1280,), (1536,),
+    (256, 256), (100, 900), (768, 512), (1024, 1024), (128, 256, 1000), (64, 64, 64, 64))
+DECODE_BATCHES = (1, 2, 4, 8, 16)
+DECODE_CONTEXTS = (64, 512, 1024, 1536)
+
+
+class _Recorder:
+    """Times engine steps and records the batch each one ran."""
+
+    def __init__(self, eng: Any) -> None:
+        self.eng = eng
+        self.steps: list[Step] = []
+        self._shape: tuple[list[int], list[int]] = ([], [])
+        orig = eng.scheduler.schedule
+
+        def schedule() -> Any:
+            b = orig()
+            self._shape = (list(b.num_tokens), [s.num_computed_tokens for s in b.seqs])
+            return b
+
+        eng.scheduler.schedule = schedule
+
+    def step(self) -> Step | None:
+        t0 = time.perf_counter()
+        self.eng.step()
+        dt = time.perf_counter() - t0
+        ns, cs = self._shape
+        if not ns:
+            return None
+        s = (ns, cs, dt)
+        self.steps.append(s)
+        return s
+
+
+def _kind(ns: list[int]) -> str:
+    if all(n == 1 for n in ns):
+        return "decode"
+    return "prefill" if all(n > 1 for n in ns) else "mixed"
+
+
+def _median_by_shape(steps: Iterable[Step]) -> list[Step]:
+    """One sample per distinct batch shape (the median time): this machine is shared and
+    single steps are noisy."""
+    by: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = {}
+    for ns, cs, t in steps:
+        by.setdefault((tuple(ns), tuple(cs)), []).append(t)
+    return [(list(k[0]), list(k[1]), statistics.median(v)) for k, v in by.items()]
+
+
+def _decode_sample(ns: list[int], cs: list[int], t: float) -> tuple[int, int, float]:
+    return (len(ns), sum(c + 1 for c in cs), t)
+
+
+def fit_steps(steps: list[Step]) -> dict[str, Any]:
+    """Fit the latency model on timed steps; returns the model's fields and its errors."""
+    pre = _median_by_shape(s for s in steps if _kind(s[0]) == "prefill")
+    dec_raw = [_decode_sample(*s) for s in steps if _kind(s[0]) == "decode"]
+    # Decode shapes: median per (batch, context rounded to 64).
+    dm: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for b, c, t in dec_raw:
+        dm.setdefault((b, c // 64), []).append((c, t))
+    dec = [(b, int(statistics.median(c for c, _ in v)), statistics.median(t for _, t in v))
+           for (b, _), v in dm.items()]
+    best: dict[str, Any] | None = None
+    for kind in ATTENTION_KINDS:
+        p = fit_prefill_steps(pre, kind)
+        m = LatencyModel(p, Coeffs(0, 0, 0), attention=kind)
+        err = [abs(m.mixed_s(ns, cs, 0, 0) - t) / t for ns, cs, t in pre]
+        cand = {"attention": kind, "prefill": p, "err": err}
+        if best is None or statistics.median(err) < statistics.median(best["err"]):
+            best = cand
+    assert best is not None
+    d = fit_decode(dec)
+    model = LatencyModel(best["prefill"], d, attention=best["attention"])
+    err_d = [abs(model.decode_s(b, c) - t) / t for b, c, t in dec]
+    mixed = _median_by_shape(s for s in steps if _kind(s[0]) == "mixed")
+    err_m = []
+    for ns, cs, t in mixed:
+        chunks = [(n, c) for n, c in zip(ns, cs) if n > 1]
+        decs = [c for n, c in zip(ns, cs) if n == 1]
+        pred = model.mixed_s([n for n, _ in chunks], [c for _, c in chunks], len(decs), sum(c + 1 for c in decs))
+        err_m.append(abs(pred - t) / t)
+    return {"prefill": list(model.prefill.as_tuple()), "decode": list(model.decode.as_tuple()),
+            "attention": model.attention,
+            "median_rel_error_prefill": statistics.median(best["err"]), "max_rel_error_prefill": max(best["err"]),
+            "median_rel_error_decode": statistics.median(err_d), "max_rel_error_decode": max(err_d),
+            "median_rel_error_mixed": statistics.median(err_m) if err_m else None,
+            "samples": {"prefill_shapes": len(pre), "decode_shapes": len(dec), "mixed_shapes": len(mixed),
+                        "steps": len(steps)}}
 
 
 def profile_engine(model_dir: str | Path, dtype: str = "float32", threads: int = 1,
-                   repeats: int = 5) -> dict[str, object]:
+                   repeats: int = 3, max_batched_tokens: int = 512,
+                   prefill_sets: tuple[tuple[int, ...], ...] = PREFILL_SETS,
+                   decode_batches: tuple[int, ...] = DECODE_BATCHES,
+                   decode_contexts: tuple[int, ...] = DECODE_CONTEXTS, keep_steps: bool = False) -> dict[str, object]:
     from engine.engine import LLMEngine
     from engine.scheduler import SchedulerConfig
     from engine.sequence import SamplingParams
 
     torch.set_num_threads(threads)
-    eng = LLMEngine.from_model_dir(model_dir, dtype=dtype, num_blocks=2048, block_size=16,
-                                   scheduler_config=SchedulerConfig(max_num_batched_tokens=4096,
-                                                                    max_model_len=8192),
+    need = max(max(decode_batches) * (max(decode_contexts) + repeats + 4), 4 * 2048)
+    eng = LLMEngine.from_model_dir(model_dir, dtype=dtype, num_blocks=need // 16 + 64, block_size=16,
+                                   scheduler_config=SchedulerConfig(max_num_batched_tokens=max_batched_tokens,
+                                                                    max_num_seqs=256, max_model_len=8192),
                                    enable_prefix_caching=False)
+    rec = _Recorder(eng)
     gen = torch.Generator().manual_seed(0)
     counter = iter(range(10**9))
 
     def prompt(n: int) -> list[int]:
         return torch.randint(3, 1000, (n,), generator=gen).tolist()
 
-    prefill: list[tuple[list[int], float]] = []
-    for lens in ([16], [64], [128], [256], [512], [1024], [64, 64], [128, 256, 32], [512, 512]):
-        for _ in range(repeats):
+    def drain() -> None:
+        while eng.has_work:
+            rec.step()
+
+    # Warm-up (allocator, first-call paths): not recorded.
+    eng.add_request("warm", prompt(600), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while eng.has_work:
+        eng.step()
+    for _ in range(repeats):
+        for lens in prefill_sets:
             for n in lens:
                 eng.add_request(f"p{next(counter)}", prompt(n), SamplingParams(temperature=0, max_tokens=1))
-            t0 = time.perf_counter()
-            eng.step()
-            prefill.append((lens, time.perf_counter() - t0))
-    decode: list[tuple[int, int, float]] = []
-    for batch in (1, 2, 4, 8, 16):
-        for ctx in (32, 256, 768):
-            seqs = [eng.add_request(f"d{next(counter)}", prompt(ctx),
-                                    SamplingParams(temperature=0, max_tokens=repeats + 2, ignore_eos=True))
-                    for _ in range(batch)]
-            while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs):
-                eng.step()
+            drain()
+    for batch in decode_batches:
+        for ctx in decode_contexts:
+            # Long outputs, so that the first sequences keep decoding (beside the later
+            # ones' chunks: mixed steps) until all have their first token; then `repeats`
+            # steps of the whole batch decoding, and the batch is dropped.
+            ids = [f"d{next(counter)}" for _ in range(batch)]
+            seqs = [eng.add_request(rid, prompt(ctx), SamplingParams(temperature=0, max_tokens=8192 - ctx - 1,
+                                                                     ignore_eos=True))
+                    for rid in ids]
+            while any(not s.output_token_ids for s in seqs):
+                rec.step()
             for _ in range(repeats):
-                total = sum(s.num_tokens for s in seqs)
-                t0 = time.perf_counter()
-                eng.step()
-                decode.append((batch, total, time.perf_counter() - t0))
-            while eng.has_work:
-                eng.step()
-    # Medians per configuration: this machine is shared, single samples are noisy.
-    pm: dict[tuple[int, ...], list[float]] = {}
-    for lens, t in prefill[repeats:]:  # the first configuration's runs warm up
-        pm.setdefault(tuple(lens), []).append(t)
-    dm: dict[tuple[int, int], list[float]] = {}
-    for b, c, t in decode:
-        dm.setdefault((b, c // 64), []).append(t)
-    p_med = [(list(k), statistics.median(v)) for k, v in pm.items()]
-    d_med = [(k[0], k[1] * 64, statistics.median(v)) for k, v in dm.items()]
-    model = LatencyModel(fit_prefill(p_med), fit_decode(d_med))
-    err_p = [abs(model.prefill_s(lens) - t) / t for lens, t in p_med]
-    err_d = [abs(model.decode_s(b, c) - t) / t for b, c, t in d_med]
-    return {"prefill": list(model.prefill.as_tuple()), "decode": list(model.decode.as_tuple()),
-            "threads": threads, "dtype": dtype,
-            "median_rel_error_prefill": statistics.median(err_p), "max_rel_error_prefill": max(err_p),
-            "median_rel_error_decode": statistics.median(err_d), "max_rel_error_decode": max(err_d),
-            "samples": {"prefill": len(prefill), "decode": len(decode)}}
+                rec.step()
+            for rid in ids:
+                eng.abort(rid)
+    out = fit_steps(rec.steps)
+    out.update({"threads": threads, "dtype": dtype, "max_batched_tokens": max_batched_tokens})
+    if keep_steps:
+        out["steps"] = rec.steps
+    return out
+
+
+def latency_model(profile: dict[str, Any]) -> LatencyModel:
+    return LatencyModel(Coeffs(*profile["prefill"]), Coeffs(*profile["decode"]),
+                        attention=str(profile.get("attention", "causal")))
 
 
 def load_profile(path: str | Path) -> LatencyModel:
-    data = json.loads(Path(path).read_text())
-    return LatencyModel(Coeffs(*data["prefill"]), Coeffs(*data["decode"]))
+    return latency_model(json.loads(Path(path).read_text()))

@@ -5,6 +5,20 @@ It models what the workers do: prefill instances batch prompts FCFS under a toke
 transfers contend) to a decode instance, which admits by free KV memory and runs
 continuous batching; colocated instances mix decode tokens and prefill chunks in one
 step (chunked prefill). Step times come from ``placement.latency.LatencyModel``.
+
+Pipeline parallelism (``Instance(pp=...)``, opt-in) runs as concurrent stages: a step's batch
+moves through the stages one after another, and the instance starts its next batch as soon
+as the first stage is free, so up to pp batches are in flight; a decoding sequence is in at
+most one of them (its next token needs the last), a prompt's next chunk may follow its
+previous one a stage behind. Attention/expert disaggregated MoE decode (kind
+"ae_decode") takes its step time from ``placement.latency.AttentionExpert``: micro-batches
+ping-pong between the attention and expert pools.
+
+The served system's costs around the engine (``placement.latency.Overheads``) are
+explicit terms of ``ClusterSpec``: per request before the first worker, per prompt token,
+before a disaggregated decode starts, per streaming step and per streamed token, per
+prompt token and per finished prompt inside the prefilling worker. ``ClusterSpec.cores``
+makes instances that share a machine's cores slow each other down.
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from placement.latency import LatencyModel
+from placement.latency import AttentionExpert, LatencyModel
 
 
 @dataclass
@@ -30,6 +44,8 @@ class SimRequest:
     finish_s: float = float("nan")
     prefilled: int = 0
     generated: int = 0
+    # Prompt tokens handed to a (pipelined) step, done or not.
+    scheduled: int = 0
 
     @property
     def ttft_s(self) -> float:
@@ -42,9 +58,12 @@ class SimRequest:
         return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
 
 
+DECODE_KINDS = ("decode", "ae_decode")
+
+
 @dataclass
 class Instance:
-    kind: str  # "prefill" | "decode" | "colocated"
+    kind: str  # "prefill" | "decode" | "colocated" | "ae_decode"
     model: LatencyModel
     node: int = 0
     max_batched_tokens: int = 512
@@ -55,6 +74,18 @@ class Instance:
     running: list[SimRequest] = field(default_factory=list)
     busy: bool = False
     kv_used: int = 0
+    # Pipeline stages run concurrently, each taking 1/pp of a step's time (opt-in: None
+    # keeps the older behaviour, one step at a time whatever the latency model's pp).
+    pp: int | None = None
+    # kind "ae_decode": the attention/expert pools and their ping-pong.
+    ae: AttentionExpert | None = None
+    # Pipeline state: when each stage is next free; sequences in a step in flight.
+    stage_free: list[float] = field(default_factory=list)
+    inflight: set[int] = field(default_factory=set)
+
+    @property
+    def stages(self) -> int:
+        return max(1, self.pp or 1)
 
     def load(self) -> float:
         if self.kind == "prefill":
@@ -73,6 +104,20 @@ class ClusterSpec:
     # decode step (streaming back), seconds: fitted from measurement on real runs.
     request_overhead_s: float = 0.0
     token_overhead_s: float = 0.0
+    # More of the same (placement.latency.Overheads): per prompt token before the first
+    # token; a disaggregated request's decode start beyond the KV's link time; per token
+    # streamed (each decoding sequence of a step).
+    prompt_token_overhead_s: float = 0.0
+    decode_start_overhead_s: float = 0.0
+    stream_overhead_s: float = 0.0
+    # Inside the prefilling worker, added to its steps: per prompt token computed, per
+    # prompt finished (KV export and hand-off).
+    prefill_token_overhead_s: float = 0.0
+    prefill_done_overhead_s: float = 0.0
+    # Cores the instances share (None: each has its own, as GPUs do). A step that starts
+    # while k instances (itself included) are busy runs max(1, k / cores) times longer:
+    # workers of one CPU machine, or of GPUs whose host threads are oversubscribed.
+    cores: float | None = None
 
 
 class Simulation:
@@ -83,7 +128,7 @@ class Simulation:
         self._seq = itertools.count()
         self._link_free: dict[tuple[int, int], float] = {}
         self.prefill = [i for i in spec.instances if i.kind == "prefill"]
-        self.decode = [i for i in spec.instances if i.kind == "decode"]
+        self.decode = [i for i in spec.instances if i.kind in DECODE_KINDS]
         self.colocated = [i for i in spec.instances if i.kind == "colocated"]
         if not self.colocated and not (self.prefill and self.decode):
             raise ValueError("a layout needs colocated instances, or prefill and decode instances")
@@ -93,7 +138,8 @@ class Simulation:
 
     def run(self, requests: list[SimRequest]) -> list[SimRequest]:
         for r in requests:
-            self.at(r.arrival_s + self.spec.request_overhead_s, lambda r=r: self._arrive(r))
+            delay = self.spec.request_overhead_s + self.spec.prompt_token_overhead_s * r.prompt_tokens
+            self.at(r.arrival_s + delay, lambda r=r: self._arrive(r))
         while self._events:
             t, _, fn = heapq.heappop(self._events)
             self.now = t
@@ -118,23 +164,69 @@ class Simulation:
             self._decode_step(inst)
 
     # -- prefill ----------------------------------------------------------------------
+    def _step(self, inst: Instance, t: float, done: Callable[[], None]) -> None:
+        """Occupy inst for a step of t seconds (all stages), then call done. With pp
+        stages the step moves through them in turn (t / pp each, FIFO behind earlier
+        steps) and the instance is free for its next step once stage 0 is."""
+        pp = inst.stages
+        inst.busy = True
+        if self.spec.cores:
+            k = sum(1 for i in self.spec.instances if i.busy)
+            t *= max(1.0, k / self.spec.cores)
+        if pp == 1:
+            def fin() -> None:
+                inst.busy = False
+                done()
+                self._kick(inst)
+
+            self.at(self.now + t, fin)
+            return
+        if len(inst.stage_free) != pp:
+            inst.stage_free = [0.0] * pp
+        s = t / pp
+        end = self.now
+        ends = []
+        for i in range(pp):
+            end = max(end, inst.stage_free[i]) + s
+            inst.stage_free[i] = end
+            ends.append(end)
+
+        def first_free() -> None:
+            inst.busy = False
+            self._kick(inst)
+
+        def fin() -> None:
+            done()
+            self._kick(inst)
+
+        self.at(ends[0], first_free)
+        self.at(ends[-1], fin)
+
+    def _prefill_overhead(self, chunks: list[tuple[SimRequest, int, int]]) -> float:
+        tokens = sum(n for _, n, _ in chunks)
+        done = sum(1 for r, n, c in chunks if c + n >= r.prompt_tokens)
+        return self.spec.prefill_token_overhead_s * tokens + self.spec.prefill_done_overhead_s * done
+
     def _prefill_step(self, inst: Instance) -> None:
         budget = inst.max_batched_tokens
-        chunks: list[tuple[SimRequest, int]] = []
+        chunks: list[tuple[SimRequest, int, int]] = []  # (request, tokens, context before)
         for r in inst.queue:
             if budget <= 0:
                 break
-            n = min(r.prompt_tokens - r.prefilled, budget)
-            chunks.append((r, n))
+            n = min(r.prompt_tokens - r.scheduled, budget)
+            if n <= 0:
+                continue  # last chunk in flight (pipelined)
+            chunks.append((r, n, r.scheduled))
             budget -= n
         if not chunks:
             return
-        t = inst.model.mixed_s([n for _, n in chunks], [r.prefilled for r, _ in chunks], 0, 0)
-        inst.busy = True
+        t = inst.model.mixed_s([n for _, n, _ in chunks], [c for _, _, c in chunks], 0, 0)
+        t += self._prefill_overhead(chunks)
+        for r, n, _ in chunks:
+            r.scheduled += n
 
         def done() -> None:
-            inst.busy = False
-            for r, n in chunks:
+            for r, n, _ in chunks:
                 r.prefilled += n
                 if r.prefilled >= r.prompt_tokens:
                     inst.queue.remove(r)
@@ -144,9 +236,8 @@ class Simulation:
                         r.finish_s = self.now
                     else:
                         self._transfer(inst, r)
-            self._kick(inst)
 
-        self.at(self.now + t, done)
+        self._step(inst, t, done)
 
     def _transfer(self, src: Instance, r: SimRequest) -> None:
         dst = min(self.decode, key=lambda d: (d.node != src.node, d.load()))
@@ -160,7 +251,7 @@ class Simulation:
             dst.queue.append(r)
             self._kick(dst)
 
-        self.at(end, landed)
+        self.at(end + self.spec.decode_start_overhead_s, landed)
 
     # -- decode / colocated -----------------------------------------------------------
     def _admit(self, inst: Instance) -> None:
@@ -177,38 +268,53 @@ class Simulation:
         self._admit(inst)
         if not inst.running:
             return
-        decoding = [r for r in inst.running if r.prefilled >= r.prompt_tokens]
-        prefilling = [r for r in inst.running if r.prefilled < r.prompt_tokens]
+        decoding = [r for r in inst.running
+                     if r.prefilled >= r.prompt_tokens and id(r) not in inst.inflight]
+        if inst.stages > 1:
+            # Micro-batches (vLLM's virtual engines): about 1/pp of the running sequences
+            # per step, so that every stage has a batch to work on.
+            decoding = decoding[:max(1, -(-len(inst.running) // inst.stages))]
+        prefilling = [r for r in inst.running if r.scheduled < r.prompt_tokens]
         budget = inst.max_batched_tokens - len(decoding)
-        chunks: list[tuple[SimRequest, int]] = []
+        chunks: list[tuple[SimRequest, int, int]] = []
         for r in prefilling:
             if budget <= 0:
                 break
-            n = min(r.prompt_tokens - r.prefilled, budget)
-            chunks.append((r, n))
+            n = min(r.prompt_tokens - r.scheduled, budget)
+            chunks.append((r, n, r.scheduled))
             budget -= n
+        if not decoding and not chunks:
+            return  # everything runnable is in flight (pipelined)
         ctx = sum(r.prompt_tokens + r.generated for r in decoding)
-        t = inst.model.mixed_s([n for _, n in chunks], [r.prefilled for r, _ in chunks], len(decoding), ctx)
-        t += self.spec.token_overhead_s if decoding else 0.0
-        inst.busy = True
+        if inst.ae is not None and not chunks:
+            t = inst.ae.step_s(len(decoding), ctx)
+        else:
+            t = inst.model.mixed_s([n for _, n, _ in chunks], [c for _, _, c in chunks], len(decoding), ctx)
+        if decoding:
+            t += self.spec.token_overhead_s + self.spec.stream_overhead_s * len(decoding)
+        t += self._prefill_overhead(chunks)
+        for r, n, _ in chunks:
+            r.scheduled += n
+        for r in decoding:
+            inst.inflight.add(id(r))
 
         def done() -> None:
-            inst.busy = False
             for r in decoding:
                 r.generated += 1
-            for r, n in chunks:
+                inst.inflight.discard(id(r))
+            for r, n, _ in chunks:
                 r.prefilled += n
                 if r.prefilled >= r.prompt_tokens:
                     r.first_token_s = self.now
                     r.generated = 1
             for r in list(inst.running):
-                if r.prefilled >= r.prompt_tokens and r.generated >= r.output_tokens:
+                if (r.prefilled >= r.prompt_tokens and r.generated >= r.output_tokens
+                        and id(r) not in inst.inflight):
                     r.finish_s = self.now
                     inst.running.remove(r)
                     inst.kv_used -= r.prompt_tokens + r.output_tokens
-            self._kick(inst)
 
-        self.at(self.now + t, done)
+        self._step(inst, t, done)
 
 
 def poisson_requests(rate: float, n: int, prompt_tokens: Callable[[np.random.Generator], int],
