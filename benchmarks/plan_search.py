@@ -28,7 +28,8 @@ def _pools(lay: Layout) -> str:
 def run(model: ModelShape, num_gpus: int, wl: Workload = CHAT) -> tuple[float, list[Layout], dict]:
     st: dict = {}
     t0 = time.monotonic()
-    lays = search(model, gpu("a100-80g"), num_gpus, SLOS[model.name], wl, stats=st)
+    lays = search(model, gpu("a100-80g"), num_gpus, SLOS[model.name], wl, stats=st,
+                  attention_expert=model.num_experts > 0)
     return time.monotonic() - t0, lays, st
 
 

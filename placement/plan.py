@@ -29,7 +29,8 @@ class Plan:
     slo: SLO
     # (field, predicted p90, target) for each SLO the best layout misses.
     misses: list[tuple[str, float, float]]
-    # The best layout of each kind (disaggregated, colocated/chunked, colocated/whole).
+    # The best layout of each kind (disaggregated, colocated/chunked, colocated/whole and,
+    # for MoE models, disaggregated/ae: predicted only, serve has no attention/expert pools).
     alternatives: dict[str, Layout] | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -43,7 +44,7 @@ class Plan:
                 "predicted_ttft_p90_ms": self.layout.ttft_p90_s * 1e3,
                 "predicted_tpot_p90_ms": self.layout.tpot_p90_s * 1e3,
                 "best_of_each_kind": {k: {"goodput_per_gpu": lay.goodput_per_gpu, "gpus": lay.gpus,
-                                          "pools": pools(lay)}
+                                          "pools": pools(lay), "servable": k != "disaggregated/ae"}
                                       for k, lay in (self.alternatives or {}).items()},
                 "slo_misses": [{"field": f, "predicted_ms": p * 1e3, "target_ms": t * 1e3}
                                for f, p, t in self.misses]}
@@ -90,7 +91,10 @@ def make_plan(manifest: Any) -> Plan:
     # than a minute, but the search stays within seconds per parallelism.
     wl = Workload(tuple(manifest.workload.prompt_tokens), tuple(manifest.workload.output_tokens),  # type: ignore[arg-type]
                   num_requests=300, max_requests=2000)
-    layouts = search(shape, g, hw.num_gpus, slo, wl, lat=lat)
+    # MoE: attention/expert decode is scored too and shown beside the others, but only
+    # layouts that `serve` can realise are chosen and written.
+    every = search(shape, g, hw.num_gpus, slo, wl, lat=lat, attention_expert=shape.num_experts > 0)
+    layouts = [lay for lay in every if lay.kind != "disaggregated/ae"]
     best = layouts[0]
     misses = []
     if best.goodput_rps <= 0:
@@ -101,7 +105,7 @@ def make_plan(manifest: Any) -> Plan:
             misses.append(("slo.ttft_ms", best.ttft_p90_s, slo.ttft_s))
         if not best.tpot_p90_s <= slo.tpot_s:
             misses.append(("slo.tpot_ms", best.tpot_p90_s, slo.tpot_s))
-    return Plan(best, planned_manifest(manifest, best, g), slo, misses, best_of_kind(layouts))
+    return Plan(best, planned_manifest(manifest, best, g), slo, misses, best_of_kind(every))
 
 
 def planned_manifest(manifest: Any, layout: Layout, g: GPU) -> dict[str, Any]:

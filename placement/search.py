@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from placement.catalogue import GPU, ModelShape
-from placement.latency import ALLREDUCE_LATENCY_S, Coeffs, LatencyModel, roofline
+from placement.latency import ALLREDUCE_LATENCY_S, AttentionExpert, Coeffs, LatencyModel, roofline
 from placement.simulator import ClusterSpec, Instance, SimRequest, Simulation, attainment, poisson_requests
 
 LatencyFn = Callable[[int, int], LatencyModel]  # (tp, pp) -> model
@@ -155,6 +155,74 @@ def parallel_options(model: ModelShape, gpu: GPU, max_gpus: int, kv_reserve: flo
     return out
 
 
+# Fixed cost of one kernel sequence (a layer's attention or its experts on one GPU) and of
+# one hop between the attention and expert pools, seconds: the same order as one small
+# all-reduce (placement.latency).
+AE_LAUNCH_S = ALLREDUCE_LATENCY_S
+AE_HOP_S = ALLREDUCE_LATENCY_S
+
+
+def ae_roofline(model: ModelShape, gpu: GPU, n_attention: int, n_expert: int,
+                     micro_batches: int = 2) -> AttentionExpert:
+    """Roofline coefficients of attention/expert disaggregated MoE decode (MegaScale-Infer,
+    Zhu et al. 2025), per layer and micro-batch: an attention worker reads its layer's
+    attention weights once (a), each context token's KV (b) and computes the projections
+    per sequence (c); an expert worker reads its local experts' weights (a) and computes
+    each routed token (b); a hop carries top_k copies of each token's hidden state over
+    the node's link. The LM head and embeddings are left out (one per step, small)."""
+    bw = gpu.mem_bw_gbps * 1e9 * (gpu.mbu or 0.6)
+    fl = gpu.peak_tflops * 1e12 * (gpu.mfu or 0.5)
+    p = model.bytes_per_param
+    kv_layer = model.kv_bytes_per_token / model.num_layers
+    attention = Coeffs(AE_LAUNCH_S + model.attn_params_per_layer * p / bw, kv_layer / bw,
+                       2 * model.attn_params_per_layer / fl)
+    local = -(-max(1, model.num_experts) // n_expert)
+    expert = Coeffs(AE_LAUNCH_S + local * model.ffn_params_per_expert * p / bw,
+                    2 * model.ffn_params_per_expert / fl, 0.0)
+    comm = Coeffs(AE_HOP_S, model.hidden * p * max(1, model.top_k) / (gpu.intra_node_gbps * 1e9), 0.0)
+    return AttentionExpert(attention, expert, comm, model.num_layers, max(1, model.top_k), n_attention,
+                           n_expert, micro_batches)
+
+
+def ae_kv_capacity_tokens(model: ModelShape, gpu: GPU, n_attention: int) -> int:
+    """KV the attention workers hold beside all layers' attention weights and embeddings."""
+    dense = (model.num_layers * model.attn_params_per_layer + 2 * model.vocab * model.hidden) * model.bytes_per_param
+    free = gpu.mem_gib * (1 << 30) * 0.9 - dense
+    return max(0, int(n_attention * free / model.kv_bytes_per_token))
+
+
+def ae_options(model: ModelShape, gpu: GPU, max_gpus: int, min_kv_tokens: int) -> list[tuple[str, int, int]]:
+    """("ae", attention workers, expert workers) that fit in one node and in memory."""
+    if not model.num_experts:
+        return []
+    expert_bytes = model.num_layers * model.ffn_params_per_expert * model.bytes_per_param
+    out = []
+    for na in (1, 2, 4, 8):
+        for ne in (1, 2, 4, 8, 16):
+            if na + ne > min(gpu.gpus_per_node, max_gpus) or ne > model.num_experts:
+                continue
+            if -(-model.num_experts // ne) * expert_bytes > gpu.mem_gib * (1 << 30) * 0.9:
+                continue
+            if ae_kv_capacity_tokens(model, gpu, na) < min_kv_tokens:
+                continue
+            out.append(("ae", na, ne))
+    return out
+
+
+def _ae_capacity(ae: AttentionExpert, kv_tokens: int, wl: "Workload") -> float:
+    """Requests/s an attention/expert decode instance sustains at its largest batch."""
+    p, o = wl.mean_prompt, wl.mean_output
+    batch = max(1.0, min(MAX_NUM_SEQS, kv_tokens / (p + o)))
+    return batch / (ae.step_s(int(batch), int(batch * (p + o / 2))) * o)
+
+
+
+
+def _gpus(key: tuple) -> int:
+    """GPUs of one instance: (tp, pp) or ("ae", attention workers, expert workers)."""
+    return key[1] + key[2] if key[0] == "ae" else key[0] * key[1]
+
+
 def _instance(kind: str, model: ModelShape, gpu: GPU, lat: LatencyFn, tp: int, pp: int, node: int = 0,
               budget: int = CHUNKED_BUDGET) -> Instance:
     return Instance(kind, lat(tp, pp), node=node, max_batched_tokens=budget, max_num_seqs=MAX_NUM_SEQS,
@@ -162,7 +230,7 @@ def _instance(kind: str, model: ModelShape, gpu: GPU, lat: LatencyFn, tp: int, p
 
 
 def _copy(i: Instance) -> Instance:
-    return Instance(i.kind, i.model, i.node, i.max_batched_tokens, i.max_num_seqs, i.kv_capacity_tokens)
+    return Instance(i.kind, i.model, i.node, i.max_batched_tokens, i.max_num_seqs, i.kv_capacity_tokens, ae=i.ae)
 
 
 def _p90(xs: list[float]) -> float:
@@ -247,13 +315,19 @@ class PhaseRates:
 
 def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
            lat: LatencyFn | None = None, codec_ratio: float = 1.0, max_pp: int = 1,
-           max_unit_gpus: int | None = None, stats: dict[str, object] | None = None) -> list[Layout]:
+           max_unit_gpus: int | None = None, stats: dict[str, object] | None = None,
+           attention_expert: bool = False) -> list[Layout]:
     """All layouts kept, best goodput per GPU first (colocated of both kinds, and the
     verified disaggregated units).
 
     ``max_pp`` is 1 by default: the engine has no pipeline parallelism, and the simulator
     runs one batch at a time per instance (a pipelined instance would keep pp micro-batches
-    in flight), so pp>1 would be both unservable and mispriced."""
+    in flight), so pp>1 would be both unservable and mispriced.
+
+    ``attention_expert`` (MoE models) adds decode instances split into attention and expert
+    workers (kind ``disaggregated/ae``), for each attention:expert ratio that fits a node.
+    splitserve does not serve that layout yet: it is a prediction, which ``plan`` reports
+    beside the servable layouts but never writes into a manifest."""
     lat = lat or (lambda tp, pp: catalogue_latency(model, gpu, tp, pp))
     link_local = gpu.intra_node_gbps * 1e9
     link_remote = gpu.cross_node_gbps * 1e9
@@ -324,11 +398,27 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
         rates.decode[(tp, pp)] = goodput(mk_d, wl, 1e9, slo.tpot_s, slo.attainment, 0.5 * cap_d[(tp, pp)],
                                          max_rate=CAP_SLACK * cap_d[(tp, pp)])
 
+    def dec_instance(key: tuple, node: int = 0) -> Instance:
+        if key[0] != "ae":
+            return _instance("decode", model, gpu, latc, *key, node=node)
+        return Instance("ae_decode", latc(1, 1), node=node, max_num_seqs=MAX_NUM_SEQS,
+                        kv_capacity_tokens=ae_kv_capacity_tokens(model, gpu, key[1]), ae=ae_models[key])
+
+    ae_models: dict[tuple, AttentionExpert] = {}
+    if attention_expert:
+        for key in ae_options(model, gpu, num_gpus, longest):
+            ae_models[key] = ae_roofline(model, gpu, key[1], key[2])
+            cap_d[key] = _ae_capacity(ae_models[key], ae_kv_capacity_tokens(model, gpu, key[1]), wl)
+            mk_d = lambda key=key: spec([Instance("prefill", _FREE, max_batched_tokens=1 << 30),  # noqa: E731
+                                         dec_instance(key)], link=False)
+            rates.decode[key] = goodput(mk_d, wl, 1e9, slo.tpot_s, slo.attainment, 0.5 * cap_d[key],
+                                        max_rate=CAP_SLACK * cap_d[key])
+
     pairs = []
     for cp, rp in rates.prefill.items():
         for cd, rd in rates.decode.items():
             if rp > 0 and rd > 0:
-                gp, gd = cp[0] * cp[1], cd[0] * cd[1]
+                gp, gd = _gpus(cp), _gpus(cd)
                 pairs.append((1.0 / (gp / rp + gd / rd), cp, cd))
     pairs.sort(reverse=True)
     best = 0.0
@@ -337,12 +427,18 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
     # behind one router also pools their queues, which can lift it a little above, so the
     # bound is taken with a small slack.
     slack = 1.03
+    # The best pair of each decode kind is verified whatever its bound, so that every
+    # kind has a layout to show beside the winner.
+    kinds_seen: set[bool] = set()
     for bound, cp, cd in pairs:
-        if bound * slack < best:
+        is_ae = cd[0] == "ae"
+        first_of_kind = is_ae not in kinds_seen
+        kinds_seen.add(is_ae)
+        if bound * slack < best and not first_of_kind:
             pruned += 1
             continue
         rp, rd = rates.prefill[cp], rates.decode[cd]
-        gp, gd = cp[0] * cp[1], cd[0] * cd[1]
+        gp, gd = _gpus(cp), _gpus(cd)
         # Integer mixes near the balancing ratio, within one unit's GPU budget.
         mixes = []
         for n_p in range(1, max_unit // gp + 1):
@@ -354,7 +450,7 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
             continue
         mixes.sort(reverse=True)
         for pred, n_p, n_d in mixes[:2]:
-            if pred * slack < best:
+            if pred * slack < best and not first_of_kind:
                 continue
             g = n_p * gp + n_d * gd
             placed = place_units([gp] * n_p + [gd] * n_d, 1, per_node, math.ceil(num_gpus / per_node))
@@ -363,17 +459,21 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
             nodes = placed[0]
             insts = ([_instance("prefill", model, gpu, latc, *cp, node=nodes[i], budget=PREFILL_BUDGET)
                       for i in range(n_p)]
-                     + [_instance("decode", model, gpu, latc, *cd, node=nodes[n_p + i]) for i in range(n_d)])
+                     + [dec_instance(cd, node=nodes[n_p + i]) for i in range(n_d)])
             mk = lambda insts=insts: spec([_copy(i) for i in insts])  # noqa: E731
             cap = min(n_p * cap_p[cp], n_d * cap_d[cd])
             rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.85 * pred * g,
                            max_rate=CAP_SLACK * cap)
             verified += 1
             t90, p90 = _p90s(mk, wl, rate)
+            decode: dict[str, object] = (
+                {"tp": cd[0], "pp": cd[1], "replicas": n_d, "nodes": nodes[n_p:]} if cd[0] != "ae" else
+                {"attention_workers": cd[1], "expert_workers": cd[2], "gpus": gd, "replicas": n_d,
+                 "nodes": nodes[n_p:]})
             unit = Layout("disaggregated",
                           {"prefill": {"tp": cp[0], "pp": cp[1], "replicas": n_p, "nodes": nodes[:n_p]},
-                           "decode": {"tp": cd[0], "pp": cd[1], "replicas": n_d, "nodes": nodes[n_p:]}},
-                          g, rate, t90, p90, kind="disaggregated",
+                           "decode": decode},
+                          g, rate, t90, p90, kind="disaggregated/ae" if cd[0] == "ae" else "disaggregated",
                           notes=[f"unit of {n_p} prefill + {n_d} decode, bound {bound:.3f}/GPU"])
             lay = _replicate(unit, num_gpus, per_node)
             if lay is None:
@@ -392,7 +492,8 @@ def _replicate(unit: Layout, num_gpus: int, per_node: int) -> Layout | None:
     they fit, no instance across nodes."""
     p, d = unit.pools["prefill"], unit.pools["decode"]
     n_p, n_d = int(p["replicas"]), int(d["replicas"])  # type: ignore[call-overload]
-    gp, gd = int(p["tp"]) * int(p["pp"]), int(d["tp"]) * int(d["pp"])  # type: ignore[call-overload]
+    gp = int(p["tp"]) * int(p["pp"])  # type: ignore[call-overload]
+    gd = int(d["gpus"]) if "gpus" in d else int(d["tp"]) * int(d["pp"])  # type: ignore[call-overload]
     sizes = [gp] * n_p + [gd] * n_d
     units = max(1, num_gpus // unit.gpus)
     placed = None
@@ -409,7 +510,7 @@ def _replicate(unit: Layout, num_gpus: int, per_node: int) -> Layout | None:
                   {"prefill": {**p, "replicas": n_p * units, "nodes": nodes_p},
                    "decode": {**d, "replicas": n_d * units, "nodes": nodes_d}},
                   unit.gpus * units, unit.goodput_rps * units, unit.ttft_p90_s, unit.tpot_p90_s,
-                  notes=unit.notes + [f"{units} units"], kind="disaggregated")
+                  notes=unit.notes + [f"{units} units"], kind=unit.kind)
 
 
 def best_of_kind(layouts: list[Layout]) -> dict[str, Layout]:

@@ -68,3 +68,28 @@ def test_64_gpu_search_under_a_minute():
     for name, seconds, lay in run_64():
         assert seconds < 60, (name, seconds)
         assert lay.goodput_per_gpu > 0 and lay.gpus <= 64
+
+
+def test_moe_attention_expert_decode_is_scored_as_its_own_kind():
+    from benchmarks.plan_search import MIXTRAL_8X7B
+    from placement.search import ae_options, ae_roofline
+
+    g = gpu("a100-80g")
+    # Ping-pong: two micro-batches overlap the pools, so a step costs less than running
+    # the same work through attention, hops and experts one after another.
+    ae = ae_roofline(MIXTRAL_8X7B, g, 2, 4)
+    ta, te, tc = ae.stage_times(128, 128 * 600)
+    assert ae.step_s(128, 128 * 600) < 2 * MIXTRAL_8X7B.num_layers * (ta + te + 2 * tc)
+    # More expert workers hold fewer experts each: the expert stage gets cheaper.
+    assert ae_roofline(MIXTRAL_8X7B, g, 2, 8).stage_times(128, 0)[1] < te
+    opts = ae_options(MIXTRAL_8X7B, g, 8, 1536)
+    assert opts and all(na + ne <= 8 for _, na, ne in opts)
+    lays = search(MIXTRAL_8X7B, g, 8, SLO(2.5, 0.15),
+                  Workload((64, 512), (16, 128), num_requests=120, max_requests=600), attention_expert=True)
+    ae_lays = [lay for lay in lays if lay.kind == "disaggregated/ae"]
+    assert ae_lays and ae_lays[0].goodput_rps > 0
+    d = ae_lays[0].pools["decode"]
+    assert d["gpus"] == d["attention_workers"] + d["expert_workers"]
+    assert ae_lays[0].gpus <= 8
+    # Dense models have no such layouts.
+    assert not ae_options(opt("13b"), g, 8, 1536)
