@@ -22,7 +22,12 @@ SLOS = {"opt-13b": SLO(0.25, 0.1), "opt-66b": SLO(2.5, 0.15), "mixtral-8x7b": SL
 
 
 def _pools(lay: Layout) -> str:
-    return ", ".join(f"{n}: {int(s['replicas'])} x tp{s['tp']}" for n, s in lay.pools.items())  # type: ignore[call-overload]
+    def one(s: dict) -> str:
+        if "attention_workers" in s:
+            return f"{s['attention_workers']} attention + {s['expert_workers']} expert workers"
+        return f"tp{s['tp']}"
+
+    return ", ".join(f"{n}: {int(s['replicas'])} x {one(s)}" for n, s in lay.pools.items())  # type: ignore[call-overload]
 
 
 def run(model: ModelShape, num_gpus: int, wl: Workload = CHAT) -> tuple[float, list[Layout], dict]:
