@@ -267,6 +267,8 @@ def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any
         spec = spec_for(layout, lat, over)
         spec.cores = cores
         Simulation(spec).run(sim)
+        sim_busy = sum(i.busy_s for i in spec.instances)
+        meas_busy = sum(run["busy_s"].values())
         row: dict[str, Any] = {"layout": layout, "rate": rate, "n": len(got),
                                "loadavg": run["loadavg_before"][0]}
         for metric, get_m, get_s in (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s),
@@ -278,19 +280,45 @@ def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any
                 row[f"{metric}_p{q}_measured_ms"] = mv * 1e3
                 row[f"{metric}_p{q}_predicted_ms"] = sv * 1e3
                 row[f"{metric}_p{q}_error"] = (sv - mv) / mv if mv else float("nan")
-        span = max(x["arrival_s"] for x in got) if got else 1.0
-        row["busy_measured"] = {k: v / span for k, v in run["busy_s"].items()}
+        row["busy_measured_s"] = meas_busy
+        row["busy_predicted_s"] = sim_busy
+        # Diagnostic only (not the prediction): the same simulation with the engine's
+        # steps scaled by this run's measured / simulated busy time, i.e. had the model
+        # known how fast the shared machine was during this run.
+        k = meas_busy / sim_busy if sim_busy > 0 else 1.0
+        row["machine_speed_factor"] = k
+        adj = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in got]
+        spec2 = spec_for(layout, lat.scaled(k), over)
+        spec2.cores = cores
+        Simulation(spec2).run(adj)
+        for metric, get_m, get_s in (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s),
+                                     ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s)):
+            m = [get_m(x) for x in got if get_m(x) is not None]
+            for q in (50, 90):
+                sv = pct([get_s(x) for x in adj], q)
+                row[f"{metric}_p{q}_speed_adjusted_ms"] = sv * 1e3
+                row[f"{metric}_p{q}_speed_adjusted_error"] = (sv / (pct(m, q))) - 1 if m else float("nan")
         table.append(row)
     return table
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| layout | rate | n | load | TTFT P50 ms meas/pred (err) | TTFT P90 | TPOT P50 | TPOT P90 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| layout | rate | n | load | TTFT P50 ms meas/pred (err) | TTFT P90 | TPOT P50 | TPOT P90 "
+             "| busy s meas/pred |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         cells = [f"{r[k + '_measured_ms']:.1f} / {r[k + '_predicted_ms']:.1f} ({r[k + '_error']:+.0%})"
                  for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")]
-        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['n']} | {r['loadavg']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['n']} | {r['loadavg']:.2f} | " + " | ".join(cells)
+                     + f" | {r['busy_measured_s']:.2f} / {r['busy_predicted_s']:.2f} |")
+    lines += ["", "Diagnostic: errors had the simulator known this run's machine speed (steps scaled by "
+              "measured / simulated busy time)", "",
+              "| layout | rate | speed factor | TTFT P50 | TTFT P90 | TPOT P50 | TPOT P90 |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        cells = [f"{r[k + '_speed_adjusted_ms']:.1f} ({r[k + '_speed_adjusted_error']:+.0%})"
+                 for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")]
+        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['machine_speed_factor']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -107,6 +107,13 @@ class LatencyModel:
     def stage_s(self, t: float) -> float:
         return t / self.pp
 
+    def scaled(self, k: float) -> "LatencyModel":
+        """Every step k times as long (a slower or busier machine)."""
+        def sc(c: Coeffs) -> Coeffs:
+            return Coeffs(c.a * k, c.b * k, c.c * k)
+
+        return LatencyModel(sc(self.prefill), sc(self.decode), self.pp, self.attention)
+
 
 def roofline(model: ModelShape, gpu: GPU, tp: int = 1, pp: int = 1, mfu: float = MFU,
              mbu: float = MBU) -> LatencyModel:

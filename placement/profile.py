@@ -6,8 +6,9 @@ the pools' token budget, so long prompts are chunked and several prompts share a
 and every step is timed with the batch it actually ran (chunk lengths and the context
 cached before each chunk). Prefill is fitted on pure prefill steps, decode on pure decode
 steps at the batch sizes and contexts the workload reaches; mixed steps (decodes beside a
-chunk, what colocated workers run) are only checked. Both chunked-attention forms are
-fitted (``placement.latency.chunk_attention_work``) and the one that fits better is kept.
+chunk, what colocated workers run) are only checked. The chunked-attention form
+(``placement.latency.chunk_attention_work``) is this engine's masked dense attention, or
+whichever of the two fits better.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def _decode_sample(ns: list[int], cs: list[int], t: float) -> tuple[int, int, fl
     return (len(ns), sum(c + 1 for c in cs), t)
 
 
-def fit_steps(steps: list[Step]) -> dict[str, Any]:
-    """Fit the latency model on timed steps; returns the model's fields and its errors."""
+def fit_steps(steps: list[Step], attention: str | None = None) -> dict[str, Any]:
+    """Fit the latency model on timed steps; returns the model's fields and its errors.
+    attention: the chunked-attention form, or None to keep whichever fits better."""
     pre = _median_by_shape(s for s in steps if _kind(s[0]) == "prefill")
     dec_raw = [_decode_sample(*s) for s in steps if _kind(s[0]) == "decode"]
     # Decode shapes: median per (batch, context rounded to 64).
@@ -91,7 +93,7 @@ def fit_steps(steps: list[Step]) -> dict[str, Any]:
     dec = [(b, int(statistics.median(c for c, _ in v)), statistics.median(t for _, t in v))
            for (b, _), v in dm.items()]
     best: dict[str, Any] | None = None
-    for kind in ATTENTION_KINDS:
+    for kind in ([attention] if attention else ATTENTION_KINDS):
         p = fit_prefill_steps(pre, kind)
         m = LatencyModel(p, Coeffs(0, 0, 0), attention=kind)
         err = [abs(m.mixed_s(ns, cs, 0, 0) - t) / t for ns, cs, t in pre]
@@ -122,7 +124,11 @@ def profile_engine(model_dir: str | Path, dtype: str = "float32", threads: int =
                    repeats: int = 3, max_batched_tokens: int = 512,
                    prefill_sets: tuple[tuple[int, ...], ...] = PREFILL_SETS,
                    decode_batches: tuple[int, ...] = DECODE_BATCHES,
-                   decode_contexts: tuple[int, ...] = DECODE_CONTEXTS, keep_steps: bool = False) -> dict[str, object]:
+                   decode_contexts: tuple[int, ...] = DECODE_CONTEXTS, keep_steps: bool = False,
+                   attention: str | None = "dense") -> dict[str, object]:
+    """Profile this repo's engine. attention defaults to "dense": engine/attention.py
+    applies the causal mask to each chunk's full score matrix (n x (ctx + n)); None fits
+    both forms and keeps the better (on a busy shared machine that choice is noisy)."""
     from engine.engine import LLMEngine
     from engine.scheduler import SchedulerConfig
     from engine.sequence import SamplingParams
@@ -168,7 +174,7 @@ def profile_engine(model_dir: str | Path, dtype: str = "float32", threads: int =
                 rec.step()
             for rid in ids:
                 eng.abort(rid)
-    out = fit_steps(rec.steps)
+    out = fit_steps(rec.steps, attention)
     out.update({"threads": threads, "dtype": dtype, "max_batched_tokens": max_batched_tokens})
     if keep_steps:
         out["steps"] = rec.steps

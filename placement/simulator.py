@@ -82,6 +82,8 @@ class Instance:
     # Pipeline state: when each stage is next free; sequences in a step in flight.
     stage_free: list[float] = field(default_factory=list)
     inflight: set[int] = field(default_factory=set)
+    # Seconds of steps run so far (all stages of a step count once), for utilisation.
+    busy_s: float = 0.0
 
     @property
     def stages(self) -> int:
@@ -173,6 +175,7 @@ class Simulation:
         if self.spec.cores:
             k = sum(1 for i in self.spec.instances if i.busy)
             t *= max(1.0, k / self.spec.cores)
+        inst.busy_s += t
         if pp == 1:
             def fin() -> None:
                 inst.busy = False

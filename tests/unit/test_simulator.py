@@ -170,3 +170,13 @@ def test_shared_cores_slow_concurrent_instances():
     assert abs(ttft(None) - (0.01 + 100 * 1e-4)) < 1e-9
     assert abs(ttft(2.0) - ttft(None)) < 1e-9  # two instances, two cores
     assert abs(ttft(1.0) - 2 * ttft(None)) < 1e-9  # two busy instances on one core
+
+
+def test_busy_time_is_tracked_per_instance():
+    spec = ClusterSpec([Instance("prefill", LM), Instance("decode", LM)], link_bps=lambda a, b: 1e12)
+    Simulation(spec).run([SimRequest(0.0, 100, 5)])
+    p, d = spec.instances
+    assert abs(p.busy_s - (0.01 + 100 * 1e-4)) < 1e-9
+    assert abs(d.busy_s - 4 * (0.005 + 1e-3)) < 1e-9
+    slow = LM.scaled(2.0)
+    assert abs(slow.decode_s(3, 100) - 2 * LM.decode_s(3, 100)) < 1e-12
