@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from placement.catalogue import GPU, ModelShape
+from placement.attention_expert import ae_capacity, ae_kv_capacity_tokens, ae_options, ae_roofline
 from placement.latency import ALLREDUCE_LATENCY_S, AttentionExpert, Coeffs, LatencyModel, roofline
-from placement.simulator import ClusterSpec, Instance, SimRequest, Simulation, attainment, poisson_requests
+from placement.layout import SLO, Layout, Workload  # noqa: F401 - re-exported
+from placement.simulator import ClusterSpec, Instance, Simulation, attainment
 
 LatencyFn = Callable[[int, int], LatencyModel]  # (tp, pp) -> model
 
@@ -59,59 +61,6 @@ MAX_NUM_SEQS = 1024
 # Goodput is searched up to this multiple of an instance's estimated capacity (the
 # estimate is a mean-value one; the slack keeps it from cutting a true goodput short).
 CAP_SLACK = 1.1
-
-
-@dataclass(frozen=True)
-class Workload:
-    # Prompt and output lengths are drawn uniformly from these ranges (tokens).
-    prompt_range: tuple[int, int]
-    output_range: tuple[int, int]
-    num_requests: int = 400
-    seed: int = 0
-    # Arrivals must span at least this long (else a high rate is only a short burst that
-    # drains within the SLO), up to max_requests.
-    min_duration_s: float = 60.0
-    max_requests: int = 4000
-
-    def requests(self, rate: float) -> list[SimRequest]:
-        lo_p, hi_p = self.prompt_range
-        lo_o, hi_o = self.output_range
-        n = int(min(max(self.num_requests, rate * self.min_duration_s), self.max_requests))
-        return poisson_requests(rate, n, lambda g: int(g.integers(lo_p, hi_p + 1)),
-                                lambda g: int(g.integers(lo_o, hi_o + 1)), self.seed)
-
-    @property
-    def mean_prompt(self) -> float:
-        return sum(self.prompt_range) / 2
-
-    @property
-    def mean_output(self) -> float:
-        return sum(self.output_range) / 2
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_s: float
-    tpot_s: float
-    attainment: float = 0.9
-
-
-@dataclass
-class Layout:
-    mode: str  # "colocated" | "disaggregated"
-    # Per pool: tp, pp, replicas, node of each replica (and, colocated, the step budget).
-    pools: dict[str, dict[str, object]]
-    gpus: int
-    goodput_rps: float
-    ttft_p90_s: float = float("nan")
-    tpot_p90_s: float = float("nan")
-    notes: list[str] = field(default_factory=list)
-    # "disaggregated", "colocated/chunked" or "colocated/whole" (see the module docstring).
-    kind: str = ""
-
-    @property
-    def goodput_per_gpu(self) -> float:
-        return self.goodput_rps / max(1, self.gpus)
 
 
 def catalogue_latency(model: ModelShape, gpu: GPU, tp: int, pp: int = 1) -> LatencyModel:
@@ -153,69 +102,6 @@ def parallel_options(model: ModelShape, gpu: GPU, max_gpus: int, kv_reserve: flo
                 continue
             out.append((tp, pp))
     return out
-
-
-# Fixed cost of one kernel sequence (a layer's attention or its experts on one GPU) and of
-# one hop between the attention and expert pools, seconds: the same order as one small
-# all-reduce (placement.latency).
-AE_LAUNCH_S = ALLREDUCE_LATENCY_S
-AE_HOP_S = ALLREDUCE_LATENCY_S
-
-
-def ae_roofline(model: ModelShape, gpu: GPU, n_attention: int, n_expert: int,
-                     micro_batches: int = 2) -> AttentionExpert:
-    """Roofline coefficients of attention/expert disaggregated MoE decode (MegaScale-Infer,
-    Zhu et al. 2025), per layer and micro-batch: an attention worker reads its layer's
-    attention weights once (a), each context token's KV (b) and computes the projections
-    per sequence (c); an expert worker reads its local experts' weights (a) and computes
-    each routed token (b); a hop carries top_k copies of each token's hidden state over
-    the node's link. The LM head and embeddings are left out (one per step, small)."""
-    bw = gpu.mem_bw_gbps * 1e9 * (gpu.mbu or 0.6)
-    fl = gpu.peak_tflops * 1e12 * (gpu.mfu or 0.5)
-    p = model.bytes_per_param
-    kv_layer = model.kv_bytes_per_token / model.num_layers
-    attention = Coeffs(AE_LAUNCH_S + model.attn_params_per_layer * p / bw, kv_layer / bw,
-                       2 * model.attn_params_per_layer / fl)
-    local = -(-max(1, model.num_experts) // n_expert)
-    expert = Coeffs(AE_LAUNCH_S + local * model.ffn_params_per_expert * p / bw,
-                    2 * model.ffn_params_per_expert / fl, 0.0)
-    comm = Coeffs(AE_HOP_S, model.hidden * p * max(1, model.top_k) / (gpu.intra_node_gbps * 1e9), 0.0)
-    return AttentionExpert(attention, expert, comm, model.num_layers, max(1, model.top_k), n_attention,
-                           n_expert, micro_batches)
-
-
-def ae_kv_capacity_tokens(model: ModelShape, gpu: GPU, n_attention: int) -> int:
-    """KV the attention workers hold beside all layers' attention weights and embeddings."""
-    dense = (model.num_layers * model.attn_params_per_layer + 2 * model.vocab * model.hidden) * model.bytes_per_param
-    free = gpu.mem_gib * (1 << 30) * 0.9 - dense
-    return max(0, int(n_attention * free / model.kv_bytes_per_token))
-
-
-def ae_options(model: ModelShape, gpu: GPU, max_gpus: int, min_kv_tokens: int) -> list[tuple[str, int, int]]:
-    """("ae", attention workers, expert workers) that fit in one node and in memory."""
-    if not model.num_experts:
-        return []
-    expert_bytes = model.num_layers * model.ffn_params_per_expert * model.bytes_per_param
-    out = []
-    for na in (1, 2, 4, 8):
-        for ne in (1, 2, 4, 8, 16):
-            if na + ne > min(gpu.gpus_per_node, max_gpus) or ne > model.num_experts:
-                continue
-            if -(-model.num_experts // ne) * expert_bytes > gpu.mem_gib * (1 << 30) * 0.9:
-                continue
-            if ae_kv_capacity_tokens(model, gpu, na) < min_kv_tokens:
-                continue
-            out.append(("ae", na, ne))
-    return out
-
-
-def _ae_capacity(ae: AttentionExpert, kv_tokens: int, wl: "Workload") -> float:
-    """Requests/s an attention/expert decode instance sustains at its largest batch."""
-    p, o = wl.mean_prompt, wl.mean_output
-    batch = max(1.0, min(MAX_NUM_SEQS, kv_tokens / (p + o)))
-    return batch / (ae.step_s(int(batch), int(batch * (p + o / 2))) * o)
-
-
 
 
 def _gpus(key: tuple) -> int:
@@ -408,7 +294,8 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
     if attention_expert:
         for key in ae_options(model, gpu, num_gpus, longest):
             ae_models[key] = ae_roofline(model, gpu, key[1], key[2])
-            cap_d[key] = _ae_capacity(ae_models[key], ae_kv_capacity_tokens(model, gpu, key[1]), wl)
+            cap_d[key] = ae_capacity(ae_models[key], ae_kv_capacity_tokens(model, gpu, key[1]),
+                                     wl.mean_prompt, wl.mean_output, MAX_NUM_SEQS)
             mk_d = lambda key=key: spec([Instance("prefill", _FREE, max_batched_tokens=1 << 30),  # noqa: E731
                                          dec_instance(key)], link=False)
             rates.decode[key] = goodput(mk_d, wl, 1e9, slo.tpot_s, slo.attainment, 0.5 * cap_d[key],

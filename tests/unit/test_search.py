@@ -72,7 +72,7 @@ def test_64_gpu_search_under_a_minute():
 
 def test_moe_attention_expert_decode_is_scored_as_its_own_kind():
     from benchmarks.plan_search import MIXTRAL_8X7B
-    from placement.search import ae_options, ae_roofline
+    from placement.attention_expert import ae_options, ae_roofline
 
     g = gpu("a100-80g")
     # Ping-pong: two micro-batches overlap the pools, so a step costs less than running
