@@ -87,9 +87,6 @@ class _Outgoing:
     pending: list[list[torch.Tensor]] = field(default_factory=list)
     pending_from: list[int] = field(default_factory=list)
     next_token: list[int] = field(default_factory=list)
-    raw_bytes: int = 0
-    sent_bytes: int = 0
-    encode_s: float = 0.0
     failed: bool = False
 
 
@@ -214,12 +211,8 @@ class StreamSender:
             logger.exception("encoding KV of %s failed", request_id)
             self.abort(request_id, f"encoding layer {layer} tokens {start}.. with {label} failed: {e!r}")
             return
-        raw = piece.numel() * piece.element_size()
-        o.raw_bytes += raw
-        o.sent_bytes += len(data)
-        o.encode_s += dt
         if self.on_encoded is not None:
-            self.on_encoded(label, raw, len(data), dt)
+            self.on_encoded(label, piece.numel() * piece.element_size(), len(data), dt)
 
     def _close(self, request_id: str, o: _Outgoing) -> None:
         if o.failed:
