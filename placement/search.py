@@ -110,13 +110,14 @@ def _gpus(key: tuple) -> int:
 
 
 def _instance(kind: str, model: ModelShape, gpu: GPU, lat: LatencyFn, tp: int, pp: int, node: int = 0,
-              budget: int = CHUNKED_BUDGET) -> Instance:
+              budget: int = CHUNKED_BUDGET, prefill_first: bool = False) -> Instance:
     return Instance(kind, lat(tp, pp), node=node, max_batched_tokens=budget, max_num_seqs=MAX_NUM_SEQS,
-                    kv_capacity_tokens=kv_capacity_tokens(model, gpu, tp, pp))
+                    kv_capacity_tokens=kv_capacity_tokens(model, gpu, tp, pp), prefill_first=prefill_first)
 
 
 def _copy(i: Instance) -> Instance:
-    return Instance(i.kind, i.model, i.node, i.max_batched_tokens, i.max_num_seqs, i.kv_capacity_tokens, ae=i.ae)
+    return Instance(i.kind, i.model, i.node, i.max_batched_tokens, i.max_num_seqs, i.kv_capacity_tokens,
+                    prefill_first=i.prefill_first, ae=i.ae)
 
 
 def _p90(xs: list[float]) -> float:
@@ -256,8 +257,9 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
         g = tp * pp
         n = num_gpus // g
         for kind, budget in (("colocated/chunked", CHUNKED_BUDGET), ("colocated/whole", WHOLE_BUDGET)):
-            mk = lambda tp=tp, pp=pp, budget=budget: spec(  # noqa: E731
-                [_instance("colocated", model, gpu, latc, tp, pp, budget=budget)])
+            mk = lambda tp=tp, pp=pp, budget=budget, kind=kind: spec(  # noqa: E731
+                [_instance("colocated", model, gpu, latc, tp, pp, budget=budget,
+                           prefill_first=kind.endswith("whole"))])
             cap = capacity(tp, pp, "colocated")
             rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.5 * cap, max_rate=CAP_SLACK * cap)
             t90, p90 = _p90s(mk, wl, rate)

@@ -69,6 +69,11 @@ class Instance:
     max_batched_tokens: int = 512
     max_num_seqs: int = 64
     kv_capacity_tokens: int = 1 << 30
+    # Colocated only. False: prefill chunks ride along with the decodes in one step under
+    # max_batched_tokens (chunked prefill, Sarathi-Serve). True: vLLM <= 0.3's scheduler,
+    # which DistServe measured against: while prompts wait to be prefilled, a step runs
+    # only prompts (whole, up to max_batched_tokens) and every decode waits for it.
+    prefill_first: bool = False
     # State.
     queue: deque[SimRequest] = field(default_factory=deque)
     running: list[SimRequest] = field(default_factory=list)
@@ -278,6 +283,8 @@ class Simulation:
             # per step, so that every stage has a batch to work on.
             decoding = decoding[:max(1, -(-len(inst.running) // inst.stages))]
         prefilling = [r for r in inst.running if r.scheduled < r.prompt_tokens]
+        if inst.prefill_first and prefilling:
+            decoding = []
         budget = inst.max_batched_tokens - len(decoding)
         chunks: list[tuple[SimRequest, int, int]] = []
         for r in prefilling:

@@ -27,6 +27,30 @@ def test_colocated_chunked_prefill():
     assert r.finish_s > r.first_token_s
 
 
+def test_whole_prompt_first_stalls_decodes():
+    """vLLM <= 0.3's scheduler (prefill_first): a prompt arriving while another request
+    decodes gets a step of its own, and the decode produces no token in it; with chunked
+    prefill the decode rides along in the same step."""
+    def run(prefill_first: bool) -> tuple[SimRequest, SimRequest]:
+        spec = ClusterSpec([Instance("colocated", LM, max_batched_tokens=4096, prefill_first=prefill_first)])
+        a, b = SimRequest(0.0, 10, 6), SimRequest(0.02, 1000, 2)
+        Simulation(spec).run([a, b])
+        return a, b
+
+    a_first, b_first = run(True)
+    a_mixed, b_mixed = run(False)
+    prefill_1000 = 0.01 + 1000 * 1e-4
+    # The prompt waits at most for the decode step in flight, then runs alone...
+    assert prefill_1000 <= b_first.ttft_s <= prefill_1000 + 0.006 + 1e-9
+    # ...and the decoding request loses that step: it finishes a full prefill later than
+    # it would have decoding alone, and later than with the decode riding along.
+    alone = SimRequest(0.0, 10, 6)
+    Simulation(ClusterSpec([Instance("colocated", LM, max_batched_tokens=4096)])).run([alone])
+    assert a_first.finish_s >= alone.finish_s + prefill_1000 - 1e-9
+    assert a_first.finish_s > a_mixed.finish_s
+    assert a_first.generated == a_mixed.generated == 6
+
+
 def test_link_contention_serialises_transfers():
     spec = ClusterSpec([Instance("prefill", LM), Instance("decode", LM, node=1)], kv_bytes_per_token=1e4,
                        link_bps=lambda a, b: 1e6)
