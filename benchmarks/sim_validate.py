@@ -159,8 +159,10 @@ async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int 
     return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded}
 
 
-def measure(layout: str, rates: list[float], duration: float, out: Path, reps: int) -> dict[str, Any]:
-    """Serve the layout, probe it, run the rates; returns probes, records and busy times."""
+def measure(layout: str, rates: list[float], duration: float, out: Path, reps: int,
+            rate_reps: int = 1) -> dict[str, Any]:
+    """Serve the layout, probe it, run the rates (all of them, then all again: rate_reps
+    rounds); returns probes, records (each tagged with its round) and busy times."""
     import yaml
 
     from benchmarks.metrics import SLO
@@ -177,7 +179,7 @@ def measure(layout: str, rates: list[float], duration: float, out: Path, reps: i
     manifest = load_manifest(mpath)
     cfg = BenchConfig(rates=rates, duration_s=duration, slo=SLO(1000, 50, 0.9), workload=WORKLOADS["summarize"],
                       trace=None, progress=False)
-    col = Collector(out / layout, manifest.name, cfg)
+    cols = [Collector(out / layout / f"round{k}", manifest.name, cfg) for k in range(rate_reps)]
     runs: list[dict[str, Any]] = []
     with ray_session(None, max(2, math.ceil(manifest_cpus(manifest)))):
         dep = deploy(manifest, timeout_s=600)
@@ -192,19 +194,21 @@ def measure(layout: str, rates: list[float], duration: float, out: Path, reps: i
             from benchmarks.client import ServerInfo
 
             info = ServerInfo(url, "demo", True)
-            for rate in rates:
-                b0 = _busy(workers)
-                load0 = os.getloadavg()
-                asyncio.run(run_rate(target, info, cfg, rate, col, None))
-                runs.append({"rate": rate, "busy_s": _delta(b0, _busy(workers)), "loadavg_before": load0,
-                             "loadavg_after": os.getloadavg()})
-                col.write()
+            for k, col in enumerate(cols):
+                for rate in rates:
+                    b0 = _busy(workers)
+                    load0 = os.getloadavg()
+                    asyncio.run(run_rate(target, info, cfg, rate, col, None))
+                    runs.append({"rate": rate, "round": k, "busy_s": _delta(b0, _busy(workers)),
+                                 "loadavg_before": load0, "loadavg_after": os.getloadavg()})
+                    col.write()
             after = asyncio.run(_probe(url, workers, reps, seed0=1000))
             probes = {k: probes[k] + after[k] for k in probes}
         finally:
             server.stop()
             dep.stop()
-    records = [json.loads(line) for line in (out / layout / "requests.jsonl").read_text().splitlines()]
+    records = [{**json.loads(line), "round": k} for k in range(rate_reps)
+               for line in (out / layout / f"round{k}" / "requests.jsonl").read_text().splitlines()]
     return {"probes": probes, "runs": runs, "records": records}
 
 
@@ -256,43 +260,63 @@ def cores_from(probes: dict[str, Any], instances: int) -> float | None:
     return float(min(instances, max(1.0, instances / max(slow, 1e-9))))
 
 
+METRICS = (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s), ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s))
+
+
+def _replay(layout: str, lat: LatencyModel, over: Overheads, cores: float | None,
+            records: list[dict[str, Any]]) -> tuple[list[SimRequest], float]:
+    """The records' requests (arrival, prompt and output lengths) through the simulator:
+    the simulated requests and the instances' busy seconds."""
+    sim = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in records]
+    spec = spec_for(layout, lat, over)
+    spec.cores = cores
+    Simulation(spec).run(sim)
+    return sim, sum(i.busy_s for i in spec.instances)
+
+
 def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any],
             cores: float | None = None) -> list[dict[str, Any]]:
+    """One row per rate: measured percentiles over every round's requests against the
+    simulated ones (each round replayed on its own: its arrivals start at 0), and the
+    spread of the measured percentile between rounds (the measurement's own
+    repeatability on this machine)."""
     rows = meas["records"]
     table = []
-    for run in meas["runs"]:
-        rate = run["rate"]
-        got = [x for x in rows if x["rate"] == rate and x["ok"]]
-        sim = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in got]
-        spec = spec_for(layout, lat, over)
-        spec.cores = cores
-        Simulation(spec).run(sim)
-        sim_busy = sum(i.busy_s for i in spec.instances)
-        meas_busy = sum(run["busy_s"].values())
-        row: dict[str, Any] = {"layout": layout, "rate": rate, "n": len(got),
-                               "loadavg": run["loadavg_before"][0]}
-        for metric, get_m, get_s in (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s),
-                                     ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s)):
+    for rate in sorted({run["rate"] for run in meas["runs"]}):
+        runs = [run for run in meas["runs"] if run["rate"] == rate]
+        got: list[dict[str, Any]] = []
+        sim: list[SimRequest] = []
+        per_round: list[list[dict[str, Any]]] = []
+        sim_busy = 0.0
+        for run in runs:
+            mine = [x for x in rows if x["rate"] == rate and x["ok"] and x.get("round", 0) == run.get("round", 0)]
+            s_reqs, busy = _replay(layout, lat, over, cores, mine)
+            got += mine
+            sim += s_reqs
+            per_round.append(mine)
+            sim_busy += busy
+        meas_busy = sum(sum(run["busy_s"].values()) for run in runs)
+        row: dict[str, Any] = {"layout": layout, "rate": rate, "n": len(got), "rounds": len(runs),
+                               "loadavg": max(run["loadavg_before"][0] for run in runs)}
+        for metric, get_m, get_s in METRICS:
             m = [get_m(x) for x in got if get_m(x) is not None]
-            s = [get_s(x) for x in sim]
             for q in (50, 90):
-                mv, sv = pct(m, q), pct(s, q)
+                mv, sv = pct(m, q), pct([get_s(x) for x in sim], q)
                 row[f"{metric}_p{q}_measured_ms"] = mv * 1e3
                 row[f"{metric}_p{q}_predicted_ms"] = sv * 1e3
                 row[f"{metric}_p{q}_error"] = (sv - mv) / mv if mv else float("nan")
+                rounds = [pct([get_m(x) for x in r if get_m(x) is not None], q) for r in per_round]
+                row[f"{metric}_p{q}_rounds_ms"] = [v * 1e3 for v in rounds]
+                row[f"{metric}_p{q}_spread"] = max(rounds) / min(rounds) - 1 if min(rounds) > 0 else float("nan")
         row["busy_measured_s"] = meas_busy
         row["busy_predicted_s"] = sim_busy
         # Diagnostic only (not the prediction): the same simulation with the engine's
-        # steps scaled by this run's measured / simulated busy time, i.e. had the model
-        # known how fast the shared machine was during this run.
+        # steps scaled by the measured / simulated busy time, i.e. had the model known
+        # how fast the shared machine was during these runs.
         k = meas_busy / sim_busy if sim_busy > 0 else 1.0
         row["machine_speed_factor"] = k
-        adj = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in got]
-        spec2 = spec_for(layout, lat.scaled(k), over)
-        spec2.cores = cores
-        Simulation(spec2).run(adj)
-        for metric, get_m, get_s in (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s),
-                                     ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s)):
+        adj = [r for run in per_round for r in _replay(layout, lat.scaled(k), over, cores, run)[0]]
+        for metric, get_m, get_s in METRICS:
             m = [get_m(x) for x in got if get_m(x) is not None]
             for q in (50, 90):
                 sv = pct([get_s(x) for x in adj], q)
@@ -303,11 +327,12 @@ def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| layout | rate | n | load | TTFT P50 ms meas/pred (err) | TTFT P90 | TPOT P50 | TPOT P90 "
+    lines = ["| layout | rate | n | load | TTFT P50 ms meas/pred (err) [spread] | TTFT P90 | TPOT P50 | TPOT P90 "
              "| busy s meas/pred |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         cells = [f"{r[k + '_measured_ms']:.1f} / {r[k + '_predicted_ms']:.1f} ({r[k + '_error']:+.0%})"
+                 + (f" [{r[k + '_spread']:.0%}]" if r.get("rounds", 1) > 1 else "")
                  for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")]
         lines.append(f"| {r['layout']} | {r['rate']:g} | {r['n']} | {r['loadavg']:.2f} | " + " | ".join(cells)
                      + f" | {r['busy_measured_s']:.2f} / {r['busy_predicted_s']:.2f} |")
@@ -328,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                     "colocated=2,3,4,5;1p1d=2,4,6,7")
     ap.add_argument("--duration", type=float, default=15)
     ap.add_argument("--layouts", default="colocated,1p1d")
+    ap.add_argument("--rounds", type=int, default=1, help="run every rate this many times (all rates, "
+                    "then all again); the table pools them and shows the spread between rounds")
     ap.add_argument("--probe-reps", type=int, default=2, help="probe rounds before and after the load")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", action="store_true")
@@ -360,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resimulate:
             meas = json.loads(mpath.read_text())
         else:
-            meas = measure(layout, rates[layout], args.duration, out, args.probe_reps)
+            meas = measure(layout, rates[layout], args.duration, out, args.probe_reps, args.rounds)
             mpath.write_text(json.dumps(meas))
         over = overheads_from(meas["probes"], lat, LAYOUTS[layout]["mode"] == "disaggregated")
         cores = cores_from(meas["probes"], len(LAYOUTS[layout]["pools"]))
