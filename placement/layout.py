@@ -53,8 +53,8 @@ class Layout:
     ttft_p90_s: float = float("nan")
     tpot_p90_s: float = float("nan")
     notes: list[str] = field(default_factory=list)
-    # "disaggregated", "disaggregated/ae", "colocated/chunked" or "colocated/whole" (see
-    # placement.search).
+    # "disaggregated", "disaggregated/ae", "colocated/chunked", "colocated/whole" or
+    # "colocated/prefill-first" (see placement.search).
     kind: str = ""
 
     @property

@@ -14,7 +14,7 @@ import yaml
 
 from placement.catalogue import GPU, ModelShape, gpu as gpu_type
 from placement.latency import LatencyModel
-from placement.search import (MAX_NUM_SEQS, PREFILL_BUDGET, SLO, Layout, Workload, best_of_kind,
+from placement.search import (MAX_NUM_SEQS, NOT_SERVABLE, PREFILL_BUDGET, SLO, Layout, Workload, best_of_kind,
                               catalogue_latency, parallel_options, search)
 
 
@@ -29,8 +29,9 @@ class Plan:
     slo: SLO
     # (field, predicted p90, target) for each SLO the best layout misses.
     misses: list[tuple[str, float, float]]
-    # The best layout of each kind (disaggregated, colocated/chunked, colocated/whole and,
-    # for MoE models, disaggregated/ae: predicted only, serve has no attention/expert pools).
+    # The best layout of each kind (disaggregated, colocated/chunked, colocated/whole, and,
+    # predicted only (search.NOT_SERVABLE), colocated/prefill-first and, for MoE models,
+    # disaggregated/ae).
     alternatives: dict[str, Layout] | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -44,7 +45,7 @@ class Plan:
                 "predicted_ttft_p90_ms": self.layout.ttft_p90_s * 1e3,
                 "predicted_tpot_p90_ms": self.layout.tpot_p90_s * 1e3,
                 "best_of_each_kind": {k: {"goodput_per_gpu": lay.goodput_per_gpu, "gpus": lay.gpus,
-                                          "pools": pools(lay), "servable": k != "disaggregated/ae"}
+                                          "pools": pools(lay), "servable": k not in NOT_SERVABLE}
                                       for k, lay in (self.alternatives or {}).items()},
                 "slo_misses": [{"field": f, "predicted_ms": p * 1e3, "target_ms": t * 1e3}
                                for f, p, t in self.misses]}
@@ -94,7 +95,7 @@ def make_plan(manifest: Any) -> Plan:
     # MoE: attention/expert decode is scored too and shown beside the others, but only
     # layouts that `serve` can realise are chosen and written.
     every = search(shape, g, hw.num_gpus, slo, wl, lat=lat, attention_expert=shape.num_experts > 0)
-    layouts = [lay for lay in every if lay.kind != "disaggregated/ae"]
+    layouts = [lay for lay in every if lay.kind not in NOT_SERVABLE]
     best = layouts[0]
     misses = []
     if best.goodput_rps <= 0:

@@ -6,13 +6,17 @@ instance against the TTFT SLO and the decode instance against the TPOT SLO separ
 each by the simulated goodput of one instance, then replicate them in the ratio that
 balances their rates. We add the KV-transfer term (which DistServe leaves out) by
 simulating the combined unit, placed so that KV stays inside a node where possible, and
-compare against colocated layouts of two kinds, labelled:
+compare against colocated layouts of three kinds, labelled:
 
 - ``colocated/chunked``: prefill chunks ride along with decodes under a token budget
   (Sarathi / DeepSpeed-FastGen "SplitFuse"; what splitserve's colocated worker does);
-- ``colocated/whole``: prompts are prefilled whole as soon as they are admitted, so
-  decodes wait for them (vLLM <= 0.3 without chunked prefill: the baseline DistServe
-  measured against, section 6.1).
+- ``colocated/whole``: the same worker with a budget large enough for whole prompts
+  (16384 tokens): a step carries the decodes and whole prompts, so the decodes wait as
+  long as the prompts take;
+- ``colocated/prefill-first``: vLLM <= 0.3's scheduler, the baseline DistServe measured
+  against (section 6.1): waiting prompts get a step of their own and every decode waits
+  for it. splitserve's engine schedules decodes first, so this kind is a prediction for
+  comparison (``NOT_SERVABLE``), never a plan.
 
 How the search stays fast (a 64-GPU cluster in well under a minute on one core):
 
@@ -61,6 +65,11 @@ MAX_NUM_SEQS = 1024
 # Goodput is searched up to this multiple of an instance's estimated capacity (the
 # estimate is a mean-value one; the slack keeps it from cutting a true goodput short).
 CAP_SLACK = 1.1
+# Kinds scored and shown but never chosen by ``splitserve plan``: serve cannot realise them.
+NOT_SERVABLE = ("disaggregated/ae", "colocated/prefill-first")
+# Colocated kinds: (kind, step budget, prompts in steps of their own).
+COLOCATED_KINDS = (("colocated/chunked", CHUNKED_BUDGET, False), ("colocated/whole", WHOLE_BUDGET, False),
+                   ("colocated/prefill-first", WHOLE_BUDGET, True))
 
 
 def catalogue_latency(model: ModelShape, gpu: GPU, tp: int, pp: int = 1) -> LatencyModel:
@@ -256,10 +265,9 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
     for tp, pp in opts:
         g = tp * pp
         n = num_gpus // g
-        for kind, budget in (("colocated/chunked", CHUNKED_BUDGET), ("colocated/whole", WHOLE_BUDGET)):
-            mk = lambda tp=tp, pp=pp, budget=budget, kind=kind: spec(  # noqa: E731
-                [_instance("colocated", model, gpu, latc, tp, pp, budget=budget,
-                           prefill_first=kind.endswith("whole"))])
+        for kind, budget, first in COLOCATED_KINDS:
+            mk = lambda tp=tp, pp=pp, budget=budget, first=first: spec(  # noqa: E731
+                [_instance("colocated", model, gpu, latc, tp, pp, budget=budget, prefill_first=first)])
             cap = capacity(tp, pp, "colocated")
             rate = goodput(mk, wl, slo.ttft_s, slo.tpot_s, slo.attainment, 0.5 * cap, max_rate=CAP_SLACK * cap)
             t90, p90 = _p90s(mk, wl, rate)
@@ -268,7 +276,8 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
                                                               "max_num_batched_tokens": budget}},
                                   n * g, rate * n, t90, p90, kind=kind,
                                   notes=["chunked prefill" if kind.endswith("chunked") else
-                                         "whole-prompt prefill (no chunking)"]))
+                                         "whole prompts in their own steps, decodes wait (vLLM <= 0.3)"
+                                         if first else "whole prompts beside the decodes"]))
 
     # Disaggregated. Each phase alone: the other phase is free and the link infinite.
     rates = PhaseRates({}, {})

@@ -1,7 +1,7 @@
 from placement.catalogue import gpu, opt
 import pytest
 
-from placement.search import CHUNKED_BUDGET, SLO, WHOLE_BUDGET, Workload, parallel_options, search
+from placement.search import CHUNKED_BUDGET, SLO, WHOLE_BUDGET, Workload, best_of_kind, parallel_options, search
 
 
 def test_parallel_options_respect_memory():
@@ -21,11 +21,15 @@ def test_search_returns_sorted_layouts_of_both_kinds():
         assert lay.gpus <= 4
 
 
-def test_colocated_offered_both_ways_and_labelled():
+def test_colocated_offered_three_ways_and_labelled():
     lays = search(opt("13b"), gpu("a100-80g"), 4, SLO(0.5, 0.1),
                   Workload((64, 512), (16, 128), num_requests=120, max_requests=600))
     kinds = {lay.kind for lay in lays}
-    assert {"colocated/chunked", "colocated/whole", "disaggregated"} <= kinds
+    assert {"colocated/chunked", "colocated/whole", "colocated/prefill-first", "disaggregated"} <= kinds
+    best = best_of_kind(lays)
+    # Same budget and instances; the only difference is that prompts get steps of their
+    # own and decodes wait, which can only cost goodput.
+    assert best["colocated/prefill-first"].goodput_per_gpu <= best["colocated/whole"].goodput_per_gpu * 1.05
     for lay in lays:
         if lay.mode == "colocated":
             budget = lay.pools["colocated"]["max_num_batched_tokens"]
