@@ -235,15 +235,23 @@ def overheads_from(probes: dict[str, Any], lat: LatencyModel, disaggregated: boo
               for x in probes["bursts"]]
     kv_s = statistics.mean(p * KV_BYTES_PER_TOKEN / LINK_BPS for p, _, _, _ in iso)
     # The prefilling worker's own busy time per probe: the prefill pool's, or the colocated
-    # worker's minus the decode steps that followed (short outputs only).
+    # worker's minus the decode steps that followed (short outputs only). A served decode
+    # step takes longer than the profiled one (the worker streams tokens beside it), so
+    # the steps are priced from the probes themselves: the same prompt with the long
+    # output minus with the short one is (long - short) decode steps of busy time.
+    cells = {(x["prompt"], x["output"]): x["busy_s"] for x in probes["isolated"]}
     busy: list[float | None] = []
     for x in probes["isolated"]:
         b = x["busy_s"]
+        p, o = x["prompt"], x["output"]
+        longer = [] if disaggregated else [(o2, cells[(p, o2)]["colocated"]) for (p2, o2) in cells
+                                           if p2 == p and o2 > o]
         if disaggregated:
             busy.append(b["prefill"])
-        elif x["output"] <= 8:
-            ctx = x["prompt"] + x["output"] // 2
-            busy.append(b["colocated"] - (x["output"] - 1) * lat.decode_s(1, ctx))
+        elif o <= 8 and longer:
+            o2, b2 = max(longer)
+            per_step = max(0.0, (b2 - b["colocated"]) / (o2 - o))
+            busy.append(b["colocated"] - (o - 1) * per_step)
         else:
             busy.append(None)
     return fit_overheads(lat, BUDGET, iso, bursts, disaggregated, kv_link_s=kv_s, prefill_busy=busy)
