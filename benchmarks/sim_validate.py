@@ -10,13 +10,16 @@ run, outside the measured load:
    shapes the workers run (token budget, chunked prefill with context, decode batches);
 2. the serving overheads (``placement.latency.fit_overheads``), from probe requests sent
    to the served layout before and after the load (medians per probe shape): one at a
-   time (prompts of 64..1280 tokens, outputs of 4 and 40) and in bursts that decode as one batch (2, 4, 8 sequences); for a layout of several
-   workers also a 4-sequence burst while long prompts keep the prefill worker busy, whose
-   slowdown gives the cores the workers effectively share (``ClusterSpec.cores``).
+   time (prompts of 64..1280 tokens, outputs of 4 and 40) and in bursts that decode as
+   one batch (2, 4, 8 sequences); for a layout of several workers also a 4-sequence
+   burst while long prompts keep the prefill worker busy: the burst's slowdown and the
+   long prompts' give each kind's slowdown beside a busy neighbour
+   (``ClusterSpec.shared_slowdown``; older measurements: one ``ClusterSpec.cores``).
 During every probe and rate, the engine busy time of each worker is read from the
 workers, so the table also shows measured vs simulated utilisation.
 
-    python -m benchmarks.sim_validate --rates "colocated=2,4,6,7;1p1d=2,4,5,6" --duration 15 --out /tmp/simval
+    python -m benchmarks.sim_validate --rates "colocated=3,6,9,12;1p1d=3,6,9,12" --rounds 2 --duration 30 \
+        --probe-reps 4 --out /tmp/simval
     python -m benchmarks.sim_validate --resimulate --out /tmp/simval   # model changes only
 """
 
@@ -133,28 +136,36 @@ async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int 
                                    "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok)})
                 await asyncio.sleep(0.05)
         # Interference: the same 4-sequence burst while another request keeps the
-        # prefill pool busy (back-to-back long prompts), against the burst alone.
+        # prefill pool busy (back-to-back long prompts), against the burst alone; and the
+        # long prompts sent while the burst decodes, against the same prompt alone.
         loaded: list[dict[str, Any]] = []
         if "prefill" in workers:
             for _ in range(reps):
                 seed += 1
                 stop = asyncio.Event()
+                burst_on = asyncio.Event()
+                beside: list[float] = []
 
                 async def hammer(seed: int = seed) -> None:
                     k = 0
                     while not stop.is_set():
                         k += 1
-                        await send(client, info, _spec(1280, 1, seed * 1000 + k), "completions", 60)
+                        during = burst_on.is_set()
+                        r = await send(client, info, _spec(1280, 1, seed * 1000 + k), "completions", 60)
+                        if during and not stop.is_set() and r.ok:
+                            beside.append(r.ttft_s)
 
                 h = asyncio.create_task(hammer())
                 await asyncio.sleep(0.05)
+                burst_on.set()
                 rs = await asyncio.gather(*[send(client, info, _spec(64, 40, seed * 100 + k), "completions", 60)
                                             for k in range(4)])
                 stop.set()
                 await h
                 ok = [r for r in rs if r.ok]
                 if ok:
-                    loaded.append({"batch": 4, "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok)})
+                    loaded.append({"batch": 4, "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok),
+                                   "prefill_1280_ttft_s": beside})
                 await asyncio.sleep(0.05)
     return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded}
 
@@ -257,6 +268,21 @@ def overheads_from(probes: dict[str, Any], lat: LatencyModel, disaggregated: boo
     return fit_overheads(lat, BUDGET, iso, bursts, disaggregated, kv_link_s=kv_s, prefill_busy=busy)
 
 
+def slowdowns_from(probes: dict[str, Any]) -> dict[str, float] | None:
+    """Per instance kind, how much longer a step runs while the other worker is busy (the
+    workers share this machine's cores with each other and with the ingress): decode from
+    the 4-sequence burst beside a busy prefill worker against the burst alone, prefill from
+    the 1280-token prompts sent while that burst decoded against the same prompt alone."""
+    loaded = probes.get("loaded_bursts") or []
+    alone_d = [x["decode_s"] for x in probes["bursts"] if x["batch"] == 4]
+    alone_p = [x["ttft_s"] for x in probes["isolated"] if x["prompt"] == 1280]
+    beside = [t for x in loaded for t in x.get("prefill_1280_ttft_s", [])]
+    if not loaded or not alone_d or not alone_p or not beside:
+        return None
+    return {"decode": max(1.0, statistics.mean(x["decode_s"] for x in loaded) / statistics.mean(alone_d)),
+            "prefill": max(1.0, statistics.median(beside) / statistics.median(alone_p))}
+
+
 def cores_from(probes: dict[str, Any], instances: int) -> float | None:
     """Effective cores the layout's workers share: a decode burst beside a busy prefill
     worker runs s times slower than alone, i.e. two busy workers on 2 / s cores."""
@@ -271,19 +297,22 @@ def cores_from(probes: dict[str, Any], instances: int) -> float | None:
 METRICS = (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s), ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s))
 
 
-def _replay(layout: str, lat: LatencyModel, over: Overheads, cores: float | None,
+def _replay(layout: str, lat: LatencyModel, over: Overheads, cores: float | dict[str, float] | None,
             records: list[dict[str, Any]]) -> tuple[list[SimRequest], float]:
     """The records' requests (arrival, prompt and output lengths) through the simulator:
     the simulated requests and the instances' busy seconds."""
     sim = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in records]
     spec = spec_for(layout, lat, over)
-    spec.cores = cores
+    if isinstance(cores, dict):
+        spec.shared_slowdown = cores
+    else:
+        spec.cores = cores
     Simulation(spec).run(sim)
     return sim, sum(i.busy_s for i in spec.instances)
 
 
 def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any],
-            cores: float | None = None) -> list[dict[str, Any]]:
+            cores: float | dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per rate: measured percentiles over every round's requests against the
     simulated ones (each round replayed on its own: its arrivals start at 0), and the
     spread of the measured percentile between rounds (the measurement's own
@@ -398,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             meas = measure(layout, rates[layout], args.duration, out, args.probe_reps, args.rounds)
             mpath.write_text(json.dumps(meas))
         over = overheads_from(meas["probes"], lat, LAYOUTS[layout]["mode"] == "disaggregated")
-        cores = cores_from(meas["probes"], len(LAYOUTS[layout]["pools"]))
+        cores: float | dict[str, float] | None = None
+        if len(LAYOUTS[layout]["pools"]) > 1:
+            cores = slowdowns_from(meas["probes"]) or cores_from(meas["probes"], len(LAYOUTS[layout]["pools"]))
         fitted[layout] = {**over.__dict__, "cores": cores}
         table += compare(layout, lat, over, meas, cores)
     (out / "table.json").write_text(json.dumps({"profile": prof, "overheads": fitted, "table": table}, indent=2))

@@ -125,6 +125,10 @@ class ClusterSpec:
     # while k instances (itself included) are busy runs max(1, k / cores) times longer:
     # workers of one CPU machine, or of GPUs whose host threads are oversubscribed.
     cores: float | None = None
+    # Instead of cores, per instance kind: a step that starts while any other instance is
+    # busy runs this many times longer (measured on the served system: a long prefill step
+    # loses more to a busy neighbour than a short decode step does).
+    shared_slowdown: dict[str, float] | None = None
 
 
 class Simulation:
@@ -177,7 +181,10 @@ class Simulation:
         steps) and the instance is free for its next step once stage 0 is."""
         pp = inst.stages
         inst.busy = True
-        if self.spec.cores:
+        if self.spec.shared_slowdown:
+            if any(i.busy for i in self.spec.instances if i is not inst):
+                t *= self.spec.shared_slowdown.get(inst.kind, 1.0)
+        elif self.spec.cores:
             k = sum(1 for i in self.spec.instances if i.busy)
             t *= max(1.0, k / self.spec.cores)
         inst.busy_s += t

@@ -196,6 +196,25 @@ def test_shared_cores_slow_concurrent_instances():
     assert abs(ttft(1.0) - 2 * ttft(None)) < 1e-9  # two busy instances on one core
 
 
+def test_shared_slowdown_per_kind():
+    """A prefill step that starts beside a busy decode instance runs 1.8x longer; the
+    decode instance's own steps 1.2x (it is busy whenever the prefill is, here)."""
+    def run(slow: dict[str, float] | None) -> tuple[SimRequest, SimRequest, float]:
+        spec = ClusterSpec([Instance("prefill", LM), Instance("decode", LM)], link_bps=lambda a, b: 1e12,
+                           shared_slowdown=slow)
+        long_decode = SimRequest(0.0, 10, 400)
+        late = SimRequest(0.5, 100, 1)
+        Simulation(spec).run([long_decode, late])
+        return long_decode, late, spec.instances[1].busy_s
+
+    d0, late0, busy0 = run(None)
+    d1, late1, busy1 = run({"prefill": 1.8, "decode": 1.2})
+    assert abs(late1.ttft_s - 1.8 * late0.ttft_s) < 1e-9
+    # Decode steps slow only while the prefill instance is busy (one short window).
+    assert busy0 < busy1 < 1.2 * busy0
+    assert run({"decode": 1.2})[1].ttft_s == late0.ttft_s  # kinds not named run at full speed
+
+
 def test_busy_time_is_tracked_per_instance():
     spec = ClusterSpec([Instance("prefill", LM), Instance("decode", LM)], link_bps=lambda a, b: 1e12)
     Simulation(spec).run([SimRequest(0.0, 100, 5)])
