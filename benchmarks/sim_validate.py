@@ -297,22 +297,23 @@ def cores_from(probes: dict[str, Any], instances: int) -> float | None:
 METRICS = (("ttft", lambda x: x["ttft_s"], lambda s: s.ttft_s), ("tpot", lambda x: x["tpot_s"], lambda s: s.tpot_s))
 
 
-def _replay(layout: str, lat: LatencyModel, over: Overheads, cores: float | dict[str, float] | None,
+def _replay(layout: str, lat: LatencyModel, over: Overheads, contention: float | dict[str, float] | None,
             records: list[dict[str, Any]]) -> tuple[list[SimRequest], float]:
     """The records' requests (arrival, prompt and output lengths) through the simulator:
-    the simulated requests and the instances' busy seconds."""
+    the simulated requests and the instances' busy seconds. contention: the workers'
+    shared cores (``ClusterSpec.cores``) or per-kind slowdowns (``.shared_slowdown``)."""
     sim = [SimRequest(x["arrival_s"], x["prompt_tokens"], x["output_tokens"]) for x in records]
     spec = spec_for(layout, lat, over)
-    if isinstance(cores, dict):
-        spec.shared_slowdown = cores
+    if isinstance(contention, dict):
+        spec.shared_slowdown = contention
     else:
-        spec.cores = cores
+        spec.cores = contention
     Simulation(spec).run(sim)
     return sim, sum(i.busy_s for i in spec.instances)
 
 
 def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any],
-            cores: float | dict[str, float] | None = None) -> list[dict[str, Any]]:
+            contention: float | dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per rate: measured percentiles over every round's requests against the
     simulated ones (each round replayed on its own: its arrivals start at 0), and the
     spread of the measured percentile between rounds (the measurement's own
@@ -327,7 +328,7 @@ def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any
         sim_busy = 0.0
         for run in runs:
             mine = [x for x in rows if x["rate"] == rate and x["ok"] and x.get("round", 0) == run.get("round", 0)]
-            s_reqs, busy = _replay(layout, lat, over, cores, mine)
+            s_reqs, busy = _replay(layout, lat, over, contention, mine)
             got += mine
             sim += s_reqs
             per_round.append(mine)
@@ -352,7 +353,7 @@ def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any
         # how fast the shared machine was during these runs.
         k = meas_busy / sim_busy if sim_busy > 0 else 1.0
         row["machine_speed_factor"] = k
-        adj = [r for run in per_round for r in _replay(layout, lat.scaled(k), over, cores, run)[0]]
+        adj = [r for run in per_round for r in _replay(layout, lat.scaled(k), over, contention, run)[0]]
         for metric, get_m, get_s in METRICS:
             m = [get_m(x) for x in got if get_m(x) is not None]
             for q in (50, 90):
@@ -427,11 +428,12 @@ def main(argv: list[str] | None = None) -> int:
             meas = measure(layout, rates[layout], args.duration, out, args.probe_reps, args.rounds)
             mpath.write_text(json.dumps(meas))
         over = overheads_from(meas["probes"], lat, LAYOUTS[layout]["mode"] == "disaggregated")
-        cores: float | dict[str, float] | None = None
+        contention: float | dict[str, float] | None = None
         if len(LAYOUTS[layout]["pools"]) > 1:
-            cores = slowdowns_from(meas["probes"]) or cores_from(meas["probes"], len(LAYOUTS[layout]["pools"]))
-        fitted[layout] = {**over.__dict__, "cores": cores}
-        table += compare(layout, lat, over, meas, cores)
+            contention = (slowdowns_from(meas["probes"])
+                          or cores_from(meas["probes"], len(LAYOUTS[layout]["pools"])))
+        fitted[layout] = {**over.__dict__, "cores": contention}
+        table += compare(layout, lat, over, meas, contention)
     (out / "table.json").write_text(json.dumps({"profile": prof, "overheads": fitted, "table": table}, indent=2))
     (out / "table.md").write_text(format_table(table) + "\n")
     if args.json:
