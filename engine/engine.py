@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from engine.alloc import tune_malloc
 from engine.block_manager import BlockManager
 from engine.runner import ModelRunner, StepInput, StepResult, prepare_step
 from engine.sampler import Sampler
@@ -45,6 +46,7 @@ def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size:
     from engine.loader import load_model
     from engine.model import allocate_kv_cache
 
+    tune_malloc()  # once per process: step temporaries stay in the heap (engine/alloc.py)
     torch_dtype = DTYPES[dtype]
     model = load_model(model_dir, torch_dtype, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
     caches = allocate_kv_cache(model.cfg, num_blocks, block_size, torch_dtype, tp_size=tp_size)
