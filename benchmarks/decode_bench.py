@@ -59,14 +59,13 @@ def child(variant: str) -> dict[str, Any]:
     import engine.attention as attention
     from cluster.builtin_models import builtin_model_dir
     from engine.alloc import tune_malloc
-    from placement.profile import DECODE_CONTEXTS, _kind, fit_steps, latency_model, profile_engine
+    from placement.profile import DECODE_CONTEXTS, _kind, latency_model, profile_engine
 
     if variant == "baseline":
         attention._decode_batch = _decode_batch_repeat
     prof = profile_engine(builtin_model_dir("tiny-llama"), threads=1, max_batched_tokens=512, keep_steps=True)
     steps = prof.pop("steps")
-    fit = fit_steps(steps, "dense")
-    model = latency_model(fit)
+    model = latency_model(prof)
     dec: dict[str, list[float]] = {}
     signed_mixed = []
     for ns, cs, t in steps:
@@ -83,9 +82,9 @@ def child(variant: str) -> dict[str, Any]:
             signed_mixed.append((pred - t) / t)
     return {"variant": variant, "malloc_tuned": tune_malloc(),
             "decode_ms": {k: 1e3 * statistics.median(v) for k, v in dec.items()},
-            "fit": {k: v for k, v in fit.items() if k.startswith(("median_rel", "max_rel"))},
+            "fit": {k: v for k, v in prof.items() if k.startswith(("median_rel", "max_rel"))},
             "mixed_signed_error_median": statistics.median(signed_mixed) if signed_mixed else None,
-            "decode_coeffs": fit["decode"]}
+            "decode_coeffs": prof["decode"]}
 
 
 def _spawn(variant: str) -> dict[str, Any]:

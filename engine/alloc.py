@@ -14,7 +14,8 @@ vLLM's CPU backend documentation recommends preloading tcmalloc for the same rea
 reach the same effect with two ``mallopt`` calls, no extra library. The price is memory:
 each process keeps up to ``trim_threshold`` of freed heap instead of returning it.
 
-Applied once per process by ``LLMEngine``; ``SPLITSERVE_MALLOC_TUNE=0`` turns it off (for
+Applied once per process by ``engine.engine.build_runner`` (every engine worker and tensor
+parallel rank; side by side: ``benchmarks/decode_bench.py``); ``SPLITSERVE_MALLOC_TUNE=0`` turns it off (for
 side-by-side benchmarks). A no-op where the C library is not glibc.
 """
 
