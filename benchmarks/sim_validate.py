@@ -15,6 +15,13 @@ run, outside the measured load:
    burst while long prompts keep the prefill worker busy: the burst's slowdown and the
    long prompts' give each kind's slowdown beside a busy neighbour
    (``ClusterSpec.shared_slowdown``; older measurements: one ``ClusterSpec.cores``).
+Diagnostic, not the prediction: right before and right after every rate window a short
+speed probe (prompts of 1024 tokens, outputs of 4 and 24, one at a time) runs; its TTFT
+and decode time against the same probe's in the overhead probes (``window_speed``) give
+the window's prefill and decode speed factors, and the table shows the prediction with
+the steps and overheads scaled by them (``*_window_*``). It tests whether the misses are
+the shared machine's speed drifting between the probes and the load (session 6: they
+are not; the adjacent probes ran as fast as the overhead probes or faster).
 During every probe and rate, the engine busy time of each worker is read from the
 workers, so the table also shows measured vs simulated utilisation.
 
@@ -53,6 +60,9 @@ LINK_BPS = 0.8e9
 PROBE_PROMPTS = (64, 512, 1024, 1280)
 PROBE_OUTPUTS = (4, 40)
 BURSTS = (2, 4, 8)
+# The speed probe around each window: one prompt length, a short and a long output.
+SPEED_SHAPES = ((1024, 4), (1024, 24))
+SPEED_REPS = 3
 
 
 def spec_for(layout: str, lat: LatencyModel, over: Overheads) -> ClusterSpec:
@@ -98,6 +108,47 @@ def _spec(prompt: int, output: int, seed: int) -> Any:
     return RequestSpec(0.0, rng.integers(3, 1024, size=prompt).tolist(), prompt, output)
 
 
+async def _speed_probe(client: Any, info: Any, seed: int, reps: int = SPEED_REPS) -> list[dict[str, Any]]:
+    """SPEED_SHAPES one at a time, reps rounds: the machine's speed right now."""
+    from benchmarks.client import send
+
+    out = []
+    for k in range(reps):
+        for p, o in SPEED_SHAPES:
+            r = await send(client, info, _spec(p, o, seed * 100 + k), "completions", 60)
+            out.append({"prompt": p, "output": o, "ok": r.ok, "ttft_s": r.ttft_s, "e2e_s": r.e2e_s})
+            await asyncio.sleep(0.05)
+    return out
+
+
+async def _speed_around(info: Any, seed: int) -> list[dict[str, Any]]:
+    from benchmarks.client import make_client
+
+    async with make_client(60) as client:
+        return await _speed_probe(client, info, seed)
+
+
+def window_speed(reference: list[dict[str, Any]], window: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(prefill, decode) speed factors of a window against the reference: the median TTFT
+    of the speed probes, and the median decode time (end to end minus TTFT) of those with
+    the longest output, window over reference. None when either side lacks two good
+    probes of a kind."""
+    def ok(xs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [x for x in xs if x.get("ok", True) and x.get("ttft_s") is not None]
+
+    ref, win = ok(reference), ok(window)
+    if not ref or not win:
+        return None
+    longest = max(x["output"] for x in ref)
+    ttft_r, ttft_w = [x["ttft_s"] for x in ref], [x["ttft_s"] for x in win]
+    dec_r = [x["e2e_s"] - x["ttft_s"] for x in ref if x["output"] == longest]
+    dec_w = [x["e2e_s"] - x["ttft_s"] for x in win if x["output"] == longest]
+    if min(len(ttft_r), len(ttft_w), len(dec_r), len(dec_w)) < 2:
+        return None
+    return (statistics.median(ttft_w) / statistics.median(ttft_r),
+            statistics.median(dec_w) / statistics.median(dec_r))
+
+
 async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int = 0) -> dict[str, Any]:
     """Isolated requests and decode bursts against the served layout."""
     from benchmarks.client import make_client, preflight, send
@@ -114,6 +165,7 @@ async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int 
         await asyncio.gather(*[send(client, info, _spec(64, 40, 20_000 + k), "completions", 60)
                                for k in range(max(BURSTS))])
         seed = seed0
+        speed = await _speed_probe(client, info, 50_000 + seed0)
         for _ in range(reps):
             for p in PROBE_PROMPTS:
                 for o in PROBE_OUTPUTS:
@@ -167,7 +219,7 @@ async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int 
                     loaded.append({"batch": 4, "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok),
                                    "prefill_1280_ttft_s": beside})
                 await asyncio.sleep(0.05)
-    return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded}
+    return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded, "speed": speed}
 
 
 def measure(layout: str, rates: list[float], duration: float, out: Path, reps: int,
@@ -206,15 +258,20 @@ def measure(layout: str, rates: list[float], duration: float, out: Path, reps: i
 
             info = ServerInfo(url, "demo", True)
             for k, col in enumerate(cols):
-                for rate in rates:
+                for j, rate in enumerate(rates):
+                    seed = 60_000 + 1000 * k + 10 * j
+                    before = asyncio.run(_speed_around(info, seed))
                     b0 = _busy(workers)
                     load0 = os.getloadavg()
                     asyncio.run(run_rate(target, info, cfg, rate, col, None))
-                    runs.append({"rate": rate, "round": k, "busy_s": _delta(b0, _busy(workers)),
-                                 "loadavg_before": load0, "loadavg_after": os.getloadavg()})
+                    busy = _delta(b0, _busy(workers))
+                    load1 = os.getloadavg()
+                    after = asyncio.run(_speed_around(info, seed + 1))
+                    runs.append({"rate": rate, "round": k, "busy_s": busy, "loadavg_before": load0,
+                                 "loadavg_after": load1, "speed_probes": before + after})
                     col.write()
             after = asyncio.run(_probe(url, workers, reps, seed0=1000))
-            probes = {k: probes[k] + after[k] for k in probes}
+            probes = {k: probes[k] + after[k] for k in probes}  # "speed": the window factors' reference
         finally:
             server.stop()
             dep.stop()
@@ -312,76 +369,116 @@ def _replay(layout: str, lat: LatencyModel, over: Overheads, contention: float |
     return sim, sum(i.busy_s for i in spec.instances)
 
 
+def _factors(meas: dict[str, Any], run: dict[str, Any]) -> tuple[float, float] | None:
+    """The window's (prefill, decode) speed factors, None for measurements without speed
+    probes (before session 6) or with too few good ones."""
+    return window_speed(meas["probes"].get("speed") or [], run.get("speed_probes") or [])
+
+
+def _errors(row: dict[str, Any], got: list[dict[str, Any]], sim: list[SimRequest], suffix: str) -> None:
+    for metric, get_m, get_s in METRICS:
+        m = [get_m(x) for x in got if get_m(x) is not None]
+        for q in (50, 90):
+            mv, sv = pct(m, q), pct([get_s(x) for x in sim], q)
+            row[f"{metric}_p{q}_{suffix}_ms"] = sv * 1e3
+            row[f"{metric}_p{q}_{suffix}_error"] = (sv - mv) / mv if mv else float("nan")
+
+
 def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any],
             contention: float | dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per rate: measured percentiles over every round's requests against the
     simulated ones (each round replayed on its own: its arrivals start at 0), and the
     spread of the measured percentile between rounds (the measurement's own
-    repeatability on this machine)."""
+    repeatability on this machine). Diagnostics beside it: ``*_window_*`` with each
+    round's steps and overheads scaled by its window's speed factors, and
+    ``*_speed_adjusted_*`` by the measured / simulated busy time."""
     rows = meas["records"]
     table = []
     for rate in sorted({run["rate"] for run in meas["runs"]}):
         runs = [run for run in meas["runs"] if run["rate"] == rate]
-        got: list[dict[str, Any]] = []
-        sim: list[SimRequest] = []
         per_round: list[list[dict[str, Any]]] = []
-        sim_busy = 0.0
+        sim: list[SimRequest] = []
+        static: list[SimRequest] = []
+        factors: list[tuple[float, float] | None] = []
+        sim_busy = static_busy = 0.0
         for run in runs:
             mine = [x for x in rows if x["rate"] == rate and x["ok"] and x.get("round", 0) == run.get("round", 0)]
-            s_reqs, busy = _replay(layout, lat, over, contention, mine)
-            got += mine
-            sim += s_reqs
             per_round.append(mine)
+            f = _factors(meas, run)
+            factors.append(f)
+            kp, kd = f or (1.0, 1.0)
+            s_reqs, busy = _replay(layout, lat.scaled(kp, kd), over.scaled(kp, kd), contention, mine)
+            sim += s_reqs
             sim_busy += busy
+            s_reqs, busy = _replay(layout, lat, over, contention, mine)
+            static += s_reqs
+            static_busy += busy
+        got = [x for r in per_round for x in r]
         meas_busy = sum(sum(run["busy_s"].values()) for run in runs)
         row: dict[str, Any] = {"layout": layout, "rate": rate, "n": len(got), "rounds": len(runs),
-                               "loadavg": max(run["loadavg_before"][0] for run in runs)}
+                               "loadavg": max(run["loadavg_before"][0] for run in runs),
+                               "window_factors": factors}
         for metric, get_m, get_s in METRICS:
             m = [get_m(x) for x in got if get_m(x) is not None]
             for q in (50, 90):
-                mv, sv = pct(m, q), pct([get_s(x) for x in sim], q)
+                mv = pct(m, q)
                 row[f"{metric}_p{q}_measured_ms"] = mv * 1e3
-                row[f"{metric}_p{q}_predicted_ms"] = sv * 1e3
-                row[f"{metric}_p{q}_error"] = (sv - mv) / mv if mv else float("nan")
                 rounds = [pct([get_m(x) for x in r if get_m(x) is not None], q) for r in per_round]
                 row[f"{metric}_p{q}_rounds_ms"] = [v * 1e3 for v in rounds]
                 row[f"{metric}_p{q}_spread"] = max(rounds) / min(rounds) - 1 if min(rounds) > 0 else float("nan")
+        _errors(row, got, static, "predicted")
+        _errors(row, got, sim, "window")
         row["busy_measured_s"] = meas_busy
-        row["busy_predicted_s"] = sim_busy
-        # Diagnostic only (not the prediction): the same simulation with the engine's
+        row["busy_predicted_s"] = static_busy
+        row["busy_window_s"] = sim_busy
+        # Diagnostic only (not the prediction): the static simulation with the engine's
         # steps scaled by the measured / simulated busy time, i.e. had the model known
-        # how fast the shared machine was during these runs.
-        k = meas_busy / sim_busy if sim_busy > 0 else 1.0
+        # how fast the shared machine was during the measured requests themselves.
+        k = meas_busy / static_busy if static_busy > 0 else 1.0
         row["machine_speed_factor"] = k
         adj = [r for run in per_round for r in _replay(layout, lat.scaled(k), over, contention, run)[0]]
-        for metric, get_m, get_s in METRICS:
-            m = [get_m(x) for x in got if get_m(x) is not None]
-            for q in (50, 90):
-                sv = pct([get_s(x) for x in adj], q)
-                row[f"{metric}_p{q}_speed_adjusted_ms"] = sv * 1e3
-                row[f"{metric}_p{q}_speed_adjusted_error"] = (sv / (pct(m, q))) - 1 if m else float("nan")
+        _errors(row, got, adj, "speed_adjusted")
         table.append(row)
     return table
 
 
+def _fmt_factors(fs: list[tuple[float, float] | None]) -> str:
+    return " ".join("-" if f is None else f"{f[0]:.2f}/{f[1]:.2f}" for f in fs)
+
+
+KEYS = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")
+
+
+def within(table: list[dict[str, Any]], suffix: str = "predicted", tol: float = 0.15) -> int:
+    """Cells (rate x percentile x metric) whose prediction is within tol of measured."""
+    return sum(abs(r[f"{k}_{suffix}_error"]) <= tol for r in table for k in KEYS)
+
+
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| layout | rate | n | load | TTFT P50 ms meas/pred (err) [spread] | TTFT P90 | TPOT P50 | TPOT P90 "
-             "| busy s meas/pred |",
+    lines = [f"Predicted: {within(table)} of {4 * len(table)} cells within 15 %.",
+             "",
+             "| layout | rate | n | load | TTFT P50 ms meas/pred (err) [spread] "
+             "| TTFT P90 | TPOT P50 | TPOT P90 | busy s meas/pred |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
-        cells = [f"{r[k + '_measured_ms']:.1f} / {r[k + '_predicted_ms']:.1f} ({r[k + '_error']:+.0%})"
+        cells = [f"{r[k + '_measured_ms']:.1f} / {r[k + '_predicted_ms']:.1f} ({r[k + '_predicted_error']:+.0%})"
                  + (f" [{r[k + '_spread']:.0%}]" if r.get("rounds", 1) > 1 else "")
-                 for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")]
+                 for k in KEYS]
         lines.append(f"| {r['layout']} | {r['rate']:g} | {r['n']} | {r['loadavg']:.2f} | " + " | ".join(cells)
                      + f" | {r['busy_measured_s']:.2f} / {r['busy_predicted_s']:.2f} |")
-    lines += ["", "Diagnostic: errors had the simulator known this run's machine speed (steps scaled by "
-              "measured / simulated busy time)", "",
-              "| layout | rate | speed factor | TTFT P50 | TTFT P90 | TPOT P50 | TPOT P90 |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "Diagnostics. Window: steps and overheads scaled by the speed probes right before and after "
+              f"each window (prefill/decode factor per round): {within(table, 'window')} of {4 * len(table)} within "
+              "15 %. Busy: steps scaled by measured / simulated busy time, i.e. had the simulator known the "
+              f"machine's speed during the measured requests themselves: {within(table, 'speed_adjusted')} of "
+              f"{4 * len(table)}.", "",
+              "| layout | rate | window factors | TTFT P50 | TTFT P90 | TPOT P50 | TPOT P90 | busy factor | TTFT P50 "
+              "| TTFT P90 | TPOT P50 | TPOT P90 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
-        cells = [f"{r[k + '_speed_adjusted_ms']:.1f} ({r[k + '_speed_adjusted_error']:+.0%})"
-                 for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")]
-        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['machine_speed_factor']:.2f} | " + " | ".join(cells) + " |")
+        st = [f"{r[k + '_window_ms']:.1f} ({r[k + '_window_error']:+.0%})" for k in KEYS]
+        adj = [f"{r[k + '_speed_adjusted_ms']:.1f} ({r[k + '_speed_adjusted_error']:+.0%})" for k in KEYS]
+        lines.append(f"| {r['layout']} | {r['rate']:g} | {_fmt_factors(r['window_factors'])} | " + " | ".join(st)
+                     + f" | {r['machine_speed_factor']:.2f} | " + " | ".join(adj) + " |")
     return "\n".join(lines)
 
 

@@ -107,12 +107,15 @@ class LatencyModel:
     def stage_s(self, t: float) -> float:
         return t / self.pp
 
-    def scaled(self, k: float) -> "LatencyModel":
-        """Every step k times as long (a slower or busier machine)."""
-        def sc(c: Coeffs) -> Coeffs:
-            return Coeffs(c.a * k, c.b * k, c.c * k)
+    def scaled(self, k: float, decode: float | None = None) -> "LatencyModel":
+        """Every step k times as long (a slower or busier machine); with ``decode``, the
+        prefill terms by k and the decode terms by ``decode``. A mixed step's decode part
+        uses the decode coefficients, so it scales with them."""
+        def sc(c: Coeffs, f: float) -> Coeffs:
+            return Coeffs(c.a * f, c.b * f, c.c * f)
 
-        return LatencyModel(sc(self.prefill), sc(self.decode), self.pp, self.attention)
+        return LatencyModel(sc(self.prefill, k), sc(self.decode, k if decode is None else decode),
+                            self.pp, self.attention)
 
 
 def roofline(model: ModelShape, gpu: GPU, tp: int = 1, pp: int = 1, mfu: float = MFU,
@@ -219,6 +222,17 @@ class Overheads:
     # lengthen the worker's steps, so they queue later prompts.
     prefill_token_s: float = 0.0
     prefill_done_s: float = 0.0
+
+    def scaled(self, prefill: float, decode: float) -> "Overheads":
+        """The same overheads on a machine running ``prefill`` times as long on the
+        request's way to its first token (HTTP, routing, KV export) and ``decode`` times
+        as long on the way out (decode start, per-step streaming): all of it is Python on
+        the same cores as the engine, so it slows with them."""
+        return Overheads(request_s=self.request_s * prefill, prompt_token_s=self.prompt_token_s * prefill,
+                         decode_start_s=self.decode_start_s * decode, step_s=self.step_s * decode,
+                         stream_token_s=self.stream_token_s * decode,
+                         prefill_token_s=self.prefill_token_s * prefill,
+                         prefill_done_s=self.prefill_done_s * prefill)
 
     def spec_kwargs(self) -> dict[str, float]:
         """Keyword arguments of ``placement.simulator.ClusterSpec``."""
