@@ -7,7 +7,7 @@ has this directory on its path, workers included, without touching worker code.
 
 Ray workers inherit PYTHONPATH, so each worker writes /tmp/steps/steps-<pid>.jsonl, one
 line a step: wall-clock start "t", duration "dt" (s), "po" (prefill-only engine), the
-batch's chunk lengths "n", the context computed before each chunk "ctx", and the
+batch's chunk lengths "n", the engine thread's CPU time in the step "cpu" (s), the context computed before each chunk "ctx", and the
 lengths of KV imported this step "imp". Without SPLITSERVE_STEPTRACE_DIR it does nothing.
 It is how the served step times were compared with placement.profile's (served steps
 ran 1.2-1.7x the profiled ones on this shared machine; decode steps grew ~0.5-1 ms per
@@ -31,13 +31,14 @@ if _DIR:
         orig = eng.step
         f = open(os.path.join(_DIR, f"steps-{os.getpid()}.jsonl"), "a", buffering=1)
         def step(self):
-            t0 = time.time(); p0 = time.perf_counter()
+            t0 = time.time(); p0 = time.perf_counter(); c0 = time.thread_time()
             out = orig(self)
             dt = time.perf_counter() - p0
+            cpu = time.thread_time() - c0
             b = getattr(self.scheduler, "_trace_last", None)
             if b is not None and (b.seqs or b.kv_imports):
                 ctx = self.scheduler._trace_ctx
-                f.write(json.dumps({"t": t0, "dt": dt, "po": self.scheduler.config.prefill_only,
+                f.write(json.dumps({"t": t0, "dt": dt, "cpu": cpu, "po": self.scheduler.config.prefill_only,
                                     "n": b.num_tokens, "ctx": ctx,
                                     "imp": [s.num_pending_kv_tokens for s in b.kv_imports]}) + "\n")
             return out

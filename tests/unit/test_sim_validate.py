@@ -100,3 +100,17 @@ def test_compare_recovers_a_window_that_ran_slower_than_the_probes():
     (old,) = compare("colocated", LAT, OVER, meas)
     assert old["window_factors"] == [None]
     assert old["ttft_p50_window_ms"] == pytest.approx(old["ttft_p50_predicted_ms"])
+
+
+def test_machine_noise_summary():
+    from benchmarks.machine_noise import summarize
+
+    s = summarize([1.0, 1.0, 2.0, 1.0, 1.1])
+    assert s["max_over_min"] == pytest.approx(2.0)
+    assert s["median"] == pytest.approx(1.0)
+    assert s["share_off_by_tol"] == pytest.approx(1 / 5)   # only the 2.0 window is >15 % off
+    assert s["consecutive_change_p90"] == pytest.approx(1.0)  # 1.0 -> 2.0
+    steady = summarize([1.0, 1.05, 0.97, 1.02])
+    assert steady["share_off_by_tol"] == 0 and steady["max_over_min"] < 1.1
+    with pytest.raises(ValueError, match="at least 2 windows"):
+        summarize([1.0])
