@@ -482,6 +482,24 @@ def format_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _noise(seconds: float) -> dict[str, Any]:
+    from benchmarks.machine_noise import measure as noise_measure
+    from benchmarks.machine_noise import summarize
+
+    return {name: summarize(ws) for name, ws in noise_measure(seconds, 1.0).items()}
+
+
+def format_noise(noise: dict[str, Any]) -> str:
+    """One line per noise check: how steady the machine was around the measurement."""
+    if not noise:
+        return ""
+    lines = ["", "Machine speed around the measurement (benchmarks.machine_noise, 1 s windows):"]
+    for when, res in noise.items():
+        lines.append(f"- {when}: " + "; ".join(f"{k} max/min {r['max_over_min']:.2f}, {r['share_off_by_tol']:.0%} "
+                                                 "of windows >15 % off" for k, r in res.items()))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="2,4,6,7", help="rates for every layout, or per layout: "
@@ -491,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run every rate this many times (all rates, "
                     "then all again); the table pools them and shows the spread between rounds")
     ap.add_argument("--probe-reps", type=int, default=2, help="probe rounds before and after the load")
+    ap.add_argument("--noise-seconds", type=float, default=20, help="benchmarks.machine_noise before and after "
+                    "the measurement (0: skip); the table says how steady the machine was")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--resimulate", action="store_true",
@@ -515,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         prof = profile_engine(builtin_model_dir("tiny-llama"), threads=1, max_batched_tokens=BUDGET)
         (out / "profile.json").write_text(json.dumps(prof, indent=2))
     lat = latency_model(prof)
+    noise: dict[str, Any] = {}
+    if not args.resimulate and args.noise_seconds > 0:
+        noise["before"] = _noise(args.noise_seconds)
+    elif (out / "noise.json").exists():
+        noise = json.loads((out / "noise.json").read_text())
     table = []
     fitted = {}
     for layout in layouts:
@@ -531,8 +556,12 @@ def main(argv: list[str] | None = None) -> int:
                           or cores_from(meas["probes"], len(LAYOUTS[layout]["pools"])))
         fitted[layout] = {**over.__dict__, "cores": contention}
         table += compare(layout, lat, over, meas, contention)
-    (out / "table.json").write_text(json.dumps({"profile": prof, "overheads": fitted, "table": table}, indent=2))
-    (out / "table.md").write_text(format_table(table) + "\n")
+    if not args.resimulate and args.noise_seconds > 0:
+        noise["after"] = _noise(args.noise_seconds)
+        (out / "noise.json").write_text(json.dumps(noise, indent=2))
+    (out / "table.json").write_text(json.dumps({"profile": prof, "overheads": fitted, "table": table,
+                                                "machine_noise": noise}, indent=2))
+    (out / "table.md").write_text(format_table(table) + "\n" + format_noise(noise))
     if args.json:
         print(json.dumps({"profile": prof, "overheads": fitted, "table": table}, indent=2))
     else:
