@@ -38,6 +38,7 @@ import json
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,20 @@ def _busy(workers: dict[str, list[Any]]) -> dict[str, float]:
     out = {}
     for pool, hs in workers.items():
         out[pool] = sum(h["busy_s"] for h in ray.get([w.health.remote() for w in hs], timeout=30))
+    return out
+
+
+def _cpu_now() -> dict[str, float]:
+    """CPU seconds so far: the whole machine busy (all cores, /proc/stat, Linux only) and
+    this process (the load client and the HTTP ingress)."""
+    out = {"this_process": sum(os.times()[:2])}
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        out["machine_busy"] = (sum(fields) - fields[3] - fields[4]) / tick  # minus idle, iowait
+    except (OSError, ValueError, IndexError):
+        pass
     return out
 
 
@@ -263,11 +278,13 @@ def measure(layout: str, rates: list[float], duration: float, out: Path, reps: i
                     before = asyncio.run(_speed_around(info, seed))
                     b0 = _busy(workers)
                     load0 = os.getloadavg()
+                    c0, t0 = _cpu_now(), time.monotonic()
                     asyncio.run(run_rate(target, info, cfg, rate, col, None))
                     busy = _delta(b0, _busy(workers))
+                    cpu = {**_delta(c0, _cpu_now()), "wall": time.monotonic() - t0}
                     load1 = os.getloadavg()
                     after = asyncio.run(_speed_around(info, seed + 1))
-                    runs.append({"rate": rate, "round": k, "busy_s": busy, "loadavg_before": load0,
+                    runs.append({"rate": rate, "round": k, "busy_s": busy, "cpu_s": cpu, "loadavg_before": load0,
                                  "loadavg_after": load1, "speed_probes": before + after})
                     col.write()
             after = asyncio.run(_probe(url, workers, reps, seed0=1000))
@@ -428,6 +445,11 @@ def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any
                 row[f"{metric}_p{q}_spread"] = max(rounds) / min(rounds) - 1 if min(rounds) > 0 else float("nan")
         _errors(row, got, static, "predicted")
         _errors(row, got, sim, "window")
+        cpu = [run["cpu_s"] for run in runs if "cpu_s" in run]
+        if cpu and all("machine_busy" in c for c in cpu):
+            wall = sum(c["wall"] for c in cpu)
+            row["cores_busy"] = sum(c["machine_busy"] for c in cpu) / wall
+            row["client_cores"] = sum(c["this_process"] for c in cpu) / wall
         row["busy_measured_s"] = meas_busy
         row["busy_predicted_s"] = static_busy
         row["busy_window_s"] = sim_busy
@@ -457,14 +479,15 @@ def within(table: list[dict[str, Any]], suffix: str = "predicted", tol: float = 
 def format_table(table: list[dict[str, Any]]) -> str:
     lines = [f"Predicted: {within(table)} of {4 * len(table)} cells within 15 %.",
              "",
-             "| layout | rate | n | load | TTFT P50 ms meas/pred (err) [spread] "
+             "| layout | rate | n | load | cores busy (client) | TTFT P50 ms meas/pred (err) [spread] "
              "| TTFT P90 | TPOT P50 | TPOT P90 | busy s meas/pred |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         cells = [f"{r[k + '_measured_ms']:.1f} / {r[k + '_predicted_ms']:.1f} ({r[k + '_predicted_error']:+.0%})"
                  + (f" [{r[k + '_spread']:.0%}]" if r.get("rounds", 1) > 1 else "")
                  for k in KEYS]
-        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['n']} | {r['loadavg']:.2f} | " + " | ".join(cells)
+        cores = f"{r['cores_busy']:.2f} ({r['client_cores']:.2f})" if "cores_busy" in r else "-"
+        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['n']} | {r['loadavg']:.2f} | {cores} | " + " | ".join(cells)
                      + f" | {r['busy_measured_s']:.2f} / {r['busy_predicted_s']:.2f} |")
     lines += ["", "Diagnostics. Window: steps and overheads scaled by the speed probes right before and after "
               f"each window (prefill/decode factor per round): {within(table, 'window')} of {4 * len(table)} within "
