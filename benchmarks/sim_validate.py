@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -61,6 +62,12 @@ LINK_BPS = 0.8e9
 PROBE_PROMPTS = (64, 512, 1024, 1280)
 PROBE_OUTPUTS = (4, 40)
 BURSTS = (2, 4, 8)
+# The arrival probe (disaggregated layouts): a long decode, alone and while short requests
+# arrive beside it, each handing its KV to the same decode worker.
+ARRIVAL_LONG = (64, 120)
+ARRIVAL_SHORT = (256, 2)
+ARRIVAL_COUNT = 6
+ARRIVAL_GAP_S = 0.04
 # The speed probe around each window: one prompt length, a short and a long output.
 SPEED_SHAPES = ((1024, 4), (1024, 24))
 SPEED_REPS = 3
@@ -234,7 +241,29 @@ async def _probe(url: str, workers: dict[str, list[Any]], reps: int, seed0: int 
                     loaded.append({"batch": 4, "decode_s": statistics.mean(r.e2e_s - r.ttft_s for r in ok),
                                    "prefill_1280_ttft_s": beside})
                 await asyncio.sleep(0.05)
-    return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded, "speed": speed}
+        arrivals: list[dict[str, Any]] = []
+        if "prefill" in workers:
+            for _ in range(reps):
+                seed += 1
+                alone = await send(client, info, _spec(*ARRIVAL_LONG, seed), "completions", 60)
+                await asyncio.sleep(0.05)
+                t0 = time.monotonic()
+                long_task = asyncio.create_task(send(client, info, _spec(*ARRIVAL_LONG, seed + 500_000), "completions",
+                                                           60))
+                await asyncio.sleep(0.03)  # past the long request's prefill
+                offsets, shorts = [], []
+                for j in range(ARRIVAL_COUNT):
+                    offsets.append(time.monotonic() - t0)
+                    shorts.append(asyncio.create_task(send(client, info, _spec(*ARRIVAL_SHORT, seed * 100 + j),
+                                                           "completions", 60)))
+                    await asyncio.sleep(ARRIVAL_GAP_S)
+                beside = await long_task
+                await asyncio.gather(*shorts)
+                if alone.ok and beside.ok and alone.ttft_s is not None and beside.ttft_s is not None:
+                    arrivals.append({"alone_decode_s": alone.e2e_s - alone.ttft_s,
+                                     "beside_decode_s": beside.e2e_s - beside.ttft_s, "offsets_s": offsets})
+                await asyncio.sleep(0.05)
+    return {"isolated": iso, "bursts": bursts, "loaded_bursts": loaded, "speed": speed, "arrivals": arrivals}
 
 
 def measure(layout: str, rates: list[float], duration: float, out: Path, reps: int,
@@ -340,6 +369,44 @@ def overheads_from(probes: dict[str, Any], lat: LatencyModel, disaggregated: boo
         else:
             busy.append(None)
     return fit_overheads(lat, BUDGET, iso, bursts, disaggregated, kv_link_s=kv_s, prefill_busy=busy)
+
+
+def admit_from(probes: dict[str, Any], layout: str, lat: LatencyModel, over: Overheads,
+               contention: float | dict[str, float] | None) -> Overheads:
+    """The decode worker's work per request it receives (``Overheads.decode_admit_s``),
+    from the arrival probe: the value at which the simulator's long decode beside the
+    arrivals runs as much longer than alone as the measured one did (medians; bisection:
+    the extra grows with the term, a little faster than linearly where the longer steps
+    overlap more of the prefill worker's). Layouts or measurements without the probe keep 0."""
+    arr = probes.get("arrivals") or []
+    if not arr or LAYOUTS[layout]["mode"] != "disaggregated":
+        return over
+    measured = statistics.median(x["beside_decode_s"] for x in arr) - statistics.median(x["alone_decode_s"] for x in arr)
+    offsets = [statistics.median(x["offsets_s"][j] for x in arr) for j in range(ARRIVAL_COUNT)]
+
+    def extra(admit: float) -> float:
+        o = dataclasses.replace(over, decode_admit_s=admit)
+        out = []
+        for shorts in ([], offsets):
+            reqs = [SimRequest(0.0, *ARRIVAL_LONG)] + [SimRequest(t, *ARRIVAL_SHORT) for t in shorts]
+            spec = spec_for(layout, lat, o)
+            if isinstance(contention, dict):
+                spec.shared_slowdown = contention
+            else:
+                spec.cores = contention
+            Simulation(spec).run(reqs)
+            out.append(reqs[0].tpot_s * (ARRIVAL_LONG[1] - 1))
+        return out[1] - out[0]
+
+    lo, hi = 0.0, max(0.0, measured) / ARRIVAL_COUNT + 1e-3
+    if extra(lo) >= measured:
+        return dataclasses.replace(over, decode_admit_s=0.0)
+    while extra(hi) < measured:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if extra(mid) < measured else (lo, mid)
+    return dataclasses.replace(over, decode_admit_s=(lo + hi) / 2)
 
 
 def slowdowns_from(probes: dict[str, Any]) -> dict[str, float] | None:
@@ -577,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(LAYOUTS[layout]["pools"]) > 1:
             contention = (slowdowns_from(meas["probes"])
                           or cores_from(meas["probes"], len(LAYOUTS[layout]["pools"])))
+        over = admit_from(meas["probes"], layout, lat, over, contention)
         fitted[layout] = {**over.__dict__, "cores": contention}
         table += compare(layout, lat, over, meas, contention)
     if not args.resimulate and args.noise_seconds > 0:

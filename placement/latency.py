@@ -210,6 +210,8 @@ class Overheads:
     - ``step_s`` per engine step that streams tokens and ``stream_token_s`` per token it
       streams (one message per running sequence per step): the event loop's work, which
       shares the worker's core and interpreter with the engine, so it lengthens steps.
+    - ``decode_admit_s``: disaggregated only, the decode worker's own work per request it
+      receives (KV in and imported), which the sequences already decoding wait for.
     """
 
     request_s: float = 0.0
@@ -222,6 +224,9 @@ class Overheads:
     # lengthen the worker's steps, so they queue later prompts.
     prefill_token_s: float = 0.0
     prefill_done_s: float = 0.0
+    # Inside the decode worker, per request it receives (KV in and imported), charged to
+    # its next step: the running sequences wait for it too.
+    decode_admit_s: float = 0.0
 
     def scaled(self, prefill: float, decode: float) -> "Overheads":
         """The same overheads on a machine running ``prefill`` times as long on the
@@ -232,14 +237,14 @@ class Overheads:
                          decode_start_s=self.decode_start_s * decode, step_s=self.step_s * decode,
                          stream_token_s=self.stream_token_s * decode,
                          prefill_token_s=self.prefill_token_s * prefill,
-                         prefill_done_s=self.prefill_done_s * prefill)
+                         prefill_done_s=self.prefill_done_s * prefill, decode_admit_s=self.decode_admit_s * decode)
 
     def spec_kwargs(self) -> dict[str, float]:
         """Keyword arguments of ``placement.simulator.ClusterSpec``."""
         return {"request_overhead_s": self.request_s, "prompt_token_overhead_s": self.prompt_token_s,
                 "decode_start_overhead_s": self.decode_start_s, "token_overhead_s": self.step_s,
                 "stream_overhead_s": self.stream_token_s, "prefill_token_overhead_s": self.prefill_token_s,
-                "prefill_done_overhead_s": self.prefill_done_s}
+                "prefill_done_overhead_s": self.prefill_done_s, "decode_admit_overhead_s": self.decode_admit_s}
 
 
 def _nnls2(X: np.ndarray, y: np.ndarray) -> np.ndarray:

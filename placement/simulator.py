@@ -79,6 +79,8 @@ class Instance:
     running: list[SimRequest] = field(default_factory=list)
     busy: bool = False
     kv_used: int = 0
+    # Work owed to requests received since the last step (decode_admit_overhead_s).
+    pending_s: float = 0.0
     # Pipeline stages run concurrently, each taking 1/pp of a step's time (opt-in: None
     # keeps the older behaviour, one step at a time whatever the latency model's pp).
     pp: int | None = None
@@ -121,6 +123,10 @@ class ClusterSpec:
     # prompt finished (KV export and hand-off).
     prefill_token_overhead_s: float = 0.0
     prefill_done_overhead_s: float = 0.0
+    # Inside the decode worker, per disaggregated request it receives (taking the KV in and
+    # importing it into its cache): added to its next step, so the sequences already
+    # decoding wait for it, not only the newcomer (decode_start_overhead_s).
+    decode_admit_overhead_s: float = 0.0
     # Cores the instances share (None: each has its own, as GPUs do). A step that starts
     # while k instances (itself included) are busy runs max(1, k / cores) times longer:
     # workers of one CPU machine, or of GPUs whose host threads are oversubscribed.
@@ -264,6 +270,7 @@ class Simulation:
 
         def landed() -> None:
             dst.queue.append(r)
+            dst.pending_s += self.spec.decode_admit_overhead_s
             self._kick(dst)
 
         self.at(end + self.spec.decode_start_overhead_s, landed)
@@ -309,7 +316,8 @@ class Simulation:
             t = inst.model.mixed_s([n for _, n, _ in chunks], [c for _, _, c in chunks], len(decoding), ctx)
         if decoding:
             t += self.spec.token_overhead_s + self.spec.stream_overhead_s * len(decoding)
-        t += self._prefill_overhead(chunks)
+        t += self._prefill_overhead(chunks) + inst.pending_s
+        inst.pending_s = 0.0
         for r, n, _ in chunks:
             r.scheduled += n
         for r in decoding:

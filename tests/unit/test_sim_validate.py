@@ -114,3 +114,37 @@ def test_machine_noise_summary():
     assert steady["share_off_by_tol"] == 0 and steady["max_over_min"] < 1.1
     with pytest.raises(ValueError, match="at least 2 windows"):
         summarize([1.0])
+
+
+def test_admit_from_recovers_the_decode_workers_work_per_arrival():
+    """The arrival probe made by the simulator with a known per-arrival cost on the decode
+    worker: admit_from recovers it."""
+    from benchmarks.sim_validate import ARRIVAL_COUNT, ARRIVAL_LONG, ARRIVAL_SHORT, admit_from
+
+    over = Overheads(request_s=8e-3, decode_start_s=5e-3, step_s=4e-4, stream_token_s=4e-4)
+    cont = {"decode": 1.3, "prefill": 1.5}
+    offsets = [0.03 + 0.04 * j for j in range(ARRIVAL_COUNT)]
+
+    def decode_of_long(o: Overheads, arrivals: bool) -> float:
+        reqs = [SimRequest(0.0, *ARRIVAL_LONG)] + ([SimRequest(t, *ARRIVAL_SHORT) for t in offsets]
+                                                   if arrivals else [])
+        spec = spec_for("1p1d", LAT, o)
+        spec.shared_slowdown = cont
+        Simulation(spec).run(reqs)
+        return reqs[0].tpot_s * (ARRIVAL_LONG[1] - 1)
+
+    truth = Overheads(**{**over.__dict__, "decode_admit_s": 2e-3})
+    # The term lengthens the running sequence's decode by at least the cost of every
+    # arrival (more where the longer steps overlap the busy prefill worker more).
+    extra = (decode_of_long(truth, True) - decode_of_long(truth, False)) - \
+        (decode_of_long(over, True) - decode_of_long(over, False))
+    assert ARRIVAL_COUNT * 2e-3 <= extra <= 1.3 * ARRIVAL_COUNT * 2e-3
+    probes = {"arrivals": [{"alone_decode_s": decode_of_long(truth, False),
+                            "beside_decode_s": decode_of_long(truth, True), "offsets_s": offsets}] * 3}
+    got = admit_from(probes, "1p1d", LAT, over, cont)
+    # Within 10 %: the simulated extra moves in steps (a step starts or not before an arrival).
+    assert got.decode_admit_s == pytest.approx(2e-3, rel=0.1)
+    assert got.decode_start_s == over.decode_start_s
+    # Colocated layouts, or measurements without the probe: unchanged.
+    assert admit_from(probes, "colocated", LAT, over, None) is over
+    assert admit_from({}, "1p1d", LAT, over, cont) is over
