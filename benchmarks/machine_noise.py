@@ -13,8 +13,9 @@ windows of the same kind.
 
     PYTHONPATH=. python -m benchmarks.machine_noise [--seconds 120] [--window 1] [--json]
 
-Session 6 (2026-12-04), idle machine: compute windows within +-10 % (max/min 1.20); dispatch
-windows up to 1.76x the fastest, 32 % change between consecutive windows at P90.
+Session 6 (2026-12-04), idle machine, 120 s (``results/2026-12-04-noise/``): max/min window
+1.79 (dispatch) and 1.51 (compute), 27 % of windows more than 15 % off the median, from a
+slowdown of both units together lasting the last ~40 s.
 """
 
 from __future__ import annotations

@@ -256,13 +256,13 @@ def compare(layout: str, lat: LatencyModel, over: Overheads, meas: dict[str, Any
             per_round.append(mine)
             f = _factors(meas, run)
             factors.append(f)
-            kp, kd = f or (1.0, 1.0)
-            s_reqs, busy = _replay(layout, lat.scaled(kp, kd), over.scaled(kp, kd), contention, mine)
-            sim += s_reqs
-            sim_busy += busy
             s_reqs, busy = _replay(layout, lat, over, contention, mine)
             static += s_reqs
             static_busy += busy
+            if f is not None:  # without speed probes the window column is the prediction
+                s_reqs, busy = _replay(layout, lat.scaled(*f), over.scaled(*f), contention, mine)
+            sim += s_reqs
+            sim_busy += busy
         got = [x for r in per_round for x in r]
         meas_busy = sum(sum(run["busy_s"].values()) for run in runs)
         row: dict[str, Any] = {"layout": layout, "rate": rate, "n": len(got), "rounds": len(runs),

@@ -7,8 +7,8 @@ has this directory on its path, workers included, without touching worker code.
 
 Ray workers inherit PYTHONPATH, so each worker writes /tmp/steps/steps-<pid>.jsonl, one
 line a step: wall-clock start "t", duration "dt" (s), "po" (prefill-only engine), the
-batch's chunk lengths "n", the engine thread's CPU time in the step "cpu" (s), the context computed before each chunk "ctx", and the
-lengths of KV imported this step "imp". Without SPLITSERVE_STEPTRACE_DIR it does nothing.
+batch's chunk lengths "n", the engine thread's CPU time in the step "cpu" (s), the
+context computed before each chunk "ctx", and the lengths of KV imported this step "imp". Without SPLITSERVE_STEPTRACE_DIR it does nothing.
 It is how the served step times were compared with placement.profile's (served steps
 ran 1.2-1.7x the profiled ones on this shared machine; decode steps grew ~0.5-1 ms per
 sequence with the token streaming beside them).
