@@ -190,7 +190,7 @@ def size_table(kv: torch.Tensor, codecs: dict[str, KVCodec], chunk_tokens: int, 
 def quality(model_dir: Path, dtype: torch.dtype, codecs: dict[str, KVCodec], windows: int, ctx: int, cont: int,
             gen: int) -> dict[str, Row]:
     """Perplexity and greedy agreement with decode(encode(KV)) against exact KV."""
-    from cluster.train_model import corpus_tokens
+    from models.train import corpus_tokens
     from engine.attention_metadata import AttentionMetadata
     from engine.loader import load_model, load_tokenizer
     from engine.model import allocate_kv_cache
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_dir:
             model_dir = Path(args.model_dir)
         else:
-            from cluster.make_model import trained_model_dir
+            from models.make import trained_model_dir
 
             model_dir = trained_model_dir("llama")
         kv = real_kv(model_dir, dtype, args.tokens)

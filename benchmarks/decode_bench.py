@@ -57,7 +57,7 @@ def _decode_batch_repeat(q: Any, cache: Any, tables: list[list[int]], ctx: list[
 def child(variant: str) -> dict[str, Any]:
     """One variant's profile, in this process (its environment carries the malloc setting)."""
     import engine.attention as attention
-    from cluster.builtin_models import builtin_model_dir
+    from models.builtin import builtin_model_dir
     from engine.alloc import tune_malloc
     from placement.profile import DECODE_CONTEXTS, _kind, latency_model, profile_engine
 

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_dir:
         model_dir = Path(args.model_dir)
     else:
-        from cluster.make_model import trained_model_dir
+        from models.make import trained_model_dir
 
         model_dir = trained_model_dir("llama")
     ids = prompt_ids(model_dir, args.tokens)

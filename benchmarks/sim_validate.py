@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = json.loads((out / "profile.json").read_text())
     else:
         import cluster  # noqa: F401 - Ray environment before ray is imported
-        from cluster.builtin_models import builtin_model_dir
+        from models.builtin import builtin_model_dir
 
         prof = profile_engine(builtin_model_dir("tiny-llama"), threads=1, max_batched_tokens=BUDGET)
         (out / "profile.json").write_text(json.dumps(prof, indent=2))

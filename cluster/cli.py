@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    from cluster.make_model import make_model
+    from models.make import make_model
 
     out = make_model(args.arch, args.out, train=args.train, seed=args.seed)
     print(f"wrote {args.arch} model to {out}")

@@ -130,7 +130,7 @@ class Manifest(Strict):
 
     def model_dir(self) -> Path:
         if self.model.builtin is not None:
-            from cluster.builtin_models import builtin_model_dir
+            from models.builtin import builtin_model_dir
 
             return builtin_model_dir(self.model.builtin)
         p = Path(self.model.path or "")

@@ -14,7 +14,7 @@ import pytest
 import cluster  # noqa: F401 - Ray environment
 import ray
 
-from cluster.builtin_models import builtin_model_dir
+from models.builtin import builtin_model_dir
 from cluster.manifest import parse_manifest
 from cluster.serve import Server, deploy
 

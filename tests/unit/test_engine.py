@@ -4,7 +4,7 @@ parameters and bf16 all keep outputs right."""
 import pytest
 import torch
 
-from cluster.make_model import make_model
+from models.make import make_model
 from engine.engine import LLMEngine
 from engine.scheduler import SchedulerConfig
 from engine.sequence import SamplingParams

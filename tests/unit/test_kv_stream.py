@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from cluster.make_model import make_model
+from models.make import make_model
 from engine.engine import LLMEngine
 from engine.scheduler import SchedulerConfig
 from engine.sequence import SamplingParams

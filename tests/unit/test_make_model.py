@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.make_model import TrainSettings, main, make_model
+from models.make import TrainSettings, main, make_model
 from engine.loader import load_model
 
 from .paged_greedy import greedy

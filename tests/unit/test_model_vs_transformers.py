@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster.make_model import make_model
+from models.make import make_model
 from engine.attention_metadata import AttentionMetadata
 from engine.errors import ModelLoadError
 from engine.loader import load_model, load_tokenizer

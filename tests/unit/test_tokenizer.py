@@ -11,7 +11,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from cluster.make_model import make_model
+from models.make import make_model
 from engine.errors import ModelLoadError
 from engine.tokenizer import Tokenizer
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.make_model import make_model
+from models.make import make_model
 from engine.errors import ModelLoadError
 from engine.loader import load_model
 

@@ -3,8 +3,8 @@ a short training run lowers the held-out loss."""
 
 import torch
 
-from cluster.make_model import make_model
-from cluster.train_model import dense_forward, train
+from models.make import make_model
+from models.train import dense_forward, train
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.loader import load_model

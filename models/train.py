@@ -69,7 +69,7 @@ def dense_forward(sd: dict[str, torch.Tensor], cfg: ModelConfig, ids: torch.Tens
 
 
 def corpus_tokens(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    from cluster.make_model import corpus_files
+    from models.make import corpus_files
 
     ids: list[int] = []
     for path in corpus_files(4 << 20):

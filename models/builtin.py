@@ -27,7 +27,7 @@ def builtin_model_dir(name: str) -> Path:
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several workers may ask at once
         if not (out / "model.safetensors").is_file():
-            from cluster.make_model import make_model
+            from models.make import make_model
 
             tmp = root / f".{name}-{VERSION}.tmp{os.getpid()}"
             arch, size = BUILTIN[name]

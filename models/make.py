@@ -185,7 +185,7 @@ def train_weights(model_dir: Path, settings: TrainSettings, seed: int) -> dict[s
 def _train(model_dir: Path, settings: TrainSettings, seed: int) -> dict[str, float]:
     from safetensors.torch import load_file
 
-    from cluster.train_model import corpus_tokens, dense_forward, heldout_loss
+    from models.train import corpus_tokens, dense_forward, heldout_loss
     from engine.config import ModelConfig
     from engine.rope import Rotary
     from engine.tokenizer import Tokenizer
@@ -227,7 +227,7 @@ def _train(model_dir: Path, settings: TrainSettings, seed: int) -> dict[str, flo
 
 
 def _cache_root() -> Path:
-    from cluster.builtin_models import cache_root
+    from models.builtin import cache_root
 
     return cache_root() / "models"
 
