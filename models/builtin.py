@@ -6,14 +6,12 @@ import fcntl
 import os
 from pathlib import Path
 
+from models.paths import cache_root
+
 BUILTIN = {"tiny-llama": ("llama", "tiny"), "tiny-mixtral": ("mixtral", "tiny"),
            "small-llama": ("llama", "small")}
 # Bump when make-model's output changes, so caches are rebuilt.
 VERSION = "v2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
 
 
 def builtin_model_dir(name: str) -> Path:

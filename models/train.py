@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from engine.config import ModelConfig
 from engine.rope import Rotary, apply_rotary
 from engine.tokenizer import Tokenizer
+from models.paths import corpus_files
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def dense_forward(sd: dict[str, torch.Tensor], cfg: ModelConfig, ids: torch.Tens
 
 
 def corpus_tokens(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    from models.make import corpus_files
-
     ids: list[int] = []
     for path in corpus_files(4 << 20):
         ids += tok.encode(path.read_text(errors="replace"), add_special_tokens=False)
