@@ -36,10 +36,16 @@ class Metrics:
         self.kv_used = Gauge("splitserve_worker_kv_blocks_used", "KV blocks in use", ["worker", "pool"], registry=r)
         self.kv_total = Gauge("splitserve_worker_kv_blocks_total", "KV blocks", ["worker", "pool"], registry=r)
         self.inflight = Gauge("splitserve_inflight_requests", "Requests in flight at this ingress", registry=r)
+        self.codec_profile = Gauge("splitserve_worker_kv_codec_profile_measured",
+                                   "1 when an adaptive prefill worker measured its KV codecs on its model at "
+                                   "start-up, 0 when it plans with the built-in defaults (the measurement "
+                                   "failed; see its health)", ["worker", "pool"], registry=r)
         self._labels: set[tuple[str, str]] = set()
+        self._profile_labels: set[tuple[str, str]] = set()
 
     def update_workers(self, pools: dict[str, list[dict[str, Any]]]) -> None:
         seen: set[tuple[str, str]] = set()
+        profiled: set[tuple[str, str]] = set()
         for pool, workers in pools.items():
             for w in workers:
                 s, key = w.get("stats") or {}, (w["worker_id"], pool)
@@ -49,10 +55,15 @@ class Metrics:
                 total = s.get("kv_blocks_total", 0)
                 self.kv_total.labels(*key).set(total)
                 self.kv_used.labels(*key).set(total - s.get("kv_blocks_free", total))
+                if s.get("kv_codec_profile") is not None:
+                    profiled.add(key)
+                    self.codec_profile.labels(*key).set(1 if s["kv_codec_profile"] == "measured" else 0)
         for key in self._labels - seen:
             for g in (self.running, self.waiting, self.kv_used, self.kv_total):
                 g.remove(*key)
-        self._labels = seen
+        for key in self._profile_labels - profiled:
+            self.codec_profile.remove(*key)
+        self._labels, self._profile_labels = seen, profiled
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
