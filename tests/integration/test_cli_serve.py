@@ -52,17 +52,23 @@ def test_serve_cli_end_to_end(ray_session, llama_dir):
                                max_retries=0)
         r = client.completions.create(model="demo", prompt="def main(", max_tokens=8)
         assert r.usage.prompt_tokens > 0 and 1 <= r.usage.completion_tokens <= 8
-        text = "".join(c.choices[0].text for c in client.completions.create(
-            model="demo", prompt="class A:", max_tokens=8, stream=True))
-        assert isinstance(text, str)
-        c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=6)
-        assert c.choices[0].message.content is not None and c.usage.total_tokens > c.usage.prompt_tokens
-        chunks = list(client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
-            stream_options={"include_usage": True}))
+        # Streamed greedy text is the non-streamed greedy text, token for token.
+        greedy = {"model": "demo", "max_tokens": 8, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        whole = client.completions.create(prompt="class A:", **greedy)
+        assert whole.usage.completion_tokens == 8 and whole.choices[0].text
+        chunks = list(client.completions.create(prompt="class A:", stream=True,
+                                                stream_options={"include_usage": True}, **greedy))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+        msgs = [{"role": "user", "content": "hi"}]
+        c = client.chat.completions.create(messages=msgs, **greedy)
+        assert c.choices[0].message.content and c.usage.completion_tokens == 8
+        assert c.usage.total_tokens == c.usage.prompt_tokens + 8
+        chunks = list(client.chat.completions.create(messages=msgs, stream=True,
+                                                     stream_options={"include_usage": True}, **greedy))
         assert chunks[0].choices[0].delta.role == "assistant"
-        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == c.choices[0].message.content
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
 
         controller = ray.get_actor("splitserve-controller-demo", namespace="splitserve")
         state = ray.get(controller.get_state.remote(), timeout=10)
