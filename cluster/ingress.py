@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
                             SplitServeError)
 from cluster.generation import Delta, GenRequest, Generator, Usage
+from cluster.http_guard import RequestGuard, api_keys
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.protocol import ChatCompletionRequest, CommonParams, CompletionRequest, parse_request
@@ -225,6 +226,10 @@ def build_app(ingress: Ingress) -> FastAPI:
             task.cancel()
 
     app = FastAPI(title="splitserve", lifespan=lifespan)
+    keys = api_keys(ingress.m.api_keys_path())
+    if keys:
+        logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
+    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys)
 
     @app.exception_handler(SplitServeError)
     async def _err(_: Request, e: SplitServeError) -> JSONResponse:
