@@ -46,7 +46,7 @@ class Ingress:
         self.controller = controller
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.metrics = Metrics()
+        self.metrics = Metrics(manifest.model.name)
         self.router = Router(manifest.kv_cache.block_size)
         self.gen = Generator(manifest, self.router, self.metrics, tokenizer, controller)
         self.kv_capacity = min(p.num_kv_blocks for p in manifest.pools.values()) * manifest.kv_cache.block_size
