@@ -191,9 +191,15 @@ class Generator:
         stops = StopStrings(req.stop)
         ttft: float | None = None
         n_out = 0
+        last_token_at: float | None = None
 
         def emit(tokens: list[int], reason: str | None) -> Delta:
-            nonlocal n_out
+            nonlocal n_out, last_token_at
+            if tokens:
+                now = time.monotonic()
+                if last_token_at is not None:
+                    self.metrics.token_gap(now - last_token_at, len(tokens))
+                last_token_at = now
             n_out += len(tokens)
             usage.completion_tokens = n_out
             new = detok.push(tokens) + (detok.flush() if reason is not None else "")
@@ -264,6 +270,7 @@ class Generator:
                 e2e = time.monotonic() - t0
                 self.metrics.e2e.observe(e2e)
                 self.metrics.tokens.inc(n_out)
+                self.metrics.request_done(ttft, e2e, len(req.prompt_token_ids), n_out)
                 if ttft is not None:
                     self.metrics.ttft.observe(ttft)
                     if n_out > 1:

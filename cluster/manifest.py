@@ -89,6 +89,11 @@ class ServerSpec(Strict):
     token_timeout_s: float = Field(30.0, gt=0, description="Longest gap between two tokens before failing")
     max_waiting_requests: int = Field(256, ge=1, description="In-flight requests before 429")
     health_check_period_s: float = Field(1.0, gt=0, description="Controller health-check period")
+    max_request_bytes: int = Field(524288, ge=1024, description="Largest request body; larger ones get 413 "
+                                   "before they are parsed")
+    api_keys_file: str | None = Field(None, description="File of API keys, one per line (relative to the "
+                                      "manifest); with it (or SPLITSERVE_API_KEY) every endpoint but /health "
+                                      "wants 'Authorization: Bearer <key>'")
 
 
 class HardwareSpec(Strict):
@@ -130,6 +135,12 @@ class Manifest(Strict):
             raise ValueError(f"mode {self.mode!r} uses pools {sorted(need)}; remove {sorted(extra)}")
         return self
 
+    def api_keys_path(self) -> Path | None:
+        if self.server.api_keys_file is None:
+            return None
+        p = Path(self.server.api_keys_file)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
     def model_dir(self) -> Path:
         if self.model.builtin is not None:
             from models.builtin import builtin_model_dir
@@ -162,8 +173,26 @@ def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = 
                 msg = "unknown field (check the spelling; see the manifest reference in README)"
             problems.append((loc, msg))
         raise ManifestError(problems) from None
+    check_api_keys_file(m)
     check_against_model(m, require_tokenizer)
     return m
+
+
+def check_api_keys_file(m: Manifest) -> None:
+    path = m.api_keys_path()
+    if path is None:
+        return
+    from cluster.http_guard import read_keys_file
+
+    if not path.is_file():
+        raise ManifestError([("server.api_keys_file", f"{path} does not exist (expected a file with one API key "
+                                                      "per line)")])
+    try:
+        keys = read_keys_file(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError([("server.api_keys_file", f"cannot read {path}: {e}")]) from None
+    if not keys:
+        raise ManifestError([("server.api_keys_file", f"{path} holds no key (one per line; '#' starts a comment)")])
 
 
 def check_against_model(m: Manifest, require_tokenizer: bool = False) -> None:

