@@ -15,8 +15,8 @@ import torch
 
 from engine.alloc import tune_malloc
 from engine.block_manager import BlockManager
-from engine.runner import ModelRunner, StepInput, StepResult, prepare_step
-from engine.sampler import Sampler
+from engine.runner import ModelRunner, PromptRows, StepInput, StepResult, prepare_step
+from engine.sampler import Sampler, TokenLogprobs, token_logprobs
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import SamplingParams, Sequence
 
@@ -31,6 +31,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class StepOutput:
     # Token sampled this step, by request id.
     new_tokens: dict[str, int] = field(default_factory=dict)
+    # Log-probabilities of those tokens, for requests that asked (params.logprobs).
+    new_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # Prompt log-probabilities (params.prompt_logprobs), by request id, with the request's
+    # first sampled token: entry p-1 scores prompt token p.
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     # Sequences that finished this step (finish_reason set).
     finished: list[Sequence] = field(default_factory=list)
     # KV of sequences that finished prefill (prefill-only engines), full heads.
@@ -127,15 +132,24 @@ class LLMEngine:
         out = StepOutput(preempted=list(batch.preempted))
         if batch.is_empty and not batch.kv_imports:
             return out
+        prompt_rows = PromptRows()
         step_input, sample_seqs = prepare_step(
-            batch, self.block_size, export_on_sample=self.scheduler.config.prefill_only)
+            batch, self.block_size, export_on_sample=self.scheduler.config.prefill_only,
+            prompt_rows=prompt_rows)
         result = self.executor(step_input)
+        if prompt_rows.seqs:
+            assert result.prompt_logits is not None
+            self._score_prompts(result.prompt_logits, prompt_rows)
         sampled: dict[str, int] = {}
         if sample_seqs:
             assert result.logits is not None
-            tokens = self.sampler.sample(result.logits, [s.request_id for s in sample_seqs],
-                                         [s.params for s in sample_seqs])
-            sampled = {s.request_id: t for s, t in zip(sample_seqs, tokens)}
+            res = self.sampler.sample(result.logits, sample_seqs)
+            sampled = {s.request_id: t for s, t in zip(sample_seqs, res.tokens)}
+            for s, lp in zip(sample_seqs, res.logprobs):
+                if lp is not None:
+                    out.new_logprobs[s.request_id] = lp
+                if s.params.prompt_logprobs is not None and not s.output_token_ids:
+                    out.prompt_logprobs[s.request_id] = [None] + list(s.prompt_logprobs)
         out.new_tokens = sampled
         out.exported_kv = result.exported
         out.num_tokens = batch.total_tokens
@@ -144,6 +158,17 @@ class LLMEngine:
             self._seqs.pop(seq.request_id, None)
             self.sampler.forget(seq.request_id)
         return out
+
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, pr: PromptRows) -> None:
+        for seq, (row, first, count) in zip(pr.seqs, pr.rows):
+            k = seq.params.prompt_logprobs or 0
+            targets = torch.tensor(seq.prompt_token_ids[first:first + count], dtype=torch.long)
+            got = token_logprobs(logits[row:row + count], targets, k)
+            if first == 1:
+                seq.prompt_logprobs = []
+            del seq.prompt_logprobs[first - 1:]
+            seq.prompt_logprobs.extend(got)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  max_steps: int = 100_000) -> list[list[int]]:

@@ -158,7 +158,8 @@ class Scheduler:
                 batch.kv_imports.append(seq)
                 n = min(seq.num_uncomputed_tokens, budget)
             else:
-                if not seq.block_table:
+                if not seq.block_table and seq.params.prompt_logprobs is None:
+                    # (Prompt logprobs need every prompt position computed: no prefix reuse.)
                     seq.num_cached_tokens = self.bm.match_prefix(seq)
                     seq.num_computed_tokens = seq.num_cached_tokens
                 n = min(seq.num_uncomputed_tokens, budget)
