@@ -40,6 +40,12 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    # Per token of token_ids, when the request asked (params.logprobs): (logprob, top ids,
+    # top logprobs) of the raw logits.
+    logprobs: list[Any] | None = None
+    # On the first delta when the request asked (params.prompt_logprobs): one entry per
+    # prompt token, None for the first.
+    prompt_logprobs: list[Any] | None = None
 
 
 @dataclass
@@ -65,12 +71,18 @@ class StopStrings:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
         self.sent = 0
+        self.floor = 0  # matches start at or after this (text before min_tokens is exempt)
 
-    def feed(self, new: str, final: bool) -> tuple[str, bool]:
-        """Returns (text safe to send now, whether a stop string matched)."""
+    def feed(self, new: str, final: bool, active: bool = True) -> tuple[str, bool]:
+        """Returns (text safe to send now, whether a stop string matched). With active
+        false (fewer than min_tokens generated), the text passes unchecked."""
         self.text += new
+        if not active:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            self.floor = self.sent
+            return out, False
         if self.stops:
-            start = max(0, self.sent - self.hold)
+            start = max(self.floor, self.sent - self.hold)
             hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 cut = min(hits)
@@ -187,18 +199,22 @@ class Generator:
         usage.prompt_tokens = len(req.prompt_token_ids)
         base = {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids,
                 "params": asdict(p)}
+        # Prompt logprobs come from where the prompt is computed; a decode worker that
+        # receives the prompt's KV does not compute them again.
+        decode_params = {**base["params"], "prompt_logprobs": None}
         detok = self.tokenizer.incremental_detokenizer()
         stops = StopStrings(req.stop)
         ttft: float | None = None
         n_out = 0
 
-        def emit(tokens: list[int], reason: str | None) -> Delta:
+        def emit(tokens: list[int], reason: str | None, lps: list[Any] | None = None,
+                 prompt_lps: list[Any] | None = None) -> Delta:
             nonlocal n_out
             n_out += len(tokens)
             usage.completion_tokens = n_out
             new = detok.push(tokens) + (detok.flush() if reason is not None else "")
-            text, hit = stops.feed(new, final=reason is not None)
-            return Delta(text, tokens, "stop" if hit else reason)
+            text, hit = stops.feed(new, final=reason is not None, active=n_out >= p.min_tokens)
+            return Delta(text, tokens, "stop" if hit else reason, lps, prompt_lps)
 
         self.metrics.inflight.inc()
         outcome = "error"
@@ -217,13 +233,15 @@ class Generator:
                 self.metrics.queue.observe(res["queue_s"])
                 self.metrics.prefill.observe(res["prefill_s"])
                 first = res["first_token"]
-                d = emit([first], self._first_stop(first, p))
+                d = emit([first], self._first_stop(first, p),
+                         None if res.get("first_logprobs") is None else [res["first_logprobs"]],
+                         res.get("prompt_logprobs"))
                 yield d
                 if d.finish_reason is not None:
                     outcome = "ok"
                     return
                 handle = res["kv"]
-                payload = {**base, "output_token_ids": [first], "kv": handle}
+                payload = {**base, "params": decode_params, "output_token_ids": [first], "kv": handle}
             else:
                 payload = base
                 w = self.router.pick_decode("colocated")
@@ -243,8 +261,9 @@ class Generator:
                             self.metrics.kv_chunks.labels(choice).inc()
                         self.metrics.kv_refetches.inc(max(0, msg.get("kv_attempts", 1) - 1))
                         self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
-                    d = emit(msg["token_ids"], msg["finish_reason"])
-                    if d.text or d.token_ids or d.finish_reason:
+                    d = emit(msg["token_ids"], msg["finish_reason"], msg.get("logprobs"),
+                             msg.get("prompt_logprobs"))
+                    if d.text or d.token_ids or d.finish_reason or d.prompt_logprobs is not None:
                         yield d
                     if d.finish_reason is not None:
                         outcome = "ok"

@@ -92,9 +92,21 @@ class Ingress:
         if bad:
             raise InvalidRequestError(f"stop_token_ids {bad} outside the vocabulary 0..{vocab - 1}",
                                       param="stop_token_ids")
+        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+        bad = [t for t in bias if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids {bad} outside the vocabulary 0..{vocab - 1}",
+                                      param="logit_bias")
+        if req.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}",
+                                      param="min_tokens")
+        logprobs, prompt_logprobs = req.logprob_counts()
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=req.seed, max_tokens=max_tokens, stop_token_ids=req.stop_token_ids,
-                              ignore_eos=req.ignore_eos)
+                              ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty,
+                              repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                              logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def _check_model(self, req: CommonParams) -> None:
         if req.model != self.m.model.name:
@@ -106,112 +118,292 @@ class Ingress:
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
 
-    def completion_request(self, body: object) -> tuple[CompletionRequest, GenRequest]:
+    def completion_request(self, body: object) -> tuple[CompletionRequest, list[Choice]]:
         req: CompletionRequest = parse_request(CompletionRequest, body)
         self._check_model(req)
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            vocab = self.tokenizer.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-                raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-            ids = list(prompt)
-        return req, GenRequest(ids, self._params(req, len(ids), 16), req.stop or [])
+        choices = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
+            else:
+                vocab = self.tokenizer.vocab_size
+                if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+                    raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+                ids = list(prompt)
+            greq = GenRequest(ids, self._params(req, len(ids), 16), req.stop or [])
+            echo = None
+            if req.echo:
+                echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+            choices.append(Choice(len(choices), greq, echo))
+        return req, choices
 
-    def chat_request(self, body: object) -> tuple[ChatCompletionRequest, GenRequest]:
+    def chat_request(self, body: object) -> tuple[ChatCompletionRequest, list[Choice]]:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         self._check_model(req)
         if req.max_tokens is None and req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = self.tokenizer.encode_chat(msgs)
-        return req, GenRequest(ids, self._params(req, len(ids), None), req.stop or [])
+        return req, [Choice(0, GenRequest(ids, self._params(req, len(ids), None), req.stop or []))]
 
     # -- responses ----------------------------------------------------------------------
-    async def respond(self, kind: str, req: CommonParams, greq: GenRequest, t_in: float | None = None) -> Response:
+    async def respond(self, kind: str, req: CommonParams, choices: list[Choice],
+                      t_in: float | None = None) -> Response:
         self._admit()
         self._inflight += 1
-        usage = Usage()
-        stream = self.gen.generate(greq, usage)
+        for c in choices:
+            c.start(self.gen, self.tokenizer, kind)
         try:
-            first = await stream.__anext__()  # errors before any output become HTTP errors
-        except StopAsyncIteration:
-            first = Delta("", [], "stop")
+            # Errors before any output become HTTP errors.
+            firsts = await asyncio.gather(*(c.first() for c in choices))
         except BaseException:
             self._inflight -= 1
-            await stream.aclose()
+            for c in choices:
+                await c.close()
             raise
-        rid = greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
+        rid = choices[0].greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(kind, rid, req, first, stream, usage, include_usage),
+            return StreamingResponse(self._sse(kind, rid, req, choices, firsts, include_usage),
                                      media_type="text/event-stream")
         try:
-            text, reason, ids = first.text, first.finish_reason, list(first.token_ids)
-            async for d in stream:
-                text += d.text
-                ids += d.token_ids
-                reason = d.finish_reason or reason
+            await asyncio.gather(*(c.collect(first) for c, first in zip(choices, firsts)))
         finally:
             self._inflight -= 1
-            await stream.aclose()
-        body = self._body(kind, rid, req, text, reason, usage.as_dict(), final=True, token_ids=ids)
-        timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
-        if t_in is not None and usage.first_token_at and reason is not None and len(ids) == 1:
-            # Single-token requests: time spent in this process's own code (validation,
-            # tokenizing, routing, response), apart from the worker RPC.
-            ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
-            rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
-            timing += f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
-        return JSONResponse(body, headers={"Server-Timing": timing})
+            for c in choices:
+                await c.close()
+        body = self._body(kind, rid, req, [c.final_choice(kind, req) for c in choices],
+                          _usage(choices))
+        headers = {}
+        if len(choices) == 1:
+            usage, ids = choices[0].usage, choices[0].token_ids
+            timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
+            if (t_in is not None and usage.first_token_at and choices[0].reason is not None
+                    and len(ids) == 1):
+                # Single-token requests: time spent in this process's own code (validation,
+                # tokenizing, routing, response), apart from the worker RPC.
+                ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
+                rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
+                timing += f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
+            headers["Server-Timing"] = timing
+        return JSONResponse(body, headers=headers)
 
-    def _body(self, kind: str, rid: str, req: CommonParams, text: str, reason: str | None,
-              usage: dict[str, int] | None, final: bool, first_chunk: bool = False,
-              token_ids: list[int] | None = None) -> dict[str, Any]:
+    def _body(self, kind: str, rid: str, req: CommonParams, choices: list[dict[str, Any]],
+              usage: dict[str, int] | None) -> dict[str, Any]:
         if kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
             obj = "text_completion"
-        elif final and not req.stream:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": reason, "logprobs": None}
-            obj = "chat.completion"
         else:
-            delta: dict[str, Any] = {"content": text}
-            if first_chunk:
-                delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            obj = "chat.completion.chunk"
-        if req.return_token_ids and token_ids is not None:
-            choice["token_ids"] = token_ids
+            obj = "chat.completion" if not req.stream else "chat.completion.chunk"
         body: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
-                                "model": req.model, "choices": [choice]}
+                                "model": req.model, "choices": choices}
         if usage is not None:
             body["usage"] = usage
         return body
 
-    async def _sse(self, kind: str, rid: str, req: CommonParams, first: Delta,
-                   stream: AsyncIterator[Delta], usage: Usage, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, kind: str, rid: str, req: CommonParams, choices: list[Choice],
+                   firsts: list[Delta], include_usage: bool) -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[tuple[Choice, Delta | SplitServeError | None]] = asyncio.Queue()
+
+        async def pump(c: Choice) -> None:
+            try:
+                async for d in c.rest():
+                    await queue.put((c, d))
+            except SplitServeError as e:
+                await queue.put((c, e))
+                return
+            await queue.put((c, None))
+
+        tasks: list[asyncio.Task[None]] = []
         try:
-            yield _sse(self._body(kind, rid, req, first.text, first.finish_reason, None, False, True,
-                                  first.token_ids))
-            if first.finish_reason is None:
-                try:
-                    async for d in stream:
-                        yield _sse(self._body(kind, rid, req, d.text, d.finish_reason, None, False,
-                                              token_ids=d.token_ids))
-                except SplitServeError as e:
-                    yield _sse(e.to_openai())
+            running = 0
+            for c, first in zip(choices, firsts):
+                yield _sse(self._body(kind, rid, req, [c.chunk(kind, req, first, first_chunk=True)], None))
+                if first.finish_reason is None:
+                    tasks.append(asyncio.get_running_loop().create_task(pump(c)))
+                    running += 1
+            while running:
+                c, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, SplitServeError):
+                    yield _sse(item.to_openai())
                     return
+                yield _sse(self._body(kind, rid, req, [c.chunk(kind, req, item)], None))
             if include_usage:
-                body = self._body(kind, rid, req, "", None, usage.as_dict(), False)
-                body["choices"] = []
-                yield _sse(body)
+                yield _sse(self._body(kind, rid, req, [], _usage(choices)))
             yield b"data: [DONE]\n\n"
         finally:
             self._inflight -= 1
+            for t in tasks:
+                t.cancel()
+            for c in choices:
+                with contextlib.suppress(Exception):
+                    await c.close()
+
+
+def _usage(choices: list[Choice]) -> dict[str, int]:
+    prompt = sum(c.usage.prompt_tokens for c in choices)
+    completion = sum(c.usage.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Choice:
+    """One choice of a response: its generation stream, text, token ids, logprobs."""
+
+    def __init__(self, index: int, greq: GenRequest, echo: str | None = None) -> None:
+        self.index = index
+        self.greq = greq
+        self.echo = echo
+        self.usage = Usage()
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.reason: str | None = None
+        self.lp: LogprobsBuilder | None = None
+        self._stream: AsyncIterator[Delta] | None = None
+
+    def start(self, gen: Generator, tokenizer: Any, kind: str) -> None:
+        self._stream = gen.generate(self.greq, self.usage)
+        if self.greq.params.logprobs is not None:
+            self.lp = LogprobsBuilder(tokenizer, kind, self.greq.params.logprobs)
+
+    async def first(self) -> Delta:
+        assert self._stream is not None
+        try:
+            return await self._stream.__anext__()
+        except StopAsyncIteration:
+            return Delta("", [], "stop")
+
+    def rest(self) -> AsyncIterator[Delta]:
+        assert self._stream is not None
+        return self._stream
+
+    async def collect(self, first: Delta) -> None:
+        self._take(first, True)
+        async for d in self.rest():
+            self._take(d, False)
+
+    def _take(self, d: Delta, first: bool) -> dict[str, Any] | None:
+        """Adds a delta; returns the logprobs of its tokens in the response's format."""
+        text = d.text
+        frag = None
+        if first and self.echo is not None:
+            text = self.echo + text
+            if self.lp is not None:
+                frag = self.lp.add_prompt(self.greq.prompt_token_ids, d.prompt_logprobs or [], self.echo)
+        if self.lp is not None and d.logprobs is not None:
+            frag = self.lp.merge(frag, self.lp.add(d.token_ids, d.logprobs))
+        self.text += text
+        self.token_ids += d.token_ids
+        self.reason = d.finish_reason or self.reason
+        d.text = text
+        return frag
+
+    def final_choice(self, kind: str, req: CommonParams) -> dict[str, Any]:
+        lp = None if self.lp is None else self.lp.whole()
+        if kind == "completion":
+            choice: dict[str, Any] = {"index": self.index, "text": self.text,
+                                      "finish_reason": self.reason, "logprobs": lp}
+        else:
+            choice = {"index": self.index, "message": {"role": "assistant", "content": self.text},
+                      "finish_reason": self.reason, "logprobs": lp}
+        if req.return_token_ids:
+            choice["token_ids"] = self.token_ids
+        return choice
+
+    def chunk(self, kind: str, req: CommonParams, d: Delta, first_chunk: bool = False) -> dict[str, Any]:
+        frag = self._take(d, first_chunk)
+        if kind == "completion":
+            choice: dict[str, Any] = {"index": self.index, "text": d.text,
+                                      "finish_reason": d.finish_reason, "logprobs": frag}
+        else:
+            delta: dict[str, Any] = {"content": d.text}
+            if first_chunk:
+                delta["role"] = "assistant"
+            choice = {"index": self.index, "delta": delta, "finish_reason": d.finish_reason,
+                      "logprobs": frag}
+        if req.return_token_ids:
+            choice["token_ids"] = d.token_ids
+        return choice
+
+    async def close(self) -> None:
+        if self._stream is not None:
             with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]
+                await self._stream.aclose()  # type: ignore[attr-defined]
+
+
+class LogprobsBuilder:
+    """Log-probabilities in OpenAI's formats: completions (tokens, token_logprobs,
+    top_logprobs, text_offset) or chat (content: [{token, logprob, bytes, top_logprobs}]).
+    Token strings are each id decoded alone; text offsets come from decoding the ids in
+    order (a token that ends inside a UTF-8 character starts where its text appears)."""
+
+    def __init__(self, tokenizer: Any, kind: str, k: int) -> None:
+        self.tok = tokenizer
+        self.kind = kind
+        self.k = k
+        self.detok = tokenizer.incremental_detokenizer()
+        self.offset = 0
+        self.all: dict[str, Any] | None = None
+
+    def _str(self, token_id: int) -> str:
+        return str(self.tok.decode([token_id], skip_special_tokens=False))
+
+    def _offsets(self, ids: list[int]) -> list[int]:
+        out = []
+        for t in ids:
+            out.append(self.offset)
+            self.offset += len(self.detok.push([t]))
+        return out
+
+    def add_prompt(self, ids: list[int], lps: list[Any], echo_text: str) -> dict[str, Any]:
+        frag = self._completion(ids, lps + [None] * (len(ids) - len(lps)), self._offsets(ids))
+        self.detok.flush()
+        self.detok = self.tok.incremental_detokenizer()  # the output's text follows the echo
+        self.offset = len(echo_text)
+        return self._keep(frag)
+
+    def add(self, ids: list[int], lps: list[Any]) -> dict[str, Any]:
+        offsets = self._offsets(ids)
+        if self.kind == "completion":
+            return self._keep(self._completion(ids, lps, offsets))
+        content = []
+        for t, (lp, top_ids, top_vals) in zip(ids, lps):
+            s = self._str(t)
+            content.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": self._str(i), "logprob": v,
+                                              "bytes": list(self._str(i).encode())}
+                                             for i, v in zip(top_ids, top_vals)]})
+        return self._keep({"content": content, "refusal": None})
+
+    def _completion(self, ids: list[int], lps: list[Any], offsets: list[int]) -> dict[str, Any]:
+        frag: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                "text_offset": offsets}
+        for t, entry in zip(ids, lps):
+            frag["tokens"].append(self._str(t))
+            if entry is None:
+                frag["token_logprobs"].append(None)
+                frag["top_logprobs"].append(None)
+                continue
+            lp, top_ids, top_vals = entry
+            frag["token_logprobs"].append(lp)
+            top = {self._str(i): v for i, v in zip(top_ids, top_vals)}
+            top.setdefault(self._str(t), lp)  # the sampled token is always there (k + 1 at most)
+            frag["top_logprobs"].append(top)
+        return frag
+
+    def _keep(self, frag: dict[str, Any]) -> dict[str, Any]:
+        self.all = self.merge(self.all, frag)
+        return frag
+
+    @staticmethod
+    def merge(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+        if a is None:
+            return {k: (list(v) if isinstance(v, list) else v) for k, v in b.items()}
+        return {k: (a[k] + v if isinstance(v, list) else v) for k, v in b.items()}
+
+    def whole(self) -> dict[str, Any] | None:
+        return self.all
 
 
 def build_app(ingress: Ingress) -> FastAPI:
@@ -240,13 +432,13 @@ def build_app(ingress: Ingress) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t_in = time.monotonic()
-        req, greq = ingress.completion_request(await body_of(request))
-        return await ingress.respond("completion", req, greq, t_in)
+        req, choices = ingress.completion_request(await body_of(request))
+        return await ingress.respond("completion", req, choices, t_in)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req, greq = ingress.chat_request(await body_of(request))
-        return await ingress.respond("chat", req, greq)
+        req, choices = ingress.chat_request(await body_of(request))
+        return await ingress.respond("chat", req, choices)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -113,12 +113,19 @@ class DecodeWorker(EngineWorker):
                     raise TimeoutError(f"no token for {rid} within {timeout}s") from None
                 # Batch whatever else is already queued into one message.
                 tokens = list(msg.get("token_ids", []))
+                lps = list(msg.get("logprobs") or [])
+                prompt_lps = msg.get("prompt_logprobs")
                 while not queue.empty() and msg.get("finish_reason") is None and "error" not in msg:
                     msg = queue.get_nowait()
                     tokens += msg.get("token_ids", [])
+                    lps += msg.get("logprobs") or []
                 if "error" in msg:
                     raise msg["error"]
                 out = {"token_ids": tokens, "finish_reason": msg.get("finish_reason")}
+                if lps:
+                    out["logprobs"] = lps
+                if prompt_lps is not None:
+                    out["prompt_logprobs"] = prompt_lps
                 if first:
                     out["kv_receive_s"] = kv_s
                     out["worker_id"] = self.worker_id
@@ -136,7 +143,12 @@ class DecodeWorker(EngineWorker):
         for rid, token in out.new_tokens.items():
             q = self._queues.get(rid)
             if q is not None:
-                q.put_nowait({"token_ids": [token], "finish_reason": finished.get(rid)})
+                msg: dict[str, Any] = {"token_ids": [token], "finish_reason": finished.get(rid)}
+                if rid in out.new_logprobs:
+                    msg["logprobs"] = [out.new_logprobs[rid]]
+                if rid in out.prompt_logprobs:
+                    msg["prompt_logprobs"] = out.prompt_logprobs[rid]
+                q.put_nowait(msg)
 
     def on_request_error(self, request_id: str, error: Exception) -> None:
         q = self._queues.get(request_id)

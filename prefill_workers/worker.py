@@ -114,8 +114,9 @@ class PrefillWorker(EngineWorker):
         decode_node_ip (where the KV goes: picks the transport) and optionally
         decode_actor (told to start pulling a streamed transfer at once).
 
-        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens and,
-        for streamed transfers, kv_plan (codec per chunk)."""
+        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens,
+        first_logprobs and prompt_logprobs (None unless the params ask) and, for streamed
+        transfers, kv_plan (codec per chunk)."""
         rid = req["request_id"]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[rid] = fut
@@ -158,7 +159,9 @@ class PrefillWorker(EngineWorker):
             first = seq.first_scheduled_time or now
             result = {"first_token": seq.output_token_ids[0], "queue_s": first - arrival,
                       "prefill_s": now - first, "num_cached_tokens": seq.num_cached_tokens,
-                      "worker_id": self.worker_id, "node_ip": self._node_ip}
+                      "worker_id": self.worker_id, "node_ip": self._node_ip,
+                      "first_logprobs": out.new_logprobs.get(rid),
+                      "prompt_logprobs": out.prompt_logprobs.get(rid)}
             self.policy.observe_prefill(len(seq.prompt_token_ids) - seq.num_cached_tokens, now - first)
             handle = self._streams.pop(rid, None)
             if handle is not None:
