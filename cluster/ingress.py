@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
                             SplitServeError)
 from cluster.generation import Delta, GenRequest, Generator, Usage
+from cluster.logprobs import LogprobsBuilder
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.protocol import ChatCompletionRequest, CommonParams, CompletionRequest, parse_request
@@ -330,80 +331,6 @@ class Choice:
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 await self._stream.aclose()  # type: ignore[attr-defined]
-
-
-class LogprobsBuilder:
-    """Log-probabilities in OpenAI's formats: completions (tokens, token_logprobs,
-    top_logprobs, text_offset) or chat (content: [{token, logprob, bytes, top_logprobs}]).
-    Token strings are each id decoded alone; text offsets come from decoding the ids in
-    order (a token that ends inside a UTF-8 character starts where its text appears)."""
-
-    def __init__(self, tokenizer: Any, kind: str, k: int) -> None:
-        self.tok = tokenizer
-        self.kind = kind
-        self.k = k
-        self.detok = tokenizer.incremental_detokenizer()
-        self.offset = 0
-        self.all: dict[str, Any] | None = None
-
-    def _str(self, token_id: int) -> str:
-        return str(self.tok.decode([token_id], skip_special_tokens=False))
-
-    def _offsets(self, ids: list[int]) -> list[int]:
-        out = []
-        for t in ids:
-            out.append(self.offset)
-            self.offset += len(self.detok.push([t]))
-        return out
-
-    def add_prompt(self, ids: list[int], lps: list[Any], echo_text: str) -> dict[str, Any]:
-        frag = self._completion(ids, lps + [None] * (len(ids) - len(lps)), self._offsets(ids))
-        self.detok.flush()
-        self.detok = self.tok.incremental_detokenizer()  # the output's text follows the echo
-        self.offset = len(echo_text)
-        return self._keep(frag)
-
-    def add(self, ids: list[int], lps: list[Any]) -> dict[str, Any]:
-        offsets = self._offsets(ids)
-        if self.kind == "completion":
-            return self._keep(self._completion(ids, lps, offsets))
-        content = []
-        for t, (lp, top_ids, top_vals) in zip(ids, lps):
-            s = self._str(t)
-            content.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
-                            "top_logprobs": [{"token": self._str(i), "logprob": v,
-                                              "bytes": list(self._str(i).encode())}
-                                             for i, v in zip(top_ids, top_vals)]})
-        return self._keep({"content": content, "refusal": None})
-
-    def _completion(self, ids: list[int], lps: list[Any], offsets: list[int]) -> dict[str, Any]:
-        frag: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                                "text_offset": offsets}
-        for t, entry in zip(ids, lps):
-            frag["tokens"].append(self._str(t))
-            if entry is None:
-                frag["token_logprobs"].append(None)
-                frag["top_logprobs"].append(None)
-                continue
-            lp, top_ids, top_vals = entry
-            frag["token_logprobs"].append(lp)
-            top = {self._str(i): v for i, v in zip(top_ids, top_vals)}
-            top.setdefault(self._str(t), lp)  # the sampled token is always there (k + 1 at most)
-            frag["top_logprobs"].append(top)
-        return frag
-
-    def _keep(self, frag: dict[str, Any]) -> dict[str, Any]:
-        self.all = self.merge(self.all, frag)
-        return frag
-
-    @staticmethod
-    def merge(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
-        if a is None:
-            return {k: (list(v) if isinstance(v, list) else v) for k, v in b.items()}
-        return {k: (a[k] + v if isinstance(v, list) else v) for k, v in b.items()}
-
-    def whole(self) -> dict[str, Any] | None:
-        return self.all
 
 
 def build_app(ingress: Ingress) -> FastAPI:

@@ -14,6 +14,7 @@ from engine.sampler import stream_seed
 from engine.scheduler import SchedulerConfig
 from engine.sequence import SamplingParams
 from models.make import make_model
+from tests.sampling_ref import hf_generate, hf_logprobs, hf_processors
 
 MAX_NEW = 12
 
@@ -41,49 +42,6 @@ def engine(d, prefill_only=False, budget=24):
 def prompts():
     g = torch.Generator().manual_seed(7)
     return [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 11, 19)]
-
-
-class OpenAIPenalties:
-    """OpenAI's definition: logit -= count * frequency_penalty + (count > 0) * presence_penalty,
-    counts over the generated tokens only."""
-
-    def __init__(self, prompt_len: int, frequency: float, presence: float) -> None:
-        self.n, self.f, self.p = prompt_len, frequency, presence
-
-    def __call__(self, input_ids, scores):
-        out = input_ids[:, self.n:]
-        counts = torch.zeros_like(scores)
-        counts.scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
-        return scores - counts * self.f - (counts > 0).to(scores.dtype) * self.p
-
-
-def hf_generate(hf, prompt, processors, max_new=MAX_NEW):
-    from transformers import LogitsProcessorList
-
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
-                          logits_processor=LogitsProcessorList(processors), pad_token_id=0,
-                          eos_token_id=None)
-    return gen[0, len(prompt):].tolist()
-
-
-def hf_processors(case: dict, prompt_len: int, eos: list[int]):
-    from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
-                                                        RepetitionPenaltyLogitsProcessor,
-                                                        SequenceBiasLogitsProcessor)
-
-    procs = []  # vLLM's order: bias, min_tokens, repetition, frequency/presence
-    if case.get("logit_bias"):
-        procs.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in case["logit_bias"].items()]))
-    if case.get("min_tokens"):
-        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, case["min_tokens"], eos))
-    if case.get("repetition_penalty"):
-        procs.append(RepetitionPenaltyLogitsProcessor(case["repetition_penalty"]))
-    if case.get("frequency_penalty") or case.get("presence_penalty"):
-        procs.append(OpenAIPenalties(prompt_len, case.get("frequency_penalty", 0.0),
-                                     case.get("presence_penalty", 0.0)))
-    return procs
 
 
 CASES = {
@@ -136,13 +94,6 @@ def test_min_tokens_masks_eos_like_transformers(model_dir, hf):
         assert eos not in out[:6]
     assert eos in free[0] and len(eng.generate([ps[0]], SamplingParams(
         temperature=0, max_tokens=MAX_NEW, stop_token_ids=[eos]))[0]) == 2
-
-
-def hf_logprobs(hf, prompt, output):
-    ids = torch.tensor([prompt + output])
-    with torch.inference_mode():
-        logits = hf(ids).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)  # row q scores token q + 1
 
 
 def test_logprobs_and_prompt_logprobs_match_transformers(model_dir, hf):
