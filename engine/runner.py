@@ -35,6 +35,8 @@ class StepInput:
     # KV to hand over layer by layer as it is written: (request id, first token, slots of
     # tokens [first, first + len(slots))), for sequences that stream their KV.
     kv_stream: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
+    # KV blocks to copy (source, destination) before the forward (forked choices).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
     # Rows of the hidden states whose logits score prompt tokens (prompt logprobs).
     prompt_logits_indices: torch.Tensor = field(
         default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -132,6 +134,7 @@ def prepare_step(
         ),
         logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         kv_imports=imports,
+        block_copies=list(batch.block_copies),
         kv_exports=exports,
         kv_stream=stream,
         prompt_logits_indices=torch.tensor(prompt_idx, dtype=torch.long),
@@ -193,6 +196,11 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepResult:
         for table, kv in step.kv_imports:
             self.import_kv(table, kv)
+        if step.block_copies:
+            src = torch.tensor([s for s, _ in step.block_copies], dtype=torch.long)
+            dst = torch.tensor([d for _, d in step.block_copies], dtype=torch.long)
+            for cache in self.kv_caches:
+                cache[:, dst] = cache[:, src]
         logits = prompt_logits = None
         hook = None
         if step.kv_stream and self.on_layer_kv is not None:

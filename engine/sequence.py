@@ -98,6 +98,10 @@ class Sequence:
         # Prompt log-probabilities by prompt position (params.prompt_logprobs): entry p-1
         # is that of prompt token p, (logprob, top ids, top logprobs).
         self.prompt_logprobs: list[tuple[float, list[int], list[float]] | None] = []
+        # Further choices of the same prompt (n > 1), forked once the prompt's KV is in
+        # the cache: (request id, params, output ids so far or None to sample the first
+        # token from this sequence's logits).
+        self.children: list[tuple[str, SamplingParams, list[int] | None]] = []
 
     @property
     def token_ids(self) -> list[int]:
