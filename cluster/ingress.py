@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -119,11 +120,24 @@ class Ingress:
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
 
-    def completion_request(self, body: object) -> tuple[CompletionRequest, list[Choice]]:
+    def _job(self, req: CommonParams, ids: list[int], default_max: int | None, first_index: int,
+             best_of: int | None = None, echo: str | None = None) -> Job:
+        params = self._params(req, len(ids), default_max)
+        count = best_of or req.n
+        want_logprobs = params.logprobs is not None
+        if count > req.n and params.logprobs is None:
+            params.logprobs = 0  # best_of ranks by cumulative logprob
+        # Choice j draws from seed + j: the same as a single request with that seed.
+        more = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + j)
+                for j in range(1, count)]
+        greq = GenRequest(ids, params, req.stop or [], more=more)
+        return Job(greq, first_index, req.n, echo, want_logprobs)
+
+    def completion_request(self, body: object) -> tuple[CompletionRequest, list[Job]]:
         req: CompletionRequest = parse_request(CompletionRequest, body)
         self._check_model(req)
-        choices = []
-        for prompt in req.prompts():
+        jobs: list[Job] = []
+        for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, str):
                 ids = self.tokenizer.encode(prompt)
             else:
@@ -131,56 +145,55 @@ class Ingress:
                 if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
                     raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
                 ids = list(prompt)
-            greq = GenRequest(ids, self._params(req, len(ids), 16), req.stop or [])
             echo = None
             if req.echo:
                 echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-            choices.append(Choice(len(choices), greq, echo))
-        return req, choices
+            jobs.append(self._job(req, ids, 16, i * req.n, req.best_of, echo))
+        return req, jobs
 
-    def chat_request(self, body: object) -> tuple[ChatCompletionRequest, list[Choice]]:
+    def chat_request(self, body: object) -> tuple[ChatCompletionRequest, list[Job]]:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         self._check_model(req)
         if req.max_tokens is None and req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = self.tokenizer.encode_chat(msgs)
-        return req, [Choice(0, GenRequest(ids, self._params(req, len(ids), None), req.stop or []))]
+        return req, [self._job(req, ids, None, 0)]
 
     # -- responses ----------------------------------------------------------------------
-    async def respond(self, kind: str, req: CommonParams, choices: list[Choice],
+    async def respond(self, kind: str, req: CommonParams, jobs: list[Job],
                       t_in: float | None = None) -> Response:
         self._admit()
         self._inflight += 1
-        for c in choices:
-            c.start(self.gen, self.tokenizer, kind)
+        for job in jobs:
+            job.start(self.gen, self.tokenizer, kind)
         try:
             # Errors before any output become HTTP errors.
-            firsts = await asyncio.gather(*(c.first() for c in choices))
+            firsts = await asyncio.gather(*(job.first() for job in jobs))
         except BaseException:
             self._inflight -= 1
-            for c in choices:
-                await c.close()
+            for job in jobs:
+                await job.close()
             raise
-        rid = choices[0].greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
+        rid = jobs[0].greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(kind, rid, req, choices, firsts, include_usage),
+            return StreamingResponse(self._sse(kind, rid, req, jobs, firsts, include_usage),
                                      media_type="text/event-stream")
         try:
-            await asyncio.gather(*(c.collect(first) for c, first in zip(choices, firsts)))
+            await asyncio.gather(*(job.collect(first) for job, first in zip(jobs, firsts)))
         finally:
             self._inflight -= 1
-            for c in choices:
-                await c.close()
-        body = self._body(kind, rid, req, [c.final_choice(kind, req) for c in choices],
-                          _usage(choices))
+            for job in jobs:
+                await job.close()
+        choices = [c.final_choice(kind, req) for job in jobs for c in job.returned()]
+        body = self._body(kind, rid, req, choices, _usage(jobs))
         headers = {}
-        if len(choices) == 1:
-            usage, ids = choices[0].usage, choices[0].token_ids
+        if len(jobs) == 1 and len(jobs[0].choices) == 1:
+            usage, c0 = jobs[0].usage, jobs[0].choices[0]
             timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
-            if (t_in is not None and usage.first_token_at and choices[0].reason is not None
-                    and len(ids) == 1):
+            if (t_in is not None and usage.first_token_at and c0.reason is not None
+                    and len(c0.token_ids) == 1):
                 # Single-token requests: time spent in this process's own code (validation,
                 # tokenizing, routing, response), apart from the worker RPC.
                 ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
@@ -201,72 +214,71 @@ class Ingress:
             body["usage"] = usage
         return body
 
-    async def _sse(self, kind: str, rid: str, req: CommonParams, choices: list[Choice],
+    async def _sse(self, kind: str, rid: str, req: CommonParams, jobs: list[Job],
                    firsts: list[Delta], include_usage: bool) -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[tuple[Choice, Delta | SplitServeError | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[Job, Delta | SplitServeError | None]] = asyncio.Queue()
 
-        async def pump(c: Choice) -> None:
+        async def pump(job: Job) -> None:
             try:
-                async for d in c.rest():
-                    await queue.put((c, d))
+                async for d in job.rest():
+                    await queue.put((job, d))
             except SplitServeError as e:
-                await queue.put((c, e))
+                await queue.put((job, e))
                 return
-            await queue.put((c, None))
+            await queue.put((job, None))
 
         tasks: list[asyncio.Task[None]] = []
         try:
-            running = 0
-            for c, first in zip(choices, firsts):
-                yield _sse(self._body(kind, rid, req, [c.chunk(kind, req, first, first_chunk=True)], None))
-                if first.finish_reason is None:
-                    tasks.append(asyncio.get_running_loop().create_task(pump(c)))
-                    running += 1
+            for job, first in zip(jobs, firsts):
+                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, first)], None))
+                tasks.append(asyncio.get_running_loop().create_task(pump(job)))
+            running = len(tasks)
             while running:
-                c, item = await queue.get()
+                job, item = await queue.get()
                 if item is None:
                     running -= 1
                     continue
                 if isinstance(item, SplitServeError):
                     yield _sse(item.to_openai())
                     return
-                yield _sse(self._body(kind, rid, req, [c.chunk(kind, req, item)], None))
+                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, item)], None))
             if include_usage:
-                yield _sse(self._body(kind, rid, req, [], _usage(choices)))
+                yield _sse(self._body(kind, rid, req, [], _usage(jobs)))
             yield b"data: [DONE]\n\n"
         finally:
             self._inflight -= 1
             for t in tasks:
                 t.cancel()
-            for c in choices:
+            for job in jobs:
                 with contextlib.suppress(Exception):
-                    await c.close()
+                    await job.close()
 
 
-def _usage(choices: list[Choice]) -> dict[str, int]:
-    prompt = sum(c.usage.prompt_tokens for c in choices)
-    completion = sum(c.usage.completion_tokens for c in choices)
+def _usage(jobs: list[Job]) -> dict[str, int]:
+    prompt = sum(job.usage.prompt_tokens for job in jobs)
+    completion = sum(job.usage.completion_tokens for job in jobs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class Choice:
-    """One choice of a response: its generation stream, text, token ids, logprobs."""
+class Job:
+    """One prompt's generation: its choices (n, or best_of of which the n with the highest
+    cumulative logprob are returned) share one stream and one prefill."""
 
-    def __init__(self, index: int, greq: GenRequest, echo: str | None = None) -> None:
-        self.index = index
+    def __init__(self, greq: GenRequest, first_index: int, n: int = 1, echo: str | None = None,
+                 want_logprobs: bool = True) -> None:
         self.greq = greq
-        self.echo = echo
+        self.n = n
         self.usage = Usage()
-        self.text = ""
-        self.token_ids: list[int] = []
-        self.reason: str | None = None
-        self.lp: LogprobsBuilder | None = None
+        count = 1 + len(greq.more)
+        self.choices = [Choice(first_index + j, greq.prompt_token_ids, echo) for j in range(count)]
+        self.want_logprobs = want_logprobs
         self._stream: AsyncIterator[Delta] | None = None
 
     def start(self, gen: Generator, tokenizer: Any, kind: str) -> None:
         self._stream = gen.generate(self.greq, self.usage)
-        if self.greq.params.logprobs is not None:
-            self.lp = LogprobsBuilder(tokenizer, kind, self.greq.params.logprobs)
+        for c, p in zip(self.choices, [self.greq.params] + self.greq.more):
+            if p.logprobs is not None and self.want_logprobs:
+                c.lp = LogprobsBuilder(tokenizer, kind, p.logprobs)
 
     async def first(self) -> Delta:
         assert self._stream is not None
@@ -280,20 +292,56 @@ class Choice:
         return self._stream
 
     async def collect(self, first: Delta) -> None:
-        self._take(first, True)
+        self.choices[first.index].take(first)
         async for d in self.rest():
-            self._take(d, False)
+            self.choices[d.index].take(d)
 
-    def _take(self, d: Delta, first: bool) -> dict[str, Any] | None:
+    def chunk(self, kind: str, req: CommonParams, d: Delta) -> dict[str, Any]:
+        return self.choices[d.index].chunk(kind, req, d)
+
+    def returned(self) -> list[Choice]:
+        """The choices to return: all, or the n best by cumulative logprob (best_of)."""
+        if len(self.choices) == self.n:
+            return self.choices
+        best = sorted(self.choices, key=lambda c: -c.cum_logprob)[: self.n]
+        first = self.choices[0].index
+        for j, c in enumerate(best):
+            c.index = first + j
+        return best
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                await self._stream.aclose()  # type: ignore[attr-defined]
+
+
+class Choice:
+    """One choice of a response: its text, token ids, logprobs."""
+
+    def __init__(self, index: int, prompt_token_ids: list[int], echo: str | None = None) -> None:
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
+        self.echo = echo
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.reason: str | None = None
+        self.lp: LogprobsBuilder | None = None
+        self.cum_logprob = 0.0
+        self.started = False
+
+    def take(self, d: Delta) -> dict[str, Any] | None:
         """Adds a delta; returns the logprobs of its tokens in the response's format."""
         text = d.text
         frag = None
-        if first and self.echo is not None:
+        if not self.started and self.echo is not None:
             text = self.echo + text
             if self.lp is not None:
-                frag = self.lp.add_prompt(self.greq.prompt_token_ids, d.prompt_logprobs or [], self.echo)
-        if self.lp is not None and d.logprobs is not None:
-            frag = self.lp.merge(frag, self.lp.add(d.token_ids, d.logprobs))
+                frag = self.lp.add_prompt(self.prompt_token_ids, d.prompt_logprobs or [], self.echo)
+        self.started = True
+        if d.logprobs is not None:
+            self.cum_logprob += sum(lp[0] for lp in d.logprobs)
+            if self.lp is not None:
+                frag = self.lp.merge(frag, self.lp.add(d.token_ids, d.logprobs))
         self.text += text
         self.token_ids += d.token_ids
         self.reason = d.finish_reason or self.reason
@@ -312,8 +360,9 @@ class Choice:
             choice["token_ids"] = self.token_ids
         return choice
 
-    def chunk(self, kind: str, req: CommonParams, d: Delta, first_chunk: bool = False) -> dict[str, Any]:
-        frag = self._take(d, first_chunk)
+    def chunk(self, kind: str, req: CommonParams, d: Delta) -> dict[str, Any]:
+        first_chunk = not self.started
+        frag = self.take(d)
         if kind == "completion":
             choice: dict[str, Any] = {"index": self.index, "text": d.text,
                                       "finish_reason": d.finish_reason, "logprobs": frag}
@@ -326,11 +375,6 @@ class Choice:
         if req.return_token_ids:
             choice["token_ids"] = d.token_ids
         return choice
-
-    async def close(self) -> None:
-        if self._stream is not None:
-            with contextlib.suppress(Exception):
-                await self._stream.aclose()  # type: ignore[attr-defined]
 
 
 def build_app(ingress: Ingress) -> FastAPI:
@@ -359,13 +403,13 @@ def build_app(ingress: Ingress) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t_in = time.monotonic()
-        req, choices = ingress.completion_request(await body_of(request))
-        return await ingress.respond("completion", req, choices, t_in)
+        req, jobs = ingress.completion_request(await body_of(request))
+        return await ingress.respond("completion", req, jobs, t_in)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req, choices = ingress.chat_request(await body_of(request))
-        return await ingress.respond("chat", req, choices)
+        req, jobs = ingress.chat_request(await body_of(request))
+        return await ingress.respond("chat", req, jobs)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

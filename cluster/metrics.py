@@ -35,6 +35,10 @@ class Metrics:
         self.waiting = Gauge("splitserve_worker_waiting_requests", "Waiting requests", ["worker", "pool"], registry=r)
         self.kv_used = Gauge("splitserve_worker_kv_blocks_used", "KV blocks in use", ["worker", "pool"], registry=r)
         self.kv_total = Gauge("splitserve_worker_kv_blocks_total", "KV blocks", ["worker", "pool"], registry=r)
+        self.prompt_computed = Gauge("splitserve_worker_prompt_tokens_computed",
+                                     "Prompt tokens a worker computed since it started (prefix-cache hits, "
+                                     "received KV and the shared prompt of n > 1 choices are not computed)",
+                                     ["worker", "pool"], registry=r)
         self.inflight = Gauge("splitserve_inflight_requests", "Requests in flight at this ingress", registry=r)
         self._labels: set[tuple[str, str]] = set()
 
@@ -49,8 +53,9 @@ class Metrics:
                 total = s.get("kv_blocks_total", 0)
                 self.kv_total.labels(*key).set(total)
                 self.kv_used.labels(*key).set(total - s.get("kv_blocks_free", total))
+                self.prompt_computed.labels(*key).set(s.get("prompt_tokens_computed", 0))
         for key in self._labels - seen:
-            for g in (self.running, self.waiting, self.kv_used, self.kv_total):
+            for g in (self.running, self.waiting, self.kv_used, self.kv_total, self.prompt_computed):
                 g.remove(*key)
         self._labels = seen
 

@@ -13,6 +13,7 @@ from cluster.errors import InvalidRequestError
 
 
 MAX_LOGPROBS = 20
+MAX_CHOICES = 16
 
 
 class StreamOptions(BaseModel):
@@ -34,7 +35,9 @@ class CommonParams(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    # Choices per prompt; they share one prefill (forked KV) and choice j samples with
+    # seed + j.
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # vLLM extensions: HF repetition penalty, tokens before EOS/stop ids may end the output.
@@ -73,8 +76,6 @@ class CommonParams(BaseModel):
         return v
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise InvalidRequestError(f"n={self.n} is not supported; allowed: 1", param="n")
         for name, neutral in (("response_format", None), ("tools", None), ("tool_choice", None),
                               ("parallel_tool_calls", None)):
             value = getattr(self, name)
@@ -91,13 +92,18 @@ class CompletionRequest(CommonParams):
     # Top logprobs per token (0: the chosen token's only), with the chosen token's own.
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
+    # Choices generated per prompt, of which the n with the highest cumulative logprob
+    # are returned.
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.best_of not in (None, 1):
-            raise InvalidRequestError("best_of is not supported; allowed: 1", param="best_of")
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequestError(f"best_of={self.best_of} must be >= n={self.n}", param="best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidRequestError("best_of > n cannot be streamed (the best are known at the "
+                                      "end); set stream false", param="best_of")
         if self.suffix:
             raise InvalidRequestError("suffix (insertion) is not supported; omit it", param="suffix")
         if self.response_format is not None:

@@ -175,10 +175,13 @@ class LLMEngine:
                     out.new_logprobs[s.request_id] = lp
                 if s.params.prompt_logprobs is not None and not s.output_token_ids and s in sample_seqs:
                     out.prompt_logprobs[s.request_id] = [None] + list(s.prompt_logprobs)
+            out.new_tokens.update(sampled)
+            parent_lps = {id(p): out.prompt_logprobs.get(p.request_id) for p, _ in forks}
             for c, t in zip(to_sample, res.tokens[len(sample_seqs):]):
                 c.output_token_ids.append(t)
                 out.new_tokens[c.request_id] = t
-        out.new_tokens.update(sampled)
+                if parent_lps.get(id(parent_of[id(c)])) is not None:
+                    out.prompt_logprobs[c.request_id] = parent_lps[id(parent_of[id(c)])]
         out.exported_kv = result.exported
         out.num_tokens = batch.total_tokens
         # Forks take the prompt KV before the parent may finish (and free it) below.
@@ -229,4 +232,5 @@ class LLMEngine:
             "kv_blocks_total": self.bm.num_blocks,
             "kv_blocks_free": self.bm.num_free_blocks,
             "prefix_hits": self.bm.prefix_hits,
+            "prompt_tokens_computed": self.scheduler.prompt_tokens_computed,
         }

@@ -210,6 +210,20 @@ def e_echo(u, k):
     assert text(u, k, echo=True) == "import os" + plain
 
 
+def e_n(u, k):
+    r = ok(u, k, n=3, temperature=1.0, seed=2)
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2]
+    assert len({tuple(c["token_ids"]) for c in r["choices"]}) == 3
+
+
+def e_best_of(u, k):
+    r = ok(u, k, n=1, best_of=3, temperature=1.0, seed=2, logprobs=0)
+    cums = [sum(ok(u, k, temperature=1.0, seed=2 + j, logprobs=0)["choices"][0]["logprobs"]["token_logprobs"])
+            for j in range(3)]
+    assert len(r["choices"]) == 1
+    assert abs(sum(r["choices"][0]["logprobs"]["token_logprobs"]) - max(cums)) < 1e-3
+
+
 def e_user(u, k):
     # OpenAI: an end-user id for abuse monitoring; by definition it changes nothing.
     assert ok(u, k, user="alice")["choices"][0]["token_ids"] == ids(u, k)
@@ -233,7 +247,7 @@ COMMON: dict[str, Callable | tuple[str, object]] = {
     "model": e_model, "max_tokens": e_max_tokens, "temperature": e_temperature, "top_p": e_top_p,
     "top_k": e_top_k, "seed": e_seed, "stop": e_stop, "stop_token_ids": e_stop_token_ids,
     "ignore_eos": e_ignore_eos, "stream": e_stream, "stream_options": e_stream_options,
-    "n": refused(2), "presence_penalty": e_presence_penalty, "frequency_penalty": e_frequency_penalty,
+    "n": e_n, "presence_penalty": e_presence_penalty, "frequency_penalty": e_frequency_penalty,
     "repetition_penalty": e_repetition_penalty, "min_tokens": e_min_tokens, "logit_bias": e_logit_bias,
     "user": e_user, "return_token_ids": e_return_token_ids,
     "response_format": refused({"type": "json_object"}),
@@ -242,7 +256,7 @@ COMMON: dict[str, Callable | tuple[str, object]] = {
 }
 FIELDS = {
     "completion": {**COMMON, "prompt": e_prompt, "logprobs": e_logprobs, "echo": e_echo,
-                   "best_of": refused(2), "suffix": refused("x")},
+                   "best_of": e_best_of, "suffix": refused("x")},
     "chat": {**COMMON, "messages": e_messages, "max_completion_tokens": e_max_completion_tokens,
              "logprobs": e_logprobs, "top_logprobs": e_top_logprobs},
     "message": {"role": e_role, "content": e_content},
@@ -284,6 +298,8 @@ def test_field_is_honoured_or_refused(url, kind, name):
     ("completion", {"logprobs": 21}, "logprobs"),
     ("completion", {"min_tokens": 9}, "min_tokens"),
     ("completion", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("completion", {"n": 2, "best_of": 3, "stream": True}, "best_of"),
+    ("completion", {"n": 17}, "n"),
 ])
 def test_unknown_or_out_of_range_is_refused(url, kind, fields, param):
     r = post(url, kind, **fields)
