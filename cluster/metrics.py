@@ -80,6 +80,10 @@ class Metrics:
         self.waiting = Gauge("splitserve_worker_waiting_requests", "Waiting requests", ["worker", "pool"], registry=r)
         self.kv_used = Gauge("splitserve_worker_kv_blocks_used", "KV blocks in use", ["worker", "pool"], registry=r)
         self.kv_total = Gauge("splitserve_worker_kv_blocks_total", "KV blocks", ["worker", "pool"], registry=r)
+        self.prompt_computed = Gauge("splitserve_worker_prompt_tokens_computed",
+                                     "Prompt tokens a worker computed since it started (prefix-cache hits, "
+                                     "received KV and the shared prompt of n > 1 choices are not computed)",
+                                     ["worker", "pool"], registry=r)
         self.inflight = Gauge("splitserve_inflight_requests", "Requests in flight at this ingress", registry=r)
         self.codec_profile = Gauge("splitserve_worker_kv_codec_profile_measured",
                                    "1 when an adaptive prefill worker measured its KV codecs on its model at "
@@ -103,8 +107,9 @@ class Metrics:
                 if s.get("kv_codec_profile") is not None:
                     profiled.add(key)
                     self.codec_profile.labels(*key).set(1 if s["kv_codec_profile"] == "measured" else 0)
+                self.prompt_computed.labels(*key).set(s.get("prompt_tokens_computed", 0))
         for key in self._labels - seen:
-            for g in (self.running, self.waiting, self.kv_used, self.kv_total):
+            for g in (self.running, self.waiting, self.kv_used, self.kv_total, self.prompt_computed):
                 g.remove(*key)
         workers = [w.get("stats") or {} for ws in pools.values() for w in ws]
         self.vllm.running.set(sum(s.get("running", 0) for s in workers))

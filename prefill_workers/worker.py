@@ -43,6 +43,7 @@ class PrefillWorker(EngineWorker):
         self._streams: dict[str, KVHandle] = {}
         self._kv_shape: tuple[int, int, int] = (0, 0, 0)  # layers, kv heads, head dim
         self._probe: str | None = None  # the internal request that samples KV for profiling
+        self._children: dict[str, set[str]] = {}  # request id -> its further choices' ids
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -124,12 +125,14 @@ class PrefillWorker(EngineWorker):
         decode_node_ip (where the KV goes: picks the transport) and optionally
         decode_actor (told to start pulling a streamed transfer at once).
 
-        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens and,
-        for streamed transfers, kv_plan (codec per chunk)."""
+        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens,
+        first_logprobs and prompt_logprobs (None unless the params ask) and, for streamed
+        transfers, kv_plan (codec per chunk)."""
         rid = req["request_id"]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[rid] = fut
         self._arrivals[rid] = time.monotonic()
+        self._children[rid] = {cid for cid, _, _ in req.get("children") or ()}
         dest = req.get("decode_node_ip")
         self._dest[rid] = dest
         stream = self.settings.tp_size == 1 and self.connector.pick(dest) is self.connector.grpc
@@ -144,7 +147,7 @@ class PrefillWorker(EngineWorker):
                 if decode is not None:
                     decode.prefetch_kv.remote(handle)
             self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
-                               "stream_kv": stream})
+                               "stream_kv": stream, "children": req.get("children")})
             return await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
         except asyncio.TimeoutError:
             await self.abort(rid)
@@ -154,6 +157,7 @@ class PrefillWorker(EngineWorker):
             self._futures.pop(rid, None)
             self._arrivals.pop(rid, None)
             self._dest.pop(rid, None)
+            self._children.pop(rid, None)
             if self._streams.pop(rid, None) is not None:  # not handed over: the receiver must not wait
                 self.connector.grpc.sender.abort(rid, f"prefill of {rid} did not complete")
 
@@ -168,7 +172,13 @@ class PrefillWorker(EngineWorker):
             first = seq.first_scheduled_time or now
             result = {"first_token": seq.output_token_ids[0], "queue_s": first - arrival,
                       "prefill_s": now - first, "num_cached_tokens": seq.num_cached_tokens,
-                      "worker_id": self.worker_id, "node_ip": self._node_ip}
+                      "worker_id": self.worker_id, "node_ip": self._node_ip,
+                      "first_logprobs": out.new_logprobs.get(rid),
+                      "prompt_logprobs": out.prompt_logprobs.get(rid),
+                      # Further choices (n > 1): (request id, first token, its logprobs).
+                      "children": [(c.request_id, out.new_tokens[c.request_id],
+                                    out.new_logprobs.get(c.request_id))
+                                   for c in out.finished if c.request_id in self._children.get(rid, ())]}
             self.policy.observe_prefill(len(seq.prompt_token_ids) - seq.num_cached_tokens, now - first)
             handle = self._streams.pop(rid, None)
             if handle is not None:

@@ -38,7 +38,8 @@ CASES = [
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400, ["temperature"]),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 0}, 400, ["top_p"]),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 1.01}, 400, ["top_p"]),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 3}, 400, ["n=3", "1"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 17}, 400, ["n", "16"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 3, "best_of": 2}, 400, ["best_of", "n=3"]),
     ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, ["JSON"]),
     ("/v1/completions", {"model": "tiny", "prompt": [999999]}, 400, ["prompt"]),
     # Strict types, as OpenAI's API: nothing is coerced.

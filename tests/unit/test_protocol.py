@@ -18,7 +18,7 @@ def test_valid_completion():
     ({"model": "m", "prompt": "hi", "top_p": 0}, "top_p"),
     ({"model": "m", "prompt": "hi", "top_p": 1.5}, "top_p"),
     ({"model": "m", "prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    ({"model": "m", "prompt": "hi", "n": 2}, "n"),
+    ({"model": "m", "prompt": "hi", "n": 0}, "n"),
     ({"model": "m", "prompt": 5}, "prompt"),
     # Strict types (OpenAI's API does not coerce either).
     ({"model": "m", "prompt": "hi", "stream": "yes"}, "stream"),
