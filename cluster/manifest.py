@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster.errors import ManifestError
 
+# Pools of attention/expert disaggregation (MoE decode), used instead of "decode".
+AFD_POOLS = ("attention", "expert")
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -45,6 +48,11 @@ class PoolSpec(Strict):
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once")
     num_kv_blocks: int = Field(512, ge=1, description="KV blocks per replica")
     nodes: list[str] | None = Field(None, description="Node IPs to place replicas on, round-robin")
+    placement: str | None = Field(None, description="expert pool: 'even' (contiguous blocks of experts per "
+                                  "worker) or a PLACEMENT.json from 'splitserve place-experts' (one worker "
+                                  "per GPU of the placement); default even")
+    micro_batches: int | None = Field(None, ge=1, le=2, description="expert pool: micro-batches per decode step "
+                                      "that ping-pong between attention and experts (1 = lock-step); default 2")
 
 
 class KVCacheSpec(Strict):
@@ -108,7 +116,9 @@ class Manifest(Strict):
     name: str = Field("splitserve", description="Deployment name (Ray namespace suffix)")
     model: ModelSpec
     mode: Literal["disaggregated", "colocated"] = Field("disaggregated", description="Pool layout")
-    pools: dict[Literal["prefill", "decode", "colocated"], PoolSpec] = Field(default_factory=dict)
+    pools: dict[Literal["prefill", "decode", "colocated", "attention", "expert"], PoolSpec] = Field(
+        default_factory=dict, description="disaggregated: prefill + decode, or for MoE models prefill + attention "
+        "+ expert (attention/expert disaggregation); colocated: colocated")
     kv_cache: KVCacheSpec = Field(default_factory=KVCacheSpec)
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec)
     slo: SLOSpec = Field(default_factory=SLOSpec)
@@ -121,12 +131,28 @@ class Manifest(Strict):
     @model_validator(mode="after")
     def _pools_match_mode(self) -> "Manifest":
         need = {"prefill", "decode"} if self.mode == "disaggregated" else {"colocated"}
+        if self.mode == "disaggregated" and set(self.pools) & set(AFD_POOLS):
+            need = {"prefill", *AFD_POOLS}
         for name in need:
             self.pools.setdefault(name, PoolSpec())  # type: ignore[index]
         extra = set(self.pools) - need
         if extra:
             raise ValueError(f"mode {self.mode!r} uses pools {sorted(need)}; remove {sorted(extra)}")
+        if "expert" in self.pools:
+            ex = self.pools["expert"]  # type: ignore[index]
+            ex.placement = ex.placement or "even"
+            ex.micro_batches = ex.micro_batches or 2
         return self
+
+    @property
+    def afd(self) -> bool:
+        """Attention/expert disaggregation: pools attention and expert instead of decode."""
+        return "attention" in self.pools
+
+    @property
+    def decode_pool(self) -> str:
+        """The pool that plays the decode role towards the router (receives the prompt KV)."""
+        return "attention" if self.afd else "decode"
 
     def model_dir(self) -> Path:
         if self.model.builtin is not None:
@@ -155,14 +181,99 @@ def parse_manifest(data: object, base_dir: str = ".") -> Manifest:
                 msg = "unknown field (check the spelling; see the manifest reference in README)"
             problems.append((loc, msg))
         raise ManifestError(problems) from None
+    misplaced = [(f"pools.{name}.{f}", "applies to the expert pool only")
+                 for name, pool in m.pools.items() if name != "expert"
+                 for f in ("placement", "micro_batches") if getattr(pool, f) is not None]
+    if misplaced:
+        raise ManifestError(misplaced)
+    if m.afd:
+        placement = m.pools["expert"].placement  # type: ignore[index]
+        if placement not in (None, "even") and not Path(placement).is_absolute():
+            # Workers read it wherever they run: resolve it against the manifest's directory.
+            m.pools["expert"].placement = str((Path(base_dir) / placement).resolve())  # type: ignore[index]
     check_against_model(m)
     return m
+
+
+def _shape_of(m: Manifest) -> tuple[str, int, int, str]:
+    """(HF architecture, layers, experts, model source field) without building a builtin."""
+    if m.model.builtin is not None:
+        from models.builtin import BUILTIN
+        from models.make import config_for
+
+        arch, size = BUILTIN[m.model.builtin]
+        c = config_for(arch, size=size)
+        return (str(c["architectures"][0]), int(c["num_hidden_layers"]),  # type: ignore[index, call-overload]
+                int(c.get("num_local_experts", 0)), "model.builtin")  # type: ignore[call-overload]
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(m.model_dir())
+    return cfg.hf_architecture, cfg.num_hidden_layers, cfg.num_local_experts, "model.path"
+
+
+def read_expert_placement(m: Manifest) -> list[list[list[int]]]:
+    """The expert pool's placement: per layer, per expert worker, the expert ids it holds."""
+    from engine.afd import even_placement
+
+    _, layers, experts, _ = _shape_of(m)
+    pool = m.pools["expert"]  # type: ignore[index]
+    if pool.placement in (None, "even"):
+        return even_placement(layers, experts, pool.replicas)
+    import json
+
+    data = json.loads(Path(pool.placement).read_text())
+    return data["layers"] if isinstance(data, dict) else data  # type: ignore[no-any-return]
+
+
+def afd_problems(m: Manifest) -> list[tuple[str, str]]:
+    """Attention/expert pools against the model: MoE only, tp 1, a placement that fits."""
+    import json
+
+    from engine.afd import placement_problems
+
+    arch, layers, experts, source = _shape_of(m)
+    if experts == 0:
+        return [(f"pools.{p}", f"attention/expert pools need an MoE model; {source} is {arch} (dense): use "
+                 "pools prefill and decode") for p in AFD_POOLS]
+    problems: list[tuple[str, str]] = []
+    for name in AFD_POOLS:
+        if m.pools[name].tp != 1:  # type: ignore[index]
+            problems.append((f"pools.{name}.tp", f"tp={m.pools[name].tp} not supported for the {name} pool; "  # type: ignore[index]
+                             "allowed: 1 (scale with replicas)"))
+    pool = m.pools["expert"]  # type: ignore[index]
+    where = "pools.expert.placement"
+    if pool.placement in (None, "even"):
+        if pool.replicas > experts:
+            problems.append(("pools.expert.replicas", f"{pool.replicas} expert workers for {experts} experts "
+                             f"with placement even; allowed: 1..{experts}"))
+        return problems
+    path = Path(pool.placement)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        return problems + [(where, f"cannot read {path}: {e.strerror or e}; allowed: even or a PLACEMENT.json "
+                            "from 'splitserve place-experts'")]
+    except json.JSONDecodeError as e:
+        return problems + [(where, f"{path} is not valid JSON: {e}")]
+    layout = data.get("layers") if isinstance(data, dict) else None
+    if layout is None:
+        return problems + [(where, f"{path} has no 'layers' (per layer, per GPU, expert ids)")]
+    for p in placement_problems(layout, layers, experts):
+        problems.append((where, f"{p} (the model has {layers} layers x {experts} experts)"))
+    gpus = {len(layer) for layer in layout if isinstance(layer, list)}
+    if len(gpus) == 1 and pool.replicas != next(iter(gpus)):
+        problems.append(("pools.expert.replicas", f"{pool.replicas}, but {path.name} places experts on "
+                         f"{next(iter(gpus))} GPUs; allowed: {next(iter(gpus))} (one expert worker per GPU)"))
+    return problems
 
 
 def check_against_model(m: Manifest) -> None:
     """Checks that need the model's config: directory, tp vs heads, context vs blocks."""
     problems: list[tuple[str, str]] = []
     if m.model.builtin is not None:
+        problems = afd_problems(m) if m.afd else []
+        if problems:
+            raise ManifestError(problems)
         return  # built on demand, known-good shapes (4 heads, 2 kv heads)
     d = m.model_dir()
     if not (d / "config.json").is_file():
@@ -175,6 +286,8 @@ def check_against_model(m: Manifest) -> None:
         cfg = ModelConfig.from_dir(d)
     except Exception as e:  # noqa: BLE001 - reported as a manifest problem
         raise ManifestError([("model.path", f"cannot read model config: {e}")]) from None
+    if m.afd:
+        problems += afd_problems(m)
     for name, pool in m.pools.items():
         for what, n in (("attention heads", cfg.num_attention_heads), ("KV heads", cfg.num_key_value_heads)):
             if n % pool.tp:
