@@ -32,6 +32,10 @@ def worker_class(pool: str) -> type:
         from prefill_workers.worker import PrefillWorker
 
         return PrefillWorker
+    if pool in ("attention", "expert"):
+        from decode_workers.afd import AttentionWorker, ExpertWorker
+
+        return AttentionWorker if pool == "attention" else ExpertWorker
     from decode_workers.worker import ColocatedWorker, DecodeWorker
 
     return ColocatedWorker if pool == "colocated" else DecodeWorker
@@ -63,6 +67,7 @@ class Controller:
         self._health_task: asyncio.Task[None] | None = None
         self._replacing: set[tuple[str, int]] = set()
         self._stopping = False
+        self._published = -1
 
     # -- creation ---------------------------------------------------------------------
     async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
@@ -115,6 +120,7 @@ class Controller:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        await self._publish()
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return self.get_state()
 
@@ -152,6 +158,7 @@ class Controller:
                 try:
                     await self._create(rec.pool, rec.slot)
                     self.replacements += 1
+                    await self._publish()
                     return
                 except Exception as e:  # noqa: BLE001 - retried with backoff
                     logger.error("replacement of %s failed (%s); retrying", rec.worker_id, e)
@@ -164,7 +171,22 @@ class Controller:
         while not self._stopping:
             await asyncio.gather(*(self._check(r) for r in list(self.workers.values())),
                                  return_exceptions=True)
+            if self.version != self._published:
+                await self._publish()
             await asyncio.sleep(period)
+
+    async def _publish(self) -> None:
+        """Send every worker the current snapshot (workers that reach other pools' workers
+        directly, like attention workers their expert workers, take their addresses from it)."""
+        version = self.version
+        state = self.get_state()
+        calls = []
+        for rec in list(self.workers.values()):
+            method = getattr(rec.handle, "cluster_state", None)
+            if method is not None:
+                calls.append(asyncio.wait_for(method.remote(state), timeout=HEALTH_TIMEOUT_S))
+        await asyncio.gather(*calls, return_exceptions=True)
+        self._published = version
 
     async def report_failure(self, worker_id: str) -> None:
         """An ingress saw this worker fail: check it now rather than at the next period."""
