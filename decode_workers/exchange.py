@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from cluster.errors import WorkerFailedError
 from engine.afd import ExpertExchange, ExpertRequest, ExpertShard, Placement
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,11 @@ _REP = struct.Struct("<QBIIB")
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-class ExchangeError(RuntimeError):
-    """An expert worker could not be reached or failed a request."""
+class ExchangeError(WorkerFailedError):
+    """An expert worker could not be reached or failed a request (503 at the ingress)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = "expert_failed") -> None:
+        super().__init__(message, param, code)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
