@@ -19,7 +19,6 @@ outputs, or (status 1) a UTF-8 message of ``rows`` bytes.
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import struct
 import threading
@@ -83,23 +82,20 @@ def read_request(sock: socket.socket) -> tuple[int, ExpertRequest]:
 
 
 class ExpertServer:
-    """Serves one ExpertShard to any number of attention workers: a reader thread per
-    connection queues requests; one compute thread runs them in arrival order (torch
-    keeps its threads to itself) and writes each reply to its connection."""
+    """Serves one ExpertShard to any number of attention workers (M:N): a thread per
+    connection reads a request, runs it under the shard's lock (one computation at a
+    time; torch keeps its threads to itself) and writes the reply."""
 
     def __init__(self, shard: ExpertShard, host: str = "127.0.0.1", port: int = 0) -> None:
         self.shard = shard
         self._listener = socket.create_server((host, port))
         self.address = self._listener.getsockname()[:2]
-        self._work: queue.Queue[tuple[socket.socket, threading.Lock, int, ExpertRequest] | None] = queue.Queue()
+        self._compute = threading.Lock()
         self._conns: list[socket.socket] = []
         self._stopping = False
         self.requests = 0
         self.connections = 0
-        self._threads = [threading.Thread(target=self._accept, name="expert-accept", daemon=True),
-                         threading.Thread(target=self._compute, name="expert-compute", daemon=True)]
-        for t in self._threads:
-            t.start()
+        threading.Thread(target=self._accept, name="expert-accept", daemon=True).start()
 
     def _accept(self) -> None:
         while not self._stopping:
@@ -110,42 +106,30 @@ class ExpertServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conns.append(conn)
             self.connections += 1
-            threading.Thread(target=self._read, args=(conn,), name="expert-read", daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), name="expert-conn", daemon=True).start()
 
-    def _read(self, conn: socket.socket) -> None:
-        lock = threading.Lock()
+    def _serve(self, conn: socket.socket) -> None:
         try:
             while not self._stopping:
                 tag, req = read_request(conn)
-                self._work.put((conn, lock, tag, req))
+                try:
+                    with self._compute:
+                        y = self.shard.run(req)
+                    parts: list[Any] = [_REP.pack(tag, 0, y.shape[0], y.shape[1], _DTYPES.index(y.dtype)),
+                                        _tensor_bytes(y)]
+                except Exception as e:  # noqa: BLE001 - the attention worker gets the message
+                    msg = f"{type(e).__name__}: {e}".encode()
+                    parts = [_REP.pack(tag, 1, len(msg), 0, 0), msg]
+                self.requests += 1
+                for p in parts:
+                    conn.sendall(p)
         except (ConnectionError, OSError):
-            pass
+            pass  # the attention worker went away (or stop())
         finally:
             conn.close()
 
-    def _compute(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is None:
-                return
-            conn, lock, tag, req = item
-            try:
-                y = self.shard.run(req)
-                parts: list[Any] = [_REP.pack(tag, 0, y.shape[0], y.shape[1], _DTYPES.index(y.dtype)), _tensor_bytes(y)]
-            except Exception as e:  # noqa: BLE001 - the attention worker gets the message
-                msg = f"{type(e).__name__}: {e}".encode()
-                parts = [_REP.pack(tag, 1, len(msg), 0, 0), msg]
-            self.requests += 1
-            try:
-                with lock:
-                    for p in parts:
-                        conn.sendall(p)
-            except OSError:
-                pass  # the attention worker went away; its reader thread ends too
-
     def stop(self) -> None:
         self._stopping = True
-        self._work.put(None)
         self._listener.close()
         for c in self._conns:
             try:

@@ -51,6 +51,22 @@ def test_afd_serving_equals_transformers(ray_session, mixtral_dir, expected, att
         att = [ray.get(w["handle"].health.remote()) for w in pools["attention"]]
         routed = sum(sum(map(sum, s["expert_load"])) for s in att)
         assert routed == sum(s["rows"] for s in expert_stats)
+        # /metrics shows the expert load per worker once the ingress has the new stats.
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + 20
+        while True:
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            rows = [ln for ln in text.splitlines() if ln.startswith("splitserve_expert_rows{")]
+            routed_m = [ln for ln in text.splitlines() if ln.startswith("splitserve_expert_routed_tokens{")]
+            total = sum(float(ln.rsplit(" ", 1)[1]) for ln in rows)
+            if total == routed or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert total == routed and sum(float(ln.rsplit(" ", 1)[1]) for ln in routed_m) == routed
+        assert any('pool="expert"' in ln for ln in rows) and all('pool="attention"' in ln for ln in routed_m)
 
 
 def test_afd_serving_with_placement_file(ray_session, mixtral_dir, expected, tmp_path):
