@@ -77,3 +77,80 @@ def test_afd_serving_with_placement_file(ray_session, mixtral_dir, expected, tmp
     path.write_text(json.dumps({"layers": layers, "method": "ilp"}))
     with serving(afd_manifest(mixtral_dir, placement=str(path))) as (url, _):
         assert asyncio.run(served(url, ps[:8])) == ref[:8]
+
+
+def test_serve_cli_demo_afd(ray_session, mixtral_dir):
+    """`splitserve serve deploy/manifests/demo-afd.yaml` as an operator runs it: the openai
+    client, streaming and not; greedy tokens equal the engine alone; one actor per worker,
+    class names naming their roles; Ctrl-C stops them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import openai
+    import ray
+
+    from engine.engine import LLMEngine
+    from engine.scheduler import SchedulerConfig
+    from engine.sequence import SamplingParams
+
+    from .test_cli_serve import ROOT, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "serve", "deploy/manifests/demo-afd.yaml", "--port", str(port),
+         "--address", ray.get_runtime_context().gcs_address],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    handles: list = []
+    try:
+        import time
+
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if "ready" in line:
+                break
+        assert any("ready" in x for x in lines), "".join(lines[-30:])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=60, max_retries=0)
+        ps = [[11, 12, 13, 14, 15, 16, 17], [40, 41, 42]]
+        eng = LLMEngine.from_model_dir(mixtral_dir, num_blocks=64, block_size=16,
+                                       scheduler_config=SchedulerConfig(max_model_len=4096))
+        want = eng.generate(ps, SamplingParams(temperature=0, max_tokens=8))
+        r = client.completions.create(model="demo-afd", prompt=ps[0], max_tokens=8, temperature=0,
+                                      extra_body={"return_token_ids": True})
+        assert r.choices[0].model_extra["token_ids"] == want[0]
+        ids: list[int] = []
+        for chunk in client.completions.create(model="demo-afd", prompt=ps[1], max_tokens=8, temperature=0,
+                                               stream=True, extra_body={"return_token_ids": True}):
+            ids += chunk.choices[0].model_extra.get("token_ids") or []
+        assert ids == want[1]
+        chunks = list(client.chat.completions.create(model="demo-afd", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=6, stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        controller = ray.get_actor("splitserve-controller-demo-afd", namespace="splitserve")
+        state = ray.get(controller.get_state.remote(), timeout=10)
+        names = {pool: sorted(w["handle"]._ray_actor_creation_function_descriptor.class_name for w in ws)
+                 for pool, ws in state["pools"].items()}
+        assert names == {"prefill": ["PrefillWorker"], "attention": ["AttentionWorker"],
+                         "expert": ["ExpertWorker", "ExpertWorker"]}
+        handles = [w["handle"] for ws in state["pools"].values() for w in ws] + [controller]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    for h in handles:
+        try:
+            ray.get(h.__ray_ready__.remote(), timeout=10)
+            alive = True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            alive = False
+        assert not alive
