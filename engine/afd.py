@@ -257,6 +257,16 @@ class AFDRunner(ModelRunner):
         self.last = StepTimes()
         self.total = StepTimes()
         self._tags = 0
+        # Routing trace (for splitserve place-experts): when a list, each step appends its
+        # expert ids [tokens, layers, top_k]; None: not recorded.
+        self.trace: list[torch.Tensor] | None = None
+        self._step_routes: list[list[torch.Tensor]] = []
+
+    def routing_trace(self) -> torch.Tensor:
+        """The recorded routing, int64 [tokens, layers, top_k] (place-experts' TRACE)."""
+        if not self.trace:
+            return torch.zeros(0, len(self.kv_caches), self.top_k, dtype=torch.long)
+        return torch.cat(self.trace)
 
     def set_placement(self, placement: Placement) -> None:
         self.exchange.placement = placement
@@ -265,6 +275,8 @@ class AFDRunner(ModelRunner):
 
     def _dispatch(self, layer: int, mlp: MoE, h: torch.Tensor, hn: torch.Tensor) -> _Dispatch:
         weights, experts = mlp.route(hn)
+        if self.trace is not None:
+            self._step_routes[layer].append(experts)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts_t = torch.bincount(flat, minlength=self.num_experts)
@@ -318,6 +330,7 @@ class AFDRunner(ModelRunner):
         self.last = StepTimes(steps=1)
         model = self.model
         parts = split_micro_batches(step.meta, self.micro_batches)
+        self._step_routes = [[] for _ in model.layers]
         x = model.embed_tokens(step.input_ids)
         if model.rotary.inv_freq.device != x.device:
             model.rotary.to(x.device)
@@ -341,6 +354,8 @@ class AFDRunner(ModelRunner):
             if d is not None:
                 xs[g] = self._combine(d)
         out = model.norm(torch.cat(xs) if len(xs) > 1 else xs[0])
+        if self.trace is not None and all(self._step_routes):
+            self.trace.append(torch.stack([torch.cat(r) for r in self._step_routes], dim=1))
         self.last.attention_s = time.perf_counter() - t_start - self.last.wait_s
         self.total.attention_s += self.last.attention_s
         self.total.wait_s += self.last.wait_s

@@ -69,14 +69,42 @@ def test_afd_serving_equals_transformers(ray_session, mixtral_dir, expected, att
         assert any('pool="expert"' in ln for ln in rows) and all('pool="attention"' in ln for ln in routed_m)
 
 
-def test_afd_serving_with_placement_file(ray_session, mixtral_dir, expected, tmp_path):
+def test_afd_serving_with_placement_from_place_experts(ray_session, mixtral_dir, expected, tmp_path):
+    """A routing trace recorded by the attention side, `splitserve place-experts` (the
+    ILP) on it for 3 expert workers with room for replicas, then serving that placement."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from engine.afd import even_placement, local_afd_runner
+    from engine.config import ModelConfig
+    from engine.engine import LLMEngine
+    from engine.scheduler import SchedulerConfig
+    from engine.sequence import SamplingParams
+
+    from .test_cli_serve import ROOT
+
     ps, ref = expected
-    # Uneven, with replicas of experts 0 and 5 (as place-experts may write for a skewed trace).
-    layers = [[[0, 1, 2, 3, 5], [4, 5, 6, 7, 0]] for _ in range(4)]
-    path = tmp_path / "placement.json"
-    path.write_text(json.dumps({"layers": layers, "method": "ilp"}))
-    with serving(afd_manifest(mixtral_dir, placement=str(path))) as (url, _):
-        assert asyncio.run(served(url, ps[:8])) == ref[:8]
+    cfg = ModelConfig.from_dir(mixtral_dir)
+    runner = local_afd_runner(str(mixtral_dir), "float32", 128, 8,
+                              even_placement(cfg.num_hidden_layers, cfg.num_local_experts, 2), micro_batches=2)
+    runner.trace = []
+    LLMEngine(runner, SchedulerConfig(max_num_batched_tokens=64, max_model_len=4096), 128,
+              eos_token_ids=cfg.eos_token_ids).generate(ps, SamplingParams(temperature=0, max_tokens=12))
+    trace = runner.routing_trace()
+    assert trace.shape[1:] == (cfg.num_hidden_layers, cfg.num_experts_per_tok) and trace.shape[0] > 100
+    np.save(tmp_path / "trace.npy", trace.numpy().astype(np.int32))
+    out = tmp_path / "placement.json"
+    r = subprocess.run([sys.executable, "-m", "cluster", "place-experts", "--trace", str(tmp_path / "trace.npy"),
+                        "--gpus", "3", "--gpus-per-node", "3", "--slots", "4", "--experts", "8",
+                        "--time-limit", "20", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    layers = json.loads(out.read_text())["layers"]
+    assert len(layers) == cfg.num_hidden_layers and all(len(layer) == 3 for layer in layers)
+    with serving(afd_manifest(mixtral_dir, experts=3, placement=str(out))) as (url, _):
+        assert asyncio.run(served(url, ps)) == ref
 
 
 def test_serve_cli_demo_afd(ray_session, mixtral_dir):
