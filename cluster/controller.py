@@ -194,6 +194,41 @@ class Controller:
         if rec is not None:
             await self._check(rec)
 
+    # -- attention/expert disaggregation ------------------------------------------------
+    async def apply_expert_placement(self, layers: list[list[list[int]]], timeout_s: float = 300.0) -> dict[str, Any]:
+        """Live re-placement of the experts (pools attention + expert): every expert worker
+        first loads the experts the new placement gives it (keeping its old ones), then
+        every attention worker switches its routing between two steps, then the expert
+        workers drop what they no longer hold. No request fails for it. The manifest the
+        controller hands to new workers carries the placement inline, so a replaced expert
+        worker loads its new experts."""
+        from cluster.errors import ManifestError
+        from cluster.manifest import afd_problems
+        from engine.afd import shard_experts
+
+        if not self.manifest.afd:
+            raise ManifestError([("pools", "no attention/expert pools in this deployment")])
+        candidate = self.manifest.model_copy(deep=True)
+        candidate.pools["expert"].placement = layers  # type: ignore[index]
+        problems = afd_problems(candidate)
+        if problems:
+            raise ManifestError(problems)
+        experts = sorted((r for r in self.workers.values() if r.pool == "expert"), key=lambda r: r.slot)
+        attention = [r for r in self.workers.values() if r.pool == "attention"]
+
+        async def each(recs: list[WorkerRecord], call: Any) -> list[Any]:
+            return list(await asyncio.wait_for(asyncio.gather(*(call(r) for r in recs)), timeout=timeout_s))
+
+        self.manifest = candidate
+        self.manifest_json = candidate.model_dump_json()
+        loaded = await each(experts, lambda r: r.handle.load_experts.remote(shard_experts(layers, r.slot)))
+        await each(attention, lambda r: r.handle.set_placement.remote(layers))
+        dropped = await each(experts, lambda r: r.handle.drop_experts.remote(shard_experts(layers, r.slot)))
+        self.version += 1
+        logger.info("expert placement applied: %d expert copies loaded, %d dropped", sum(loaded), sum(dropped))
+        return {"loaded": sum(loaded), "dropped": sum(dropped), "expert_workers": len(experts),
+                "attention_workers": len(attention)}
+
     # -- queries ----------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
         pools: dict[str, list[dict[str, Any]]] = {name: [] for name in self.manifest.pools}

@@ -8,7 +8,7 @@ exists, tp divides the heads, block counts) and reports every problem at once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -48,9 +48,10 @@ class PoolSpec(Strict):
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once")
     num_kv_blocks: int = Field(512, ge=1, description="KV blocks per replica")
     nodes: list[str] | None = Field(None, description="Node IPs to place replicas on, round-robin")
-    placement: str | None = Field(None, description="expert pool: 'even' (contiguous blocks of experts per "
-                                  "worker) or a PLACEMENT.json from 'splitserve place-experts' (one worker "
-                                  "per GPU of the placement); default even")
+    placement: str | list[list[list[int]]] | None = Field(
+        None, description="expert pool: 'even' (contiguous blocks of experts per worker), a PLACEMENT.json from "
+        "'splitserve place-experts' (one worker per GPU of the placement), or its 'layers' inline (per layer, "
+        "per worker, expert ids; what a live re-placement writes); default even")
     micro_batches: int | None = Field(None, ge=1, le=2, description="expert pool: micro-batches per decode step "
                                       "that ping-pong between attention and experts (1 = lock-step); default 2")
 
@@ -188,7 +189,7 @@ def parse_manifest(data: object, base_dir: str = ".") -> Manifest:
         raise ManifestError(misplaced)
     if m.afd:
         placement = m.pools["expert"].placement  # type: ignore[index]
-        if placement not in (None, "even") and not Path(placement).is_absolute():
+        if isinstance(placement, str) and placement != "even" and not Path(placement).is_absolute():
             # Workers read it wherever they run: resolve it against the manifest's directory.
             m.pools["expert"].placement = str((Path(base_dir) / placement).resolve())  # type: ignore[index]
     check_against_model(m)
@@ -219,6 +220,8 @@ def read_expert_placement(m: Manifest) -> list[list[list[int]]]:
     pool = m.pools["expert"]  # type: ignore[index]
     if pool.placement in (None, "even"):
         return even_placement(layers, experts, pool.replicas)
+    if isinstance(pool.placement, list):
+        return pool.placement
     import json
 
     data = json.loads(Path(pool.placement).read_text())
@@ -247,17 +250,21 @@ def afd_problems(m: Manifest) -> list[tuple[str, str]]:
             problems.append(("pools.expert.replicas", f"{pool.replicas} expert workers for {experts} experts "
                              f"with placement even; allowed: 1..{experts}"))
         return problems
-    path = Path(pool.placement)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        return problems + [(where, f"cannot read {path}: {e.strerror or e}; allowed: even or a PLACEMENT.json "
-                            "from 'splitserve place-experts'")]
-    except json.JSONDecodeError as e:
-        return problems + [(where, f"{path} is not valid JSON: {e}")]
-    layout = data.get("layers") if isinstance(data, dict) else None
-    if layout is None:
-        return problems + [(where, f"{path} has no 'layers' (per layer, per GPU, expert ids)")]
+    if isinstance(pool.placement, list):
+        layout: Any = pool.placement
+        path = Path("the inline placement")
+    else:
+        path = Path(pool.placement)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            return problems + [(where, f"cannot read {path}: {e.strerror or e}; allowed: even or a PLACEMENT.json "
+                                "from 'splitserve place-experts'")]
+        except json.JSONDecodeError as e:
+            return problems + [(where, f"{path} is not valid JSON: {e}")]
+        layout = data.get("layers") if isinstance(data, dict) else None
+        if layout is None:
+            return problems + [(where, f"{path} has no 'layers' (per layer, per GPU, expert ids)")]
     for p in placement_problems(layout, layers, experts):
         problems.append((where, f"{p} (the model has {layers} layers x {experts} experts)"))
     gpus = {len(layer) for layer in layout if isinstance(layer, list)}

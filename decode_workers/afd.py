@@ -61,6 +61,17 @@ class AttentionWorker(DecodeWorker):
             # then fails on the closed socket and the next one reconnects.
             self.exchange.set_addresses(addresses)
 
+    async def set_placement(self, placement: list[list[list[int]]]) -> int:
+        """Route by a new expert placement from the next step on; returns once no step
+        uses the old one (the controller drops old expert copies only then)."""
+        import asyncio
+
+        assert self.engine is not None
+        runner: Any = self.engine.runner
+        await asyncio.to_thread(runner.set_placement, placement)
+        self.placement = placement
+        return int(runner.total.steps)
+
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
         if self.engine is not None:
@@ -123,6 +134,24 @@ class ExpertWorker:
 
     async def cluster_state(self, state: dict[str, Any]) -> None:
         pass
+
+    async def load_experts(self, experts: list[list[int]]) -> int:
+        """Live re-placement, step 1: also hold these experts (per layer); returns how
+        many were loaded. Experts already held keep serving."""
+        import asyncio
+
+        from engine.engine import DTYPES
+
+        n = await asyncio.to_thread(self.server.shard.add, str(self.manifest.model_dir()),
+                                    DTYPES[self.manifest.model.dtype], experts)
+        self.experts = [sorted(set(a) | set(b)) for a, b in zip(self.experts, experts)]
+        return int(n)
+
+    async def drop_experts(self, keep: list[list[int]]) -> int:
+        """Live re-placement, last step: release the experts (per layer) not in keep."""
+        n = self.server.shard.drop_except(keep)
+        self.experts = [sorted(k) for k in keep]
+        return int(n)
 
     async def drain(self, timeout_s: float = 60.0) -> bool:
         return True

@@ -34,6 +34,7 @@ differently across micro-batches).
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -117,6 +118,28 @@ class ExpertShard:
     @property
     def experts(self) -> list[list[int]]:
         return [sorted(layer) for layer in self.mlps]
+
+    def add(self, model_dir: str, dtype: torch.dtype, experts: list[list[int]]) -> int:
+        """Load the given experts (per layer) that this shard lacks; returns how many.
+        Held experts keep serving meanwhile (live re-placement: copy, switch, drop)."""
+        from engine.loader import load_experts
+
+        missing = [sorted(set(ids) - set(have)) for ids, have in zip(experts, self.mlps)]
+        if not any(missing):
+            return 0
+        loaded = load_experts(model_dir, dtype, missing)
+        for have, new in zip(self.mlps, loaded):
+            have.update(new)
+        return sum(map(len, missing))
+
+    def drop_except(self, experts: list[list[int]]) -> int:
+        """Release the experts (per layer) not listed; returns how many."""
+        n = 0
+        for have, keep in zip(self.mlps, experts):
+            for e in [e for e in have if e not in keep]:
+                del have[e]
+                n += 1
+        return n
 
     @torch.inference_mode()
     def run(self, req: ExpertRequest) -> torch.Tensor:
@@ -261,6 +284,8 @@ class AFDRunner(ModelRunner):
         # expert ids [tokens, layers, top_k]; None: not recorded.
         self.trace: list[torch.Tensor] | None = None
         self._step_routes: list[list[torch.Tensor]] = []
+        # Held for a whole step: a new placement takes effect between steps only.
+        self._step_lock = threading.Lock()
 
     def routing_trace(self) -> torch.Tensor:
         """The recorded routing, int64 [tokens, layers, top_k] (place-experts' TRACE)."""
@@ -269,9 +294,20 @@ class AFDRunner(ModelRunner):
         return torch.cat(self.trace)
 
     def set_placement(self, placement: Placement) -> None:
-        self.exchange.placement = placement
-        self._holders = [[[s for s, ids in enumerate(layer) if e in ids] for e in range(self.num_experts)]
-                         for layer in placement]
+        """Route by a new placement from the next step on (waits for a running step); the
+        experts must already be loaded where it puts them."""
+        cfg = self.model.cfg
+        problems = placement_problems(placement, cfg.num_hidden_layers, cfg.num_local_experts)
+        if problems:
+            raise ValueError("placement: " + "; ".join(problems))
+        if len(placement[0]) != self.exchange.num_shards:
+            raise ValueError(f"placement over {len(placement[0])} shards; this exchange has "
+                             f"{self.exchange.num_shards}")
+        holders = [[[s for s, ids in enumerate(layer) if e in ids] for e in range(self.num_experts)]
+                   for layer in placement]
+        with self._step_lock:
+            self.exchange.placement = placement
+            self._holders = holders
 
     def _dispatch(self, layer: int, mlp: MoE, h: torch.Tensor, hn: torch.Tensor) -> _Dispatch:
         weights, experts = mlp.route(hn)
@@ -326,6 +362,10 @@ class AFDRunner(ModelRunner):
     def forward(self, step: StepInput, hook: Any) -> torch.Tensor:
         if hook is not None:
             raise ValueError("the attention side of AFD does not stream KV out (prefill workers do)")
+        with self._step_lock:
+            return self._forward(step)
+
+    def _forward(self, step: StepInput) -> torch.Tensor:
         t_start = time.perf_counter()
         self.last = StepTimes(steps=1)
         model = self.model

@@ -182,3 +182,36 @@ def test_serve_cli_demo_afd(ray_session, mixtral_dir):
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             alive = False
         assert not alive
+
+
+def test_live_replacement_under_load(ray_session, mixtral_dir, expected):
+    """A new expert placement applied while 16 requests decode: every request succeeds
+    with the reference tokens, the experts change homes, and a replaced expert worker
+    would load the new placement (the controller's manifest carries it)."""
+    import ray
+
+    ps, ref = expected
+    with serving(afd_manifest(mixtral_dir)) as (url, dep):
+        layers = [[[4, 5, 6, 7, 0], [0, 1, 2, 3]] for _ in range(4)]
+
+        async def run() -> tuple[list[list[int]], dict]:
+            load = asyncio.ensure_future(served(url, ps))
+            await asyncio.sleep(0.3)  # requests are in flight
+            summary = await dep.controller.apply_expert_placement.remote(layers)
+            return await load, summary
+
+        got, summary = asyncio.run(run())
+        assert got == ref  # 0 failed requests, same tokens
+        assert summary == {"loaded": 32, "dropped": 28, "expert_workers": 2, "attention_workers": 1}
+        pools = ray.get(dep.controller.get_state.remote())["pools"]
+        homes = {ray.get(w["handle"].health.remote())["shard"]: ray.get(w["handle"].health.remote())["experts"]
+                 for w in pools["expert"]}
+        assert homes == {0: [[0, 4, 5, 6, 7]] * 4, 1: [[0, 1, 2, 3]] * 4}
+        # Later requests route by the new placement and still give the reference tokens.
+        assert asyncio.run(served(url, ps[:4])) == ref[:4]
+        w0 = next(w for w in pools["expert"] if w["stats"]["shard"] == 0)
+        rows0 = {(layer, e): n for layer, e, n in ray.get(w0["handle"].health.remote())["expert_rows"]}
+        assert any(rows0.get((0, e), 0) > 0 for e in (4, 5, 6, 7))
+        # A bad placement is refused with the manifest's field path, nothing changes.
+        with pytest.raises(Exception, match="pools.expert.placement"):
+            ray.get(dep.controller.apply_expert_placement.remote([[[0, 1], [2, 3]]] * 4))

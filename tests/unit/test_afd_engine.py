@@ -160,3 +160,28 @@ def test_placement_checks_and_shard_refuses_experts_it_lacks(model_dir, cfg):
 
         build_attention_runner(str(builtin_model_dir("tiny-llama")), "float32", 8, 4,
                                LocalExchange([[[0]]], [ExpertShard([{}])]), 1)
+
+
+def test_live_replacement_between_steps_keeps_outputs(model_dir, cfg, monolithic):
+    """Copy, switch, drop while sequences decode: outputs stay the monolithic engine's."""
+    L, E = cfg.num_hidden_layers, cfg.num_local_experts
+    old = even_placement(L, E, 2)
+    new = [[[4, 5, 6, 7, 0], [0, 1, 2, 3]] for _ in range(L)]  # experts change homes
+    runner = local_afd_runner(model_dir, "float32", 128, 4, old, micro_batches=2)
+    eng = LLMEngine(runner, sched(), 128, eos_token_ids=cfg.eos_token_ids)
+    seqs = [eng.add_request(f"r{i}", p, GREEDY) for i, p in enumerate(prompts(cfg.vocab_size))]
+    for _ in range(4):
+        eng.step()
+    shards = runner.exchange.shards  # type: ignore[attr-defined]
+    loaded = [sh.add(model_dir, torch.float32, shard_experts(new, s)) for s, sh in enumerate(shards)]
+    assert loaded == [4 * L, 4 * L]
+    runner.set_placement(new)
+    assert [sh.drop_except(shard_experts(new, s)) for s, sh in enumerate(shards)] == [3 * L, 4 * L]
+    assert shards[0].experts[0] == [0, 4, 5, 6, 7] and shards[1].experts[0] == [0, 1, 2, 3]
+    before = {k: v for k, v in shards[0].load.items()}
+    while eng.has_work:
+        eng.step()
+    assert [s.output_token_ids for s in seqs] == monolithic
+    assert any(shards[0].load.get((0, e), 0) > before.get((0, e), 0) for e in (4, 5, 6, 7))
+    with pytest.raises(ValueError, match="no replica"):
+        runner.set_placement([[[0], [1]]] * L)
