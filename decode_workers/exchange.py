@@ -196,6 +196,10 @@ class SocketExchange(ExpertExchange):
         for s in list(self._socks):
             self._drop(s)
 
+    def reset(self) -> None:
+        """After a failed step: replies to its sends may still come; reconnecting drops them."""
+        self.close()
+
     def send(self, shard: int, tag: int, req: ExpertRequest) -> None:
         sock = self._sock(shard)
         try:
@@ -224,6 +228,8 @@ class SocketExchange(ExpertExchange):
                 if rtag == tag:
                     self.round_trips += 1
                     return y
+                # Replies come in send order per connection; another tag is one received
+                # out of order by the caller, kept for its recv.
                 self._stash[(shard, rtag)] = y
         except (OSError, ConnectionError) as e:
             self._drop(shard)

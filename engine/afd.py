@@ -181,6 +181,9 @@ class ExpertExchange(ABC):
     @abstractmethod
     def recv(self, shard: int, tag: int) -> torch.Tensor: ...
 
+    def reset(self) -> None:
+        """Forget sends whose results will not be received (a failed step)."""
+
 
 class LocalExchange(ExpertExchange):
     """Shards in this process; a shard runs a request when its result is received."""
@@ -197,6 +200,9 @@ class LocalExchange(ExpertExchange):
 
     def recv(self, shard: int, tag: int) -> torch.Tensor:
         return self.shards[shard].run(self._inflight.pop((shard, tag)))
+
+    def reset(self) -> None:
+        self._inflight.clear()
 
 
 @dataclass
@@ -363,7 +369,12 @@ class AFDRunner(ModelRunner):
         if hook is not None:
             raise ValueError("the attention side of AFD does not stream KV out (prefill workers do)")
         with self._step_lock:
-            return self._forward(step)
+            try:
+                return self._forward(step)
+            except BaseException:
+                # Replies still on their way belong to no later step.
+                self.exchange.reset()
+                raise
 
     def _forward(self, step: StepInput) -> torch.Tensor:
         t_start = time.perf_counter()

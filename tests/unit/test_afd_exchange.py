@@ -89,3 +89,29 @@ def test_dead_server_fails_fast_and_new_address_reconnects(model_dir):
         replacement.stop()
         servers[1].stop()
         ex.close()
+
+
+def test_failed_step_leaves_no_stale_replies(model_dir):
+    """A step that fails on one dead shard (the other shard's reply still in flight) is
+    followed by steps whose outputs are right once the shard is back."""
+    cfg = ModelConfig.from_dir(model_dir)
+    pl = even_placement(cfg.num_hidden_layers, cfg.num_local_experts, 2)
+    want = engine(local_afd_runner(model_dir, "float32", 64, 4, pl, 2), cfg).generate(PROMPTS, GREEDY)
+    servers = servers_for(model_dir, pl)
+    ex = SocketExchange(pl, {s: tuple(sv.address) for s, sv in enumerate(servers)}, timeout_s=10)
+    runner = build_attention_runner(model_dir, "float32", 64, 4, ex, 2)
+    first = engine(runner, cfg)
+    for i, p in enumerate(PROMPTS):
+        first.add_request(f"r{i}", p, GREEDY)
+    first.step()
+    servers[0].stop()
+    with pytest.raises(ExchangeError):
+        first.step()
+    back = ExpertServer(ExpertShard.load_from(model_dir, torch.float32, shard_experts(pl, 0)))
+    try:
+        ex.set_addresses({0: tuple(back.address), 1: tuple(servers[1].address)})
+        assert engine(runner, cfg).generate(PROMPTS, GREEDY) == want
+    finally:
+        back.stop()
+        servers[1].stop()
+        ex.close()
