@@ -45,6 +45,9 @@ class PoolSpec(Strict):
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once")
     num_kv_blocks: int = Field(512, ge=1, description="KV blocks per replica")
     nodes: list[str] | None = Field(None, description="Node IPs to place replicas on, round-robin")
+    engine: Literal["native", "vllm"] = Field(
+        "native", description="What runs the model: splitserve's own engine, or vLLM's v1 engine "
+                              "(optional package; KV moves through splitserve's connector)")
 
 
 class KVCacheSpec(Strict):
@@ -159,11 +162,74 @@ def parse_manifest(data: object, base_dir: str = ".") -> Manifest:
     return m
 
 
+# Architectures a vLLM pool may serve: those splitserve's own engine also runs and whose
+# output is checked against it (tests/integration/test_vllm_serving.py).
+VLLM_ARCHITECTURES = ("LlamaForCausalLM",)
+# vLLM's CPU attention (vllm/v1/attention/backends/cpu_attn.py, 0.32): head sizes it
+# supports and the block size it needs (a multiple of 32).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+VLLM_CPU_BLOCK_MULTIPLE = 32
+
+
+def _builtin_config(name: str) -> dict[str, object] | None:
+    """config.json of a built-in model without building it (None if unknown)."""
+    try:
+        from models.builtin import BUILTIN
+        from models.make import config_for
+
+        arch, size = BUILTIN[name]
+        return dict(config_for(arch, size=size))
+    except Exception:  # noqa: BLE001 - a built-in made another way: checked when built
+        return None
+
+
+def check_vllm_pools(m: Manifest, cfg: dict[str, object] | None) -> list[tuple[str, str]]:
+    """What a vLLM pool cannot run, as (field path, reason); cfg is the model's config.json."""
+    problems: list[tuple[str, str]] = []
+    engines = {name: pool.engine for name, pool in m.pools.items()}
+    vllm_pools = sorted(name for name, e in engines.items() if e == "vllm")
+    if not vllm_pools:
+        return problems
+    if m.mode == "disaggregated" and len(set(engines.values())) > 1:
+        native = next(n for n, e in engines.items() if e == "native")
+        problems.append((f"pools.{native}.engine", "prefill and decode pools must use the same engine "
+                         f"(found {engines['prefill']} prefill, {engines['decode']} decode); "
+                         "allowed: both native or both vllm"))
+    for name in vllm_pools:
+        pool = m.pools[name]  # type: ignore[index]
+        if pool.tp != 1:
+            problems.append((f"pools.{name}.tp", f"tp={pool.tp} with engine vllm is not supported yet; "
+                             "allowed: 1"))
+    on_cpu = [n for n in vllm_pools if m.pools[n].num_gpus == 0]  # type: ignore[index]
+    if on_cpu and m.kv_cache.block_size % VLLM_CPU_BLOCK_MULTIPLE:
+        problems.append(("kv_cache.block_size", f"{m.kv_cache.block_size} with vLLM pools on CPU "
+                         f"({', '.join(on_cpu)}); vLLM's CPU attention needs a multiple of "
+                         f"{VLLM_CPU_BLOCK_MULTIPLE}"))
+    if cfg is None:
+        return problems
+    where = "model.builtin" if m.model.builtin is not None else "model.path"
+    archs = list(cfg.get("architectures") or [])  # type: ignore[call-overload]
+    if not any(a in VLLM_ARCHITECTURES for a in archs):
+        problems.append((where, f"architecture {archs} cannot run on a vLLM pool ({', '.join(vllm_pools)}) "
+                         f"here; allowed: {', '.join(VLLM_ARCHITECTURES)}"))
+    heads = int(cfg.get("num_attention_heads", 1))  # type: ignore[call-overload]
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // max(1, heads))  # type: ignore[call-overload]
+    if on_cpu and head_dim not in VLLM_CPU_HEAD_SIZES:
+        problems.append((where, f"head_dim {head_dim} is not supported by vLLM's CPU attention (pools "
+                         f"{', '.join(on_cpu)}); allowed: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} "
+                         "(e.g. builtin small-llama, head_dim 32)"))
+    return problems
+
+
 def check_against_model(m: Manifest) -> None:
     """Checks that need the model's config: directory, tp vs heads, context vs blocks."""
     problems: list[tuple[str, str]] = []
     if m.model.builtin is not None:
-        return  # built on demand, known-good shapes (4 heads, 2 kv heads)
+        # Built on demand with known-good shapes; only what vLLM pools need is checked.
+        problems = check_vllm_pools(m, _builtin_config(m.model.builtin))
+        if problems:
+            raise ManifestError(problems)
+        return
     d = m.model_dir()
     if not (d / "config.json").is_file():
         problems.append(("model.path", f"no config.json in {d} (expected an HF-format model "
@@ -180,6 +246,9 @@ def check_against_model(m: Manifest) -> None:
             if n % pool.tp:
                 problems.append((f"pools.{name}.tp", f"tp={pool.tp} does not divide the model's "
                                  f"{n} {what}; allowed: a divisor of {n}"))
+    import json
+
+    problems += check_vllm_pools(m, json.loads((d / "config.json").read_text()))
     if m.model.max_model_len and m.model.max_model_len > cfg.max_position_embeddings:
         problems.append(("model.max_model_len", f"{m.model.max_model_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}"))
