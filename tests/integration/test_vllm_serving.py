@@ -91,3 +91,93 @@ def test_vllm_serving_matches_vllm_alone(ray_session, small_dir, case, vllm_refe
     for pool, ss in stats.items():
         for s in ss:  # every block back, nothing left in the connector's channel
             assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
+
+
+# -- failures: one vLLM deployment (gRPC transport, so faults can be injected) -------------
+def _workers(dep, pool: str) -> list[dict]:
+    return ray.get(dep.controller.get_state.remote(), timeout=10)["pools"][pool]
+
+
+def _wait_idle(handle, timeout_s: float = 30.0) -> dict:
+    """Health of a worker once it holds no KV block and nothing in the connector's channel."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = ray.get(handle.health.remote(), timeout=10)
+        if (s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0
+                and s["running"] == 0 and s["waiting"] == 0) or time.monotonic() > deadline:
+            return s
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def failing(ray_session, small_dir):
+    m = vllm_manifest(small_dir, kv_transfer={"codec": "none", "transport": "grpc", "timeout_s": 10})
+    with serving(m) as (url, dep):
+        yield url, dep
+
+
+def test_vllm_client_abort_frees_blocks(failing):
+    url, dep = failing
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
+    stream = client.completions.create(model="tiny", prompt=list(range(5, 105)), max_tokens=1000, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for n, _chunk in enumerate(stream):
+        if n == 5:
+            break
+    stream.close()
+    for pool in ("prefill", "decode"):
+        s = _wait_idle(_workers(dep, pool)[0]["handle"])
+        assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
+
+
+def test_vllm_failed_kv_transfer_is_503_and_frees_blocks(failing):
+    import httpx
+
+    url, dep = failing
+    prefill = _workers(dep, "prefill")[0]["handle"]
+    ray.get(prefill.inject_kv_fault.remote("corrupt", 2), timeout=10)  # the receiver retries once
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": list(range(5, 70)),
+                                                    "max_tokens": 8}, timeout=60)
+    assert r.status_code == 503 and "KV transfer failed" in r.json()["error"]["message"], r.text
+    for pool in ("prefill", "decode"):
+        s = _wait_idle(_workers(dep, pool)[0]["handle"])
+        assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
+    ok = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": list(range(5, 70)),
+                                                     "max_tokens": 8, "ignore_eos": True}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8, ok.text
+
+
+def test_vllm_decode_killed_mid_stream(failing):
+    from .test_failures import wait_replaced
+
+    url, dep = failing
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
+    victim = _workers(dep, "decode")[0]
+    stream = client.completions.create(model="tiny", prompt=list(range(5, 60)), max_tokens=2000, stream=True,
+                                       extra_body={"ignore_eos": True})
+    got, t_kill = 0, None
+    with pytest.raises(openai.APIError) as err:
+        for _chunk in stream:
+            got += 1
+            if got == 5:
+                ray.kill(victim["handle"], no_restart=True)
+                t_kill = time.monotonic()
+    assert t_kill is not None and time.monotonic() - t_kill < 10  # ended cleanly, at once
+    assert "failed" in str(err.value)
+    new_id = wait_replaced(dep, "decode", victim["worker_id"], timeout_s=180)
+    wait_healthy(url)
+    deadline = time.monotonic() + 60
+    while True:  # the ingress picks up the new worker within its refresh period
+        try:
+            r = client.completions.create(model="tiny", prompt=list(range(5, 60)), max_tokens=8,
+                                          extra_body={"ignore_eos": True})
+            break
+        except openai.APIStatusError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert r.usage.completion_tokens == 8
+    decode = next(w for w in _workers(dep, "decode") if w["worker_id"] == new_id)
+    for name, handle in (("prefill", _workers(dep, "prefill")[0]["handle"]), ("decode", decode["handle"])):
+        s = _wait_idle(handle)
+        assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (name, s)
