@@ -75,7 +75,8 @@ def test_vllm_alone_matches_native_engine(small_dir, case, vllm_reference):
     ("colocated", None),
     ("disaggregated", {"codec": "none", "transport": "object_store"}),
     ("disaggregated", {"codec": "lossless", "transport": "grpc"}),
-])
+    ("disaggregated", {"codec": "cachegen", "transport": "grpc"}),
+], ids=["colocated", "none-object_store", "lossless-grpc", "cachegen-grpc"])
 def test_vllm_serving_matches_vllm_alone(ray_session, small_dir, case, vllm_reference, mode, kv):
     over = {"kv_transfer": kv} if kv else {}
     with serving(vllm_manifest(small_dir, mode=mode, **over)) as (url, dep):
@@ -84,6 +85,13 @@ def test_vllm_serving_matches_vllm_alone(ray_session, small_dir, case, vllm_refe
         handles = {p: [w["handle"] for w in ws] for p, ws in state["pools"].items()}
         stats = {p: [ray.get(h.health.remote(), timeout=10) for h in hs] for p, hs in handles.items()}
     bad = [i for i, (a, b) in enumerate(zip(got, vllm_reference)) if a != b]
+    if kv is not None and kv["codec"] == "cachegen":  # lossy: reported, not asserted
+        same = sum(a == b for a, b in zip(got, vllm_reference))
+        print(f"\ncachegen (level 3) through vLLM: {same}/{len(case)} greedy outputs equal vLLM alone; "
+              f"tokens equal {sum(x == y for a, b in zip(got, vllm_reference) for x, y in zip(a, b))}/"
+              f"{len(case) * MAX_NEW}")
+        assert all(len(g) == MAX_NEW for g in got)
+        bad = []
     assert not bad, f"{mode} {kv}: prompts {bad} differ: {got[bad[0]]} vs {vllm_reference[bad[0]]}"
     if mode == "disaggregated":  # every prompt's KV went through the connector, both ways
         assert stats["decode"][0]["kv_loads"] == len(case), stats["decode"]
