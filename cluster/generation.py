@@ -33,6 +33,8 @@ class GenRequest:
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
+    # Params of further choices of the same prompt (n > 1): one prefill, forked KV.
+    more: list[SamplingParams] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +42,14 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    # Per token of token_ids, when the request asked (params.logprobs): (logprob, top ids,
+    # top logprobs) of the raw logits.
+    logprobs: list[Any] | None = None
+    # On the first delta when the request asked (params.prompt_logprobs): one entry per
+    # prompt token, None for the first.
+    prompt_logprobs: list[Any] | None = None
+    # Which of the request's choices (0 .. len(GenRequest.more)).
+    index: int = 0
 
 
 @dataclass
@@ -65,12 +75,18 @@ class StopStrings:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
         self.sent = 0
+        self.floor = 0  # matches start at or after this (text before min_tokens is exempt)
 
-    def feed(self, new: str, final: bool) -> tuple[str, bool]:
-        """Returns (text safe to send now, whether a stop string matched)."""
+    def feed(self, new: str, final: bool, active: bool = True) -> tuple[str, bool]:
+        """Returns (text safe to send now, whether a stop string matched). With active
+        false (fewer than min_tokens generated), the text passes unchecked."""
         self.text += new
+        if not active:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            self.floor = self.sent
+            return out, False
         if self.stops:
-            start = max(0, self.sent - self.hold)
+            start = max(self.floor, self.sent - self.hold)
             hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 cut = min(hits)
@@ -159,6 +175,7 @@ class Generator:
     async def _stream(self, w: WorkerView, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         gen = w.handle.generate.options(num_returns="streaming").remote(payload)
         timeout = self.m.server.token_timeout_s
+        open_ids = {payload["request_id"]} | {c[0] for c in payload.get("children") or ()}
         done = False
         try:
             while True:
@@ -167,38 +184,56 @@ class Generator:
                 except StopAsyncIteration:
                     return
                 msg = await asyncio.wait_for(ref, timeout=timeout)
-                done = msg.get("finish_reason") is not None
+                if msg.get("finish_reason") is not None:
+                    open_ids.discard(msg.get("request_id", payload["request_id"]))
+                done = not open_ids
                 yield msg
                 if done:
                     return
         finally:
             if not done:
                 try:
-                    w.handle.abort.remote(payload["request_id"])
+                    for rid in open_ids:
+                        w.handle.abort.remote(rid)
                     ray.cancel(gen)
                 except Exception:  # noqa: BLE001 - the worker may be dead
                     pass
 
     async def generate(self, req: GenRequest, usage: Usage) -> AsyncIterator[Delta]:
-        """Yields text deltas; the last has finish_reason. Raises SplitServeError; an error
-        before the first yield means nothing reached the client."""
+        """Yields text deltas of the request's choices (Delta.index); each choice's last
+        has finish_reason. Raises SplitServeError; an error before the first yield means
+        nothing reached the client. The choices share one prefill of the prompt."""
         t0 = time.monotonic()
-        p = req.params
         usage.prompt_tokens = len(req.prompt_token_ids)
+        all_params = [req.params] + list(req.more)
+        ids = [req.request_id] + [f"{req.request_id}-{j}" for j in range(1, len(all_params))]
+        index_of = {rid: j for j, rid in enumerate(ids)}
+        p = req.params
         base = {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids,
-                "params": asdict(p)}
-        detok = self.tokenizer.incremental_detokenizer()
-        stops = StopStrings(req.stop)
+                "params": asdict(p),
+                "children": [(ids[j], asdict(all_params[j]), None) for j in range(1, len(ids))]}
+        detoks = [self.tokenizer.incremental_detokenizer() for _ in ids]
+        stops = [StopStrings(req.stop) for _ in ids]
+        counts = [0] * len(ids)
         ttft: float | None = None
         n_out = 0
+        last_token_at: list[float | None] = [None] * len(ids)  # per choice
 
-        def emit(tokens: list[int], reason: str | None) -> Delta:
+        def emit(j: int, tokens: list[int], reason: str | None, lps: list[Any] | None = None,
+                 prompt_lps: list[Any] | None = None) -> Delta:
             nonlocal n_out
+            if tokens:
+                now = time.monotonic()
+                if last_token_at[j] is not None:
+                    self.metrics.token_gap(now - last_token_at[j], len(tokens))
+                last_token_at[j] = now
             n_out += len(tokens)
+            counts[j] += len(tokens)
             usage.completion_tokens = n_out
-            new = detok.push(tokens) + (detok.flush() if reason is not None else "")
-            text, hit = stops.feed(new, final=reason is not None)
-            return Delta(text, tokens, "stop" if hit else reason)
+            new = detoks[j].push(tokens) + (detoks[j].flush() if reason is not None else "")
+            text, hit = stops[j].feed(new, final=reason is not None,
+                                      active=counts[j] >= all_params[j].min_tokens)
+            return Delta(text, tokens, "stop" if hit else reason, lps, prompt_lps, j)
 
         self.metrics.inflight.inc()
         outcome = "error"
@@ -216,18 +251,34 @@ class Generator:
                 usage.worker_s = res["queue_s"] + res["prefill_s"]
                 self.metrics.queue.observe(res["queue_s"])
                 self.metrics.prefill.observe(res["prefill_s"])
-                first = res["first_token"]
-                d = emit([first], self._first_stop(first, p))
-                yield d
-                if d.finish_reason is not None:
+                firsts = {req.request_id: (res["first_token"], res.get("first_logprobs"))}
+                firsts.update({cid: (t, lp) for cid, t, lp in res.get("children") or ()})
+                going: list[int] = []  # choices the decode worker continues
+                for j, rid in enumerate(ids):
+                    tok, lp = firsts[rid]
+                    d = emit(j, [tok], self._first_stop(tok, all_params[j]), None if lp is None else [lp],
+                             res.get("prompt_logprobs"))
+                    yield d
+                    if d.finish_reason is None:
+                        going.append(j)
+                if not going:
                     outcome = "ok"
                     return
                 handle = res["kv"]
-                payload = {**base, "output_token_ids": [first], "kv": handle}
+                # Prompt logprobs come from where the prompt is computed: not again here.
+                # The first choice still going holds the KV; the others fork it.
+                lead = going[0]
+                payload = {"request_id": ids[lead], "prompt_token_ids": req.prompt_token_ids,
+                           "params": {**asdict(all_params[lead]), "prompt_logprobs": None},
+                           "output_token_ids": [firsts[ids[lead]][0]], "kv": handle,
+                           "children": [(ids[j], {**asdict(all_params[j]), "prompt_logprobs": None},
+                                         [firsts[ids[j]][0]]) for j in going[1:]]}
+                open_ids = {ids[j] for j in going}
             else:
                 payload = base
                 w = self.router.pick_decode("colocated")
-            load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens)
+                open_ids = set(ids)
+            load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
             self.router.begin(w, load)
             stream = self._stream(w, payload)
             try:
@@ -243,12 +294,16 @@ class Generator:
                             self.metrics.kv_chunks.labels(choice).inc()
                         self.metrics.kv_refetches.inc(max(0, msg.get("kv_attempts", 1) - 1))
                         self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
-                    d = emit(msg["token_ids"], msg["finish_reason"])
-                    if d.text or d.token_ids or d.finish_reason:
+                    rid = msg.get("request_id", req.request_id)
+                    d = emit(index_of[rid], msg["token_ids"], msg["finish_reason"], msg.get("logprobs"),
+                             msg.get("prompt_logprobs"))
+                    if d.text or d.token_ids or d.finish_reason or d.prompt_logprobs is not None:
                         yield d
                     if d.finish_reason is not None:
-                        outcome = "ok"
-                        return
+                        open_ids.discard(rid)
+                        if not open_ids:
+                            outcome = "ok"
+                            return
             except SplitServeError:
                 raise
             except Exception as e:  # noqa: BLE001 - worker death, timeout
@@ -264,7 +319,8 @@ class Generator:
                 e2e = time.monotonic() - t0
                 self.metrics.e2e.observe(e2e)
                 self.metrics.tokens.inc(n_out)
+                self.metrics.request_done(ttft, e2e, len(req.prompt_token_ids), n_out)
                 if ttft is not None:
                     self.metrics.ttft.observe(ttft)
-                    if n_out > 1:
-                        self.metrics.tpot.observe((e2e - ttft) / (n_out - 1))
+                    if n_out > len(ids):
+                        self.metrics.tpot.observe((e2e - ttft) / (n_out / len(ids) - 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -17,6 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
                             SplitServeError)
 from cluster.generation import Delta, GenRequest, Generator, Usage
+from cluster.http_guard import RequestGuard, api_keys
+from cluster.logprobs import LogprobsBuilder
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.protocol import ChatCompletionRequest, CommonParams, CompletionRequest, parse_request
@@ -45,7 +48,7 @@ class Ingress:
         self.controller = controller
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.metrics = Metrics()
+        self.metrics = Metrics(manifest.model.name)
         self.router = Router(manifest.kv_cache.block_size)
         self.gen = Generator(manifest, self.router, self.metrics, tokenizer, controller)
         self.kv_capacity = min(p.num_kv_blocks for p in manifest.pools.values()) * manifest.kv_cache.block_size
@@ -92,9 +95,21 @@ class Ingress:
         if bad:
             raise InvalidRequestError(f"stop_token_ids {bad} outside the vocabulary 0..{vocab - 1}",
                                       param="stop_token_ids")
+        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+        bad = [t for t in bias if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids {bad} outside the vocabulary 0..{vocab - 1}",
+                                      param="logit_bias")
+        if req.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}",
+                                      param="min_tokens")
+        logprobs, prompt_logprobs = req.logprob_counts()
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=req.seed, max_tokens=max_tokens, stop_token_ids=req.stop_token_ids,
-                              ignore_eos=req.ignore_eos)
+                              ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty,
+                              repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                              logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def _check_model(self, req: CommonParams) -> None:
         if req.model != self.m.model.name:
@@ -106,112 +121,261 @@ class Ingress:
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
 
-    def completion_request(self, body: object) -> tuple[CompletionRequest, GenRequest]:
+    def _job(self, req: CommonParams, ids: list[int], default_max: int | None, first_index: int,
+             best_of: int | None = None, echo: str | None = None) -> Job:
+        params = self._params(req, len(ids), default_max)
+        count = best_of or req.n
+        want_logprobs = params.logprobs is not None
+        if count > req.n and params.logprobs is None:
+            params.logprobs = 0  # best_of ranks by cumulative logprob
+        # Choice j draws from seed + j: the same as a single request with that seed.
+        more = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + j)
+                for j in range(1, count)]
+        greq = GenRequest(ids, params, req.stop or [], more=more)
+        return Job(greq, first_index, req.n, echo, want_logprobs)
+
+    def completion_request(self, body: object) -> tuple[CompletionRequest, list[Job]]:
         req: CompletionRequest = parse_request(CompletionRequest, body)
         self._check_model(req)
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            vocab = self.tokenizer.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-                raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-            ids = list(prompt)
-        return req, GenRequest(ids, self._params(req, len(ids), 16), req.stop or [])
+        jobs: list[Job] = []
+        for i, prompt in enumerate(req.prompts()):
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
+            else:
+                vocab = self.tokenizer.vocab_size
+                if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+                    raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+                ids = list(prompt)
+            echo = None
+            if req.echo:
+                echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+            jobs.append(self._job(req, ids, 16, i * req.n, req.best_of, echo))
+        return req, jobs
 
-    def chat_request(self, body: object) -> tuple[ChatCompletionRequest, GenRequest]:
+    def chat_request(self, body: object) -> tuple[ChatCompletionRequest, list[Job]]:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         self._check_model(req)
         if req.max_tokens is None and req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = self.tokenizer.encode_chat(msgs)
-        return req, GenRequest(ids, self._params(req, len(ids), None), req.stop or [])
+        return req, [self._job(req, ids, None, 0)]
 
     # -- responses ----------------------------------------------------------------------
-    async def respond(self, kind: str, req: CommonParams, greq: GenRequest, t_in: float | None = None) -> Response:
+    async def respond(self, kind: str, req: CommonParams, jobs: list[Job],
+                      t_in: float | None = None) -> Response:
         self._admit()
         self._inflight += 1
-        usage = Usage()
-        stream = self.gen.generate(greq, usage)
+        for job in jobs:
+            job.start(self.gen, self.tokenizer, kind)
         try:
-            first = await stream.__anext__()  # errors before any output become HTTP errors
-        except StopAsyncIteration:
-            first = Delta("", [], "stop")
+            # Errors before any output become HTTP errors.
+            firsts = await asyncio.gather(*(job.first() for job in jobs))
         except BaseException:
             self._inflight -= 1
-            await stream.aclose()
+            for job in jobs:
+                await job.close()
             raise
-        rid = greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
+        rid = jobs[0].greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(kind, rid, req, first, stream, usage, include_usage),
+            return StreamingResponse(self._sse(kind, rid, req, jobs, firsts, include_usage),
                                      media_type="text/event-stream")
         try:
-            text, reason, ids = first.text, first.finish_reason, list(first.token_ids)
-            async for d in stream:
-                text += d.text
-                ids += d.token_ids
-                reason = d.finish_reason or reason
+            await asyncio.gather(*(job.collect(first) for job, first in zip(jobs, firsts)))
         finally:
             self._inflight -= 1
-            await stream.aclose()
-        body = self._body(kind, rid, req, text, reason, usage.as_dict(), final=True, token_ids=ids)
-        timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
-        if t_in is not None and usage.first_token_at and reason is not None and len(ids) == 1:
-            # Single-token requests: time spent in this process's own code (validation,
-            # tokenizing, routing, response), apart from the worker RPC.
-            ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
-            rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
-            timing += f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
-        return JSONResponse(body, headers={"Server-Timing": timing})
+            for job in jobs:
+                await job.close()
+        choices = [c.final_choice(kind, req) for job in jobs for c in job.returned()]
+        body = self._body(kind, rid, req, choices, _usage(jobs))
+        headers = {}
+        if len(jobs) == 1 and len(jobs[0].choices) == 1:
+            usage, c0 = jobs[0].usage, jobs[0].choices[0]
+            timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
+            if (t_in is not None and usage.first_token_at and c0.reason is not None
+                    and len(c0.token_ids) == 1):
+                # Single-token requests: time spent in this process's own code (validation,
+                # tokenizing, routing, response), apart from the worker RPC.
+                ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
+                rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
+                timing += f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
+            headers["Server-Timing"] = timing
+        return JSONResponse(body, headers=headers)
 
-    def _body(self, kind: str, rid: str, req: CommonParams, text: str, reason: str | None,
-              usage: dict[str, int] | None, final: bool, first_chunk: bool = False,
-              token_ids: list[int] | None = None) -> dict[str, Any]:
+    def _body(self, kind: str, rid: str, req: CommonParams, choices: list[dict[str, Any]],
+              usage: dict[str, int] | None) -> dict[str, Any]:
         if kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
             obj = "text_completion"
-        elif final and not req.stream:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": reason, "logprobs": None}
-            obj = "chat.completion"
         else:
-            delta: dict[str, Any] = {"content": text}
-            if first_chunk:
-                delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            obj = "chat.completion.chunk"
-        if req.return_token_ids and token_ids is not None:
-            choice["token_ids"] = token_ids
+            obj = "chat.completion" if not req.stream else "chat.completion.chunk"
         body: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
-                                "model": req.model, "choices": [choice]}
+                                "model": req.model, "choices": choices}
         if usage is not None:
             body["usage"] = usage
         return body
 
-    async def _sse(self, kind: str, rid: str, req: CommonParams, first: Delta,
-                   stream: AsyncIterator[Delta], usage: Usage, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, kind: str, rid: str, req: CommonParams, jobs: list[Job],
+                   firsts: list[Delta], include_usage: bool) -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[tuple[Job, Delta | SplitServeError | None]] = asyncio.Queue()
+
+        async def pump(job: Job) -> None:
+            try:
+                async for d in job.rest():
+                    await queue.put((job, d))
+            except SplitServeError as e:
+                await queue.put((job, e))
+                return
+            await queue.put((job, None))
+
+        tasks: list[asyncio.Task[None]] = []
         try:
-            yield _sse(self._body(kind, rid, req, first.text, first.finish_reason, None, False, True,
-                                  first.token_ids))
-            if first.finish_reason is None:
-                try:
-                    async for d in stream:
-                        yield _sse(self._body(kind, rid, req, d.text, d.finish_reason, None, False,
-                                              token_ids=d.token_ids))
-                except SplitServeError as e:
-                    yield _sse(e.to_openai())
+            for job, first in zip(jobs, firsts):
+                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, first)], None))
+                tasks.append(asyncio.get_running_loop().create_task(pump(job)))
+            running = len(tasks)
+            while running:
+                job, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, SplitServeError):
+                    yield _sse(item.to_openai())
                     return
+                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, item)], None))
             if include_usage:
-                body = self._body(kind, rid, req, "", None, usage.as_dict(), False)
-                body["choices"] = []
-                yield _sse(body)
+                yield _sse(self._body(kind, rid, req, [], _usage(jobs)))
             yield b"data: [DONE]\n\n"
         finally:
             self._inflight -= 1
+            for t in tasks:
+                t.cancel()
+            for job in jobs:
+                with contextlib.suppress(Exception):
+                    await job.close()
+
+
+def _usage(jobs: list[Job]) -> dict[str, int]:
+    prompt = sum(job.usage.prompt_tokens for job in jobs)
+    completion = sum(job.usage.completion_tokens for job in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Job:
+    """One prompt's generation: its choices (n, or best_of of which the n with the highest
+    cumulative logprob are returned) share one stream and one prefill."""
+
+    def __init__(self, greq: GenRequest, first_index: int, n: int = 1, echo: str | None = None,
+                 want_logprobs: bool = True) -> None:
+        self.greq = greq
+        self.n = n
+        self.usage = Usage()
+        count = 1 + len(greq.more)
+        self.choices = [Choice(first_index + j, greq.prompt_token_ids, echo) for j in range(count)]
+        self.want_logprobs = want_logprobs
+        self._stream: AsyncIterator[Delta] | None = None
+
+    def start(self, gen: Generator, tokenizer: Any, kind: str) -> None:
+        self._stream = gen.generate(self.greq, self.usage)
+        for c, p in zip(self.choices, [self.greq.params] + self.greq.more):
+            if p.logprobs is not None and self.want_logprobs:
+                c.lp = LogprobsBuilder(tokenizer, kind, p.logprobs)
+
+    async def first(self) -> Delta:
+        assert self._stream is not None
+        try:
+            return await self._stream.__anext__()
+        except StopAsyncIteration:
+            return Delta("", [], "stop")
+
+    def rest(self) -> AsyncIterator[Delta]:
+        assert self._stream is not None
+        return self._stream
+
+    async def collect(self, first: Delta) -> None:
+        self.choices[first.index].take(first)
+        async for d in self.rest():
+            self.choices[d.index].take(d)
+
+    def chunk(self, kind: str, req: CommonParams, d: Delta) -> dict[str, Any]:
+        return self.choices[d.index].chunk(kind, req, d)
+
+    def returned(self) -> list[Choice]:
+        """The choices to return: all, or the n best by cumulative logprob (best_of)."""
+        if len(self.choices) == self.n:
+            return self.choices
+        best = sorted(self.choices, key=lambda c: -c.cum_logprob)[: self.n]
+        first = self.choices[0].index
+        for j, c in enumerate(best):
+            c.index = first + j
+        return best
+
+    async def close(self) -> None:
+        if self._stream is not None:
             with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]
+                await self._stream.aclose()  # type: ignore[attr-defined]
+
+
+class Choice:
+    """One choice of a response: its text, token ids, logprobs."""
+
+    def __init__(self, index: int, prompt_token_ids: list[int], echo: str | None = None) -> None:
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
+        self.echo = echo
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.reason: str | None = None
+        self.lp: LogprobsBuilder | None = None
+        self.cum_logprob = 0.0
+        self.started = False
+
+    def take(self, d: Delta) -> dict[str, Any] | None:
+        """Adds a delta; returns the logprobs of its tokens in the response's format."""
+        text = d.text
+        frag = None
+        if not self.started and self.echo is not None:
+            text = self.echo + text
+            if self.lp is not None:
+                frag = self.lp.add_prompt(self.prompt_token_ids, d.prompt_logprobs or [], self.echo)
+        self.started = True
+        if d.logprobs is not None:
+            self.cum_logprob += sum(lp[0] for lp in d.logprobs)
+            if self.lp is not None:
+                frag = self.lp.merge(frag, self.lp.add(d.token_ids, d.logprobs))
+        self.text += text
+        self.token_ids += d.token_ids
+        self.reason = d.finish_reason or self.reason
+        d.text = text
+        return frag
+
+    def final_choice(self, kind: str, req: CommonParams) -> dict[str, Any]:
+        lp = None if self.lp is None else self.lp.whole()
+        if kind == "completion":
+            choice: dict[str, Any] = {"index": self.index, "text": self.text,
+                                      "finish_reason": self.reason, "logprobs": lp}
+        else:
+            choice = {"index": self.index, "message": {"role": "assistant", "content": self.text},
+                      "finish_reason": self.reason, "logprobs": lp}
+        if req.return_token_ids:
+            choice["token_ids"] = self.token_ids
+        return choice
+
+    def chunk(self, kind: str, req: CommonParams, d: Delta) -> dict[str, Any]:
+        first_chunk = not self.started
+        frag = self.take(d)
+        if kind == "completion":
+            choice: dict[str, Any] = {"index": self.index, "text": d.text,
+                                      "finish_reason": d.finish_reason, "logprobs": frag}
+        else:
+            delta: dict[str, Any] = {"content": d.text}
+            if first_chunk:
+                delta["role"] = "assistant"
+            choice = {"index": self.index, "delta": delta, "finish_reason": d.finish_reason,
+                      "logprobs": frag}
+        if req.return_token_ids:
+            choice["token_ids"] = d.token_ids
+        return choice
 
 
 def build_app(ingress: Ingress) -> FastAPI:
@@ -225,6 +389,10 @@ def build_app(ingress: Ingress) -> FastAPI:
             task.cancel()
 
     app = FastAPI(title="splitserve", lifespan=lifespan)
+    keys = api_keys(ingress.m.api_keys_path())
+    if keys:
+        logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
+    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys)
 
     @app.exception_handler(SplitServeError)
     async def _err(_: Request, e: SplitServeError) -> JSONResponse:
@@ -240,13 +408,13 @@ def build_app(ingress: Ingress) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t_in = time.monotonic()
-        req, greq = ingress.completion_request(await body_of(request))
-        return await ingress.respond("completion", req, greq, t_in)
+        req, jobs = ingress.completion_request(await body_of(request))
+        return await ingress.respond("completion", req, jobs, t_in)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req, greq = ingress.chat_request(await body_of(request))
-        return await ingress.respond("chat", req, greq)
+        req, jobs = ingress.chat_request(await body_of(request))
+        return await ingress.respond("chat", req, jobs)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

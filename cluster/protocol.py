@@ -1,6 +1,7 @@
 """OpenAI request bodies, validated at the edge: every problem is a 400 naming the field
-and what is allowed. Unknown fields are ignored (clients send many); fields we do not
-support are rejected when set to anything but their neutral value."""
+and what is allowed. Nothing is silently ignored: a field that is not declared here is
+refused (400 naming it), and a declared field is either honoured or refused when set to
+anything but its neutral value (tests/integration/test_request_fields.py walks them all)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cluster.errors import InvalidRequestError
 
 
+MAX_LOGPROBS = 20
+MAX_CHOICES = 16
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class CommonParams(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -30,13 +35,25 @@ class CommonParams(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Any = None
+    # Choices per prompt; they share one prefill (forked KV) and choice j samples with
+    # seed + j.
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # vLLM extensions: HF repetition penalty, tokens before EOS/stop ids may end the output.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0)
+    # Token id (a string in JSON) -> bias added to its logit, -100..100.
+    logit_bias: dict[str, float] | None = None
+    # An end-user id (OpenAI: for abuse monitoring); has no effect on the output by definition.
     user: str | None = None
     # Extension: add the generated token ids to each choice (exactness tests, tooling).
     return_token_ids: bool = False
+    # Not supported (yet): refused when set.
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -48,27 +65,61 @@ class CommonParams(BaseModel):
             raise ValueError("stop takes up to 8 non-empty strings")
         return items
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids, found {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias of token {key} is {bias}; allowed: -100..100")
+        return v
+
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise InvalidRequestError(f"n={self.n} is not supported; allowed: 1", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} is not supported; allowed: 0", param=name)
-        if self.logprobs not in (None, False, 0):
-            raise InvalidRequestError("logprobs are not supported; omit the field", param="logprobs")
+        for name, neutral in (("response_format", None), ("tools", None), ("tool_choice", None),
+                              ("parallel_tool_calls", None)):
+            value = getattr(self, name)
+            if value is not neutral and not (name == "response_format" and value == {"type": "text"}):
+                raise InvalidRequestError(f"{name} is not supported by this server; omit it", param=name)
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(top logprobs per generated token or None, per prompt token or None)."""
+        raise NotImplementedError
 
 
 class CompletionRequest(CommonParams):
     prompt: str | list[int] | list[str] | list[list[int]]
+    # Top logprobs per token (0: the chosen token's only), with the chosen token's own.
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
+    # Choices generated per prompt, of which the n with the highest cumulative logprob
+    # are returned.
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported; allowed: false", param="echo")
-        if self.best_of not in (None, 1):
-            raise InvalidRequestError("best_of is not supported; allowed: 1", param="best_of")
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequestError(f"best_of={self.best_of} must be >= n={self.n}", param="best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidRequestError("best_of > n cannot be streamed (the best are known at the "
+                                      "end); set stream false", param="best_of")
+        if self.suffix:
+            raise InvalidRequestError("suffix (insertion) is not supported; omit it", param="suffix")
+        if self.response_format is not None:
+            raise InvalidRequestError("response_format is a chat completions field", param="response_format")
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, (self.logprobs if self.echo and self.logprobs is not None else None)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or a list (each its own choice)."""
+        p = self.prompt
+        items = list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        for item in items:
+            if not item:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return items  # type: ignore[return-value]
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -83,7 +134,7 @@ class CompletionRequest(CommonParams):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -102,16 +153,36 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(CommonParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return ((self.top_logprobs or 0) if self.logprobs else None), None
 
 
 def parse_request(model_cls: type[CommonParams], body: object) -> Any:
     if not isinstance(body, dict):
         raise InvalidRequestError(f"request body must be a JSON object, found {type(body).__name__}")
     try:
-        req = model_cls.model_validate(body)
+        # Strict, as OpenAI's API is: "stream": "yes", "max_tokens": "5" or 5.0 are 400s,
+        # not coerced (an int is still a valid float).
+        req = model_cls.model_validate(body, strict=True)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        raise InvalidRequestError(f"{loc}: {err['msg']}", param=loc) from None
+        if err["type"] == "extra_forbidden":
+            raise InvalidRequestError(
+                f"{loc}: unknown field; this server does not implement it (nothing is ignored "
+                "silently)", param=loc) from None
+        msg = f"{loc}: {err['msg']}"
+        if err["type"] != "missing":
+            got = repr(err.get("input"))
+            msg += f", got {got if len(got) <= 60 else got[:57] + '...'}"
+        raise InvalidRequestError(msg, param=loc) from None
     req.check_supported()
     return req

@@ -273,9 +273,11 @@ class EngineWorker:
                     self._loop.call_soon_threadsafe(self.on_aborted, rid)
                 continue
             try:
+                children = [(cid, SamplingParams(**cp), outs) for cid, cp, outs in req.get("children") or ()]
                 self.engine.add_request(rid, req["prompt_token_ids"], SamplingParams(**req["params"]),
                                         output_token_ids=req.get("output_token_ids"),
-                                        pending_kv=req.get("kv"), stream_kv=req.get("stream_kv", False))
+                                        pending_kv=req.get("kv"), stream_kv=req.get("stream_kv", False),
+                                        children=children)
             except Exception as e:  # noqa: BLE001 - handed to the request's waiter
                 self._loop.call_soon_threadsafe(self.on_request_error, rid, e)
 

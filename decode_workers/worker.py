@@ -74,17 +74,23 @@ class DecodeWorker(EngineWorker):
         """Stream a request's tokens (call with num_returns="streaming").
 
         req: request_id, prompt_token_ids, params; for a disaggregated request also
-        output_token_ids (the first token, sampled by prefill) and kv (a KVHandle).
-        Yields {"token_ids": [...], "finish_reason": str|None, ...}; the first item also
+        output_token_ids (the first token, sampled by prefill) and kv (a KVHandle); for
+        further choices of the prompt (n > 1) children: (request id, params, output ids or
+        None), which fork the prompt's KV. Yields {"request_id", "token_ids": [...],
+        "finish_reason": str|None, ...} until every choice finished; the first item also
         carries kv_receive_s and queue_s."""
         rid = req["request_id"]
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._queues[rid] = queue
+        ids = [rid] + [cid for cid, _, _ in req.get("children") or ()]
+        for i in ids:
+            self._queues[i] = queue
+        open_ids = set(ids)
         finished = False
         try:
             t0 = time.monotonic()
             item: dict[str, Any] = {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
-                                    "output_token_ids": req.get("output_token_ids")}
+                                    "output_token_ids": req.get("output_token_ids"),
+                                    "children": req.get("children")}
             handle: KVHandle | None = req.get("kv")
             kv_s = 0.0
             kv_info: dict[str, Any] = {}
@@ -106,47 +112,65 @@ class DecodeWorker(EngineWorker):
             self._submit(rid, item)
             first = True
             timeout = self.manifest.server.token_timeout_s
-            while not finished:
+            while open_ids:
                 try:
-                    msg = await asyncio.wait_for(queue.get(), timeout=timeout)
+                    msgs = [await asyncio.wait_for(queue.get(), timeout=timeout)]
                 except asyncio.TimeoutError:
                     raise TimeoutError(f"no token for {rid} within {timeout}s") from None
-                # Batch whatever else is already queued into one message.
-                tokens = list(msg.get("token_ids", []))
-                while not queue.empty() and msg.get("finish_reason") is None and "error" not in msg:
-                    msg = queue.get_nowait()
-                    tokens += msg.get("token_ids", [])
-                if "error" in msg:
-                    raise msg["error"]
-                out = {"token_ids": tokens, "finish_reason": msg.get("finish_reason")}
-                if first:
-                    out["kv_receive_s"] = kv_s
-                    out["worker_id"] = self.worker_id
-                    out.update(kv_info)
-                    first = False
-                finished = out["finish_reason"] is not None
-                yield out
+                # Batch whatever else is already queued: one message per request id.
+                while not queue.empty():
+                    msgs.append(queue.get_nowait())
+                grouped: dict[str, dict[str, Any]] = {}
+                for msg in msgs:
+                    if "error" in msg:
+                        raise msg["error"]
+                    g = grouped.setdefault(msg["request_id"], {"request_id": msg["request_id"],
+                                                               "token_ids": [], "finish_reason": None})
+                    g["token_ids"] += msg.get("token_ids", [])
+                    if msg.get("logprobs"):
+                        g.setdefault("logprobs", []).extend(msg["logprobs"])
+                    if msg.get("prompt_logprobs") is not None:
+                        g["prompt_logprobs"] = msg["prompt_logprobs"]
+                    g["finish_reason"] = msg.get("finish_reason") or g["finish_reason"]
+                for out in grouped.values():
+                    if first:
+                        out["kv_receive_s"] = kv_s
+                        out["worker_id"] = self.worker_id
+                        out.update(kv_info)
+                        first = False
+                    if out["finish_reason"] is not None:
+                        open_ids.discard(out["request_id"])
+                    yield out
+            finished = True
         finally:
-            self._queues.pop(rid, None)
+            for i in ids:
+                self._queues.pop(i, None)
             if not finished:
-                await self.abort(rid)
+                for i in open_ids:
+                    await self.abort(i)
 
     def on_step(self, out: StepOutput) -> None:
         finished = {s.request_id: s.finish_reason for s in out.finished}
         for rid, token in out.new_tokens.items():
             q = self._queues.get(rid)
             if q is not None:
-                q.put_nowait({"token_ids": [token], "finish_reason": finished.get(rid)})
+                msg: dict[str, Any] = {"request_id": rid, "token_ids": [token],
+                                       "finish_reason": finished.get(rid)}
+                if rid in out.new_logprobs:
+                    msg["logprobs"] = [out.new_logprobs[rid]]
+                if rid in out.prompt_logprobs:
+                    msg["prompt_logprobs"] = out.prompt_logprobs[rid]
+                q.put_nowait(msg)
 
     def on_request_error(self, request_id: str, error: Exception) -> None:
         q = self._queues.get(request_id)
         if q is not None:
-            q.put_nowait({"error": error})
+            q.put_nowait({"request_id": request_id, "error": error})
 
     def on_aborted(self, request_id: str) -> None:
         q = self._queues.get(request_id)
         if q is not None:
-            q.put_nowait({"token_ids": [], "finish_reason": "abort"})
+            q.put_nowait({"request_id": request_id, "token_ids": [], "finish_reason": "abort"})
 
 
 class ColocatedWorker(DecodeWorker):

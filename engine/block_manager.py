@@ -141,6 +141,26 @@ class BlockManager:
             self._hash_to_block.setdefault(h, block.block_id)
             prev = h
 
+    def fork(self, parent: Sequence, child: Sequence, num_tokens: int) -> tuple[int, int] | None:
+        """Give child the KV of parent's first num_tokens tokens: full blocks are shared
+        (reference counts), a last partial block gets a fresh block that the caller must
+        fill with a copy of the parent's. Returns that (source, destination) pair or None;
+        raises NoFreeBlocksError when the partial block does not fit."""
+        assert not child.block_table, "fork into a sequence without blocks"
+        full, rem = divmod(num_tokens, self.block_size)
+        if rem and not self.num_free_blocks:
+            raise NoFreeBlocksError("no free KV block for the forked partial block")
+        for block_id in parent.block_table[:full]:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table[:full])
+        copy = None
+        if rem:
+            dst = self._take_block()
+            child.block_table.append(dst)
+            copy = (parent.block_table[full], dst)
+        child.num_computed_tokens = num_tokens
+        return copy
+
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]

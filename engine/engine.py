@@ -15,10 +15,10 @@ import torch
 
 from engine.alloc import tune_malloc
 from engine.block_manager import BlockManager
-from engine.runner import ModelRunner, StepInput, StepResult, prepare_step
-from engine.sampler import Sampler
+from engine.runner import ModelRunner, PromptRows, StepInput, StepResult, prepare_step
+from engine.sampler import Sampler, TokenLogprobs, token_logprobs
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from engine.sequence import SamplingParams, Sequence
+from engine.sequence import SamplingParams, Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class StepOutput:
     # Token sampled this step, by request id.
     new_tokens: dict[str, int] = field(default_factory=dict)
+    # Log-probabilities of those tokens, for requests that asked (params.logprobs).
+    new_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # Prompt log-probabilities (params.prompt_logprobs), by request id, with the request's
+    # first sampled token: entry p-1 scores prompt token p.
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     # Sequences that finished this step (finish_reason set).
     finished: list[Sequence] = field(default_factory=list)
     # KV of sequences that finished prefill (prefill-only engines), full heads.
@@ -87,15 +92,24 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     output_token_ids: list[int] | None = None,
-                    pending_kv: torch.Tensor | None = None, stream_kv: bool = False) -> Sequence:
+                    pending_kv: torch.Tensor | None = None, stream_kv: bool = False,
+                    children: list[tuple[str, SamplingParams, list[int] | None]] | None = None,
+                    ) -> Sequence:
         """Queue a request. With pending_kv ([layers, 2, tokens, kvh, hd] for the first
         tokens of the prompt), those tokens are not computed: their KV is written in, the
         rest of the prompt (a suffix whose KV was not sent: recompute) and
         output_token_ids (which then holds the token the prefill sampled) are computed, and
         decoding continues. With stream_kv, each layer's new KV goes to the runner's
-        ``on_layer_kv`` as it is computed (prefill workers)."""
-        if request_id in self._seqs:
-            raise ValueError(f"duplicate request id {request_id!r}")
+        ``on_layer_kv`` as it is computed (prefill workers).
+
+        children are further choices of the same prompt (n > 1): (request id, params,
+        output ids so far or None). They share this sequence's prompt KV: once it is in the
+        cache they fork off (shared full blocks, a copied partial block), their first token
+        sampled from this sequence's last prompt logits with their own params and seed
+        stream unless given. A prefill-only engine just samples their first tokens."""
+        ids = [request_id] + [c[0] for c in children or ()]
+        if any(i in self._seqs for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate request id among {ids!r}")
         seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, output_token_ids)
         if pending_kv is not None:
             if pending_kv.shape[2] > len(prompt_token_ids):
@@ -105,6 +119,9 @@ class LLMEngine:
                 seq.pending_kv = pending_kv
                 seq.num_pending_kv_tokens = int(pending_kv.shape[2])
         seq.stream_kv = stream_kv
+        seq.children = list(children or [])
+        for _, p, _ in seq.children:
+            self.scheduler.check_fits(len(prompt_token_ids), p.max_tokens)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         return seq
@@ -125,25 +142,75 @@ class LLMEngine:
     def step(self) -> StepOutput:
         batch: ScheduledBatch = self.scheduler.schedule()
         out = StepOutput(preempted=list(batch.preempted))
-        if batch.is_empty and not batch.kv_imports:
+        if batch.is_empty and not batch.kv_imports and not batch.block_copies:
             return out
+        prompt_rows = PromptRows()
         step_input, sample_seqs = prepare_step(
-            batch, self.block_size, export_on_sample=self.scheduler.config.prefill_only)
+            batch, self.block_size, export_on_sample=self.scheduler.config.prefill_only,
+            prompt_rows=prompt_rows)
         result = self.executor(step_input)
+        if prompt_rows.seqs:
+            assert result.prompt_logits is not None
+            self._score_prompts(result.prompt_logits, prompt_rows)
         sampled: dict[str, int] = {}
+        # Choices forked this step: (parent, child) with the child's first token set.
+        forks: list[tuple[Sequence, Sequence]] = []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.children and seq.num_computed_tokens + n >= len(seq.prompt_token_ids):
+                for cid, cparams, couts in seq.children:
+                    child = Sequence(cid, seq.prompt_token_ids, cparams, self.eos_token_ids, couts)
+                    forks.append((seq, child))
+                seq.children = []
+        to_sample = [c for _, c in forks if not c.output_token_ids]
         if sample_seqs:
             assert result.logits is not None
-            tokens = self.sampler.sample(result.logits, [s.request_id for s in sample_seqs],
-                                         [s.params for s in sample_seqs])
-            sampled = {s.request_id: t for s, t in zip(sample_seqs, tokens)}
-        out.new_tokens = sampled
+            row_of = {id(s): i for i, s in enumerate(sample_seqs)}
+            parent_of = {id(c): p for p, c in forks}
+            rows = list(range(len(sample_seqs))) + [row_of[id(parent_of[id(c)])] for c in to_sample]
+            logits = result.logits if not to_sample else result.logits[torch.tensor(rows)]
+            res = self.sampler.sample(logits, sample_seqs + to_sample)
+            sampled = {s.request_id: t for s, t in zip(sample_seqs, res.tokens)}
+            for s, lp in zip(sample_seqs + to_sample, res.logprobs):
+                if lp is not None:
+                    out.new_logprobs[s.request_id] = lp
+                if s.params.prompt_logprobs is not None and not s.output_token_ids and s in sample_seqs:
+                    out.prompt_logprobs[s.request_id] = [None] + list(s.prompt_logprobs)
+            out.new_tokens.update(sampled)
+            parent_lps = {id(p): out.prompt_logprobs.get(p.request_id) for p, _ in forks}
+            for c, t in zip(to_sample, res.tokens[len(sample_seqs):]):
+                c.output_token_ids.append(t)
+                out.new_tokens[c.request_id] = t
+                if parent_lps.get(id(parent_of[id(c)])) is not None:
+                    out.prompt_logprobs[c.request_id] = parent_lps[id(parent_of[id(c)])]
         out.exported_kv = result.exported
         out.num_tokens = batch.total_tokens
-        out.finished = self.scheduler.postprocess(batch, sampled)
+        # Forks take the prompt KV before the parent may finish (and free it) below.
+        for parent, child in forks:
+            reason = (self.scheduler.stop_reason(child, child.output_token_ids[-1])
+                      if child.request_id in out.new_tokens else None)
+            if reason is not None:
+                child.status = SeqStatus.FINISHED
+                child.finish_reason = reason
+                out.finished.append(child)
+                continue
+            self.scheduler.fork(parent, child)
+            self._seqs[child.request_id] = child
+        out.finished += self.scheduler.postprocess(batch, sampled)
         for seq in out.finished:
             self._seqs.pop(seq.request_id, None)
             self.sampler.forget(seq.request_id)
         return out
+
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, pr: PromptRows) -> None:
+        for seq, (row, first, count) in zip(pr.seqs, pr.rows):
+            k = seq.params.prompt_logprobs or 0
+            targets = torch.tensor(seq.prompt_token_ids[first:first + count], dtype=torch.long)
+            got = token_logprobs(logits[row:row + count], targets, k)
+            if first == 1:
+                seq.prompt_logprobs = []
+            del seq.prompt_logprobs[first - 1:]
+            seq.prompt_logprobs.extend(got)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  max_steps: int = 100_000) -> list[list[int]]:
@@ -165,4 +232,5 @@ class LLMEngine:
             "kv_blocks_total": self.bm.num_blocks,
             "kv_blocks_free": self.bm.num_free_blocks,
             "prefix_hits": self.bm.prefix_hits,
+            "prompt_tokens_computed": self.scheduler.prompt_tokens_computed,
         }

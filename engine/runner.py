@@ -35,12 +35,19 @@ class StepInput:
     # KV to hand over layer by layer as it is written: (request id, first token, slots of
     # tokens [first, first + len(slots))), for sequences that stream their KV.
     kv_stream: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
+    # KV blocks to copy (source, destination) before the forward (forked choices).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Rows of the hidden states whose logits score prompt tokens (prompt logprobs).
+    prompt_logits_indices: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 @dataclass
 class StepResult:
     # float32 [len(logits_indices), vocab] (rank 0; other ranks may return None).
     logits: torch.Tensor | None
+    # float32 [len(prompt_logits_indices), vocab], or None when there are none.
+    prompt_logits: torch.Tensor | None = None
     # Exported KV by request id, this rank's heads: [layers, 2, tokens, kv_heads_local, hd].
     exported: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -51,12 +58,24 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> tor
     return table[pos // block_size] * block_size + pos % block_size
 
 
+@dataclass
+class PromptRows:
+    """Which prompt tokens the prompt_logits rows of a step score: for each sequence,
+    rows [row, row + count) score its prompt tokens first, first + 1, ..."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    rows: list[tuple[int, int, int]] = field(default_factory=list)  # (row, first, count)
+
+
 def prepare_step(
-    batch: ScheduledBatch, block_size: int, export_on_sample: bool = False
+    batch: ScheduledBatch, block_size: int, export_on_sample: bool = False,
+    prompt_rows: PromptRows | None = None,
 ) -> tuple[StepInput, list[Sequence]]:
     """Build the forward inputs of a batch; also returns the sequences to sample, in the
     order of the logits rows. With export_on_sample, every sampled sequence's KV (all its
-    tokens) is read out after the forward (prefill workers)."""
+    tokens) is read out after the forward (prefill workers). Sequences that want prompt
+    logprobs get logits rows for the prompt positions of their chunk, recorded in
+    prompt_rows."""
     ids: list[int] = []
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
@@ -67,6 +86,7 @@ def prepare_step(
     sample_seqs: list[Sequence] = []
     exports: list[tuple[str, list[int], int]] = []
     stream: list[tuple[str, int, torch.Tensor]] = []
+    prompt_idx: list[int] = []
     offset = 0
     for seq, n in zip(batch.seqs, batch.num_tokens):
         start = seq.num_computed_tokens
@@ -80,6 +100,14 @@ def prepare_step(
         query_lens.append(n)
         context_lens.append(end)
         tables.append(list(seq.block_table))
+        if seq.params.prompt_logprobs is not None and prompt_rows is not None:
+            # Position q's logits score token q + 1: prompt tokens up to the last (whose
+            # successor is the first generated token, scored by the sampling row).
+            stop = min(end, len(seq.prompt_token_ids) - 1)
+            if stop > start:
+                prompt_rows.seqs.append(seq)
+                prompt_rows.rows.append((len(prompt_idx), start + 1, stop - start))
+                prompt_idx.extend(range(offset, offset + stop - start))
         offset += n
         if seq.stream_kv and end > seq.kv_streamed:
             # From kv_streamed, not start: prefix-cache hits were never computed here.
@@ -106,8 +134,10 @@ def prepare_step(
         ),
         logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         kv_imports=imports,
+        block_copies=list(batch.block_copies),
         kv_exports=exports,
         kv_stream=stream,
+        prompt_logits_indices=torch.tensor(prompt_idx, dtype=torch.long),
     )
     return step, sample_seqs
 
@@ -166,7 +196,12 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepResult:
         for table, kv in step.kv_imports:
             self.import_kv(table, kv)
-        logits = None
+        if step.block_copies:
+            src = torch.tensor([s for s, _ in step.block_copies], dtype=torch.long)
+            dst = torch.tensor([d for _, d in step.block_copies], dtype=torch.long)
+            for cache in self.kv_caches:
+                cache[:, dst] = cache[:, src]
+        logits = prompt_logits = None
         hook = None
         if step.kv_stream and self.on_layer_kv is not None:
             sink = self.on_layer_kv
@@ -178,5 +213,7 @@ class ModelRunner:
         if step.input_ids.numel():
             hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches, hook)
             logits = self.model.compute_logits(hidden[step.logits_indices])
+            if step.prompt_logits_indices.numel():
+                prompt_logits = self.model.compute_logits(hidden[step.prompt_logits_indices])
         exported = {rid: self.export_kv(table, n) for rid, table, n in step.kv_exports}
-        return StepResult(logits=logits, exported=exported)
+        return StepResult(logits=logits, exported=exported, prompt_logits=prompt_logits)

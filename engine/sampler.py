@@ -1,44 +1,124 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Token sampling: logits processors (logit bias, min_tokens, repetition / frequency /
+presence penalties), greedy, temperature, top-k, top-p, per-request seeds, and
+log-probabilities of the raw logits.
+
+Everything a processor needs is in the sequence itself (prompt and generated ids, the
+number generated), and a seeded request draws its i-th token from a generator seeded by
+(seed, i): so a prefill worker that samples the first token and a decode worker that
+samples the rest give what one colocated worker gives.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from engine.sequence import SamplingParams
+from engine.sequence import Sequence
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(seed: int, index: int) -> int:
+    """Seed of the generator that draws the index-th generated token of a request seeded
+    with seed (splitmix64 of the pair; the same everywhere the token may be sampled)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+# One sampled (or prompt) token's log-probabilities: (its logprob, top ids, top logprobs).
+TokenLogprobs = tuple[float, list[int], list[float]]
+
+
+@dataclass
+class SampleOutput:
+    tokens: list[int]
+    # Per row: None, or the sampled token's logprobs (params.logprobs set).
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """Log-softmax of raw logits [N, vocab]: each row's target logprob and its top k."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, targets.view(-1, 1)).squeeze(1).tolist()
+    if k > 0:
+        top = torch.topk(lp, min(k, lp.shape[1]), dim=-1)
+        ids, vals = top.indices.tolist(), top.values.tolist()
+    else:
+        ids = vals = [[] for _ in chosen]
+    return [(c, i, v) for c, i, v in zip(chosen, ids, vals)]
+
+
+def apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits after logit_bias, min_tokens and the penalties (in vLLM's order), batched
+    over the rows that use them; returns logits itself when no row does."""
+    rows = [i for i, s in enumerate(seqs) if s.params.needs_processing]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i in rows:
+        s, p = seqs[i], seqs[i].params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
+            logits[i].index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype))
+        if len(s.output_token_ids) < p.min_tokens:
+            stops = set(p.stop_token_ids) | set(s.eos_token_ids)
+            if stops:
+                logits[i, torch.tensor(sorted(stops), dtype=torch.long)] = float("-inf")
+    rep = [i for i in rows if seqs[i].params.repetition_penalty != 1.0]
+    if rep:
+        seen = torch.zeros(len(rep), vocab, dtype=torch.bool)
+        for r, i in enumerate(rep):
+            seen[r, torch.tensor(seqs[i].token_ids, dtype=torch.long)] = True
+        pen = torch.tensor([seqs[i].params.repetition_penalty for i in rep],
+                           dtype=logits.dtype).unsqueeze(1)
+        idx = torch.tensor(rep, dtype=torch.long)
+        sub = logits[idx]
+        sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+        logits[idx] = sub
+    occ = [i for i in rows if seqs[i].params.frequency_penalty or seqs[i].params.presence_penalty]
+    occ = [i for i in occ if seqs[i].output_token_ids]
+    if occ:
+        counts = torch.zeros(len(occ), vocab, dtype=logits.dtype)
+        for r, i in enumerate(occ):
+            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
+            counts[r].index_add_(0, out, torch.ones(len(out), dtype=logits.dtype))
+        freq = torch.tensor([seqs[i].params.frequency_penalty for i in occ], dtype=logits.dtype)
+        pres = torch.tensor([seqs[i].params.presence_penalty for i in occ], dtype=logits.dtype)
+        idx = torch.tensor(occ, dtype=torch.long)
+        logits[idx] -= freq.unsqueeze(1) * counts + pres.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    return logits
 
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._default_gen = torch.Generator().manual_seed(seed)
-        # Private generators of seeded requests, by request id.
-        self._gens: dict[str, torch.Generator] = {}
 
     def forget(self, request_id: str) -> None:
-        self._gens.pop(request_id, None)
+        """Kept for callers: seeded generators are derived per token, nothing is held."""
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
-        if params.seed is None:
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
             return self._default_gen
-        gen = self._gens.get(request_id)
-        if gen is None:
-            gen = torch.Generator().manual_seed(params.seed)
-            self._gens[request_id] = gen
-        return gen
+        return torch.Generator().manual_seed(stream_seed(seq.params.seed, len(seq.output_token_ids)))
 
-    def sample(
-        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
-    ) -> list[int]:
-        """logits: float32 [N, vocab], one row per sequence to sample."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
+        """logits: float32 [N, vocab], one row per sequence to sample (raw model output)."""
+        params = [s.params for s in seqs]
+        processed = apply_processors(logits, seqs)
         out: list[int] = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            tokens = logits[greedy].argmax(dim=-1).tolist()
+            tokens = processed[greedy].argmax(dim=-1).tolist()
             for i, t in zip(greedy, tokens):
                 out[i] = int(t)
         for i, p in enumerate(params):
             if p.greedy:
                 continue
-            row = logits[i].float() / p.temperature
+            row = processed[i].float() / p.temperature
             if p.top_k and p.top_k > 0 and p.top_k < row.numel():
                 kth = torch.topk(row, p.top_k).values[-1]
                 row = row.masked_fill(row < kth, float("-inf"))
@@ -50,6 +130,14 @@ class Sampler:
                 drop = (cum - sorted_p) >= p.top_p
                 sorted_p = sorted_p.masked_fill(drop, 0.0)
                 probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-            gen = self._generator(request_ids[i], p)
-            out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
-        return out
+            out[i] = int(torch.multinomial(probs, 1, generator=self._generator(seqs[i])).item())
+        lps: list[TokenLogprobs | None] = [None] * len(params)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            k = max(params[i].logprobs or 0 for i in want)
+            idx = torch.tensor(want, dtype=torch.long)
+            got = token_logprobs(logits[idx], torch.tensor([out[i] for i in want]), k)
+            for i, (c, ids, vals) in zip(want, got):
+                n = params[i].logprobs or 0
+                lps[i] = (c, ids[:n], vals[:n])
+        return SampleOutput(out, lps)

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, NoFreeBlocksError
 from engine.sequence import Sequence, SeqStatus
 
 
@@ -51,6 +51,8 @@ class ScheduledBatch:
     kv_imports: list[Sequence] = field(default_factory=list)
     # Sequences preempted by this step (their KV is gone; they wait to be recomputed).
     preempted: list[Sequence] = field(default_factory=list)
+    # KV blocks to copy (source, destination) before the forward: forked partial blocks.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -67,6 +69,10 @@ class Scheduler:
         self.bm = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._copies: list[tuple[int, int]] = []
+        # Prompt tokens computed by forward passes (a prompt shared by forked choices
+        # counts once); tests and metrics read it.
+        self.prompt_tokens_computed = 0
 
     # -- requests ---------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -107,6 +113,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run child (another choice of parent's prompt, its first token already in its
+        output) on the prompt KV parent holds: shared full blocks, a copied partial one.
+        Without a free block for the copy it waits and recomputes (prefix cache hits)."""
+        try:
+            copy = self.bm.fork(parent, child, len(parent.prompt_token_ids))
+        except NoFreeBlocksError:
+            child.status = SeqStatus.WAITING
+            self.waiting.append(child)
+            return
+        if copy is not None:
+            self._copies.append(copy)
+        child.status = SeqStatus.RUNNING
+        child.first_scheduled_time = parent.first_scheduled_time
+        self.running.append(child)
+
     # -- scheduling -------------------------------------------------------------------
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
@@ -118,7 +140,8 @@ class Scheduler:
         batch.preempted.append(seq)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+        batch = ScheduledBatch(block_copies=self._copies)
+        self._copies = []
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()
 
@@ -158,7 +181,8 @@ class Scheduler:
                 batch.kv_imports.append(seq)
                 n = min(seq.num_uncomputed_tokens, budget)
             else:
-                if not seq.block_table:
+                if not seq.block_table and seq.params.prompt_logprobs is None:
+                    # (Prompt logprobs need every prompt position computed: no prefix reuse.)
                     seq.num_cached_tokens = self.bm.match_prefix(seq)
                     seq.num_computed_tokens = seq.num_cached_tokens
                 n = min(seq.num_uncomputed_tokens, budget)
@@ -194,6 +218,8 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if seq.status is not SeqStatus.RUNNING:
                 continue
+            self.prompt_tokens_computed += max(
+                0, min(seq.num_computed_tokens + n, len(seq.prompt_token_ids)) - seq.num_computed_tokens)
             seq.num_computed_tokens += n
             self.bm.seal_full_blocks(seq)
             token = sampled.get(seq.request_id)
@@ -207,6 +233,9 @@ class Scheduler:
         for seq in batch.kv_imports:
             seq.pending_kv = None
         return finished
+
+    def stop_reason(self, seq: Sequence, token: int) -> str | None:
+        return self._stop_reason(seq, token)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if self.config.prefill_only:

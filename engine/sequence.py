@@ -30,6 +30,28 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     # Keep generating past EOS (benchmarks that want fixed output lengths).
     ignore_eos: bool = False
+    # OpenAI penalties over the generated tokens: logit -= frequency_penalty * count
+    # + presence_penalty * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Hugging Face / vLLM (CTRL, Keskar et al. 2019): logits of tokens seen in the prompt or
+    # the output are divided by it when positive, multiplied when negative. 1 disables.
+    repetition_penalty: float = 1.0
+    # EOS and stop_token_ids are masked until this many tokens were generated.
+    min_tokens: int = 0
+    # Added to the logits of these token ids before sampling (OpenAI logit_bias).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Log-probabilities of each sampled token and of the `logprobs` most likely tokens
+    # (0: the sampled token only; None: none), from the raw logits.
+    logprobs: int | None = None
+    # The same for every prompt token after the first (echo), computed where the prompt is.
+    prompt_logprobs: int | None = None
+
+    @property
+    def needs_processing(self) -> bool:
+        """Whether any logits processor applies (penalties, min_tokens, bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +95,13 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
+        # Prompt log-probabilities by prompt position (params.prompt_logprobs): entry p-1
+        # is that of prompt token p, (logprob, top ids, top logprobs).
+        self.prompt_logprobs: list[tuple[float, list[int], list[float]] | None] = []
+        # Further choices of the same prompt (n > 1), forked once the prompt's KV is in
+        # the cache: (request id, params, output ids so far or None to sample the first
+        # token from this sequence's logits).
+        self.children: list[tuple[str, SamplingParams, list[int] | None]] = []
 
     @property
     def token_ids(self) -> list[int]:

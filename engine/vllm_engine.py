@@ -130,20 +130,32 @@ class VLLMEngine:
         self.eos_token_ids = list(cfg.eos_token_ids)
 
     # -- requests ---------------------------------------------------------------------
-    def _vllm_params(self, p: SamplingParams, max_tokens: int, kv_params: dict[str, Any]) -> Any:
+    def _vllm_params(self, p: SamplingParams, max_tokens: int, kv_params: dict[str, Any],
+                     done: int = 0) -> Any:
         from vllm import SamplingParams as VParams
         from vllm.sampling_params import RequestOutputKind
 
+        if p.logprobs is not None or p.prompt_logprobs is not None:
+            raise ValueError("logprobs are not supported on vLLM pools yet; use a native pool")
+        if done and (p.presence_penalty or p.frequency_penalty):
+            raise ValueError("presence/frequency penalties are not supported on disaggregated vLLM pools "
+                             "yet (vLLM would not count the token the prefill sampled); use a native pool")
         return VParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else 0,
                        seed=p.seed, max_tokens=max_tokens, stop_token_ids=list(p.stop_token_ids),
-                       ignore_eos=p.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
+                       ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
+                       frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+                       min_tokens=max(0, p.min_tokens - done), logit_bias=dict(p.logit_bias) or None,
+                       detokenize=False, output_kind=RequestOutputKind.DELTA,
                        extra_args={"kv_transfer_params": kv_params})
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     output_token_ids: list[int] | None = None, pending_kv: torch.Tensor | None = None,
-                    stream_kv: bool = False) -> VSeq:
+                    stream_kv: bool = False,
+                    children: list[tuple[str, SamplingParams, list[int] | None]] | None = None) -> VSeq:
         from kvtransfer.vllm_channel import channel_params
 
+        if children:
+            raise ValueError("n > 1 is not supported on vLLM pools yet; use a native pool")
         if request_id in self._seqs:
             raise ValueError(f"duplicate request id {request_id!r}")
         done = list(output_token_ids or [])
@@ -164,7 +176,7 @@ class VLLMEngine:
             left = params.max_tokens - len(done)
             if left < 1:
                 raise ValueError(f"max_tokens={params.max_tokens} already reached by {len(done)} tokens")
-            vp = self._vllm_params(params, left, channel_params(request_id, load=load))
+            vp = self._vllm_params(params, left, channel_params(request_id, load=load), len(done))
         seq = VSeq(request_id, list(prompt_token_ids), done)
         self._seqs[request_id] = seq
         try:

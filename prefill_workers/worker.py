@@ -43,6 +43,7 @@ class PrefillWorker(EngineWorker):
         self._streams: dict[str, KVHandle] = {}
         self._kv_shape: tuple[int, int, int] = (0, 0, 0)  # layers, kv heads, head dim
         self._probe: str | None = None  # the internal request that samples KV for profiling
+        self._children: dict[str, set[str]] = {}  # request id -> its further choices' ids
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -53,7 +54,7 @@ class PrefillWorker(EngineWorker):
             return await self.health()
         from engine.config import ModelConfig
 
-        out = await super().start()
+        await super().start()
         cfg = ModelConfig.from_dir(self.settings.model_dir)
         self._kv_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
         assert self.engine is not None
@@ -64,10 +65,19 @@ class PrefillWorker(EngineWorker):
             tokens = max(16, min(512, self.settings.num_blocks * self.settings.block_size // 2))
             try:
                 await self._profile_codecs(tokens)
-            except Exception as e:  # noqa: BLE001 - transfers refine the default profile anyway
-                logger.warning("%s could not profile the KV codecs (%r); starting from defaults",
-                               self.worker_id, e)
-        return out
+            except Exception as e:  # noqa: BLE001 - the worker still serves, and says so
+                # Serving goes on with the built-in DEFAULT_PROFILE figures (transfers refine
+                # them); health() and splitserve_worker_kv_codec_profile_measured say so.
+                self.policy.profile_error = f"{type(e).__name__}: {e}"
+                logger.warning("%s could not profile the KV codecs (%s); the adaptive codec plans with the "
+                               "built-in DEFAULT_PROFILE until transfers refine it", self.worker_id,
+                               self.policy.profile_error)
+        return await self.health()
+
+    async def health(self) -> dict[str, Any]:
+        stats = await super().health()
+        stats.update(self.policy.profile_status())
+        return stats
 
     async def _profile_codecs(self, tokens: int = 512) -> None:
         """Measure the adaptive options on this model's own KV (one internal prefill) and
@@ -93,9 +103,7 @@ class PrefillWorker(EngineWorker):
         self.policy.s_per_token = res["prefill_s"] / tokens
         opts = await asyncio.to_thread(profile_options, kv, self.policy.spec.labels(), 2,
                                         self.policy.spec.chunk_tokens)
-        assert self.policy.controller is not None
-        self.policy.controller.options = sorted(opts, key=lambda o: o.lossiness)
-        self.policy.controller.recompute_s_per_token = self.policy.s_per_token
+        self.policy.set_measured(opts)
         logger.info("%s KV codec profile: %s; prefill %.3f ms/token", self.worker_id,
                     [(o.label, round(o.size_ratio, 3), int(o.encode_bps / 1e6), int(o.decode_bps / 1e6))
                      for o in opts], self.policy.s_per_token * 1e3)
@@ -104,7 +112,10 @@ class PrefillWorker(EngineWorker):
         """What the adaptive controller believes (benchmarks, debugging)."""
         c = self.policy.controller
         return {"codec": self.policy.spec.codec, "prefill_s_per_token": self.policy.s_per_token,
-                "links": {} if c is None else {f"{a}->{b}": e.bps for (a, b), e in c.links.items()},
+                **self.policy.profile_status(),
+                # bps is the estimate; samples, how many transfers it rests on (0: the default).
+                "links": {} if c is None else {f"{a}->{b}": {"bps": e.bps, "samples": e.samples}
+                                               for (a, b), e in c.links.items()},
                 "options": [] if c is None else [
                     {"label": o.label, "size_ratio": o.size_ratio, "encode_bps": o.encode_bps,
                      "decode_bps": o.decode_bps} for o in c.options]}
@@ -114,12 +125,14 @@ class PrefillWorker(EngineWorker):
         decode_node_ip (where the KV goes: picks the transport) and optionally
         decode_actor (told to start pulling a streamed transfer at once).
 
-        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens and,
-        for streamed transfers, kv_plan (codec per chunk)."""
+        Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens,
+        first_logprobs and prompt_logprobs (None unless the params ask) and, for streamed
+        transfers, kv_plan (codec per chunk)."""
         rid = req["request_id"]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[rid] = fut
         self._arrivals[rid] = time.monotonic()
+        self._children[rid] = {cid for cid, _, _ in req.get("children") or ()}
         dest = req.get("decode_node_ip")
         self._dest[rid] = dest
         stream = self.settings.tp_size == 1 and self.connector.pick(dest) is self.connector.grpc
@@ -134,7 +147,7 @@ class PrefillWorker(EngineWorker):
                 if decode is not None:
                     decode.prefetch_kv.remote(handle)
             self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
-                               "stream_kv": stream})
+                               "stream_kv": stream, "children": req.get("children")})
             return await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
         except asyncio.TimeoutError:
             await self.abort(rid)
@@ -144,6 +157,7 @@ class PrefillWorker(EngineWorker):
             self._futures.pop(rid, None)
             self._arrivals.pop(rid, None)
             self._dest.pop(rid, None)
+            self._children.pop(rid, None)
             if self._streams.pop(rid, None) is not None:  # not handed over: the receiver must not wait
                 self.connector.grpc.sender.abort(rid, f"prefill of {rid} did not complete")
 
@@ -158,7 +172,13 @@ class PrefillWorker(EngineWorker):
             first = seq.first_scheduled_time or now
             result = {"first_token": seq.output_token_ids[0], "queue_s": first - arrival,
                       "prefill_s": now - first, "num_cached_tokens": seq.num_cached_tokens,
-                      "worker_id": self.worker_id, "node_ip": self._node_ip}
+                      "worker_id": self.worker_id, "node_ip": self._node_ip,
+                      "first_logprobs": out.new_logprobs.get(rid),
+                      "prompt_logprobs": out.prompt_logprobs.get(rid),
+                      # Further choices (n > 1): (request id, first token, its logprobs).
+                      "children": [(c.request_id, out.new_tokens[c.request_id],
+                                    out.new_logprobs.get(c.request_id))
+                                   for c in out.finished if c.request_id in self._children.get(rid, ())]}
             self.policy.observe_prefill(len(seq.prompt_token_ids) - seq.num_cached_tokens, now - first)
             handle = self._streams.pop(rid, None)
             if handle is not None:
