@@ -78,7 +78,7 @@ class VLLMEngine:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, role: str,
                  enable_prefix_caching: bool = True, seed: int = 0) -> None:
         from engine.config import ModelConfig
-        from kvtransfer import vllm_channel
+        from engine import vllm_channel
 
         global _LIVE
         if _LIVE is not None:
@@ -152,7 +152,7 @@ class VLLMEngine:
                     output_token_ids: list[int] | None = None, pending_kv: torch.Tensor | None = None,
                     stream_kv: bool = False,
                     children: list[tuple[str, SamplingParams, list[int] | None]] | None = None) -> VSeq:
-        from kvtransfer.vllm_channel import channel_params
+        from engine.vllm_channel import channel_params
 
         if children:
             raise ValueError("n > 1 is not supported on vLLM pools yet; use a native pool")
@@ -259,7 +259,7 @@ class VLLMEngine:
                 "kv_loads": self.channel.loaded, "kv_saved_tokens": self.channel.saved_tokens}
 
     def shutdown(self) -> None:
-        from kvtransfer import vllm_channel
+        from engine import vllm_channel
 
         vllm_channel.unregister(self.engine_id)
 

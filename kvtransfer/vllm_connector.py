@@ -4,7 +4,7 @@ kv_connector_module_path="kvtransfer.vllm_connector", kv_role="kv_both", engine_
 
 It moves no bytes between machines itself: the worker hosting vLLM does that through
 kvtransfer (object store within a node, layer-wise gRPC stream with codecs across nodes).
-This module is the part inside vLLM (see ``kvtransfer.vllm_channel``):
+This module is the part inside vLLM (see ``engine.vllm_channel``):
 
 Scheduler side (inside vLLM's scheduler):
 - ``get_num_new_matched_tokens``: a request marked ``load`` has its prompt KV waiting in
@@ -36,20 +36,17 @@ from __future__ import annotations
 
 import re
 import time
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
 
-from kvtransfer.vllm_channel import Channel, lookup
+from engine.vllm_channel import Channel, lookup
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -69,7 +66,10 @@ class Transfer:
 
 
 @dataclass
-class SplitServeConnectorMetadata(KVConnectorMetadata):
+class SplitServeConnectorMetadata:
+    """What the scheduler side tells the worker side for one step (a
+    ``KVConnectorMetadata`` once vLLM is imported: see ``_classes``)."""
+
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
 
@@ -158,11 +158,14 @@ class PagedLayout:
         self._write(kv_layer, kv[0], kv[1], blocks * self.block_size + offs)
 
 
-class SplitServeConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+class _SplitServeConnector:
+    """The connector's methods; ``SplitServeConnector`` (built on first access, see
+    ``__getattr__``) adds vLLM's ``KVConnectorBase_V1``."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: "KVConnectorRole",
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:
-        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        self.channel: Channel = lookup(self._kv_transfer_config.engine_id)
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)  # type: ignore[call-arg]
+        self.channel: Channel = lookup(self._kv_transfer_config.engine_id)  # type: ignore[attr-defined]
         self.block_size = vllm_config.cache_config.block_size
         self.head_dim = self.channel.head_dim
         # Scheduler side.
@@ -206,8 +209,8 @@ class SplitServeConnector(KVConnectorBase_V1):
         self._loads[request.request_id] = Transfer(p["splitserve_id"], start, start + num_external_tokens,
                                                    list(blocks.get_block_ids()[0]))
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = SplitServeConnectorMetadata()
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> Any:
+        meta = _classes()[1]()
         now = time.monotonic()
         for new in scheduler_output.scheduled_new_reqs:
             p = new.sampling_params.extra_args.get("kv_transfer_params") if (
@@ -269,7 +272,7 @@ class SplitServeConnector(KVConnectorBase_V1):
         return out
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
+        meta = self._get_connector_metadata()  # type: ignore[attr-defined]
         assert isinstance(meta, SplitServeConnectorMetadata)
         if not meta.loads:
             return
@@ -293,7 +296,7 @@ class SplitServeConnector(KVConnectorBase_V1):
         return  # loads are written before the forward pass
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
+        meta = self._get_connector_metadata()  # type: ignore[attr-defined]
         assert isinstance(meta, SplitServeConnectorMetadata)
         if not meta.saves:
             return
@@ -307,3 +310,30 @@ class SplitServeConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._failed_blocks = self._failed_blocks, set()
         return out
+
+
+_BUILT: tuple[type, type] | None = None
+
+
+def _classes() -> tuple[type, type]:
+    """(SplitServeConnector, its metadata class) on vLLM's base classes; vLLM is imported
+    here, on first use, so that importing this module needs no vLLM."""
+    global _BUILT
+    if _BUILT is None:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata
+
+        def body(ns: dict[str, Any]) -> None:
+            ns["__module__"] = __name__
+
+        meta = dataclass(types.new_class("SplitServeConnectorMetadataV1",
+                                         (SplitServeConnectorMetadata, KVConnectorMetadata), exec_body=body))
+        conn = types.new_class("SplitServeConnector", (_SplitServeConnector, KVConnectorBase_V1), exec_body=body)
+        _BUILT = (conn, meta)
+    return _BUILT
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM's factory looks the class up by name (getattr(module, kv_connector)).
+    if name == "SplitServeConnector":
+        return _classes()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
