@@ -7,6 +7,7 @@ exists, tp divides the heads, block counts) and reports every problem at once.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,9 @@ class PoolSpec(Strict):
         "per worker, expert ids; what a live re-placement writes); default even")
     micro_batches: int | None = Field(None, ge=1, le=2, description="expert pool: micro-batches per decode step "
                                       "that ping-pong between attention and experts (1 = lock-step); default 2")
+    engine: Literal["native", "vllm"] = Field(
+        "native", description="What runs the model: splitserve's own engine, or vLLM's v1 engine "
+                              "(optional package; KV moves through splitserve's connector)")
 
 
 class KVCacheSpec(Strict):
@@ -232,6 +236,51 @@ def check_api_keys_file(m: Manifest) -> None:
         raise ManifestError([("server.api_keys_file", f"{path} holds no key (one per line; '#' starts a comment)")])
 
 
+# Architectures a vLLM pool may serve: those splitserve's own engine also runs and whose
+# output is checked against it (tests/integration/test_vllm_serving.py).
+VLLM_ARCHITECTURES = ("LlamaForCausalLM",)
+# vLLM's CPU attention (vllm/v1/attention/backends/cpu_attn.py, 0.32): head sizes it
+# supports and the block size it needs (a multiple of 32).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+VLLM_CPU_BLOCK_MULTIPLE = 32
+
+
+def check_vllm_pools(m: Manifest, cfg: dict[str, object]) -> list[tuple[str, str]]:
+    """What a vLLM pool cannot run, as (field path, reason); cfg is the model's config.json."""
+    problems: list[tuple[str, str]] = []
+    engines = {name: pool.engine for name, pool in m.pools.items()}
+    vllm_pools = sorted(name for name, e in engines.items() if e == "vllm")
+    if not vllm_pools:
+        return problems
+    if m.mode == "disaggregated" and len(set(engines.values())) > 1:
+        native = next(n for n, e in engines.items() if e == "native")
+        problems.append((f"pools.{native}.engine", "prefill and decode pools must use the same engine "
+                         f"(found {engines['prefill']} prefill, {engines['decode']} decode); "
+                         "allowed: both native or both vllm"))
+    for name in vllm_pools:
+        pool = m.pools[name]  # type: ignore[index]
+        if pool.tp != 1:
+            problems.append((f"pools.{name}.tp", f"tp={pool.tp} with engine vllm is not supported yet; "
+                             "allowed: 1"))
+    on_cpu = [n for n in vllm_pools if m.pools[n].num_gpus == 0]  # type: ignore[index]
+    if on_cpu and m.kv_cache.block_size % VLLM_CPU_BLOCK_MULTIPLE:
+        problems.append(("kv_cache.block_size", f"{m.kv_cache.block_size} with vLLM pools on CPU "
+                         f"({', '.join(on_cpu)}); vLLM's CPU attention needs a multiple of "
+                         f"{VLLM_CPU_BLOCK_MULTIPLE}"))
+    where = "model.builtin" if m.model.builtin is not None else "model.path"
+    archs = list(cfg.get("architectures") or [])  # type: ignore[call-overload]
+    if not any(a in VLLM_ARCHITECTURES for a in archs):
+        problems.append((where, f"architecture {archs} cannot run on a vLLM pool ({', '.join(vllm_pools)}) "
+                         f"here; allowed: {', '.join(VLLM_ARCHITECTURES)}"))
+    heads = int(cfg.get("num_attention_heads", 1))  # type: ignore[call-overload]
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // max(1, heads))  # type: ignore[call-overload]
+    if on_cpu and head_dim not in VLLM_CPU_HEAD_SIZES:
+        problems.append((where, f"head_dim {head_dim} is not supported by vLLM's CPU attention (pools "
+                         f"{', '.join(on_cpu)}); allowed: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} "
+                         "(e.g. builtin small-llama, head_dim 32)"))
+    return problems
+
+
 def check_against_model(m: Manifest, require_tokenizer: bool = False) -> None:
     """Checks that need the model's config: directory, tp vs heads, context vs blocks;
     with require_tokenizer (serving needs one, planning does not) a readable tokenizer."""
@@ -265,6 +314,7 @@ def check_against_model(m: Manifest, require_tokenizer: bool = False) -> None:
             if n % pool.tp:
                 problems.append((f"pools.{name}.tp", f"tp={pool.tp} does not divide the model's "
                                  f"{n} {what}; allowed: a divisor of {n}"))
+    problems += check_vllm_pools(m, json.loads((d / "config.json").read_text()))
     if m.model.max_model_len and m.model.max_model_len > cfg.max_position_embeddings:
         problems.append(("model.max_model_len", f"{m.model.max_model_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}"))

@@ -153,3 +153,51 @@ def test_afd_pool_fields_and_mixing_with_decode(tmp_path):
         parse_manifest({"model": {"builtin": "tiny-mixtral"}, "pools": {"decode": {}, "expert": {}}})
     lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"micro_batches": 3}}}, tmp_path)
     assert lines[0].startswith("pools.expert.micro_batches:")
+
+
+def vllm_manifest(**over) -> dict:
+    data = {"model": {"builtin": "small-llama"}, "kv_cache": {"block_size": 32},
+            "pools": {"prefill": {"engine": "vllm"}, "decode": {"engine": "vllm"}}}
+    data.update(over)
+    return data
+
+
+def test_vllm_engine_valid_and_default_native(tmp_path):
+    m = load_manifest(write(tmp_path, vllm_manifest()))
+    assert {p.engine for p in m.pools.values()} == {"vllm"}
+    assert load_manifest(ROOT / "deploy/manifests/demo.yaml").pools["decode"].engine == "native"
+    m = load_manifest(ROOT / "deploy/manifests/demo-vllm.yaml")
+    assert {p.engine for p in m.pools.values()} == {"vllm"} and m.kv_cache.block_size % 32 == 0
+
+
+def test_vllm_engine_rejects_what_vllm_cannot_run(tmp_path):
+    # head_dim 16 (tiny-llama): vLLM's CPU attention rejects it.
+    lines = problems(vllm_manifest(model={"builtin": "tiny-llama"}), tmp_path)
+    assert lines == [lines[0]] and lines[0].startswith("model.builtin: head_dim 16 is not supported"), lines
+    # Mixtral is not an architecture a vLLM pool serves here.
+    lines = problems(vllm_manifest(model={"builtin": "tiny-mixtral"}), tmp_path)
+    assert any(line.startswith("model.builtin: architecture ['MixtralForCausalLM']") for line in lines), lines
+    # Block size must suit vLLM's CPU attention.
+    lines = problems(vllm_manifest(kv_cache={"block_size": 16}), tmp_path)
+    assert lines == ["kv_cache.block_size: 16 with vLLM pools on CPU (decode, prefill); vLLM's CPU "
+                     "attention needs a multiple of 32"], lines
+    # Mixed engines in one disaggregated pair.
+    lines = problems(vllm_manifest(pools={"prefill": {}, "decode": {"engine": "vllm"}}), tmp_path)
+    assert lines == ["pools.prefill.engine: prefill and decode pools must use the same engine (found native "
+                     "prefill, vllm decode); allowed: both native or both vllm"], lines
+    lines = problems(vllm_manifest(pools={"prefill": {"engine": "vllm", "tp": 2}, "decode": {"engine": "vllm"}}),
+                     tmp_path)
+    assert lines == ["pools.prefill.tp: tp=2 with engine vllm is not supported yet; allowed: 1"], lines
+    lines = problems(vllm_manifest(pools={"prefill": {"engine": "sglang"}}), tmp_path)
+    assert lines[0].startswith("pools.prefill.engine: Input should be 'native' or 'vllm'"), lines
+
+
+def test_vllm_engine_checks_model_directory(tmp_path):
+    from models.make import config_for
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config_for("llama")))  # head_dim 16
+    lines = problems(vllm_manifest(model={"path": str(d)}, mode="colocated",
+                                   pools={"colocated": {"engine": "vllm"}}), tmp_path)
+    assert lines == [lines[0]] and lines[0].startswith("model.path: head_dim 16 is not supported"), lines
