@@ -56,6 +56,20 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def _send_parts(sock: socket.socket, parts: list[Any]) -> int:
+    """Send the parts back to back with as few system calls as the kernel allows."""
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(v.nbytes for v in views)
+    sent = sock.sendmsg(views)
+    for v in views:  # the rest, if the kernel took only part
+        if sent >= v.nbytes:
+            sent -= v.nbytes
+            continue
+        sock.sendall(v[sent:])
+        sent = 0
+    return total
+
+
 def _tensor_bytes(x: torch.Tensor) -> memoryview:
     return memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
 
@@ -121,8 +135,7 @@ class ExpertServer:
                     msg = f"{type(e).__name__}: {e}".encode()
                     parts = [_REP.pack(tag, 1, len(msg), 0, 0), msg]
                 self.requests += 1
-                for p in parts:
-                    conn.sendall(p)
+                _send_parts(conn, parts)
         except (ConnectionError, OSError):
             pass  # the attention worker went away (or stop())
         finally:
@@ -203,9 +216,7 @@ class SocketExchange(ExpertExchange):
     def send(self, shard: int, tag: int, req: ExpertRequest) -> None:
         sock = self._sock(shard)
         try:
-            for p in encode_request(tag, req):
-                sock.sendall(p)
-                self.bytes_sent += len(p)
+            self.bytes_sent += _send_parts(sock, encode_request(tag, req))
         except OSError as e:
             self._drop(shard)
             raise ExchangeError(f"expert shard {shard}: send failed: {e}") from None
