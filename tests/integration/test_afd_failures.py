@@ -66,7 +66,7 @@ def test_expert_sigkill_mid_stream(ray_session, mixtral_dir):
             time.sleep(0.2)
         assert new, "expert worker not replaced within 90 s"
         assert new[0]["stats"]["experts"] == experts and new[0]["stats"]["pid"] != pid
-        wait_healthy(url)
+        wait_healthy(url, timeout_s=120)  # a loaded machine starts actors slowly
         deadline = time.monotonic() + 30
         while True:  # the attention worker learns the new address from the controller
             try:
@@ -101,7 +101,7 @@ def test_attention_worker_death_mid_stream(ray_session, mixtral_dir):
         while not [w for w in workers(dep, "attention") if w["healthy"] and w["worker_id"] != victim["worker_id"]]:
             assert time.monotonic() < deadline, "attention worker not replaced within 90 s"
             time.sleep(0.2)
-        wait_healthy(url)
+        wait_healthy(url, timeout_s=120)  # a loaded machine starts actors slowly
         deadline = time.monotonic() + 30
         while True:
             try:
