@@ -168,6 +168,11 @@ class Manifest(Strict):
         return "attention" in self.pools
 
     @property
+    def kv_pools(self) -> list[str]:
+        """Pools whose workers hold KV caches (expert workers hold none)."""
+        return [name for name in self.pools if name != "expert"]
+
+    @property
     def decode_pool(self) -> str:
         """The pool that plays the decode role towards the router (receives the prompt KV)."""
         return "attention" if self.afd else "decode"

@@ -56,11 +56,25 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def _send_parts(sock: socket.socket, parts: list[Any]) -> int:
+    """Send the parts back to back with as few system calls as the kernel allows."""
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(v.nbytes for v in views)
+    sent = sock.sendmsg(views)
+    for v in views:  # the rest, if the kernel took only part
+        if sent >= v.nbytes:
+            sent -= v.nbytes
+            continue
+        sock.sendall(v[sent:])
+        sent = 0
+    return total
+
+
 def _tensor_bytes(x: torch.Tensor) -> memoryview:
     return memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
-def _tensor_from(buf: bytearray, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+def _tensor_from(buf: bytearray | memoryview, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
     if rows * hidden == 0:
         return torch.empty(rows, hidden, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).view(rows, hidden)
@@ -68,16 +82,17 @@ def _tensor_from(buf: bytearray, rows: int, hidden: int, dtype: torch.dtype) -> 
 
 def encode_request(tag: int, req: ExpertRequest) -> list[bytes | memoryview]:
     rows, hidden = req.x.shape
-    groups = torch.tensor(req.groups, dtype=torch.int32).reshape(-1)
-    return [_REQ.pack(tag, req.layer, len(req.groups), rows, hidden, _DTYPES.index(req.x.dtype)),
-            groups.numpy().tobytes(), _tensor_bytes(req.x)]
+    flat = [v for pair in req.groups for v in pair]
+    return [_REQ.pack(tag, req.layer, len(req.groups), rows, hidden, _DTYPES.index(req.x.dtype))
+            + struct.pack(f"<{len(flat)}i", *flat), _tensor_bytes(req.x)]
 
 
 def read_request(sock: socket.socket) -> tuple[int, ExpertRequest]:
     tag, layer, ngroups, rows, hidden, code = _REQ.unpack(_recv_exact(sock, _REQ.size))
-    flat = torch.frombuffer(_recv_exact(sock, 8 * ngroups), dtype=torch.int32).tolist() if ngroups else []
     dtype = _DTYPES[code]
-    x = _tensor_from(_recv_exact(sock, rows * hidden * dtype.itemsize), rows, hidden, dtype)
+    body = _recv_exact(sock, 8 * ngroups + rows * hidden * dtype.itemsize)  # groups, then rows
+    flat = struct.unpack_from(f"<{2 * ngroups}i", body)
+    x = _tensor_from(memoryview(body)[8 * ngroups:], rows, hidden, dtype)
     return tag, ExpertRequest(layer, x, list(zip(flat[0::2], flat[1::2])))
 
 
@@ -121,8 +136,7 @@ class ExpertServer:
                     msg = f"{type(e).__name__}: {e}".encode()
                     parts = [_REP.pack(tag, 1, len(msg), 0, 0), msg]
                 self.requests += 1
-                for p in parts:
-                    conn.sendall(p)
+                _send_parts(conn, parts)
         except (ConnectionError, OSError):
             pass  # the attention worker went away (or stop())
         finally:
@@ -203,9 +217,7 @@ class SocketExchange(ExpertExchange):
     def send(self, shard: int, tag: int, req: ExpertRequest) -> None:
         sock = self._sock(shard)
         try:
-            for p in encode_request(tag, req):
-                sock.sendall(p)
-                self.bytes_sent += len(p)
+            self.bytes_sent += _send_parts(sock, encode_request(tag, req))
         except OSError as e:
             self._drop(shard)
             raise ExchangeError(f"expert shard {shard}: send failed: {e}") from None
