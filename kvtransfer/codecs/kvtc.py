@@ -1,0 +1,118 @@
+"""``kvtc``: a KVTC-style transform codec (KVTC, NVIDIA, ICLR 2026: PCA decorrelation of
+the KV features calibrated once per model, bit allocation over the components, entropy
+coding), ``get_codec("kvtc", level=L, model=MODEL_DIR)``.
+
+1. Transform: per (layer, K/V), the KV of one token (all KV heads, C = kv_heads *
+   head_dim features) minus a calibrated mean, in a calibrated orthonormal PCA basis
+   (components by falling variance). Keys are coded as cached (after RoPE): a token
+   slice does not carry its positions on this path (see ``cachegen``).
+2. Bit allocation: one uniform quantiser step per (layer, K/V) over all its components.
+   With an entropy coder after it, a common step is the rate-distortion optimum over
+   components (reverse water-filling: a component whose spread is below the step codes
+   to zeros at almost no rate, i.e. gets 0 bits; the rest get bits in proportion to
+   log(spread / step)). The step is ``LEVEL_F[level]`` x the component RMS of that (layer,
+   K/V) on the calibration text.
+3. Token locality where it pays: each component is coded either centred on its mean or as
+   a delta against its group's anchor token, whichever is smaller (``cachegen_quant``).
+4. Entropy coding: CacheGen's ANS coder with tables chosen per component by spread,
+   shipped in the stream (``cachegen``).
+5. The first token of a stream is kept exact (``exact_head``, default 1): the attention
+   sink, whose KV is far from the rest's distribution.
+
+Calibration (``kvtransfer.codecs.kvtc_calib``): computed once per model from held-out
+text and cached beside the model (or under ~/.cache/splitserve/kvtc when the model's
+directory is read-only); it is versioned, names the model it was computed on (a
+fingerprint of its config and weights) and carries the measured perplexity cost of every
+level. A stream names its calibration's fingerprint: decoding with another calibration
+is a ``CodecError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from kvtransfer.codecs import cachegen_quant as cq
+from kvtransfer.codecs.base import CodecError, Payload
+from kvtransfer.codecs.cachegen import _OPTS, CacheGenCodec
+from kvtransfer.codecs.cachegen_tables import CacheGenTables
+from kvtransfer.codecs.kvtc_calib import LEVEL_F, KVTCCalibration, load_or_calibrate
+
+DEFAULT_LEVEL = 2
+
+
+class KVTCCodec(CacheGenCodec):
+    name, codec_id = "kvtc", 4
+    options: ClassVar[tuple[str, ...]] = ("level", "model", "calibration", "exact_head", "first_layer",
+                                          "total_layers")
+
+    def __init__(self, level: int = DEFAULT_LEVEL, model: str | Path | None = None,
+                 calibration: KVTCCalibration | None = None, exact_head: int = 1, first_layer: int = 0,
+                 total_layers: int | None = None) -> None:
+        """level: 0 (finest) .. len(LEVEL_F) - 1; model: a model directory (calibrated once
+        and cached) or calibration: a ``KVTCCalibration``. Without either, the codec can
+        only fail to decode (every stream needs a calibration)."""
+        super().__init__(level=0, exact_head=exact_head, first_layer=first_layer, total_layers=total_layers)
+        if level not in range(len(LEVEL_F)):
+            raise ValueError(f"kvtc level must be 0..{len(LEVEL_F) - 1}, got {level!r}")
+        if calibration is None and model is not None:
+            calibration = load_or_calibrate(model)
+        if calibration is None:
+            raise ValueError("kvtc needs its model's calibration: pass model=MODEL_DIR (calibrated once, cached) "
+                             "or calibration=")
+        self.level, self.calibration = level, calibration
+
+    def _levels(self) -> int:
+        return len(LEVEL_F)
+
+    def _stream_fingerprint(self) -> int:
+        return self.calibration.fingerprint
+
+    def _pca(self) -> bool:
+        return True
+
+    def quantize(self, kv: torch.Tensor) -> tuple[cq.Quantized, int, int]:
+        L, _, T, H, D = kv.shape
+        cal = self.calibration
+        cal.check_shape(tuple(kv.shape), self.first_layer)
+        head = min(self.exact_head, T)
+        tail = min(self.exact_tail, T - head)
+        sl = slice(self.first_layer, self.first_layer + L)
+        x = kv[:, :, head:T - tail].reshape(L, 2, T - head - tail, H * D).float()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("kvtc codes finite KV only; this tensor holds NaN or inf (use 'lossless')")
+        mean, basis = torch.from_numpy(cal.mean[sl]), torch.from_numpy(cal.basis[sl])
+        # [L, 2, C, T] channel-major coordinates: basis^T (x - mean)
+        z = torch.matmul(basis.transpose(-1, -2), (x - mean[:, :, None]).transpose(-1, -2)).contiguous()
+        return cq.quantize(z, cal.steps(self.level, self.first_layer, L), self.group), head, tail
+
+    def _inverse(self, mid: torch.Tensor, shape: tuple[int, ...], tables: CacheGenTables | None, flags: int,
+                 first_layer: int) -> torch.Tensor:
+        L, _, Tm, H, D = shape
+        cal = self.calibration
+        sl = slice(first_layer, first_layer + L)
+        mean, basis = torch.from_numpy(cal.mean[sl]), torch.from_numpy(cal.basis[sl])
+        out = torch.matmul(mid, basis.transpose(-1, -2)).add_(mean[:, :, None])
+        return out.view(L, 2, Tm, H, D)
+
+    def _encode(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
+        return super()._encode(kv)
+
+    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                opts: bytes) -> torch.Tensor:
+        fp = _OPTS.unpack(opts)[5]
+        if fp != self.calibration.fingerprint:
+            raise CodecError(f"kvtc stream was coded with calibration {fp:#010x}; this codec has calibration "
+                             f"{self.calibration.fingerprint:#010x} (both sides need the same model calibration)")
+        first_layer = _OPTS.unpack(opts)[6]
+        self.calibration.check_shape(shape, first_layer)
+        return super()._decode(payload, shape, dtype, opts)
+
+
+def level_costs(codec: KVTCCodec) -> list[float]:
+    """Measured perplexity cost (%) of every level of this codec's calibration (NaN: not
+    measured)."""
+    return [float(v) for v in np.asarray(codec.calibration.ppl_cost_pct)]
