@@ -54,7 +54,10 @@ def windows(tok: Any, which: str, count: int, ctx: int, cont: int) -> list[tuple
     """count windows of ctx + cont tokens, alternating prose and code (round robin over
     the texts; several windows of one text are spread over it)."""
     items = texts(which)
-    toks = [(label, tok.encode(t, add_special_tokens=False)) for label, t in items]
+    # tokenize only a prefix of each text that holds its share of windows (~4 characters
+    # a token, with room to spare)
+    chars = 8 * (ctx + cont) * (count // len(items) + 1)
+    toks = [(label, tok.encode(t[:chars], add_special_tokens=False)) for label, t in items]
     out: list[tuple[str, list[int]]] = []
     per: dict[int, int] = {}
     i = 0
