@@ -42,6 +42,14 @@ from kvtransfer.codecs.cachegen_tables import CacheGenTables
 from kvtransfer.codecs.kvtc_calib import LEVEL_F, KVTCCalibration, load_or_calibrate
 
 DEFAULT_LEVEL = 2
+# Calibrations this process has loaded, by fingerprint: a codec built without one (e.g.
+# by ``decode_any``) decodes a stream with the calibration the stream names, if loaded.
+_LOADED: dict[int, KVTCCalibration] = {}
+
+
+def register(cal: KVTCCalibration) -> KVTCCalibration:
+    _LOADED[cal.fingerprint] = cal
+    return cal
 
 
 class KVTCCodec(CacheGenCodec):
@@ -53,22 +61,21 @@ class KVTCCodec(CacheGenCodec):
                  calibration: KVTCCalibration | None = None, exact_head: int = 1, first_layer: int = 0,
                  total_layers: int | None = None) -> None:
         """level: 0 (finest) .. len(LEVEL_F) - 1; model: a model directory (calibrated once
-        and cached) or calibration: a ``KVTCCalibration``. Without either, the codec can
-        only fail to decode (every stream needs a calibration)."""
+        and cached) or calibration: a ``KVTCCalibration``. Without either, the codec only
+        decodes, with the (loaded) calibration each stream names."""
         super().__init__(level=0, exact_head=exact_head, first_layer=first_layer, total_layers=total_layers)
         if level not in range(len(LEVEL_F)):
             raise ValueError(f"kvtc level must be 0..{len(LEVEL_F) - 1}, got {level!r}")
         if calibration is None and model is not None:
             calibration = load_or_calibrate(model)
-        if calibration is None:
-            raise ValueError("kvtc needs its model's calibration: pass model=MODEL_DIR (calibrated once, cached) "
-                             "or calibration=")
-        self.level, self.calibration = level, calibration
+        # without either: a decode-only codec (decode_any), taking the calibration the stream names
+        self.level, self.calibration = level, calibration if calibration is None else register(calibration)
 
     def _levels(self) -> int:
         return len(LEVEL_F)
 
     def _stream_fingerprint(self) -> int:
+        assert self.calibration is not None
         return self.calibration.fingerprint
 
     def _pca(self) -> bool:
@@ -77,6 +84,9 @@ class KVTCCodec(CacheGenCodec):
     def quantize(self, kv: torch.Tensor) -> tuple[cq.Quantized, int, int]:
         L, _, T, H, D = kv.shape
         cal = self.calibration
+        if cal is None:
+            raise ValueError("kvtc needs its model's calibration to encode: pass model=MODEL_DIR (calibrated once, "
+                             "cached) or calibration=")
         cal.check_shape(tuple(kv.shape), self.first_layer)
         head = min(self.exact_head, T)
         tail = min(self.exact_tail, T - head)
@@ -104,6 +114,11 @@ class KVTCCodec(CacheGenCodec):
     def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
                 opts: bytes) -> torch.Tensor:
         fp = _OPTS.unpack(opts)[5]
+        if self.calibration is None:  # decode-only: the stream names its calibration
+            if fp not in _LOADED:
+                raise CodecError(f"kvtc stream was coded with calibration {fp:#010x}, which this process has not "
+                                 f"loaded (loaded: {[f'{k:#010x}' for k in _LOADED]})")
+            return KVTCCodec(calibration=_LOADED[fp])._decode(payload, shape, dtype, opts)
         if fp != self.calibration.fingerprint:
             raise CodecError(f"kvtc stream was coded with calibration {fp:#010x}; this codec has calibration "
                              f"{self.calibration.fingerprint:#010x} (both sides need the same model calibration)")

@@ -69,7 +69,7 @@ def test_wrong_shape_and_missing_calibration_raise(calib):
     with pytest.raises(ValueError, match="kv_heads"):
         get_codec("kvtc", calibration=calib).encode(torch.zeros(3, 2, 4, 4, 16))
     with pytest.raises(ValueError, match="calibration"):
-        get_codec("kvtc", level=1)
+        get_codec("kvtc", level=1).encode(torch.zeros(3, 2, 4, 2, 16))
     with pytest.raises(ValueError, match="level"):
         get_codec("kvtc", level=len(LEVEL_F), calibration=calib)
 
@@ -129,3 +129,18 @@ def test_model_calibration_cached_beside_the_model(tmp_path):
     assert model_fingerprint(d) == cal.model_fingerprint
     (d / "config.json").write_text((d / "config.json").read_text() + " ")
     assert model_fingerprint(d) != cal.model_fingerprint
+
+
+def test_decode_any_uses_the_loaded_calibration_the_stream_names(calib, kv):
+    from kvtransfer.codec import decode_any
+    from kvtransfer.codecs import kvtc
+
+    codec = get_codec("kvtc", level=2, calibration=calib)  # loads (registers) calib
+    data = codec.encode(kv)
+    assert torch.equal(decode_any(data), codec.decode(data))
+    kvtc._LOADED.pop(calib.fingerprint)
+    try:
+        with pytest.raises(CodecError, match="not loaded"):
+            decode_any(data)
+    finally:
+        kvtc.register(calib)
