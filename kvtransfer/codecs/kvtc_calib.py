@@ -26,11 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VERSION = 1
+VERSION = 2
 # Quantiser step as a fraction of the (layer, K/V) component RMS, by level (0 finest).
 LEVEL_F = (0.08, 0.12, 0.17, 0.23, 0.3, 0.4, 0.55, 0.75)
 # Calibration windows: context and scored continuation tokens.
 CALIB_WINDOWS, CALIB_CTX, CALIB_CONT = 3, 1024, 64
+# Sensitivity probe: each (layer, K/V) alone quantised at this level's step; its mean KL
+# sets that tensor's step multiplier (clipped to WEIGHT_RANGE, geometric mean 1).
+PROBE_LEVEL, WEIGHT_RANGE = 7, (0.5, 2.0)
 
 
 @dataclass
@@ -142,9 +145,24 @@ def cache_path(model_dir: str | Path, fp: str | None = None) -> Path:
     return root / f"{fp or model_fingerprint(d)}-v{VERSION}.npz"
 
 
+def sensitivity_weights(kl: np.ndarray) -> np.ndarray:
+    """Step multipliers [L, 2] from each tensor's KL when quantised alone at one step.
+
+    Bit allocation by measured sensitivity: with KL_i ~ s_i * step_i^2 (fine
+    quantisation) and the rate of tensor i falling by log2(step_i) per component, the
+    steps that minimise the rate at a given total KL satisfy step_i ~ 1 / sqrt(s_i)
+    (Lagrange; all tensors have the same component count). Clipped to WEIGHT_RANGE (a
+    probe on a few windows is noisy), geometric mean 1."""
+    s = np.maximum(np.asarray(kl, np.float64), 1e-9)
+    w = np.sqrt(np.median(s) / s)
+    w = np.clip(w, *WEIGHT_RANGE)
+    return (w / np.exp(np.log(w).mean())).astype(np.float32)
+
+
 def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: int = CALIB_CTX,
-                    cont: int = CALIB_CONT, measure: bool = True) -> KVTCCalibration:
-    """Run the model on the calibration texts: the transform, then (measure) every level's
+                    cont: int = CALIB_CONT, measure: bool = True, sensitivity: bool = True) -> KVTCCalibration:
+    """Run the model on the calibration texts: the transform, (sensitivity) the step of
+    each (layer, K/V) from its measured sensitivity, then (measure) every level's
     perplexity change and KL with decode(encode(KV)) in place of the exact KV."""
     from kvtransfer import kvprobe
     from kvtransfer.codecs.kvtc import KVTCCodec
@@ -156,6 +174,20 @@ def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: in
         kvs.append((probe.context_kv(ids[:ctx])[0], ids[ctx:]))
     cal = calibrate_kv([kv for kv, _ in kvs])
     cal.model_fingerprint = model_fingerprint(model_dir)
+    if sensitivity:
+        L = cal.layers
+        kl_t = np.zeros((L, 2))
+        for kv, cont_ids in kvs[:2]:
+            ref = probe.score(kv, cont_ids, keep_logprobs=True)
+            for layer in range(L):
+                codec = KVTCCodec(level=PROBE_LEVEL, calibration=cal, first_layer=layer, total_layers=L)
+                coded = codec.decode(codec.encode(kv[layer:layer + 1]))
+                for j in range(2):
+                    x = kv.clone()
+                    x[layer, j] = coded[0, j]
+                    kl_t[layer, j] += kvprobe.kl(ref, probe.score(x, cont_ids, keep_logprobs=True))
+        cal.weight = sensitivity_weights(kl_t)
+        cal.__dict__.pop("fingerprint", None)  # the steps changed
     if measure:
         nll = np.zeros(len(LEVEL_F))
         kls = np.zeros(len(LEVEL_F))

@@ -144,3 +144,13 @@ def test_decode_any_uses_the_loaded_calibration_the_stream_names(calib, kv):
             decode_any(data)
     finally:
         kvtc.register(calib)
+
+
+def test_sensitivity_weights_give_sensitive_tensors_finer_steps():
+    from kvtransfer.codecs.kvtc_calib import WEIGHT_RANGE, sensitivity_weights
+
+    kl = np.array([[1.0, 1.0], [4.0, 1.0], [1.0, 0.25], [1e6, 1.0]])
+    w = sensitivity_weights(kl)
+    assert w[1, 0] < w[0, 0] < w[2, 1]  # more KL per step^2 -> finer step
+    assert abs(float(np.log(w).mean())) < 1e-6
+    assert w.max() / w.min() <= WEIGHT_RANGE[1] / WEIGHT_RANGE[0] + 1e-6
