@@ -71,6 +71,6 @@ def test_quality_floor_excludes_options_whatever_the_budget():
 def test_unmeasured_option_is_outside_every_floor():
     from kvtransfer.adaptive import expected_quality_loss
 
-    assert expected_quality_loss("cachegen", 4) == float("inf")
+    assert expected_quality_loss("cachegen", 9) == float("inf")
     assert expected_quality_loss("kvtc", 2, {"kvtc:2": 0.004}) == 0.004
     assert expected_quality_loss("none", None) == 0.0
