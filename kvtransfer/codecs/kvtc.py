@@ -39,7 +39,8 @@ from kvtransfer.codecs import cachegen_quant as cq
 from kvtransfer.codecs.base import CodecError, Payload
 from kvtransfer.codecs.cachegen import _OPTS, CacheGenCodec
 from kvtransfer.codecs.cachegen_tables import CacheGenTables
-from kvtransfer.codecs.kvtc_calib import LEVEL_F, KVTCCalibration, load_or_calibrate
+from kvtransfer.codecs.kvtc_calib import (CALIB_CONT, CALIB_CTX, CALIB_WINDOWS, LEVEL_F, PROBE_LEVEL, KVTCCalibration,
+                                          cache_path, calibrate_kv, model_fingerprint, sensitivity_weights)
 
 DEFAULT_LEVEL = 2
 # Calibrations this process has loaded, by fingerprint: a codec built without one (e.g.
@@ -128,7 +129,63 @@ class KVTCCodec(CacheGenCodec):
         return super()._decode(payload, shape, dtype, opts)
 
 
-def level_costs(codec: KVTCCodec) -> list[float]:
-    """Measured perplexity cost (%) of every level of this codec's calibration (NaN: not
-    measured)."""
-    return [float(v) for v in np.asarray(codec.calibration.ppl_cost_pct)]
+def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: int = CALIB_CTX,
+                    cont: int = CALIB_CONT, measure: bool = True, sensitivity: bool = True) -> KVTCCalibration:
+    """Run the model on the calibration texts: the transform, (sensitivity) the step of
+    each (layer, K/V) from its measured sensitivity, then (measure) every level's
+    perplexity change and KL with decode(encode(KV)) in place of the exact KV."""
+    from kvtransfer import kvprobe
+
+    probe = kvprobe.Probe(model_dir, ctx + cont)
+    wins = kvprobe.windows(probe.tok, "calib", windows, ctx, cont)
+    kvs = []
+    for _, ids in wins:
+        kvs.append((probe.context_kv(ids[:ctx])[0], ids[ctx:]))
+    cal = calibrate_kv([kv for kv, _ in kvs])
+    cal.model_fingerprint = model_fingerprint(model_dir)
+    if sensitivity:
+        L = cal.layers
+        kl_t = np.zeros((L, 2))
+        for kv, cont_ids in kvs[:2]:
+            ref = probe.score(kv, cont_ids, keep_logprobs=True)
+            for layer in range(L):
+                codec = KVTCCodec(level=PROBE_LEVEL, calibration=cal, first_layer=layer, total_layers=L)
+                coded = codec.decode(codec.encode(kv[layer:layer + 1]))
+                for j in range(2):
+                    x = kv.clone()
+                    x[layer, j] = coded[0, j]
+                    kl_t[layer, j] += kvprobe.kl(ref, probe.score(x, cont_ids, keep_logprobs=True))
+        cal.weight = sensitivity_weights(kl_t)
+        cal.__dict__.pop("fingerprint", None)  # the steps changed
+    if measure:
+        nll = np.zeros(len(LEVEL_F))
+        kls = np.zeros(len(LEVEL_F))
+        nll0, n = 0.0, 0
+        for kv, cont_ids in kvs:
+            ref = probe.score(kv, cont_ids, keep_logprobs=True)
+            nll0, n = nll0 + ref.nll, n + ref.tokens
+            for lv in range(len(LEVEL_F)):
+                codec = KVTCCodec(level=lv, calibration=cal)
+                s = probe.score(codec.decode(codec.encode(kv.to(torch.bfloat16))), cont_ids, keep_logprobs=True)
+                nll[lv] += s.nll
+                kls[lv] += kvprobe.kl(ref, s) / len(kvs)
+        cal.ppl_cost_pct = np.array([kvprobe.ppl_change_pct(v, nll0, n) for v in nll])
+        cal.kl = kls
+    return cal
+
+
+def load_or_calibrate(model_dir: str | Path) -> KVTCCalibration:
+    """The model's calibration: cached, or computed now (minutes on a CPU for a 135M model)
+    and cached."""
+    fp = model_fingerprint(model_dir)
+    path = cache_path(model_dir, fp)
+    if path.exists():
+        try:
+            cal = KVTCCalibration.load(path)
+            if cal.model_fingerprint == fp:
+                return cal
+        except (ValueError, KeyError, OSError):
+            pass  # stale or foreign: recompute
+    cal = calibrate_model(model_dir)
+    cal.save(path)
+    return cal

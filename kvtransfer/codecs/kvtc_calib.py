@@ -2,10 +2,10 @@
 component RMS that scales each level's step, and each level's measured quality cost.
 
 ``calibrate_kv(samples)`` computes the transform from sample KV (no model needed: tests,
-synthetic KV); ``calibrate_model(model_dir)`` runs the model on held-out text
+synthetic KV); ``kvtc.calibrate_model(model_dir)`` runs the model on held-out text
 (``kvtransfer.kvprobe``: calibration texts, never the evaluation ones), computes the
 transform and measures the perplexity change and KL of every level on the calibration
-windows; ``load_or_calibrate(model_dir)`` returns the cached one or computes and caches it.
+windows; ``kvtc.load_or_calibrate(model_dir)`` returns the cached one or computes and caches it.
 
 Cache: ``MODEL_DIR/kvtc-v{VERSION}.npz`` when the directory is writable, else
 ``~/.cache/splitserve/kvtc/<model fingerprint>-v{VERSION}.npz``. A cached file whose
@@ -157,66 +157,3 @@ def sensitivity_weights(kl: np.ndarray) -> np.ndarray:
     w = np.sqrt(np.median(s) / s)
     w = np.clip(w, *WEIGHT_RANGE)
     return (w / np.exp(np.log(w).mean())).astype(np.float32)
-
-
-def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: int = CALIB_CTX,
-                    cont: int = CALIB_CONT, measure: bool = True, sensitivity: bool = True) -> KVTCCalibration:
-    """Run the model on the calibration texts: the transform, (sensitivity) the step of
-    each (layer, K/V) from its measured sensitivity, then (measure) every level's
-    perplexity change and KL with decode(encode(KV)) in place of the exact KV."""
-    from kvtransfer import kvprobe
-    from kvtransfer.codecs.kvtc import KVTCCodec
-
-    probe = kvprobe.Probe(model_dir, ctx + cont)
-    wins = kvprobe.windows(probe.tok, "calib", windows, ctx, cont)
-    kvs = []
-    for _, ids in wins:
-        kvs.append((probe.context_kv(ids[:ctx])[0], ids[ctx:]))
-    cal = calibrate_kv([kv for kv, _ in kvs])
-    cal.model_fingerprint = model_fingerprint(model_dir)
-    if sensitivity:
-        L = cal.layers
-        kl_t = np.zeros((L, 2))
-        for kv, cont_ids in kvs[:2]:
-            ref = probe.score(kv, cont_ids, keep_logprobs=True)
-            for layer in range(L):
-                codec = KVTCCodec(level=PROBE_LEVEL, calibration=cal, first_layer=layer, total_layers=L)
-                coded = codec.decode(codec.encode(kv[layer:layer + 1]))
-                for j in range(2):
-                    x = kv.clone()
-                    x[layer, j] = coded[0, j]
-                    kl_t[layer, j] += kvprobe.kl(ref, probe.score(x, cont_ids, keep_logprobs=True))
-        cal.weight = sensitivity_weights(kl_t)
-        cal.__dict__.pop("fingerprint", None)  # the steps changed
-    if measure:
-        nll = np.zeros(len(LEVEL_F))
-        kls = np.zeros(len(LEVEL_F))
-        nll0, n = 0.0, 0
-        for kv, cont_ids in kvs:
-            ref = probe.score(kv, cont_ids, keep_logprobs=True)
-            nll0, n = nll0 + ref.nll, n + ref.tokens
-            for lv in range(len(LEVEL_F)):
-                codec = KVTCCodec(level=lv, calibration=cal)
-                s = probe.score(codec.decode(codec.encode(kv.to(torch.bfloat16))), cont_ids, keep_logprobs=True)
-                nll[lv] += s.nll
-                kls[lv] += kvprobe.kl(ref, s) / len(kvs)
-        cal.ppl_cost_pct = np.array([kvprobe.ppl_change_pct(v, nll0, n) for v in nll])
-        cal.kl = kls
-    return cal
-
-
-def load_or_calibrate(model_dir: str | Path) -> KVTCCalibration:
-    """The model's calibration: cached, or computed now (minutes on a CPU for a 135M model)
-    and cached."""
-    fp = model_fingerprint(model_dir)
-    path = cache_path(model_dir, fp)
-    if path.exists():
-        try:
-            cal = KVTCCalibration.load(path)
-            if cal.model_fingerprint == fp:
-                return cal
-        except (ValueError, KeyError, OSError):
-            pass  # stale or foreign: recompute
-    cal = calibrate_model(model_dir)
-    cal.save(path)
-    return cal

@@ -11,7 +11,8 @@ import torch
 
 from benchmarks.codec_bench import synthetic_kv
 from kvtransfer.codec import CodecError, get_codec
-from kvtransfer.codecs.kvtc_calib import LEVEL_F, KVTCCalibration, cache_path, calibrate_kv, calibrate_model
+from kvtransfer.codecs.kvtc import calibrate_model
+from kvtransfer.codecs.kvtc_calib import LEVEL_F, KVTCCalibration, cache_path, calibrate_kv
 
 
 @pytest.fixture(scope="module")
