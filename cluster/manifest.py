@@ -79,6 +79,9 @@ class KVTransferSpec(Strict):
                                   "the decode worker to recompute when no level meets the budget")
     budget_ms: float | None = Field(None, gt=0, description="adaptive: ms from a request's arrival at "
                                     "the prefill worker by which its KV should land (default slo.ttft_ms)")
+    max_quality_loss: float = Field(0.01, ge=0, le=10, description="adaptive: the largest expected "
+                                    "perplexity increase (fraction: 0.01 = 1%) of a codec option on the "
+                                    "model's text; options above it are never chosen, whatever the budget")
     transport: Literal["auto", "object_store", "grpc"] = Field(
         "auto", description="auto: object store within a node, gRPC stream across nodes")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")

@@ -36,6 +36,9 @@ class CodecOption:
     decode_bps: float
     # Quality rank: 0 is exact; larger loses more.
     lossiness: int
+    # Expected perplexity increase (fraction: 0.01 = 1%) on the model's text; options
+    # above the policy's quality floor are never chosen (see expected_quality_loss).
+    quality_loss: float = 0.0
 
     @property
     def label(self) -> str:
@@ -231,6 +234,31 @@ def rank(name: str, level: int | None) -> int:
     return {"none": 0, "lossless": 0, "int8": 1}.get(name, 2 + (level or 0))
 
 
+# Expected perplexity increase (fraction) of each lossy option, measured on SmolLM2-135M-
+# Instruct's KV (benchmarks/kv_quality.py: held-out prose and code, 2K-token contexts;
+# benchmarks/results/2026-12-06-kv-quality). A level whose cost was not measured is
+# never within a quality floor (inf).
+# Each figure is the larger of two runs (issue 19's 437-token context; the baseline of
+# that results README, bf16 and fp16): single runs are noisy (a few hundred scored tokens).
+QUALITY_LOSS = {"none": 0.0, "lossless": 0.0, "int8": 0.0,
+                "cachegen:0": 0.027, "cachegen:1": 0.0039, "cachegen:2": 0.049, "cachegen:3": 0.221,
+                "cachegen:4": 0.782, "cachegen:5": 2.76}
+
+
+def expected_quality_loss(name: str, level: int | None, measured: dict[str, float] | None = None) -> float:
+    """The option's expected perplexity increase (fraction): ``measured`` (e.g. a kvtc
+    calibration's stored per-level costs) first, then QUALITY_LOSS, else inf."""
+    label = option_label(name, level)
+    if measured and label in measured:
+        return max(0.0, measured[label])
+    return QUALITY_LOSS.get(label, float("inf"))
+
+
+def within_floor(options: list[CodecOption], max_quality_loss: float) -> list[CodecOption]:
+    """The options whose expected quality loss is within the floor (exact ones always)."""
+    return [o for o in options if o.lossiness == 0 or o.quality_loss <= max_quality_loss]
+
+
 def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2,
                     piece_tokens: int | None = None) -> list[CodecOption]:
     """Measure each option on a sample of the model's KV ([layers, 2, tokens, kvh, hd]),
@@ -262,5 +290,5 @@ def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2,
             enc_s, dec_s = min(enc_s, t1 - t0), min(dec_s, t2 - t1)
             size = sum(map(len, data))
         out.append(CodecOption(name, level, size / raw, raw / max(enc_s, 1e-9), raw / max(dec_s, 1e-9),
-                               rank(name, level)))
+                               rank(name, level), expected_quality_loss(name, level)))
     return out

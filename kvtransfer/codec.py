@@ -22,6 +22,10 @@ Codecs (one module each under ``kvtransfer/codecs/``; the header, ``KVCodec`` an
 - ``int8``: symmetric int8, keys per channel, values per token (KIVI), fp16 scales.
 - ``cachegen``: CacheGen (SIGCOMM 2024): anchor/delta tokens, layer-dependent
   quantisation, range coding with per-(layer, channel) tables; ``level`` 0..5.
+- ``kvtc``: KVTC-style transform coding (PCA per layer and K/V calibrated once per model,
+  a common step over the components, CacheGen's coder); ``get_codec("kvtc", level=L,
+  model=MODEL_DIR)`` calibrates on first use and caches the calibration beside the model;
+  each level's perplexity cost measured at calibration is stored with it (``level`` 0..7).
 
 Calibration. ``calibrate(name, samples)`` computes per-model side information once
 (``lossless``: the head table; ``cachegen``: probability tables and a PCA basis), passed
@@ -59,7 +63,7 @@ def _codec_class(name: str) -> type[KVCodec]:
 
 
 def get_codec(name: str, **options: Any) -> KVCodec:
-    """The codec called name (none, lossless, int8, cachegen) with its options; unknown
+    """The codec called name (none, lossless, int8, cachegen, kvtc) with its options; unknown
     names or options raise ValueError naming what is allowed."""
     if name not in REGISTRY:
         raise ValueError(f"unknown codec {name!r}; allowed: {sorted(REGISTRY)}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvtransfer.adaptive import AdaptiveController, CodecOption, rank, option_label, parse_label
+from kvtransfer.adaptive import (AdaptiveController, CodecOption, expected_quality_loss, option_label, parse_label,
+                                 rank, within_floor)
 from kvtransfer.stream import Planner, StreamPlan
 
 # What the adaptive controller may choose from, least lossy first (cachegen levels up to
@@ -42,6 +43,9 @@ class PolicySpec:
     # Seconds from a request's arrival at the prefill worker by which its KV should have
     # landed at the decode worker (adaptive's budget).
     budget_s: float = 1.0
+    # adaptive: the largest expected perplexity increase (fraction, 0.01 = 1%) an option
+    # may cost; options above it are never chosen, whatever the budget.
+    max_quality_loss: float = 0.01
 
     def labels(self) -> list[str]:
         if self.codec == "adaptive":
@@ -60,8 +64,10 @@ class TransferPolicy:
         self.s_per_token = prefill_s_per_token
         measured = bool(options)
         if self.adaptive and not options:
-            options = [CodecOption(*parse_label(lb), *DEFAULT_PROFILE[lb], rank(*parse_label(lb)))
-                       for lb in spec.labels()]
+            options = [CodecOption(*parse_label(lb), *DEFAULT_PROFILE[lb], rank(*parse_label(lb)),
+                                   expected_quality_loss(*parse_label(lb))) for lb in spec.labels()]
+        if options:
+            options = within_floor(options, spec.max_quality_loss)
         self.controller = (AdaptiveController(options or [], prefill_s_per_token, default_bps)
                            if self.adaptive else None)
         # Where the adaptive options' figures come from: "default" (DEFAULT_PROFILE, the
@@ -74,7 +80,8 @@ class TransferPolicy:
     def set_measured(self, options: list[CodecOption]) -> None:
         """The options as measured on this worker's model (replacing DEFAULT_PROFILE)."""
         assert self.controller is not None
-        self.controller.options = sorted(options, key=lambda o: o.lossiness)
+        self.controller.options = sorted(within_floor(options, self.spec.max_quality_loss),
+                                         key=lambda o: o.lossiness)
         self.controller.recompute_s_per_token = self.s_per_token
         self.profile, self.profile_error = "measured", None
 

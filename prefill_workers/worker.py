@@ -33,7 +33,7 @@ class PrefillWorker(EngineWorker):
         kt = self.manifest.kv_transfer
         budget_ms = kt.budget_ms if kt.budget_ms is not None else self.manifest.slo.ttft_ms
         self.policy = TransferPolicy(PolicySpec(kt.codec, kt.level, kt.chunk_tokens, kt.allow_recompute,
-                                                budget_ms / 1000.0))
+                                                budget_ms / 1000.0, kt.max_quality_loss))
         self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps, self.policy)
         self._dest: dict[str, str | None] = {}
         self._sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{worker_id}-kv-send")

@@ -29,6 +29,7 @@ REGISTRY: dict[str, tuple[str, str, int]] = {
     "lossless": ("kvtransfer.codecs.lossless", "LosslessCodec", 1),
     "int8": ("kvtransfer.codecs.int8", "Int8Codec", 2),
     "cachegen": ("kvtransfer.codecs.cachegen", "CacheGenCodec", 3),
+    "kvtc": ("kvtransfer.codecs.kvtc", "KVTCCodec", 4),
 }
 
 

@@ -246,11 +246,30 @@ class CacheGenCodec(KVCodec):
         shipped_b = bitpack.pack(np.concatenate(buckets), 5)
         shipped_t = b"" if level is not None else zlib.compress(b"".join(t.tobytes() for t in shipped), 6)
         flags = (_CALIBRATED if level is not None else 0) | (_PCA if self._pca() else 0)
-        fp = self.tables.fingerprint if self.tables is not None else 0
+        fp = self._stream_fingerprint()
         escapes = np.concatenate([np.array([len(s.escapes) for s in streams], np.int32), *[s.escapes for s in streams]])
         parts: list[Payload] = [b"".join(e.tobytes() for e in exact), q.delta, np.packbits(q.mode.reshape(-1)),
                                 shipped_b, shipped_t, escapes, b"".join(x.tobytes() for x in low), words]
         return _OPTS.pack(self.level, self.group, flags, head, tail, fp, self.first_layer), _sections(parts)
+
+    # -- hooks of subclasses (kvtc: another transform, its own side information) ---------
+    def _levels(self) -> int:
+        return len(LEVEL_STEPS)
+
+    def _stream_fingerprint(self) -> int:
+        return self.tables.fingerprint if self.tables is not None else 0
+
+    def _inverse(self, mid: torch.Tensor, shape: tuple[int, ...], tables: CacheGenTables | None, flags: int,
+                 first_layer: int) -> torch.Tensor:
+        """Token-major coded channels [L, 2, T, C] -> KV [L, 2, T, H, D] (float32)."""
+        L, _, Tm, H, D = shape
+        out = mid.view(L, 2, Tm, H, D)
+        pca = tables.pca(first_layer, L) if tables is not None and flags & _PCA else None
+        if flags & _PCA and pca is None:
+            raise ValueError("stream is in PCA coordinates but the tables hold no PCA basis")
+        if pca is not None:
+            out = torch.einsum("lkthe,lkhde->lkthd", out, pca[1]) + pca[0][:, :, None]
+        return out
 
     # -- decode ------------------------------------------------------------------------
     def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
@@ -258,7 +277,7 @@ class CacheGenCodec(KVCodec):
         level, group, flags, head, tail, fp, first_layer = _OPTS.unpack(opts)
         L, _, T, H, D = shape
         C, Tm = H * D, T - head - tail
-        if level >= len(LEVEL_STEPS) or group < 1 or Tm < 0:
+        if level >= self._levels() or group < 1 or Tm < 0:
             raise ValueError(f"bad cachegen options: level {level}, group {group}, exact {head}+{tail} of {T}")
         tables = None
         if flags & _CALIBRATED:
@@ -345,13 +364,9 @@ class CacheGenCodec(KVCodec):
             rows.append(cq.rows_from_values(values[:k], buckets[role], sizes[role],
                                             escapes[bounds[role]:bounds[role + 1]]))
             values = values[k:]
-        pca = tables.pca(first_layer, L) if tables is not None and flags & _PCA else None
-        if flags & _PCA and pca is None:
-            raise ValueError("stream is in PCA coordinates but the tables hold no PCA basis")
         mid = cq.reconstruct_tokens(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
-                                    rows[1].reshape(L, 2, C, -1), Tm, group).view(L, 2, Tm, H, D)
-        if pca is not None:
-            mid = torch.einsum("lkthe,lkhde->lkthd", mid, pca[1]) + pca[0][:, :, None]
+                                    rows[1].reshape(L, 2, C, -1), Tm, group)
+        mid = self._inverse(mid, shape[:2] + (Tm,) + shape[3:], tables, flags, first_layer)
         if head == tail == 0:
             return mid.to(dtype)
         n_head = L * 2 * head * H * D

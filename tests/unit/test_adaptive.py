@@ -41,3 +41,36 @@ def test_link_estimate_tracks_measurements():
     assert abs(e.bps - 100 * MB) < 1
     e.observe(100 * MB, 2.0)
     assert 50 * MB < e.bps < 100 * MB
+
+
+def test_quality_floor_excludes_options_whatever_the_budget():
+    """An option whose expected perplexity cost is above kv_transfer.max_quality_loss is
+    never chosen, even when only it would meet the budget (then the plan recomputes or
+    misses the budget instead)."""
+    from kvtransfer.adaptive import CodecOption
+    from kvtransfer.policy import PolicySpec, TransferPolicy
+
+    opts = [CodecOption("none", None, 1.0, 5e9, 5e9, 0, 0.0), CodecOption("int8", None, 0.5, 1e9, 1e9, 1, 0.001),
+            CodecOption("cachegen", 1, 0.25, 1e9, 1e9, 3, 0.004),
+            CodecOption("cachegen", 3, 0.12, 1e9, 1e9, 5, 0.17)]
+    tight = PolicySpec("adaptive", 3, 512, allow_recompute=False, budget_s=1e-6)
+    strict = TransferPolicy(PolicySpec(**{**tight.__dict__, "max_quality_loss": 0.01}), list(opts), 1e-4, 1e6)
+    assert [o.label for o in strict.controller.options] == ["none", "int8", "cachegen:1"]
+    plan = strict.planner("a", "b", 10_000)(2048)
+    assert set(plan.choices) <= {"none", "int8", "cachegen:1"}
+    loose = TransferPolicy(PolicySpec(**{**tight.__dict__, "max_quality_loss": 0.5}), list(opts), 1e-4, 1e6)
+    assert "cachegen:3" in set(loose.planner("a", "b", 10_000)(2048).choices)
+    # the built-in profile: the default floor (1%) keeps exactly the options measured within it
+    default = TransferPolicy(PolicySpec("adaptive"))
+    assert all(o.quality_loss <= 0.01 for o in default.controller.options)
+    assert {"none", "lossless", "int8"} <= {o.label for o in default.controller.options}
+    default.set_measured(list(opts))
+    assert "cachegen:3" not in {o.label for o in default.controller.options}
+
+
+def test_unmeasured_option_is_outside_every_floor():
+    from kvtransfer.adaptive import expected_quality_loss
+
+    assert expected_quality_loss("cachegen", 9) == float("inf")
+    assert expected_quality_loss("kvtc", 2, {"kvtc:2": 0.004}) == 0.004
+    assert expected_quality_loss("none", None) == 0.0

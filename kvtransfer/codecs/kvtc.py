@@ -1,0 +1,191 @@
+"""``kvtc``: a KVTC-style transform codec (KVTC, NVIDIA, ICLR 2026: PCA decorrelation of
+the KV features calibrated once per model, bit allocation over the components, entropy
+coding), ``get_codec("kvtc", level=L, model=MODEL_DIR)``.
+
+1. Transform: per (layer, K/V), the KV of one token (all KV heads, C = kv_heads *
+   head_dim features) minus a calibrated mean, in a calibrated orthonormal PCA basis
+   (components by falling variance). Keys are coded as cached (after RoPE): a token
+   slice does not carry its positions on this path (see ``cachegen``).
+2. Bit allocation: one uniform quantiser step per (layer, K/V) over all its components.
+   With an entropy coder after it, a common step is the rate-distortion optimum over
+   components (reverse water-filling: a component whose spread is below the step codes
+   to zeros at almost no rate, i.e. gets 0 bits; the rest get bits in proportion to
+   log(spread / step)). The step is ``LEVEL_F[level]`` x the component RMS of that (layer,
+   K/V) on the calibration text.
+3. Token locality where it pays: each component is coded either centred on its mean or as
+   a delta against its group's anchor token, whichever is smaller (``cachegen_quant``).
+4. Entropy coding: CacheGen's ANS coder with tables chosen per component by spread,
+   shipped in the stream (``cachegen``).
+5. The first token of a stream is kept exact (``exact_head``, default 1): the attention
+   sink, whose KV is far from the rest's distribution.
+
+Calibration (``kvtransfer.codecs.kvtc_calib``): computed once per model from held-out
+text and cached beside the model (or under ~/.cache/splitserve/kvtc when the model's
+directory is read-only); it is versioned, names the model it was computed on (a
+fingerprint of its config and weights) and carries the measured perplexity cost of every
+level. A stream names its calibration's fingerprint: decoding with another calibration
+is a ``CodecError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from kvtransfer.codecs import cachegen_quant as cq
+from kvtransfer.codecs.base import CodecError, Payload
+from kvtransfer.codecs.cachegen import _OPTS, CacheGenCodec
+from kvtransfer.codecs.cachegen_tables import CacheGenTables
+from kvtransfer.codecs.kvtc_calib import (CALIB_CONT, CALIB_CTX, CALIB_WINDOWS, LEVEL_F, PROBE_LEVEL, KVTCCalibration,
+                                          cache_path, calibrate_kv, model_fingerprint, sensitivity_weights)
+
+DEFAULT_LEVEL = 2
+# Calibrations this process has loaded, by fingerprint: a codec built without one (e.g.
+# by ``decode_any``) decodes a stream with the calibration the stream names, if loaded.
+_LOADED: dict[int, KVTCCalibration] = {}
+
+
+def register(cal: KVTCCalibration) -> KVTCCalibration:
+    _LOADED[cal.fingerprint] = cal
+    return cal
+
+
+class KVTCCodec(CacheGenCodec):
+    name, codec_id = "kvtc", 4
+    options: ClassVar[tuple[str, ...]] = ("level", "model", "calibration", "exact_head", "first_layer",
+                                          "total_layers")
+
+    def __init__(self, level: int = DEFAULT_LEVEL, model: str | Path | None = None,
+                 calibration: KVTCCalibration | None = None, exact_head: int = 1, first_layer: int = 0,
+                 total_layers: int | None = None) -> None:
+        """level: 0 (finest) .. len(LEVEL_F) - 1; model: a model directory (calibrated once
+        and cached) or calibration: a ``KVTCCalibration``. Without either, the codec only
+        decodes, with the (loaded) calibration each stream names."""
+        super().__init__(level=0, exact_head=exact_head, first_layer=first_layer, total_layers=total_layers)
+        if level not in range(len(LEVEL_F)):
+            raise ValueError(f"kvtc level must be 0..{len(LEVEL_F) - 1}, got {level!r}")
+        if calibration is None and model is not None:
+            calibration = load_or_calibrate(model)
+        # without either: a decode-only codec (decode_any), taking the calibration the stream names
+        self.level, self.calibration = level, calibration if calibration is None else register(calibration)
+
+    def _levels(self) -> int:
+        return len(LEVEL_F)
+
+    def _stream_fingerprint(self) -> int:
+        assert self.calibration is not None
+        return self.calibration.fingerprint
+
+    def _pca(self) -> bool:
+        return True
+
+    def quantize(self, kv: torch.Tensor) -> tuple[cq.Quantized, int, int]:
+        L, _, T, H, D = kv.shape
+        cal = self.calibration
+        if cal is None:
+            raise ValueError("kvtc needs its model's calibration to encode: pass model=MODEL_DIR (calibrated once, "
+                             "cached) or calibration=")
+        cal.check_shape(tuple(kv.shape), self.first_layer)
+        head = min(self.exact_head, T)
+        tail = min(self.exact_tail, T - head)
+        sl = slice(self.first_layer, self.first_layer + L)
+        x = kv[:, :, head:T - tail].reshape(L, 2, T - head - tail, H * D).float()
+        mean, basis = torch.from_numpy(cal.mean[sl]), torch.from_numpy(cal.basis[sl])
+        # [L, 2, C, T] channel-major coordinates: basis^T (x - mean)
+        z = torch.matmul(basis.transpose(-1, -2), (x - mean[:, :, None]).transpose(-1, -2)).contiguous()
+        # NaN or inf anywhere in x reaches z (amax propagates NaN); one pass over z
+        if z.numel() and not bool(torch.isfinite(z.abs().amax())):
+            raise ValueError("kvtc codes finite KV only; this tensor holds NaN or inf (use 'lossless')")
+        return cq.quantize(z, cal.steps(self.level, self.first_layer, L), self.group), head, tail
+
+    def _inverse(self, mid: torch.Tensor, shape: tuple[int, ...], tables: CacheGenTables | None, flags: int,
+                 first_layer: int) -> torch.Tensor:
+        L, _, Tm, H, D = shape
+        cal = self.calibration
+        sl = slice(first_layer, first_layer + L)
+        mean, basis = torch.from_numpy(cal.mean[sl]), torch.from_numpy(cal.basis[sl])
+        out = torch.matmul(mid, basis.transpose(-1, -2)).add_(mean[:, :, None])
+        return out.view(L, 2, Tm, H, D)
+
+    def _encode(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
+        return super()._encode(kv)
+
+    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                opts: bytes) -> torch.Tensor:
+        fp = _OPTS.unpack(opts)[5]
+        if self.calibration is None:  # decode-only: the stream names its calibration
+            if fp not in _LOADED:
+                raise CodecError(f"kvtc stream was coded with calibration {fp:#010x}, which this process has not "
+                                 f"loaded (loaded: {[f'{k:#010x}' for k in _LOADED]})")
+            return KVTCCodec(calibration=_LOADED[fp])._decode(payload, shape, dtype, opts)
+        if fp != self.calibration.fingerprint:
+            raise CodecError(f"kvtc stream was coded with calibration {fp:#010x}; this codec has calibration "
+                             f"{self.calibration.fingerprint:#010x} (both sides need the same model calibration)")
+        first_layer = _OPTS.unpack(opts)[6]
+        self.calibration.check_shape(shape, first_layer)
+        return super()._decode(payload, shape, dtype, opts)
+
+
+def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: int = CALIB_CTX,
+                    cont: int = CALIB_CONT, measure: bool = True, sensitivity: bool = True) -> KVTCCalibration:
+    """Run the model on the calibration texts: the transform, (sensitivity) the step of
+    each (layer, K/V) from its measured sensitivity, then (measure) every level's
+    perplexity change and KL with decode(encode(KV)) in place of the exact KV."""
+    from kvtransfer import kvprobe
+
+    probe = kvprobe.Probe(model_dir, ctx + cont)
+    wins = kvprobe.windows(probe.tok, "calib", windows, ctx, cont)
+    kvs = []
+    for _, ids in wins:
+        kvs.append((probe.context_kv(ids[:ctx])[0], ids[ctx:]))
+    cal = calibrate_kv([kv for kv, _ in kvs])
+    cal.model_fingerprint = model_fingerprint(model_dir)
+    if sensitivity:
+        L = cal.layers
+        kl_t = np.zeros((L, 2))
+        for kv, cont_ids in kvs[:2]:
+            ref = probe.score(kv, cont_ids, keep_logprobs=True)
+            for layer in range(L):
+                codec = KVTCCodec(level=PROBE_LEVEL, calibration=cal, first_layer=layer, total_layers=L)
+                coded = codec.decode(codec.encode(kv[layer:layer + 1]))
+                for j in range(2):
+                    x = kv.clone()
+                    x[layer, j] = coded[0, j]
+                    kl_t[layer, j] += kvprobe.kl(ref, probe.score(x, cont_ids, keep_logprobs=True))
+        cal.weight = sensitivity_weights(kl_t)
+        cal.__dict__.pop("fingerprint", None)  # the steps changed
+    if measure:
+        nll = np.zeros(len(LEVEL_F))
+        kls = np.zeros(len(LEVEL_F))
+        nll0, n = 0.0, 0
+        for kv, cont_ids in kvs:
+            ref = probe.score(kv, cont_ids, keep_logprobs=True)
+            nll0, n = nll0 + ref.nll, n + ref.tokens
+            for lv in range(len(LEVEL_F)):
+                codec = KVTCCodec(level=lv, calibration=cal)
+                s = probe.score(codec.decode(codec.encode(kv.to(torch.bfloat16))), cont_ids, keep_logprobs=True)
+                nll[lv] += s.nll
+                kls[lv] += kvprobe.kl(ref, s) / len(kvs)
+        cal.ppl_cost_pct = np.array([kvprobe.ppl_change_pct(v, nll0, n) for v in nll])
+        cal.kl = kls
+    return cal
+
+
+def load_or_calibrate(model_dir: str | Path) -> KVTCCalibration:
+    """The model's calibration: cached, or computed now (minutes on a CPU for a 135M model)
+    and cached."""
+    fp = model_fingerprint(model_dir)
+    path = cache_path(model_dir, fp)
+    if path.exists():
+        try:
+            cal = KVTCCalibration.load(path)
+            if cal.model_fingerprint == fp:
+                return cal
+        except (ValueError, KeyError, OSError):
+            pass  # stale or foreign: recompute
+    cal = calibrate_model(model_dir)
+    cal.save(path)
+    return cal
