@@ -11,6 +11,7 @@ samples the rest give what one colocated worker gives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -94,11 +95,44 @@ def apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, model_dir: str | None = None) -> None:
         self._default_gen = torch.Generator().manual_seed(seed)
+        # Structured output: the model's tokenizer for grammars (built when first needed)
+        # and each guided request's matcher.
+        self._model_dir = model_dir
+        self._gtok: Any = None
+        self._guides: dict[str, Any] = {}
 
     def forget(self, request_id: str) -> None:
-        """Kept for callers: seeded generators are derived per token, nothing is held."""
+        """Drop a finished request's grammar matcher (seeded generators are per token)."""
+        self._guides.pop(request_id, None)
+
+    def _guide(self, seq: Sequence) -> Any:
+        from engine.guided import GrammarTokenizer, Guide
+
+        guide = self._guides.get(seq.request_id)
+        if guide is None:
+            if self._model_dir is None:
+                raise ValueError("structured output needs the engine's model_dir (its tokenizer)")
+            if self._gtok is None:
+                self._gtok = GrammarTokenizer(self._model_dir)
+            guide = self._guides[seq.request_id] = Guide(self._gtok, seq.params.grammar or "")
+        guide.catch_up(seq.output_token_ids)
+        return guide
+
+    def _apply_grammars(self, logits: torch.Tensor, raw: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.params.grammar]
+        if not rows:
+            return logits
+        if logits is raw:
+            logits = logits.clone()
+        for i in rows:
+            allowed = self._guide(seqs[i]).allowed(logits.shape[1])
+            row = logits[i].masked_fill(~allowed, float("-inf"))
+            if not torch.isfinite(row).any():  # processors banned all the grammar allows
+                row = raw[i].masked_fill(~allowed, float("-inf"))
+            logits[i] = row
+        return logits
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -108,7 +142,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """logits: float32 [N, vocab], one row per sequence to sample (raw model output)."""
         params = [s.params for s in seqs]
-        processed = apply_processors(logits, seqs)
+        processed = self._apply_grammars(apply_processors(logits, seqs), logits, seqs)
         out: list[int] = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
