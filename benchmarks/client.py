@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -54,7 +55,10 @@ class Result:
 def make_client(timeout_s: float) -> httpx.AsyncClient:
     # No client-side connection cap: an open-loop client must never queue a request itself.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits)
+    # A server that wants an API key (SPLITSERVE_API_KEY) gets the one in this environment.
+    key = os.environ.get("SPLITSERVE_API_KEY", "").strip()
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits, headers=headers)
 
 
 def _error_text(body: bytes | str, status: int) -> str:

@@ -37,6 +37,7 @@ import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,13 @@ def kv_counters(url: str) -> tuple[float, float]:
         return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name))
 
     return total("splitserve_kv_transfer_bytes_total"), total("splitserve_kv_transfer_raw_bytes_total")
+
+
+def mean_measured(values: Iterable[float | None]) -> float | None:
+    """Mean of the runs that measured a value; None when none did. (A run whose counters
+    saw no KV bytes has no ratio: counting it as 0 bytes would fake a perfect codec.)"""
+    got = [v for v in values if v is not None]
+    return statistics.mean(got) if got else None
 
 
 def run_config(model_dir: Path, ids: list[int], codec: str, gbps: float | None, args: argparse.Namespace,
@@ -188,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 reqs = [q for r in rs for q in r["requests"]]
                 med = {k: statistics.median(q[k] for q in reqs) for k in reqs[0]}
                 row[codec] = {"requests": reqs, "median": med, "policy": rs[-1]["policy"],
-                              "bytes_ratio": statistics.mean(r["bytes_ratio"] or 0 for r in rs)}
+                              "bytes_ratio": mean_measured(r["bytes_ratio"] for r in rs)}
+                ratio = row[codec]["bytes_ratio"]
                 print(f"{link:>12} {codec:>9}: ttft {med['ttft_s']:.3f}s  t2 {med['t2_s']:.3f}s  "
-                      f"bytes {row[codec]['bytes_ratio']:.3f} of raw", flush=True)
+                      f"bytes {'n/a' if ratio is None else f'{ratio:.3f}'} of raw", flush=True)
             row["t2_ratio"] = row["adaptive"]["median"]["t2_s"] / row["none"]["median"]["t2_s"]
             row["ttft_ratio"] = row["adaptive"]["median"]["ttft_s"] / row["none"]["median"]["ttft_s"]
             results["links"][link] = row

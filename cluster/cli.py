@@ -10,15 +10,17 @@ from collections.abc import Sequence
 from cluster.errors import ManifestError
 
 
-def _load(path: str) -> object:
+def _load(path: str, servable: bool = False) -> object:
+    """The manifest at path; servable: also the checks that only serving needs (a
+    tokenizer beside the weights), which `validate` and `serve` make and `plan` does not."""
     from cluster.manifest import load_manifest
 
-    return load_manifest(path)
+    return load_manifest(path, require_tokenizer=servable)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        _load(args.manifest)
+        _load(args.manifest, servable=args.servable)
     except ManifestError as e:
         for line in e.lines():
             print(line)
@@ -29,7 +31,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        manifest = _load(args.manifest)
+        manifest = _load(args.manifest, servable=True)
     except ManifestError as e:
         for line in e.lines():
             print(line, file=sys.stderr)
@@ -43,6 +45,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
+    from engine.errors import ModelLoadError
+
+    if (args.arch is None) == (args.from_gguf is None):
+        print("make-model: give exactly one of --arch (a tiny random model) or --from-gguf FILE", file=sys.stderr)
+        return 2
+    if args.from_gguf is not None:
+        from models.gguf_import import convert_gguf
+
+        try:
+            out = convert_gguf(args.from_gguf, args.out)
+        except ModelLoadError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        print(f"converted {args.from_gguf} to {out}")
+        return 0
     from models.make import make_model
 
     out = make_model(args.arch, args.out, train=args.train, seed=args.seed)
@@ -111,10 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a manifest; exit 2 with one line per problem")
     v.add_argument("manifest")
+    v.add_argument("--plan-only", dest="servable", action="store_false",
+                   help="skip the checks only serving needs (a model directory of config.json alone, "
+                        "as planning manifests have, is then valid)")
     v.set_defaults(func=cmd_validate)
 
-    m = sub.add_parser("make-model", help="write a tiny HF-format model")
-    m.add_argument("--arch", choices=["llama", "mixtral"], required=True)
+    m = sub.add_parser("make-model", help="write a tiny HF-format model, or convert a Llama-family GGUF")
+    m.add_argument("--arch", choices=["llama", "mixtral"], default=None, help="a tiny random model")
+    m.add_argument("--from-gguf", metavar="FILE", default=None,
+                   help="convert this Llama-family GGUF (dequantized to fp32) instead")
     m.add_argument("--out", required=True)
     m.add_argument("--train", action="store_true", help="train it a few minutes on local text (cached)")
     m.add_argument("--seed", type=int, default=0)

@@ -217,10 +217,16 @@ class Generator:
         counts = [0] * len(ids)
         ttft: float | None = None
         n_out = 0
+        last_token_at: list[float | None] = [None] * len(ids)  # per choice
 
         def emit(j: int, tokens: list[int], reason: str | None, lps: list[Any] | None = None,
                  prompt_lps: list[Any] | None = None) -> Delta:
             nonlocal n_out
+            if tokens:
+                now = time.monotonic()
+                if last_token_at[j] is not None:
+                    self.metrics.token_gap(now - last_token_at[j], len(tokens))
+                last_token_at[j] = now
             n_out += len(tokens)
             counts[j] += len(tokens)
             usage.completion_tokens = n_out
@@ -313,6 +319,7 @@ class Generator:
                 e2e = time.monotonic() - t0
                 self.metrics.e2e.observe(e2e)
                 self.metrics.tokens.inc(n_out)
+                self.metrics.request_done(ttft, e2e, len(req.prompt_token_ids), n_out)
                 if ttft is not None:
                     self.metrics.ttft.observe(ttft)
                     if n_out > len(ids):

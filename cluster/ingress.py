@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
                             SplitServeError)
 from cluster.generation import Delta, GenRequest, Generator, Usage
+from cluster.http_guard import RequestGuard, api_keys
 from cluster.logprobs import LogprobsBuilder
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
@@ -47,7 +48,7 @@ class Ingress:
         self.controller = controller
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.metrics = Metrics()
+        self.metrics = Metrics(manifest.model.name)
         self.router = Router(manifest.kv_cache.block_size)
         self.gen = Generator(manifest, self.router, self.metrics, tokenizer, controller)
         self.kv_capacity = min(p.num_kv_blocks for p in manifest.pools.values()) * manifest.kv_cache.block_size
@@ -388,6 +389,10 @@ def build_app(ingress: Ingress) -> FastAPI:
             task.cancel()
 
     app = FastAPI(title="splitserve", lifespan=lifespan)
+    keys = api_keys(ingress.m.api_keys_path())
+    if keys:
+        logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
+    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys)
 
     @app.exception_handler(SplitServeError)
     async def _err(_: Request, e: SplitServeError) -> JSONResponse:

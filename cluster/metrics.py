@@ -1,4 +1,17 @@
-"""Prometheus metrics of one ingress (its own registry, so several apps can share a process)."""
+"""Prometheus metrics of one ingress (its own registry, so several apps can share a process).
+
+Besides splitserve's own names, the request latencies and the engine load are also exported
+under vLLM's names and label (``vllm:...{model_name="<served model>"}``), so dashboards and
+alerts written for vLLM work on splitserve unchanged (deploy/grafana/splitserve.json is one):
+
+- ``vllm:time_to_first_token_seconds``, ``vllm:e2e_request_latency_seconds``: histograms,
+  per finished request; ``vllm:inter_token_latency_seconds``: per output token after the
+  first, the gap since the previous token (tokens that arrive together share the gap);
+- ``vllm:num_requests_running``, ``vllm:num_requests_waiting``: summed over the workers;
+  ``vllm:kv_cache_usage_perc``: KV blocks held / KV blocks, over the workers (a fraction,
+  0..1, as vLLM's);
+- ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``: counters of finished requests.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +22,41 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so quantiles compare like for like.
+_VLLM_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+              40.0, 80.0, 160.0, 640.0, 2560.0)
+_VLLM_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_VLLM_E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+             960.0, 1920.0, 7680.0)
+
+
+class VllmMetrics:
+    """The vLLM-named series of one served model (see the module doc)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        r, label = registry, ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds", label,
+                              registry=r, buckets=_VLLM_TTFT).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens in seconds", label,
+                             registry=r, buckets=_VLLM_ITL).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds", label,
+                             registry=r, buckets=_VLLM_E2E).labels(model_name)
+        self.running = Gauge("vllm:num_requests_running", "Requests running on the workers", label,
+                             registry=r).labels(model_name)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting on the workers", label,
+                             registry=r).labels(model_name)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage over the workers: 1 means 100 percent",
+                              label, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests", label,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens of finished requests", label,
+                                         registry=r).labels(model_name)
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         r = self.registry = CollectorRegistry()
+        self.vllm = VllmMetrics(r, model_name)
         self.ttft = Histogram("splitserve_ttft_seconds", "Time to first token", registry=r, buckets=_LAT)
         self.tpot = Histogram("splitserve_tpot_seconds", "Mean time per output token after the first",
                               registry=r, buckets=_LAT)
@@ -40,10 +85,16 @@ class Metrics:
                                      "received KV and the shared prompt of n > 1 choices are not computed)",
                                      ["worker", "pool"], registry=r)
         self.inflight = Gauge("splitserve_inflight_requests", "Requests in flight at this ingress", registry=r)
+        self.codec_profile = Gauge("splitserve_worker_kv_codec_profile_measured",
+                                   "1 when an adaptive prefill worker measured its KV codecs on its model at "
+                                   "start-up, 0 when it plans with the built-in defaults (the measurement "
+                                   "failed; see its health)", ["worker", "pool"], registry=r)
         self._labels: set[tuple[str, str]] = set()
+        self._profile_labels: set[tuple[str, str]] = set()
 
     def update_workers(self, pools: dict[str, list[dict[str, Any]]]) -> None:
         seen: set[tuple[str, str]] = set()
+        profiled: set[tuple[str, str]] = set()
         for pool, workers in pools.items():
             for w in workers:
                 s, key = w.get("stats") or {}, (w["worker_id"], pool)
@@ -53,11 +104,35 @@ class Metrics:
                 total = s.get("kv_blocks_total", 0)
                 self.kv_total.labels(*key).set(total)
                 self.kv_used.labels(*key).set(total - s.get("kv_blocks_free", total))
+                if s.get("kv_codec_profile") is not None:
+                    profiled.add(key)
+                    self.codec_profile.labels(*key).set(1 if s["kv_codec_profile"] == "measured" else 0)
                 self.prompt_computed.labels(*key).set(s.get("prompt_tokens_computed", 0))
         for key in self._labels - seen:
             for g in (self.running, self.waiting, self.kv_used, self.kv_total, self.prompt_computed):
                 g.remove(*key)
-        self._labels = seen
+        workers = [w.get("stats") or {} for ws in pools.values() for w in ws]
+        self.vllm.running.set(sum(s.get("running", 0) for s in workers))
+        self.vllm.waiting.set(sum(s.get("waiting", 0) for s in workers))
+        total = sum(s.get("kv_blocks_total", 0) for s in workers)
+        free = sum(s.get("kv_blocks_free", s.get("kv_blocks_total", 0)) for s in workers)
+        self.vllm.kv_usage.set((total - free) / total if total else 0.0)
+        for key in self._profile_labels - profiled:
+            self.codec_profile.remove(*key)
+        self._labels, self._profile_labels = seen, profiled
+
+    def token_gap(self, seconds: float, tokens: int) -> None:
+        """``tokens`` output tokens (not the first) arrived ``seconds`` after the previous ones."""
+        for _ in range(tokens):
+            self.vllm.itl.observe(seconds / tokens)
+
+    def request_done(self, ttft_s: float | None, e2e_s: float, prompt_tokens: int, output_tokens: int) -> None:
+        """A request that finished well: the vLLM-named latencies and token counters."""
+        self.vllm.e2e.observe(e2e_s)
+        if ttft_s is not None:
+            self.vllm.ttft.observe(ttft_s)
+        self.vllm.prompt_tokens.inc(prompt_tokens)
+        self.vllm.generation_tokens.inc(output_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -169,7 +169,9 @@ def parse_request(model_cls: type[CommonParams], body: object) -> Any:
     if not isinstance(body, dict):
         raise InvalidRequestError(f"request body must be a JSON object, found {type(body).__name__}")
     try:
-        req = model_cls.model_validate(body)
+        # Strict, as OpenAI's API is: "stream": "yes", "max_tokens": "5" or 5.0 are 400s,
+        # not coerced (an int is still a valid float).
+        req = model_cls.model_validate(body, strict=True)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
@@ -177,6 +179,10 @@ def parse_request(model_cls: type[CommonParams], body: object) -> Any:
             raise InvalidRequestError(
                 f"{loc}: unknown field; this server does not implement it (nothing is ignored "
                 "silently)", param=loc) from None
-        raise InvalidRequestError(f"{loc}: {err['msg']}", param=loc) from None
+        msg = f"{loc}: {err['msg']}"
+        if err["type"] != "missing":
+            got = repr(err.get("input"))
+            msg += f", got {got if len(got) <= 60 else got[:57] + '...'}"
+        raise InvalidRequestError(msg, param=loc) from None
     req.check_supported()
     return req

@@ -54,7 +54,11 @@ def _decode_batch(q: torch.Tensor, cache: torch.Tensor, tables: list[list[int]],
     for b, (t, c) in enumerate(zip(tables, ctx)):
         used = -(-c // bs)
         table[b, :used] = torch.tensor(t[:used], dtype=torch.long)
-    kv = cache[:, table.to(dev)].flatten(2, 3)  # [2, B, L, kvh, hd]; padding reads block 0
+    # [2, B, L, kvh, hd]; padding reads block 0. index_select over the flattened table, not
+    # advanced indexing (cache[:, table]): the same bytes, 5x faster on CPU (aten::index
+    # took 27% of a SmolLM2 decode step at batch 8; benchmarks/attention_bench.py).
+    kv = cache.index_select(1, table.flatten().to(dev)).view(
+        cache.shape[0], len(ctx), nblk * bs, cache.shape[3], cache.shape[4])
     lens = torch.tensor(ctx, device=dev)
     k_pos = torch.arange(kv.shape[2], device=dev)[None, :]
     mask = (k_pos < lens[:, None]) & _visible((lens - 1)[:, None], k_pos, window)  # [B, L]

@@ -1,5 +1,5 @@
 """Tokenizer over an HF ``tokenizer.json`` (the ``tokenizers`` package), with the chat
-template of ``tokenizer_config.json`` rendered in a sandboxed jinja2 environment, and
+template of ``chat_template.jinja`` or ``tokenizer_config.json`` rendered in a sandboxed jinja2 environment, and
 incremental detokenization for streaming.
 
 Encoding equals transformers' AutoTokenizer for the same files: the special tokens added
@@ -52,6 +52,23 @@ def _ids(v: Any) -> list[int]:
     if v is None:
         return []
     return [int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _chat_template(d: Path, tcfg: dict[str, Any]) -> str | None:
+    """The default chat template, where transformers looks for it: ``chat_template.jinja``
+    (how transformers >= 4.47 and 5 save it) first, then ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named templates)."""
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{jinja}: cannot be read: {e}") from None
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ..}, ..]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _compile_template(source: str) -> Any:
@@ -114,11 +131,8 @@ class Tokenizer:
             specials["bos_token"] = text
         if eos and "eos_token" not in specials and (text := tk.id_to_token(eos[0])) is not None:
             specials["eos_token"] = text
-        template = tcfg.get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ..}, ..]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if not isinstance(template, str):
+        template = _chat_template(d, tcfg)
+        if template is None:
             logger.info("%s has no chat template; using the default <|role|> format", d)
             template = None
         return cls(tk, bos, eos, template, specials)

@@ -12,7 +12,8 @@ information::
 The CRC covers the header too, so a flipped bit anywhere (shape, options, payload) is a
 ``CodecError`` naming what was wrong, never a silently different tensor.
 
-Codecs (one module each under ``kvtransfer/codecs/``):
+Codecs (one module each under ``kvtransfer/codecs/``; the header, ``KVCodec`` and
+``CodecError`` live in ``kvtransfer.codecs.base``, which they and this module import):
 
 - ``none``: the raw bytes, bit-exact.
 - ``lossless``: bit-exact and smaller; each value's top byte (sign + exponent bits) is
@@ -38,121 +39,21 @@ from __future__ import annotations
 
 import importlib
 import struct
-import zlib
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-MAGIC = b"SSKC"
-VERSION = 3
-# magic, version, codec id, dtype id, reserved, shape x5, options length
-_HEAD = struct.Struct("<4sBBBB5IH")
-_TAIL = struct.Struct("<QI")  # payload length, CRC32
-DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-DTYPES_BY_ID = {v: k for k, v in DTYPE_IDS.items()}
-# module, class name, codec id
-# Bytes-like buffers (numpy arrays included), joined once into the stream.
-Payload = Any
-_REGISTRY: dict[str, tuple[str, str, int]] = {
-    "none": ("kvtransfer.codecs.none", "NoneCodec", 0),
-    "lossless": ("kvtransfer.codecs.lossless", "LosslessCodec", 1),
-    "int8": ("kvtransfer.codecs.int8", "Int8Codec", 2),
-    "cachegen": ("kvtransfer.codecs.cachegen", "CacheGenCodec", 3),
-}
+from kvtransfer.codecs.base import (DTYPE_IDS, DTYPES_BY_ID, HEAD, MAGIC, REGISTRY, TAIL, VERSION, CodecError,
+                                    KVCodec, Payload, name_of, parse)
 
-
-class CodecError(ValueError):
-    """Bytes that are not a valid KV stream: wrong magic or version, unknown codec,
-    truncated, failed checksum, or a payload that does not parse."""
-
-
-class KVCodec:
-    """Base class: the header, its checks and the shape/dtype checks live here;
-    subclasses implement ``_encode`` (payload and options bytes) and ``_decode``."""
-
-    name: ClassVar[str] = "base"
-    codec_id: ClassVar[int] = 255
-    # Option names get_codec accepts for this codec.
-    options: ClassVar[tuple[str, ...]] = ()
-
-    def encode(self, kv: torch.Tensor) -> bytes:
-        if kv.dim() != 5 or kv.shape[1] != 2:
-            raise ValueError(f"kv must be [layers, 2, tokens, kv_heads, head_dim], got {tuple(kv.shape)}")
-        if kv.dtype not in DTYPE_IDS:
-            raise ValueError(f"kv dtype {kv.dtype} not supported; allowed: float32, float16, bfloat16")
-        if any(s >= 2**32 for s in kv.shape):
-            raise ValueError(f"kv shape {tuple(kv.shape)} does not fit the stream header (u32 per dim)")
-        kv = kv.detach().cpu().contiguous()
-        opts, parts = self._encode(kv)
-        parts = [parts] if isinstance(parts, (bytes, bytearray, memoryview, np.ndarray)) else parts
-        length = sum(memoryview(p).nbytes for p in parts)
-        head = _HEAD.pack(MAGIC, VERSION, self.codec_id, DTYPE_IDS[kv.dtype], 0, *kv.shape, len(opts)) + opts
-        crc = zlib.crc32(head + struct.pack("<Q", length))
-        for p in parts:
-            crc = zlib.crc32(p, crc)
-        return b"".join([head, _TAIL.pack(length, crc), *parts])
-
-    def decode(self, data: bytes | bytearray | memoryview) -> torch.Tensor:
-        cid, dtype, shape, opts, payload = parse(data)
-        if cid != self.codec_id:
-            raise CodecError(f"KV stream was written by codec id {cid} ({_name_of(cid)}), "
-                             f"not {self.name} ({self.codec_id}); use decode_any")
-        try:
-            out = self._decode(payload, shape, dtype, opts)
-        except CodecError:
-            raise
-        except Exception as e:  # a payload that passed its CRC but does not parse
-            raise CodecError(f"{self.name} KV payload is malformed: {type(e).__name__}: {e}") from None
-        if tuple(out.shape) != shape or out.dtype != dtype:
-            raise CodecError(f"{self.name} KV payload decoded to {tuple(out.shape)} {out.dtype}, "
-                             f"header says {shape} {dtype}")
-        return out
-
-    def _encode(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
-        """kv (contiguous, on CPU) -> (options bytes, payload: one buffer or a list of
-        buffers, concatenated once by encode)."""
-        raise NotImplementedError
-
-    def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
-                opts: bytes) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def parse(data: bytes | bytearray | memoryview) -> tuple[int, torch.dtype, tuple[int, ...], bytes, memoryview]:
-    """Check a stream's header and checksum: (codec id, dtype, shape, options, payload)."""
-    view = memoryview(data).cast("B")
-    if len(view) < 4 or bytes(view[:4]) != MAGIC:
-        raise CodecError(f"not a KV stream: magic {bytes(view[:4])!r}, expected {MAGIC!r}")
-    if len(view) < _HEAD.size:
-        raise CodecError(f"KV stream is {len(view)} bytes, shorter than its {_HEAD.size}-byte header")
-    _, ver, cid, did, _, *rest = _HEAD.unpack_from(view)
-    shape, n_opts = tuple(rest[:5]), rest[5]
-    if ver != VERSION:
-        raise CodecError(f"KV stream version {ver}; this build reads version {VERSION}")
-    end_head = _HEAD.size + n_opts
-    if len(view) < end_head + _TAIL.size:
-        raise CodecError(f"KV stream truncated: {len(view)} bytes, its header alone needs {end_head + _TAIL.size}")
-    length, crc = _TAIL.unpack_from(view, end_head)
-    payload = view[end_head + _TAIL.size:]
-    if len(payload) != length:
-        raise CodecError(f"KV stream truncated: payload {len(payload)} bytes, header says {length}")
-    if zlib.crc32(payload, zlib.crc32(view[:end_head + 8])) != crc:
-        raise CodecError("KV stream failed its CRC32 checksum (corrupted in header or payload)")
-    if did not in DTYPES_BY_ID:
-        raise CodecError(f"KV stream has unknown dtype id {did}")
-    if shape[1] != 2:
-        raise CodecError(f"KV stream shape {shape} is not [layers, 2, tokens, kv_heads, head_dim]")
-    return cid, DTYPES_BY_ID[did], shape, bytes(view[_HEAD.size:end_head]), payload
-
-
-def _name_of(cid: int) -> str:
-    return next((n for n, (_, _, c) in _REGISTRY.items() if c == cid), "unknown")
+__all__ = ["DTYPE_IDS", "DTYPES_BY_ID", "MAGIC", "VERSION", "CodecError", "KVCodec", "Payload", "calibrate", "decode_any",
+           "decode_chunks", "encode_chunks", "get_codec", "parse", "split_chunks"]
 
 
 def _codec_class(name: str) -> type[KVCodec]:
-    mod, cls, _ = _REGISTRY[name]
+    mod, cls, _ = REGISTRY[name]
     out: type[KVCodec] = getattr(importlib.import_module(mod), cls)
     return out
 
@@ -160,8 +61,8 @@ def _codec_class(name: str) -> type[KVCodec]:
 def get_codec(name: str, **options: Any) -> KVCodec:
     """The codec called name (none, lossless, int8, cachegen) with its options; unknown
     names or options raise ValueError naming what is allowed."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown codec {name!r}; allowed: {sorted(_REGISTRY)}")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown codec {name!r}; allowed: {sorted(REGISTRY)}")
     cls = _codec_class(name)
     bad = set(options) - set(cls.options)
     if bad:
@@ -187,11 +88,11 @@ def calibrate(name: str, samples: list[torch.Tensor] | torch.Tensor, **kwargs: A
 def decode_any(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """Decode a stream written by any codec (its header names the codec)."""
     cid = parse(data)[0]
-    for name, (_, _, c) in _REGISTRY.items():
+    for name, (_, _, c) in REGISTRY.items():
         if c == cid:
             return _codec_class(name)().decode(data)
     raise CodecError(f"KV stream names unknown codec id {cid}; known: "
-                     f"{ {n: c for n, (_, _, c) in _REGISTRY.items()} }")
+                     f"{ {n: c for n, (_, _, c) in REGISTRY.items()} }")
 
 
 _FRAME = struct.Struct("<4sI")  # magic, number of chunks; then u64 length per chunk

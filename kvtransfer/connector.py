@@ -20,50 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-# numpy has no bfloat16: such KV travels as its raw 16-bit pattern.
-_VIEW_DTYPES = {torch.bfloat16: (np.int16, torch.int16)}
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kvtransfer.base import TORCH_DTYPES, VIEW_DTYPES, KVHandle, KVTransferError, kv_to_numpy, numpy_to_kv
 
-
-class KVTransferError(RuntimeError):
-    """A transfer that failed: timeout, lost object, bad payload."""
-
-
-@dataclass
-class KVHandle:
-    # Request whose prompt KV this is.
-    request_id: str
-    # Shape of the KV: [layers, 2, tokens, kv_heads, head_dim].
-    shape: tuple[int, ...]
-    # torch dtype name of the KV ("float32", "bfloat16", ...).
-    dtype: str
-    # Bytes that travel (after encoding).
-    nbytes: int
-    # Connector that made it ("object_store", ...).
-    transport: str
-    # Transport-specific locator (an ObjectRef for the object store).
-    ref: Any
-    # Wall time spent on the sender side (encode + publish), seconds.
-    send_s: float = 0.0
-
-
-def kv_to_numpy(kv: torch.Tensor) -> np.ndarray:
-    kv = kv.detach().contiguous().cpu()
-    if kv.dtype in _VIEW_DTYPES:
-        return kv.view(_VIEW_DTYPES[kv.dtype][1]).numpy()
-    return kv.numpy()
-
-
-def numpy_to_kv(arr: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(arr)
-    want = _TORCH[dtype]
-    return t.view(want) if want in _VIEW_DTYPES else t
+__all__ = ["TORCH_DTYPES", "VIEW_DTYPES", "GrpcConnector", "KVConnector", "KVHandle", "KVTransferError",
+           "ObjectStoreConnector", "PairConnector", "get_connector", "kv_to_numpy", "numpy_to_kv"]
 
 
 class KVConnector(Protocol):

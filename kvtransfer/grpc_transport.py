@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvtransfer.connector import KVTransferError
+from kvtransfer.base import KVTransferError
 
 logger = logging.getLogger(__name__)
 

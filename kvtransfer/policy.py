@@ -58,11 +58,28 @@ class TransferPolicy:
         self.spec = spec
         self.adaptive = spec.codec == "adaptive"
         self.s_per_token = prefill_s_per_token
+        measured = bool(options)
         if self.adaptive and not options:
             options = [CodecOption(*parse_label(lb), *DEFAULT_PROFILE[lb], rank(*parse_label(lb)))
                        for lb in spec.labels()]
         self.controller = (AdaptiveController(options or [], prefill_s_per_token, default_bps)
                            if self.adaptive else None)
+        # Where the adaptive options' figures come from: "default" (DEFAULT_PROFILE, the
+        # built-in constants) until the worker measured them on its model ("measured");
+        # None when the codec is pinned (nothing to choose). profile_error says why a
+        # start-up measurement failed.
+        self.profile: str | None = ("measured" if measured else "default") if self.adaptive else None
+        self.profile_error: str | None = None
+
+    def set_measured(self, options: list[CodecOption]) -> None:
+        """The options as measured on this worker's model (replacing DEFAULT_PROFILE)."""
+        assert self.controller is not None
+        self.controller.options = sorted(options, key=lambda o: o.lossiness)
+        self.controller.recompute_s_per_token = self.s_per_token
+        self.profile, self.profile_error = "measured", None
+
+    def profile_status(self) -> dict[str, str | None]:
+        return {"kv_codec_profile": self.profile, "kv_codec_profile_error": self.profile_error}
 
     # -- measurements -----------------------------------------------------------------
     def observe_prefill(self, tokens: int, seconds: float, alpha: float = 0.3) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from kvtransfer.adaptive import RECOMPUTE, parse_label
-from kvtransfer.connector import KVHandle, KVTransferError
+from kvtransfer.base import KVHandle, KVTransferError
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +235,9 @@ class Received:
 
 
 def _receive_once(handle: KVHandle, deadline_s: float) -> Received:
+    from kvtransfer.base import TORCH_DTYPES
     from kvtransfer.codec import CodecError, decode_any
     from kvtransfer.grpc_transport import fetch_parts
-
-    from kvtransfer.connector import _TORCH
 
     layers, _, tokens, kvh, hd = handle.shape
     buf = bytearray()
@@ -263,7 +262,7 @@ def _receive_once(handle: KVHandle, deadline_s: float) -> Received:
                 kv_tokens, c = int(plan["kv_tokens"]), int(plan["chunk_tokens"])
                 if not 0 <= kv_tokens <= tokens or c < 1:
                     raise KVTransferError(f"KV stream of {handle.request_id}: bad plan {plan}")
-                out = torch.empty(layers, 2, kv_tokens, kvh, hd, dtype=_TORCH[handle.dtype])
+                out = torch.empty(layers, 2, kv_tokens, kvh, hd, dtype=TORCH_DTYPES[handle.dtype])
                 got = np.zeros((layers, -(-kv_tokens // c)), dtype=bool)
                 continue
             if plan is None or out is None or got is None:

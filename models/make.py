@@ -23,13 +23,14 @@ import logging
 import math
 import shutil
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from models.paths import cache_root, corpus_files
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +67,6 @@ class TrainSettings:
 # Training runs on one thread: the model is tiny, and OpenMP threads spinning on a busy
 # 2-core machine made steps 25x slower than one thread. Not part of the cache key.
 TRAIN_THREADS = 1
-
-
-def corpus_files(limit_bytes: int = 4 << 20) -> list[Path]:
-    """A deterministic slice (sorted names) of the standard library's top-level .py files."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out, total = [], 0
-    for p in sorted(root.glob("*.py")):
-        size = p.stat().st_size
-        if total + size > limit_bytes:
-            break
-        out.append(p)
-        total += size
-    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -227,8 +215,6 @@ def _train(model_dir: Path, settings: TrainSettings, seed: int) -> dict[str, flo
 
 
 def _cache_root() -> Path:
-    from models.builtin import cache_root
-
     return cache_root() / "models"
 
 

@@ -1,27 +1,18 @@
-"""Train a tiny make-model model on the Python standard library's source, so that codec
-and speculative-decoding quality can be measured on a model that has learned something.
-
-A dense (non-paged) forward over the same weights; causal-LM loss; AdamW with warm-up and
-cosine decay; a held-out split (the last 5% of the text) whose loss is recorded in
-``train_log.json`` next to the weights."""
+"""Pieces for training a tiny make-model model on the Python standard library's source
+(``models.make.train_weights`` runs the training loop: a fixed number of AdamW steps), so
+that codec and speculative-decoding quality can be measured on a model that has learned
+something: a dense (non-paged) forward over the same weights as the engine's, the corpus
+split, and the held-out loss (last 5% of the text)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import time
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from engine.config import ModelConfig
 from engine.rope import Rotary, apply_rotary
 from engine.tokenizer import Tokenizer
-
-logger = logging.getLogger(__name__)
+from models.paths import corpus_files
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,8 +60,6 @@ def dense_forward(sd: dict[str, torch.Tensor], cfg: ModelConfig, ids: torch.Tens
 
 
 def corpus_tokens(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    from models.make import corpus_files
-
     ids: list[int] = []
     for path in corpus_files(4 << 20):
         ids += tok.encode(path.read_text(errors="replace"), add_special_tokens=False)
@@ -90,42 +79,3 @@ def heldout_loss(sd: dict[str, torch.Tensor], cfg: ModelConfig, data: torch.Tens
         x, y = chunk[:-1].view(4, seq), chunk[1:].view(4, seq)
         losses.append(F.cross_entropy(dense_forward(sd, cfg, x, rotary).flatten(0, 1), y.flatten()).item())
     return sum(losses) / len(losses)
-
-
-def train(model_dir: str | Path, seconds: float = 180.0, seed: int = 0, seq: int = 256, batch: int = 16,
-          lr: float = 3e-3) -> dict[str, float]:
-    d = Path(model_dir)
-    torch.manual_seed(seed)
-    cfg = ModelConfig.from_dir(d)
-    tok = Tokenizer.from_dir(d)
-    rotary = Rotary(cfg)
-    sd = {k: v.float().requires_grad_(True) for k, v in load_file(str(d / "model.safetensors")).items()}
-    train_data, held = corpus_tokens(tok)
-    before = heldout_loss(sd, cfg, held, rotary, seq)
-    opt = torch.optim.AdamW(sd.values(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    t0, step, loss_v = time.time(), 0, float("nan")
-    while time.time() - t0 < seconds:
-        frac = (time.time() - t0) / seconds
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
-        starts = torch.randint(0, len(train_data) - seq - 1, (batch,), generator=gen)
-        x = torch.stack([train_data[s:s + seq] for s in starts])
-        y = torch.stack([train_data[s + 1:s + seq + 1] for s in starts])
-        loss = F.cross_entropy(dense_forward(sd, cfg, x, rotary).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sd.values(), 1.0)
-        opt.step()
-        loss_v = loss.item()
-        if step % 50 == 0:
-            logger.info("step %d loss %.3f", step, loss_v)
-        step += 1
-    after = heldout_loss(sd, cfg, held, rotary, seq)
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
-    log = {"steps": step, "seconds": seconds, "train_loss": loss_v, "heldout_loss_before": before,
-           "heldout_loss_after": after, "heldout_ppl_after": math.exp(after)}
-    (d / "train_log.json").write_text(json.dumps(log, indent=2))
-    logger.info("trained %s: %s", d, log)
-    return log

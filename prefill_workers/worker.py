@@ -54,7 +54,7 @@ class PrefillWorker(EngineWorker):
             return await self.health()
         from engine.config import ModelConfig
 
-        out = await super().start()
+        await super().start()
         cfg = ModelConfig.from_dir(self.settings.model_dir)
         self._kv_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
         assert self.engine is not None
@@ -65,10 +65,19 @@ class PrefillWorker(EngineWorker):
             tokens = max(16, min(512, self.settings.num_blocks * self.settings.block_size // 2))
             try:
                 await self._profile_codecs(tokens)
-            except Exception as e:  # noqa: BLE001 - transfers refine the default profile anyway
-                logger.warning("%s could not profile the KV codecs (%r); starting from defaults",
-                               self.worker_id, e)
-        return out
+            except Exception as e:  # noqa: BLE001 - the worker still serves, and says so
+                # Serving goes on with the built-in DEFAULT_PROFILE figures (transfers refine
+                # them); health() and splitserve_worker_kv_codec_profile_measured say so.
+                self.policy.profile_error = f"{type(e).__name__}: {e}"
+                logger.warning("%s could not profile the KV codecs (%s); the adaptive codec plans with the "
+                               "built-in DEFAULT_PROFILE until transfers refine it", self.worker_id,
+                               self.policy.profile_error)
+        return await self.health()
+
+    async def health(self) -> dict[str, Any]:
+        stats = await super().health()
+        stats.update(self.policy.profile_status())
+        return stats
 
     async def _profile_codecs(self, tokens: int = 512) -> None:
         """Measure the adaptive options on this model's own KV (one internal prefill) and
@@ -94,9 +103,7 @@ class PrefillWorker(EngineWorker):
         self.policy.s_per_token = res["prefill_s"] / tokens
         opts = await asyncio.to_thread(profile_options, kv, self.policy.spec.labels(), 2,
                                         self.policy.spec.chunk_tokens)
-        assert self.policy.controller is not None
-        self.policy.controller.options = sorted(opts, key=lambda o: o.lossiness)
-        self.policy.controller.recompute_s_per_token = self.policy.s_per_token
+        self.policy.set_measured(opts)
         logger.info("%s KV codec profile: %s; prefill %.3f ms/token", self.worker_id,
                     [(o.label, round(o.size_ratio, 3), int(o.encode_bps / 1e6), int(o.decode_bps / 1e6))
                      for o in opts], self.policy.s_per_token * 1e3)
@@ -105,7 +112,10 @@ class PrefillWorker(EngineWorker):
         """What the adaptive controller believes (benchmarks, debugging)."""
         c = self.policy.controller
         return {"codec": self.policy.spec.codec, "prefill_s_per_token": self.policy.s_per_token,
-                "links": {} if c is None else {f"{a}->{b}": e.bps for (a, b), e in c.links.items()},
+                **self.policy.profile_status(),
+                # bps is the estimate; samples, how many transfers it rests on (0: the default).
+                "links": {} if c is None else {f"{a}->{b}": {"bps": e.bps, "samples": e.samples}
+                                               for (a, b), e in c.links.items()},
                 "options": [] if c is None else [
                     {"label": o.label, "size_ratio": o.size_ratio, "encode_bps": o.encode_bps,
                      "decode_bps": o.decode_bps} for o in c.options]}

@@ -47,7 +47,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from kvtransfer.codec import KVCodec, Payload
+from kvtransfer.codecs.base import KVCodec, Payload
 from kvtransfer.codecs import bitpack, rangecoding
 from kvtransfer.codecs import cachegen_quant as cq
 from kvtransfer.codecs.cachegen_tables import (ROLES, TABLE_SAMPLE, CacheGenTables, LevelTables, merge_counts, pca_basis,
@@ -263,7 +263,7 @@ class CacheGenCodec(KVCodec):
         tables = None
         if flags & _CALIBRATED:
             if self.tables is None or self.tables.fingerprint != fp:
-                from kvtransfer.codec import CodecError
+                from kvtransfer.codecs.base import CodecError
 
                 have = "no tables" if self.tables is None else f"tables {self.tables.fingerprint:#010x}"
                 raise CodecError(f"cachegen stream was coded with calibrated tables {fp:#010x}; this codec has "
@@ -362,7 +362,7 @@ class CacheGenCodec(KVCodec):
 
 def describe(data: bytes | memoryview) -> dict[str, int]:
     """Bytes per section of a cachegen stream (side information vs coded symbols)."""
-    from kvtransfer.codec import parse
+    from kvtransfer.codecs.base import parse
 
     _, _, _, opts, payload = parse(data)
     out = {k: len(v) for k, v in _unsections(payload).items()}

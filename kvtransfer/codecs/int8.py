@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvtransfer.codec import KVCodec, Payload
+from kvtransfer.codecs.base import KVCodec, Payload
 
 # Smallest positive fp16 (subnormal): scales never round to zero.
 _MIN_SCALE = 2.0 ** -24

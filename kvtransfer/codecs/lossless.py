@@ -41,7 +41,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from kvtransfer.codec import KVCodec, Payload
+from kvtransfer.codecs.base import KVCodec, Payload
 from kvtransfer.codecs import bitpack, rangecoding
 from kvtransfer.codecs.none import bits_of, tensor_from_bits
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvtransfer.codec import KVCodec, Payload
+from kvtransfer.codecs.base import KVCodec, Payload
 
 # Unsigned view of each float format's bits (numpy) and the same-width torch int type.
 UINT = {torch.float32: (np.uint32, torch.int32), torch.float16: (np.uint16, torch.int16),

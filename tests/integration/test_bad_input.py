@@ -42,6 +42,21 @@ CASES = [
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 3, "best_of": 2}, 400, ["best_of", "n=3"]),
     ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, ["JSON"]),
     ("/v1/completions", {"model": "tiny", "prompt": [999999]}, 400, ["prompt"]),
+    # Strict types, as OpenAI's API: nothing is coerced.
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": "yes"}, 400, ["stream", "boolean", "'yes'"]),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": 1},
+     400, ["stream", "boolean"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "5"}, 400, ["max_tokens", "integer"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 5.5}, 400, ["max_tokens", "integer"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": "0"}, 400, ["temperature"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "ignore_eos": "true"}, 400, ["ignore_eos"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream_options": {"include_usage": "yes"}}, 400,
+     ["stream_options.include_usage"]),
+    # A body over server.max_request_bytes (default 512 KiB): 413 before it is parsed, so
+    # an unknown 1 MB field is not read, and not even bad JSON gets as far as the parser.
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "junk": "x" * 1_000_000}, 413,
+     ["524288", "max_request_bytes"]),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ' + b"x" * 600_000, 413, ["524288"]),
 ]
 
 
@@ -53,6 +68,24 @@ def test_bad_request_is_rejected_clearly(url, path, body, status, words):
     assert set(err) == {"message", "type", "param", "code"}
     for w in words:
         assert w in err["message"] or w == err["param"], (w, err)
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off_with_413(url):
+    """No Content-Length: the server reads up to the limit, then answers 413."""
+    def body():
+        yield b'{"model": "tiny", "prompt": "hi", "junk": "'
+        for _ in range(100):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    r = httpx.post(f"{url}/v1/completions", content=body(), headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+    # Just under the limit is parsed as usual (here: a valid request).
+    small = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "hi", "max_tokens": 2, "junk": "x" * 500_000})
+    assert small.status_code == 200, small.text
 
 
 def test_server_still_serves_after_bad_input(url):

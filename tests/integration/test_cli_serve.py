@@ -1,5 +1,7 @@
-"""`splitserve serve` as operators run it: prints ready, answers the openai client
-(completions and chat, streaming and not), and Ctrl-C stops every actor it started."""
+"""`splitserve serve` as operators run it, on the demo manifest (the real built-in model,
+1 prefill + 1 decode): prints ready, answers the openai client (completions and chat,
+streaming and not) with transformers' greedy answers, and Ctrl-C stops every actor it
+started."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from pathlib import Path
 
 import openai
 import ray
+
+from engine.tokenizer import Tokenizer
+
+from ..real_model import CHAT_MAX_NEW, CONVERSATIONS, hf_chat_greedy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +34,7 @@ def test_ray_nodes_are_on_loopback(ray_session):
     assert ips and all(ip.startswith("127.") for ip in ips), ips
 
 
-def test_serve_cli_end_to_end(ray_session, llama_dir):
+def test_serve_cli_end_to_end(ray_session, smollm2_dir):
     port = free_port()
     address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen(
@@ -48,20 +54,29 @@ def test_serve_cli_end_to_end(ray_session, llama_dir):
                 break
         assert any("ready" in x for x in lines), "".join(lines[-30:])
 
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=60,
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120,
                                max_retries=0)
-        r = client.completions.create(model="demo", prompt="def main(", max_tokens=8)
-        assert r.usage.prompt_tokens > 0 and 1 <= r.usage.completion_tokens <= 8
-        text = "".join(c.choices[0].text for c in client.completions.create(
-            model="demo", prompt="class A:", max_tokens=8, stream=True))
-        assert isinstance(text, str)
-        c = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=6)
-        assert c.choices[0].message.content is not None and c.usage.total_tokens > c.usage.prompt_tokens
+        r = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=8,
+                                      temperature=0)
+        assert r.usage.prompt_tokens == 5 and 1 <= r.usage.completion_tokens <= 8
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="demo", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
+        assert streamed == r.choices[0].text and "Paris" in streamed
+        # The real model answers as transformers does, and stops at its end of turn.
+        tok = Tokenizer.from_dir(smollm2_dir)
+        for i, conv in enumerate(CONVERSATIONS):
+            prompt_ids, want = hf_chat_greedy(str(smollm2_dir), i)
+            c = client.chat.completions.create(model="demo", messages=conv, max_tokens=CHAT_MAX_NEW, temperature=0)
+            assert c.usage.prompt_tokens == len(prompt_ids)
+            assert c.choices[0].message.content == tok.decode(want), conv
+            assert c.choices[0].finish_reason == ("stop" if want[-1] == 2 else "length")
+            assert c.usage.completion_tokens == len(want)
         chunks = list(client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
+            model="demo", messages=CONVERSATIONS[0], max_tokens=CHAT_MAX_NEW, temperature=0, stream=True,
             stream_options={"include_usage": True}))
         assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            tok.decode(hf_chat_greedy(str(smollm2_dir), 0)[1])
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
         controller = ray.get_actor("splitserve-controller-demo", namespace="splitserve")

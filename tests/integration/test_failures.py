@@ -1,8 +1,12 @@
-"""A worker that dies mid-request ends that request with an error within seconds; the
-controller replaces it and later requests succeed."""
+"""A worker that dies mid-request ends that request with an error within seconds (or, where
+the request can be re-sent, completes it unchanged); the controller replaces it and later
+requests succeed."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import httpx
@@ -70,3 +74,60 @@ def test_colocated_death_before_first_token_is_503(ray_session, llama_dir):
                 break
             time.sleep(0.2)
         assert r.status_code == 200, r.text
+
+
+def test_prefill_worker_killed_under_load(ray_session, llama_dir):
+    """SIGKILL of the prefill worker's process while a closed loop of greedy requests runs:
+    every request ends (no hang) either with the same output as without the fault or with
+    a 503 OpenAI error object; nothing else, nothing wrong. The pool gets a new prefill
+    worker and requests succeed again, unchanged."""
+    prompts = [" ".join(f"def f{i}_{j}(x): return x + {j}" for j in range(40)) for i in range(4)]
+    body = {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with serving(manifest_for(llama_dir)) as (url, dep):
+        with httpx.Client(timeout=90) as http:
+            def complete(prompt: str) -> httpx.Response:
+                return http.post(f"{url}/v1/completions", json={**body, "prompt": prompt})
+
+            expected = {p: complete(p).json()["choices"][0]["text"] for p in prompts}
+            victim = workers(dep, "prefill")[0]
+            results: list[tuple[str, httpx.Response]] = []
+            stop = threading.Event()
+
+            def loop(offset: int) -> None:
+                i = offset
+                while not stop.is_set():
+                    p = prompts[i % len(prompts)]
+                    results.append((p, complete(p)))
+                    i += 1
+
+            threads = [threading.Thread(target=loop, args=(k,)) for k in range(2)]
+            for t in threads:
+                t.start()
+            try:
+                while len(results) < 4:  # under way
+                    time.sleep(0.01)
+                os.kill(victim["stats"]["pid"], signal.SIGKILL)
+                killed_at = len(results)
+                new_id = wait_replaced(dep, "prefill", victim["worker_id"])
+                wait_healthy(url)
+                # Until a request after the replacement succeeds (the ingress refreshes its view).
+                deadline = time.monotonic() + 60
+                while not any(r.status_code == 200 for _, r in results[killed_at + 2:]):
+                    assert time.monotonic() < deadline, [r.status_code for _, r in results[killed_at:]]
+                    time.sleep(0.1)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=120)
+            assert new_id != victim["worker_id"]
+            statuses = [r.status_code for _, r in results]
+            assert set(statuses) <= {200, 503}, statuses
+            for p, r in results:
+                if r.status_code == 200:
+                    assert r.json()["choices"][0]["text"] == expected[p]
+                else:
+                    err = r.json()["error"]
+                    assert err["type"] == "service_unavailable" and err["message"], err
+            # Served by the new worker, unchanged.
+            for p in prompts:
+                assert complete(p).json()["choices"][0]["text"] == expected[p]

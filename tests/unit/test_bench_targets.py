@@ -27,7 +27,7 @@ def test_scale_pins_one_copy_of_every_pool_per_node():
 def test_gpus_win_over_cpus_when_pools_ask_for_them():
     m = load_manifest(ROOT / "deploy" / "manifests" / "demo-colocated.yaml")
     data = m.model_dump(mode="json")
-    data["pools"]["colocated"].update(num_gpus=1, tp=2, replicas=3)
+    data["pools"]["colocated"].update(num_gpus=1, tp=3, replicas=3)
     from cluster.manifest import parse_manifest
 
-    assert manifest_gpus(parse_manifest(data)) == (6.0, "gpu")
+    assert manifest_gpus(parse_manifest(data)) == (9.0, "gpu")

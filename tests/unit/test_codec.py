@@ -338,7 +338,7 @@ def restamp(data: bytes, payload: bytes, opts: bytes | None = None) -> bytes:
     import struct
     import zlib
 
-    from kvtransfer.codec import _HEAD
+    from kvtransfer.codecs.base import HEAD as _HEAD
 
     head = bytearray(data[:_HEAD.size])
     n_opts = struct.unpack_from("<H", head, _HEAD.size - 2)[0]

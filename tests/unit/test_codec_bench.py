@@ -69,19 +69,24 @@ def test_curve_covers_every_level_and_is_drawn(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_main_writes_json_and_plot_next_to_it(tmp_path, monkeypatch):
-    """--json PATH writes the file and, without --plot, the curve PNG beside it; the
-    model-dependent parts are stubbed (no model on this path)."""
+def test_main_writes_json_and_plot_next_to_it(tmp_path):
+    """--json PATH writes the file and, without --plot, the curve PNG beside it. The real
+    path: the KV is the tiny built-in Llama's own, from its prefill of a stdlib file (short,
+    so the test stays fast)."""
     import json
 
     import benchmarks.codec_bench as cb
+    from models.builtin import builtin_model_dir
 
-    small = synthetic_kv(layers=2, tokens=30, heads=2, dim=16)
-    monkeypatch.setattr(cb, "real_kv", lambda *a, **k: small.to(getattr(torch, a[1])))
+    model_dir = builtin_model_dir("tiny-llama")
+    kv = cb.real_kv(model_dir, "bfloat16", 48)
+    assert kv.dtype == torch.bfloat16 and kv.shape[1] == 2 and kv.shape[2] == 48 and kv.abs().sum() > 0
     out = tmp_path / "codec.json"
     assert cb.main(["--json", str(out), "--dtypes", "bfloat16", "--quality-windows", "0", "--skip-synthetic",
-                    "--repeats", "1", "--model-dir", str(tmp_path)]) == 0
+                    "--repeats", "1", "--tokens", "48", "--model-dir", str(model_dir)]) == 0
     data = json.loads(out.read_text())
     assert data["summary"]["plot"] == str(tmp_path / "codec_curve.png")
     assert (tmp_path / "codec_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert {p["family"] for p in data["summary"]["bfloat16"]["curve"]} >= {"cg", "cgcal", "cgpca", "int8", "lossless"}
+    rows = data["trained/bfloat16"]["codecs"]
+    assert rows["none"]["rel_l2"] == 0 and rows["lossless"]["rel_l2"] == 0 and rows["int8"]["rel_l2"] > 0

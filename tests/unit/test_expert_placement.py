@@ -278,6 +278,23 @@ def test_cli_unreadable_or_missing_trace(tmp_path: Path, capsys: pytest.CaptureF
 
 # --- the issue's case (slow; the figures and times come from the benchmark script) -----
 
+def test_issue_shape_meets_the_3pct_target_on_two_layers() -> None:
+    """The issue's shape (64 experts, 16 GPUs of 8 per node, top-2, 5 slots) on 2 of its 16
+    layers (layers are placed independently), so the 3%-of-the-LP-bound target runs in the
+    default suite (seconds); the 16-layer case stays under -m slow. The time limit is far
+    above the few seconds these take, so the result does not follow the machine's load."""
+    import dataclasses
+
+    from benchmarks.expert_placement_bench import CASES, run_case
+
+    case = dataclasses.replace(CASES["issue"], layers=2)
+    t = run_case(case, 8192, 0.6, 0.7, 1, 120.0)["targets"]
+    assert t["valid"]
+    assert t["ilp_max_load_within_3pct_of_lp_bound"], t["ilp_worst_max_load_over_lp_bound"]
+    assert t["cross_node_at_least_20pct_below_greedy"]
+    assert t["balance_equal_or_better"]
+
+
 @pytest.mark.slow
 def test_issue_case_meets_quality_targets() -> None:
     from benchmarks.expert_placement_bench import CASES, run_case

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 import time
 
 import grpc
@@ -36,20 +37,34 @@ def test_fail_reaches_a_waiting_receiver_at_once(server):
     server.open("rf")
     server.append("rf", b"x" * 100)
     threading.Timer(0.2, server.fail, args=("rf", "prefill aborted")).start()
-    t0 = time.monotonic()
+    # A receiver that did not learn of the failure would end at its deadline with a
+    # "deadline" error instead (no wall-clock bound needed).
     with pytest.raises(KVTransferError, match="prefill aborted"):
         gt.fetch(server.address, "rf", deadline_s=20)
-    assert time.monotonic() - t0 < 5
 
 
-def test_stream_statistics_exclude_waiting_for_parts(server):
+def test_stream_statistics_exclude_waiting_for_parts(server, monkeypatch):
+    """The link statistics count the time the stream was sending, not the time it waited
+    for the prefill to produce parts. The server's clock jumps 1000 s while it waits (the
+    part is produced "1000 s later"), so the result does not depend on this machine's
+    speed: busy is what sending took (well under 1000 s), never the wait."""
+    offset = [0.0]
+    real = time.perf_counter
+    monkeypatch.setattr(gt, "time", SimpleNamespace(perf_counter=lambda: real() + offset[0],
+                                                    monotonic=time.monotonic, sleep=time.sleep))
     seen = []
     server.on_stream_done = lambda rid, dest, n, busy: seen.append((rid, dest, n, busy))
     server.open("rs", dest="10.0.0.9")
-    threading.Timer(0.5, server.append, args=("rs", b"y" * 1000), kwargs={"last": True}).start()
-    gt.fetch(server.address, "rs", deadline_s=10)
+
+    def produce() -> None:
+        offset[0] += 1000.0
+        server.append("rs", b"y" * 1000, last=True)
+
+    threading.Timer(0.5, produce).start()
+    gt.fetch(server.address, "rs", deadline_s=30)
     (rid, dest, n, busy), = seen
-    assert (rid, dest, n) == ("rs", "10.0.0.9", 1000) and busy < 0.4
+    assert (rid, dest, n) == ("rs", "10.0.0.9", 1000)
+    assert 0 <= busy < 500, busy  # with the wait counted it would be >= 1000
 
 
 def test_parts_stream_as_they_are_appended(server):
@@ -82,7 +97,9 @@ def test_deadline_when_sender_stalls(server):
     t0 = time.monotonic()
     with pytest.raises(KVTransferError, match="deadline"):
         gt.fetch(server.address, "r3", deadline_s=0.5)
-    assert time.monotonic() - t0 < 3
+    # Only a hang guard (the stalled sender never finishes): 60x the deadline, far beyond
+    # any noise of this machine.
+    assert time.monotonic() - t0 < 30
 
 
 def test_dead_peer():

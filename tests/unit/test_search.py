@@ -39,14 +39,16 @@ def test_colocated_offered_three_ways_and_labelled():
 
 
 def test_search_prunes_pairs_by_bound_and_is_fast_on_16_gpus():
-    import time
-
+    """Fast is counted in simulations (what the search's time goes to), not wall-clock
+    seconds on a shared machine; benchmarks/plan_search.py times it."""
     st: dict = {}
-    t0 = time.monotonic()
     lays = search(opt("13b"), gpu("a100-80g"), 16, SLO(0.25, 0.1),
                   Workload((64, 512), (16, 128), num_requests=120, max_requests=600), stats=st)
-    assert time.monotonic() - t0 < 60
     assert st["pairs_pruned"] > 0 and st["units_verified"] >= 1
+    assert st["pairs_pruned"] + st["units_verified"] <= st["pairs"]
+    # 109 simulations when written (16 pairs, 9 pruned by the bound, 3 verified); without
+    # the bound every pair would be simulated.
+    assert st["simulations"] <= 150, st
     assert lays[0].gpus <= 16 and lays[0].goodput_per_gpu > 0
 
 
