@@ -54,6 +54,10 @@ class Ingress:
         self.kv_capacity = min(p.num_kv_blocks for p in manifest.pools.values()) * manifest.kv_cache.block_size
         self.created = int(time.time())
         self._inflight = 0
+        # Structured output: the grammar engine's tokenizer (built on first use) and the
+        # grammars of recent requests, checked once.
+        self._gtok: Any = None
+        self._grammars: dict[tuple[str | None, str], str] = {}
 
     # -- controller state ---------------------------------------------------------------
     async def refresh(self) -> None:
@@ -104,12 +108,39 @@ class Ingress:
             raise InvalidRequestError(f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}",
                                       param="min_tokens")
         logprobs, prompt_logprobs = req.logprob_counts()
+        grammar = self._grammar(req)
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=req.seed, max_tokens=max_tokens, stop_token_ids=req.stop_token_ids,
                               ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
-                              logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              grammar=grammar)
+
+    def _grammar(self, req: CommonParams) -> str | None:
+        """The llguidance grammar of a structured-output request, checked against the
+        model's tokenizer (a bad schema, regex or grammar is a 400 naming its field)."""
+        name, kind, value = req.structured()
+        if name is None:
+            return None
+        key = (kind, json.dumps(value, sort_keys=True))
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            from engine.guided import GrammarTokenizer, grammar_for
+
+            if self._gtok is None:
+                self._gtok = GrammarTokenizer(self.m.model_dir())
+            try:
+                grammar = grammar_for(str(kind), value)
+            except ValueError as e:
+                raise InvalidRequestError(f"{name}: {e}", param=name) from None
+            problem = self._gtok.check(grammar)
+            if problem:
+                raise InvalidRequestError(f"{name}: {problem.strip()}", param=name)
+            if len(self._grammars) > 256:
+                self._grammars.clear()
+            self._grammars[key] = grammar
+        return grammar
 
     def _check_model(self, req: CommonParams) -> None:
         if req.model != self.m.model.name:
