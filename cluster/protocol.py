@@ -47,6 +47,47 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    # JSON schema of the arguments.
+    parameters: dict[str, Any] | None = None
+    # Calls forced by tool_choice match the schema always (a grammar); auto calls are
+    # read as the model writes them, strict or not.
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: ChosenFunction
+
+
 class CommonParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,10 +123,6 @@ class CommonParams(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # Lark (llguidance's dialect)
-    # Not supported (yet): refused when set.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -112,9 +149,6 @@ class CommonParams(BaseModel):
         if rf is not None and rf.json_schema is not None and rf.json_schema.description is not None:
             raise InvalidRequestError("response_format.json_schema.description is not shown to the model "
                                       "by this server; omit it", param="response_format.json_schema.description")
-        for name in ("tools", "tool_choice", "parallel_tool_calls"):
-            if getattr(self, name) is not None:
-                raise InvalidRequestError(f"{name} is not supported by this server; omit it", param=name)
         guided = [name for name, _, _ in [self.structured()] if name] + [
             n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
             if getattr(self, n) is not None]
@@ -192,6 +226,18 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    # An assistant turn's tool calls, and a tool turn's answer to one (rendered by the
+    # chat template of a tool-capable model).
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        return msg
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -207,12 +253,26 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(CommonParams):
     messages: list[ChatMessage] = Field(min_length=1)
+    # Tools (chat, models whose chat template renders them; cluster/tools.py).
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.tool_choice is not None and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+        if self.parallel_tool_calls is not None and not self.tools:
+            raise InvalidRequestError("parallel_tool_calls needs tools", param="parallel_tool_calls")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            names = [t.function.name for t in self.tools]
+            if self.tool_choice.function.name not in names:
+                raise InvalidRequestError(f"tool_choice names {self.tool_choice.function.name!r}; tools "
+                                          f"offer {names}", param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
 

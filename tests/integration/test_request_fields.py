@@ -301,6 +301,46 @@ def e_guided_grammar(u, k):
     assert re.fullmatch(r"(ab)+c", text(u, k, max_tokens=20, guided_grammar='start: ("a" "b")+ "c"'))
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def _refused_naming_model(r, param):
+    # The served model's chat template has no tools: refused, naming the model (a
+    # tool-capable template is tested in tests/integration/test_tools_api.py).
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "'tiny'" in err["message"] and "tools" in err["message"], err
+
+
+def e_tools(u, k):
+    _refused_naming_model(post(u, k, tools=[TOOL]), "tools")
+    r = post(u, k, tools=[TOOL], tool_choice="required")
+    _refused_naming_model(r, "tools")
+
+
+def e_tool_choice(u, k):
+    r = post(u, k, tool_choice="auto")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    _refused_naming_model(post(u, k, tools=[TOOL], tool_choice="auto"), "tools")
+
+
+def e_parallel_tool_calls(u, k):
+    r = post(u, k, parallel_tool_calls=False)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
+    _refused_naming_model(post(u, k, tools=[TOOL], parallel_tool_calls=False), "tools")
+
+
+def e_message_tool_calls(u, k):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    _refused_naming_model(post(u, k, messages=[{"role": "user", "content": "x"},
+                                               {"role": "assistant", "tool_calls": [call]}]), "messages")
+
+
+def e_message_tool_call_id(u, k):
+    _refused_naming_model(post(u, k, messages=[{"role": "user", "content": "x"},
+                                               {"role": "tool", "tool_call_id": "c1", "content": "4"}]), "messages")
+
+
 def refused(value) -> tuple[str, object]:
     return ("refused", value)
 
@@ -315,15 +355,15 @@ COMMON: dict[str, Callable | tuple[str, object]] = {
     "user": e_user, "return_token_ids": e_return_token_ids,
     "response_format": e_response_format, "guided_json": e_guided_json, "guided_regex": e_guided_regex,
     "guided_choice": e_guided_choice, "guided_grammar": e_guided_grammar,
-    "tools": refused([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    "tool_choice": refused("auto"), "parallel_tool_calls": refused(True),
 }
 FIELDS = {
     "completion": {**COMMON, "prompt": e_prompt, "logprobs": e_logprobs, "echo": e_echo,
                    "best_of": e_best_of, "suffix": refused("x")},
     "chat": {**COMMON, "messages": e_messages, "max_completion_tokens": e_max_completion_tokens,
-             "logprobs": e_logprobs, "top_logprobs": e_top_logprobs},
-    "message": {"role": e_role, "content": e_content},
+             "logprobs": e_logprobs, "top_logprobs": e_top_logprobs, "tools": e_tools,
+             "tool_choice": e_tool_choice, "parallel_tool_calls": e_parallel_tool_calls},
+    "message": {"role": e_role, "content": e_content, "tool_calls": e_message_tool_calls,
+                "tool_call_id": e_message_tool_call_id},
     "stream_options": {"include_usage": e_include_usage},
     "response_format": {"type": e_rf_type, "json_schema": e_rf_json_schema},
     "json_schema": {"name": e_schema_name, "schema_": e_schema, "strict": e_schema_strict,
