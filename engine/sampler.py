@@ -54,12 +54,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[
 
 def apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """The logits after logit_bias, min_tokens and the penalties (in vLLM's order), batched
-    over the rows that use them; returns logits itself when no row does."""
+    over the rows that use them; returns logits itself when no row does. Work is in the
+    tokens each row has seen (flat indices into the logits), not in the vocabulary."""
     rows = [i for i, s in enumerate(seqs) if s.params.needs_processing]
     if not rows:
         return logits
     logits = logits.clone()
     vocab = logits.shape[1]
+    flat = logits.view(-1)
     for i in rows:
         s, p = seqs[i], seqs[i].params
         if p.logit_bias:
@@ -71,26 +73,24 @@ def apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
                 logits[i, torch.tensor(sorted(stops), dtype=torch.long)] = float("-inf")
     rep = [i for i in rows if seqs[i].params.repetition_penalty != 1.0]
     if rep:
-        seen = torch.zeros(len(rep), vocab, dtype=torch.bool)
-        for r, i in enumerate(rep):
-            seen[r, torch.tensor(seqs[i].token_ids, dtype=torch.long)] = True
-        pen = torch.tensor([seqs[i].params.repetition_penalty for i in rep],
-                           dtype=logits.dtype).unsqueeze(1)
-        idx = torch.tensor(rep, dtype=torch.long)
-        sub = logits[idx]
-        sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-        logits[idx] = sub
-    occ = [i for i in rows if seqs[i].params.frequency_penalty or seqs[i].params.presence_penalty]
-    occ = [i for i in occ if seqs[i].output_token_ids]
+        # Each (row, token) seen in the prompt or output once, as a flat index.
+        idx = torch.cat([i * vocab + torch.tensor(seqs[i].token_ids, dtype=torch.long).unique() for i in rep])
+        pen = torch.cat([torch.full((len(set(seqs[i].token_ids)),), seqs[i].params.repetition_penalty,
+                                    dtype=logits.dtype) for i in rep])
+        vals = flat[idx]
+        flat[idx] = torch.where(vals > 0, vals / pen, vals * pen)
+    occ = [i for i in rows if (seqs[i].params.frequency_penalty or seqs[i].params.presence_penalty)
+           and seqs[i].output_token_ids]
     if occ:
-        counts = torch.zeros(len(occ), vocab, dtype=logits.dtype)
-        for r, i in enumerate(occ):
-            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
-            counts[r].index_add_(0, out, torch.ones(len(out), dtype=logits.dtype))
-        freq = torch.tensor([seqs[i].params.frequency_penalty for i in occ], dtype=logits.dtype)
-        pres = torch.tensor([seqs[i].params.presence_penalty for i in occ], dtype=logits.dtype)
-        idx = torch.tensor(occ, dtype=torch.long)
-        logits[idx] -= freq.unsqueeze(1) * counts + pres.unsqueeze(1) * (counts > 0).to(logits.dtype)
+        idx, counts = torch.cat([i * vocab + torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
+                                 for i in occ]).unique(return_counts=True)
+        row = idx // vocab
+        freq = torch.zeros(len(seqs), dtype=logits.dtype)
+        pres = torch.zeros(len(seqs), dtype=logits.dtype)
+        for i in occ:
+            freq[i] = seqs[i].params.frequency_penalty
+            pres[i] = seqs[i].params.presence_penalty
+        flat.index_add_(0, idx, -(freq[row] * counts.to(logits.dtype) + pres[row]))
     return logits
 
 
