@@ -3,7 +3,8 @@ answers always parse and validate (100 sampled requests on the tiny model, disag
 the first token is masked on the prefill worker, the rest on the decode worker), in both
 modes, streamed and not; json_object, guided regex and choice; bad grammars are 400s
 naming their field. The real model's json_object / json_schema run is marked slow
-(stored run: 100 of 100 json_schema answers validated)."""
+(stored run: 100 of 100 json_schema answers validated; json_object 18 of 20 ended
+within 150 tokens, all 18 parse)."""
 
 from __future__ import annotations
 
