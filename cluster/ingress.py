@@ -20,6 +20,7 @@ from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedE
 from cluster.generation import Delta, GenRequest, Generator, Usage
 from cluster.http_guard import RequestGuard, api_keys
 from cluster.logprobs import LogprobsBuilder
+from cluster.tools import ToolPlan
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.protocol import ChatCompletionRequest, CommonParams, CompletionRequest, parse_request
@@ -55,6 +56,10 @@ class Ingress:
                             * manifest.kv_cache.block_size)
         self.created = int(time.time())
         self._inflight = 0
+        # Structured output: the grammar engine's tokenizer (built on first use) and the
+        # grammars of recent requests, checked once.
+        self._gtok: Any = None
+        self._grammars: dict[tuple[str | None, str], str] = {}
 
     # -- controller state ---------------------------------------------------------------
     async def refresh(self) -> None:
@@ -74,7 +79,8 @@ class Ingress:
         return all(self.router.healthy(pool) for pool in self.m.pools)
 
     # -- request building ---------------------------------------------------------------
-    def _params(self, req: CommonParams, prompt_len: int, default_max: int | None) -> SamplingParams:
+    def _params(self, req: CommonParams, prompt_len: int, default_max: int | None,
+                structured: tuple[str, str, Any] | None = None) -> SamplingParams:
         if prompt_len >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {prompt_len} tokens; the model's context is {self.max_model_len} "
@@ -105,12 +111,39 @@ class Ingress:
             raise InvalidRequestError(f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}",
                                       param="min_tokens")
         logprobs, prompt_logprobs = req.logprob_counts()
+        grammar = self._grammar(req, structured)
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=req.seed, max_tokens=max_tokens, stop_token_ids=req.stop_token_ids,
                               ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
-                              logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              grammar=grammar)
+
+    def _grammar(self, req: CommonParams, structured: tuple[str, str, Any] | None = None) -> str | None:
+        """The llguidance grammar of a structured-output request, checked against the
+        model's tokenizer (a bad schema, regex or grammar is a 400 naming its field)."""
+        name, kind, value = structured or req.structured()
+        if name is None:
+            return None
+        key = (kind, json.dumps(value, sort_keys=True))
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            from engine.guided import GrammarTokenizer, grammar_for
+
+            if self._gtok is None:
+                self._gtok = GrammarTokenizer(self.m.model_dir())
+            try:
+                grammar = grammar_for(str(kind), value)
+            except ValueError as e:
+                raise InvalidRequestError(f"{name}: {e}", param=name) from None
+            problem = self._gtok.check(grammar)
+            if problem:
+                raise InvalidRequestError(f"{name}: {problem.strip()}", param=name)
+            if len(self._grammars) > 256:
+                self._grammars.clear()
+            self._grammars[key] = grammar
+        return grammar
 
     def _check_model(self, req: CommonParams) -> None:
         if req.model != self.m.model.name:
@@ -123,8 +156,10 @@ class Ingress:
                                   f"{self.m.server.max_waiting_requests}); retry later")
 
     def _job(self, req: CommonParams, ids: list[int], default_max: int | None, first_index: int,
-             best_of: int | None = None, echo: str | None = None) -> Job:
-        params = self._params(req, len(ids), default_max)
+             best_of: int | None = None, echo: str | None = None, tools: ToolPlan | None = None) -> Job:
+        schema = None if tools is None else tools.schema()
+        structured = None if schema is None else ("tool_choice", "json_schema", schema)
+        params = self._params(req, len(ids), default_max, structured)
         count = best_of or req.n
         want_logprobs = params.logprobs is not None
         if count > req.n and params.logprobs is None:
@@ -133,7 +168,7 @@ class Ingress:
         more = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + j)
                 for j in range(1, count)]
         greq = GenRequest(ids, params, req.stop or [], more=more)
-        return Job(greq, first_index, req.n, echo, want_logprobs)
+        return Job(greq, first_index, req.n, echo, want_logprobs, tools)
 
     def completion_request(self, body: object) -> tuple[CompletionRequest, list[Job]]:
         req: CompletionRequest = parse_request(CompletionRequest, body)
@@ -158,9 +193,32 @@ class Ingress:
         self._check_model(req)
         if req.max_tokens is None and req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = self.tokenizer.encode_chat(msgs)
-        return req, [self._job(req, ids, None, 0)]
+        msgs = [m.for_template() for m in req.messages]
+        plan = self._tool_plan(req)
+        uses_tools = any(m.tool_calls is not None or m.role == "tool" for m in req.messages)
+        if (plan is not None or uses_tools) and not self.tokenizer.supports_tools:
+            raise InvalidRequestError(
+                f"model {self.m.model.name!r} does not support tools: its chat template does not render "
+                "them", param="tools" if plan is not None else "messages", code="tools_not_supported")
+        ids = self.tokenizer.encode_chat(msgs, tools=None if plan is None else plan.tools)
+        return req, [self._job(req, ids, None, 0, tools=plan)]
+
+    @staticmethod
+    def _tool_plan(req: ChatCompletionRequest) -> ToolPlan | None:
+        if not req.tools:
+            return None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        choice = req.tool_choice or "auto"
+        parallel = req.parallel_tool_calls is not False
+        if isinstance(choice, str):
+            plan = ToolPlan(choice, tools, parallel=parallel)
+        else:
+            plan = ToolPlan("named", tools, name=choice.function.name, parallel=parallel)
+        if plan.schema() is not None and req.structured()[0] is not None:
+            raise InvalidRequestError(f"tool_choice {choice if isinstance(choice, str) else 'function'} and "
+                                      f"{req.structured()[0]} both constrain the output; set one",
+                                      param="tool_choice")
+        return plan
 
     # -- responses ----------------------------------------------------------------------
     async def respond(self, kind: str, req: CommonParams, jobs: list[Job],
@@ -267,12 +325,12 @@ class Job:
     cumulative logprob are returned) share one stream and one prefill."""
 
     def __init__(self, greq: GenRequest, first_index: int, n: int = 1, echo: str | None = None,
-                 want_logprobs: bool = True) -> None:
+                 want_logprobs: bool = True, tools: ToolPlan | None = None) -> None:
         self.greq = greq
         self.n = n
         self.usage = Usage()
         count = 1 + len(greq.more)
-        self.choices = [Choice(first_index + j, greq.prompt_token_ids, echo) for j in range(count)]
+        self.choices = [Choice(first_index + j, greq.prompt_token_ids, echo, tools) for j in range(count)]
         self.want_logprobs = want_logprobs
         self._stream: AsyncIterator[Delta] | None = None
 
@@ -320,8 +378,12 @@ class Job:
 class Choice:
     """One choice of a response: its text, token ids, logprobs."""
 
-    def __init__(self, index: int, prompt_token_ids: list[int], echo: str | None = None) -> None:
+    def __init__(self, index: int, prompt_token_ids: list[int], echo: str | None = None,
+                 tools: ToolPlan | None = None) -> None:
         self.index = index
+        # With tools, the text is read for tool calls once complete (a streamed answer
+        # comes as one delta at the end).
+        self.tools = tools
         self.prompt_token_ids = prompt_token_ids
         self.echo = echo
         self.text = ""
@@ -356,8 +418,14 @@ class Choice:
             choice: dict[str, Any] = {"index": self.index, "text": self.text,
                                       "finish_reason": self.reason, "logprobs": lp}
         else:
-            choice = {"index": self.index, "message": {"role": "assistant", "content": self.text},
-                      "finish_reason": self.reason, "logprobs": lp}
+            message: dict[str, Any] = {"role": "assistant", "content": self.text}
+            reason = self.reason
+            if self.tools is not None:
+                message["content"], calls = self.tools.parse(self.text)
+                if calls:
+                    message["tool_calls"] = calls
+                    reason = "tool_calls" if reason == "stop" else reason
+            choice = {"index": self.index, "message": message, "finish_reason": reason, "logprobs": lp}
         if req.return_token_ids:
             choice["token_ids"] = self.token_ids
         return choice
@@ -370,10 +438,18 @@ class Choice:
                                       "finish_reason": d.finish_reason, "logprobs": frag}
         else:
             delta: dict[str, Any] = {"content": d.text}
+            reason = d.finish_reason
+            if self.tools is not None:  # held until the answer is complete
+                delta = {"content": ""}
+                if reason is not None:
+                    content, calls = self.tools.parse(self.text)
+                    delta = {"content": content}
+                    if calls:
+                        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+                        reason = "tool_calls" if reason == "stop" else reason
             if first_chunk:
                 delta["role"] = "assistant"
-            choice = {"index": self.index, "delta": delta, "finish_reason": d.finish_reason,
-                      "logprobs": frag}
+            choice = {"index": self.index, "delta": delta, "finish_reason": reason, "logprobs": frag}
         if req.return_token_ids:
             choice["token_ids"] = d.token_ids
         return choice

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.errors import InvalidRequestError
 
@@ -19,6 +19,73 @@ MAX_CHOICES = 16
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Names the schema; no effect on the output (as in OpenAI's API).
+    name: str = Field(min_length=1, max_length=64)
+    # OpenAI may show it to the model; this server does not: refused when set.
+    description: str | None = None
+    # "schema" shadows a BaseModel attribute: stored as schema_.
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    # Output always matches the schema here (it is a grammar mask), strict or not.
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name, schema}")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema is only for type json_schema, not {self.type}")
+        return self
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    # JSON schema of the arguments.
+    parameters: dict[str, Any] | None = None
+    # Calls forced by tool_choice match the schema always (a grammar); auto calls are
+    # read as the model writes them, strict or not.
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class CommonParams(BaseModel):
@@ -49,11 +116,13 @@ class CommonParams(BaseModel):
     user: str | None = None
     # Extension: add the generated token ids to each choice (exactness tests, tooling).
     return_token_ids: bool = False
-    # Not supported (yet): refused when set.
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    # Structured output: {"type": "text" | "json_object" | "json_schema", "json_schema":
+    # {"name", "schema", "strict"}}; vLLM's guided_* extensions (at most one of all these).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # Lark (llguidance's dialect)
 
     @field_validator("stop")
     @classmethod
@@ -76,11 +145,33 @@ class CommonParams(BaseModel):
         return v
 
     def check_supported(self) -> None:
-        for name, neutral in (("response_format", None), ("tools", None), ("tool_choice", None),
-                              ("parallel_tool_calls", None)):
-            value = getattr(self, name)
-            if value is not neutral and not (name == "response_format" and value == {"type": "text"}):
-                raise InvalidRequestError(f"{name} is not supported by this server; omit it", param=name)
+        rf = self.response_format
+        if rf is not None and rf.json_schema is not None and rf.json_schema.description is not None:
+            raise InvalidRequestError("response_format.json_schema.description is not shown to the model "
+                                      "by this server; omit it", param="response_format.json_schema.description")
+        guided = [name for name, _, _ in [self.structured()] if name] + [
+            n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+            if getattr(self, n) is not None]
+        if len(set(guided)) > 1:
+            raise InvalidRequestError(f"{' and '.join(sorted(set(guided)))} both constrain the output; "
+                                      "set one", param=sorted(set(guided))[-1])
+        if guided and self.ignore_eos:
+            raise InvalidRequestError(f"ignore_eos cannot be combined with {guided[0]} (the output ends "
+                                      "where the grammar does)", param="ignore_eos")
+
+    def structured(self) -> tuple[str | None, str | None, Any]:
+        """(field, grammar kind, value) of the structured-output request, or Nones."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return "response_format", "json_object", None
+        if rf is not None and rf.type == "json_schema":
+            assert rf.json_schema is not None
+            return "response_format", "json_schema", rf.json_schema.schema_
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"),
+                           ("guided_choice", "choice"), ("guided_grammar", "lark")):
+            if getattr(self, name) is not None:
+                return name, kind, getattr(self, name)
+        return None, None, None
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         """(top logprobs per generated token or None, per prompt token or None)."""
@@ -106,8 +197,6 @@ class CompletionRequest(CommonParams):
                                       "end); set stream false", param="best_of")
         if self.suffix:
             raise InvalidRequestError("suffix (insertion) is not supported; omit it", param="suffix")
-        if self.response_format is not None:
-            raise InvalidRequestError("response_format is a chat completions field", param="response_format")
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         return self.logprobs, (self.logprobs if self.echo and self.logprobs is not None else None)
@@ -137,6 +226,18 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    # An assistant turn's tool calls, and a tool turn's answer to one (rendered by the
+    # chat template of a tool-capable model).
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        return msg
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -152,12 +253,26 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(CommonParams):
     messages: list[ChatMessage] = Field(min_length=1)
+    # Tools (chat, models whose chat template renders them; cluster/tools.py).
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.tool_choice is not None and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+        if self.parallel_tool_calls is not None and not self.tools:
+            raise InvalidRequestError("parallel_tool_calls needs tools", param="parallel_tool_calls")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            names = [t.function.name for t in self.tools]
+            if self.tool_choice.function.name not in names:
+                raise InvalidRequestError(f"tool_choice names {self.tool_choice.function.name!r}; tools "
+                                          f"offer {names}", param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
 

@@ -160,7 +160,8 @@ class EngineWorker:
         executor = self._tp_execute if self._tp_ranks else None
         self.engine = LLMEngine(runner, self.scheduler_config(max_len), s.num_blocks,
                                 eos_token_ids=cfg.eos_token_ids, executor=executor,
-                                enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching)
+                                enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching,
+                                model_dir=s.model_dir)
         self._start_engine_thread()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
         return await self.health()

@@ -68,12 +68,14 @@ class LLMEngine:
         executor: Executor | None = None,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        model_dir: str | Path | None = None,
     ) -> None:
         self.runner = runner
         self.block_size = runner.block_size
         self.bm = BlockManager(num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.bm)
-        self.sampler = Sampler(seed)
+        # model_dir: where the tokenizer is, for structured output (grammar masks).
+        self.sampler = Sampler(seed, None if model_dir is None else str(model_dir))
         self.eos_token_ids = list(eos_token_ids or [])
         self.executor: Executor = executor or runner.execute
         self._seqs: dict[str, Sequence] = {}
@@ -87,6 +89,7 @@ class LLMEngine:
         cfg = ModelConfig.from_dir(model_dir)
         runner = build_runner(model_dir, dtype, num_blocks, block_size)
         sc = scheduler_config or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
+        kw.setdefault("model_dir", model_dir)
         return cls(runner, sc, num_blocks, eos_token_ids=cfg.eos_token_ids, **kw)  # type: ignore[arg-type]
 
     # -- requests -------------------------------------------------------------------

@@ -198,13 +198,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:
-        for table, kv in step.kv_imports:
-            self.import_kv(table, kv)
         if step.block_copies:
+            # First: a source block freed since the fork may be reused by this step's imports.
             src = torch.tensor([s for s, _ in step.block_copies], dtype=torch.long)
             dst = torch.tensor([d for _, d in step.block_copies], dtype=torch.long)
             for cache in self.kv_caches:
                 cache[:, dst] = cache[:, src]
+        for table, kv in step.kv_imports:
+            self.import_kv(table, kv)
         logits = prompt_logits = None
         hook = None
         if step.kv_stream and self.on_layer_kv is not None:

@@ -11,6 +11,7 @@ samples the rest give what one colocated worker gives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,12 +54,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[
 
 def apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """The logits after logit_bias, min_tokens and the penalties (in vLLM's order), batched
-    over the rows that use them; returns logits itself when no row does."""
+    over the rows that use them; returns logits itself when no row does. Work is in the
+    tokens each row has seen (flat indices into the logits), not in the vocabulary."""
     rows = [i for i, s in enumerate(seqs) if s.params.needs_processing]
     if not rows:
         return logits
     logits = logits.clone()
     vocab = logits.shape[1]
+    flat = logits.view(-1)
     for i in rows:
         s, p = seqs[i], seqs[i].params
         if p.logit_bias:
@@ -70,35 +73,66 @@ def apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
                 logits[i, torch.tensor(sorted(stops), dtype=torch.long)] = float("-inf")
     rep = [i for i in rows if seqs[i].params.repetition_penalty != 1.0]
     if rep:
-        seen = torch.zeros(len(rep), vocab, dtype=torch.bool)
-        for r, i in enumerate(rep):
-            seen[r, torch.tensor(seqs[i].token_ids, dtype=torch.long)] = True
-        pen = torch.tensor([seqs[i].params.repetition_penalty for i in rep],
-                           dtype=logits.dtype).unsqueeze(1)
-        idx = torch.tensor(rep, dtype=torch.long)
-        sub = logits[idx]
-        sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-        logits[idx] = sub
-    occ = [i for i in rows if seqs[i].params.frequency_penalty or seqs[i].params.presence_penalty]
-    occ = [i for i in occ if seqs[i].output_token_ids]
+        # Each (row, token) seen in the prompt or output once, as a flat index.
+        idx = torch.cat([i * vocab + torch.tensor(seqs[i].token_ids, dtype=torch.long).unique() for i in rep])
+        pen = torch.cat([torch.full((len(set(seqs[i].token_ids)),), seqs[i].params.repetition_penalty,
+                                    dtype=logits.dtype) for i in rep])
+        vals = flat[idx]
+        flat[idx] = torch.where(vals > 0, vals / pen, vals * pen)
+    occ = [i for i in rows if (seqs[i].params.frequency_penalty or seqs[i].params.presence_penalty)
+           and seqs[i].output_token_ids]
     if occ:
-        counts = torch.zeros(len(occ), vocab, dtype=logits.dtype)
-        for r, i in enumerate(occ):
-            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
-            counts[r].index_add_(0, out, torch.ones(len(out), dtype=logits.dtype))
-        freq = torch.tensor([seqs[i].params.frequency_penalty for i in occ], dtype=logits.dtype)
-        pres = torch.tensor([seqs[i].params.presence_penalty for i in occ], dtype=logits.dtype)
-        idx = torch.tensor(occ, dtype=torch.long)
-        logits[idx] -= freq.unsqueeze(1) * counts + pres.unsqueeze(1) * (counts > 0).to(logits.dtype)
+        idx, counts = torch.cat([i * vocab + torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
+                                 for i in occ]).unique(return_counts=True)
+        row = idx // vocab
+        freq = torch.zeros(len(seqs), dtype=logits.dtype)
+        pres = torch.zeros(len(seqs), dtype=logits.dtype)
+        for i in occ:
+            freq[i] = seqs[i].params.frequency_penalty
+            pres[i] = seqs[i].params.presence_penalty
+        flat.index_add_(0, idx, -(freq[row] * counts.to(logits.dtype) + pres[row]))
     return logits
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, model_dir: str | None = None) -> None:
         self._default_gen = torch.Generator().manual_seed(seed)
+        # Structured output: the model's tokenizer for grammars (built when first needed)
+        # and each guided request's matcher.
+        self._model_dir = model_dir
+        self._gtok: Any = None
+        self._guides: dict[str, Any] = {}
 
     def forget(self, request_id: str) -> None:
-        """Kept for callers: seeded generators are derived per token, nothing is held."""
+        """Drop a finished request's grammar matcher (seeded generators are per token)."""
+        self._guides.pop(request_id, None)
+
+    def _guide(self, seq: Sequence) -> Any:
+        from engine.guided import GrammarTokenizer, Guide
+
+        guide = self._guides.get(seq.request_id)
+        if guide is None:
+            if self._model_dir is None:
+                raise ValueError("structured output needs the engine's model_dir (its tokenizer)")
+            if self._gtok is None:
+                self._gtok = GrammarTokenizer(self._model_dir)
+            guide = self._guides[seq.request_id] = Guide(self._gtok, seq.params.grammar or "")
+        guide.catch_up(seq.output_token_ids)
+        return guide
+
+    def _apply_grammars(self, logits: torch.Tensor, raw: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.params.grammar]
+        if not rows:
+            return logits
+        if logits is raw:
+            logits = logits.clone()
+        for i in rows:
+            allowed = self._guide(seqs[i]).allowed(logits.shape[1])
+            row = logits[i].masked_fill(~allowed, float("-inf"))
+            if not torch.isfinite(row).any():  # processors banned all the grammar allows
+                row = raw[i].masked_fill(~allowed, float("-inf"))
+            logits[i] = row
+        return logits
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -108,7 +142,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """logits: float32 [N, vocab], one row per sequence to sample (raw model output)."""
         params = [s.params for s in seqs]
-        processed = apply_processors(logits, seqs)
+        processed = self._apply_grammars(apply_processors(logits, seqs), logits, seqs)
         out: list[int] = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:

@@ -46,6 +46,9 @@ class SamplingParams:
     logprobs: int | None = None
     # The same for every prompt token after the first (echo), computed where the prompt is.
     prompt_logprobs: int | None = None
+    # Structured output: an llguidance grammar (engine/guided.py) the output must match;
+    # applied as a token mask after the processors.
+    grammar: str | None = None
 
     @property
     def needs_processing(self) -> bool:

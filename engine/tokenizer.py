@@ -152,17 +152,32 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Prompt text for a conversation, rendered like transformers' apply_chat_template
-        (the template itself places BOS, so encode it with add_bos=False)."""
+        (the template itself places BOS, so encode it with add_bos=False). tools (OpenAI
+        tool definitions) go to templates that use them (supports_tools)."""
         if self._template is None:
             self._template = _compile_template(self.chat_template)
+        extra = {} if tools is None else {"tools": tools}
         return str(self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens))
+                                         **extra, **self.special_tokens))
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tool definitions (it reads ``tools``)."""
+        from jinja2 import meta
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            names = meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(self.chat_template))
+        except Exception:  # noqa: BLE001 - a template jinja cannot parse renders nothing
+            return False
+        return "tools" in names
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Ids of the chat prompt; equals AutoTokenizer.apply_chat_template(tokenize=True)."""
-        return self.encode(self.apply_chat_template(messages), add_bos=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_bos=False)
 
     def incremental_detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens)

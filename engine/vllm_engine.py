@@ -137,6 +137,9 @@ class VLLMEngine:
 
         if p.logprobs is not None or p.prompt_logprobs is not None:
             raise ValueError("logprobs are not supported on vLLM pools yet; use a native pool")
+        if p.grammar is not None:
+            raise ValueError("structured output (response_format, guided_*, forced tool calls) is not "
+                             "supported on vLLM pools yet; use a native pool")
         if done and (p.presence_penalty or p.frequency_penalty):
             raise ValueError("presence/frequency penalties are not supported on disaggregated vLLM pools "
                              "yet (vLLM would not count the token the prefill sampled); use a native pool")

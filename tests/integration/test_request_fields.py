@@ -7,12 +7,16 @@ refused too."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import httpx
 import pytest
 
-from cluster.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, StreamOptions
+import jsonschema
+
+from cluster.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, JsonSchemaFormat,
+                              ResponseFormat, StreamOptions)
 
 from .conftest import manifest_for, serving
 
@@ -238,6 +242,105 @@ def e_include_usage(u, k):
     e_stream_options(u, k)
 
 
+SCHEMA = {"type": "object", "properties": {"k": {"enum": ["x", "y"]}, "n": {"type": "integer", "maximum": 9}},
+          "required": ["k", "n"], "additionalProperties": False}
+
+
+def _schema_format(**kw):
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA, **kw}}
+
+
+def e_response_format(u, k):
+    jsonschema.validate(json.loads(text(u, k, max_tokens=40, response_format=_schema_format())), SCHEMA)
+    assert text(u, k, max_tokens=40, response_format={"type": "json_object"}).startswith("{")
+
+
+def e_rf_type(u, k):
+    plain = text(u, k, max_tokens=40, response_format={"type": "text"})
+    assert plain == text(u, k, max_tokens=40) and not plain.startswith("{")
+    e_response_format(u, k)
+
+
+def e_rf_json_schema(u, k):
+    e_response_format(u, k)
+
+
+def e_schema(u, k):
+    other = {"type": "object", "properties": {"z": {"const": 5}}, "required": ["z"], "additionalProperties": False}
+    out = text(u, k, max_tokens=40, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": other}})
+    assert json.loads(out) == {"z": 5}
+
+
+def e_schema_name(u, k):
+    # Names the schema; by definition it changes nothing.
+    a = text(u, k, max_tokens=40, temperature=1.0, seed=4, response_format=_schema_format())
+    schema = {"type": "json_schema", "json_schema": {"name": "other_name", "schema": SCHEMA}}
+    assert text(u, k, max_tokens=40, temperature=1.0, seed=4, response_format=schema) == a
+
+
+def e_schema_strict(u, k):
+    # Both ways the output matches (a grammar mask is strict by construction).
+    for strict in (True, False):
+        jsonschema.validate(json.loads(text(u, k, max_tokens=40, response_format=_schema_format(strict=strict))),
+                            SCHEMA)
+
+
+def e_guided_json(u, k):
+    jsonschema.validate(json.loads(text(u, k, max_tokens=40, guided_json=SCHEMA)), SCHEMA)
+
+
+def e_guided_regex(u, k):
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text(u, k, max_tokens=20, guided_regex=r"[0-9]{3}-[a-z]{2}"))
+
+
+def e_guided_choice(u, k):
+    assert text(u, k, max_tokens=20, guided_choice=["alpha", "beta"]) in ("alpha", "beta")
+
+
+def e_guided_grammar(u, k):
+    assert re.fullmatch(r"(ab)+c", text(u, k, max_tokens=20, guided_grammar='start: ("a" "b")+ "c"'))
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def _refused_naming_model(r, param):
+    # The served model's chat template has no tools: refused, naming the model (a
+    # tool-capable template is tested in tests/integration/test_tools_api.py).
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "'tiny'" in err["message"] and "tools" in err["message"], err
+
+
+def e_tools(u, k):
+    _refused_naming_model(post(u, k, tools=[TOOL]), "tools")
+    r = post(u, k, tools=[TOOL], tool_choice="required")
+    _refused_naming_model(r, "tools")
+
+
+def e_tool_choice(u, k):
+    r = post(u, k, tool_choice="auto")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    _refused_naming_model(post(u, k, tools=[TOOL], tool_choice="auto"), "tools")
+
+
+def e_parallel_tool_calls(u, k):
+    r = post(u, k, parallel_tool_calls=False)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
+    _refused_naming_model(post(u, k, tools=[TOOL], parallel_tool_calls=False), "tools")
+
+
+def e_message_tool_calls(u, k):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    _refused_naming_model(post(u, k, messages=[{"role": "user", "content": "x"},
+                                               {"role": "assistant", "tool_calls": [call]}]), "messages")
+
+
+def e_message_tool_call_id(u, k):
+    _refused_naming_model(post(u, k, messages=[{"role": "user", "content": "x"},
+                                               {"role": "tool", "tool_call_id": "c1", "content": "4"}]), "messages")
+
+
 def refused(value) -> tuple[str, object]:
     return ("refused", value)
 
@@ -250,21 +353,26 @@ COMMON: dict[str, Callable | tuple[str, object]] = {
     "n": e_n, "presence_penalty": e_presence_penalty, "frequency_penalty": e_frequency_penalty,
     "repetition_penalty": e_repetition_penalty, "min_tokens": e_min_tokens, "logit_bias": e_logit_bias,
     "user": e_user, "return_token_ids": e_return_token_ids,
-    "response_format": refused({"type": "json_object"}),
-    "tools": refused([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    "tool_choice": refused("auto"), "parallel_tool_calls": refused(True),
+    "response_format": e_response_format, "guided_json": e_guided_json, "guided_regex": e_guided_regex,
+    "guided_choice": e_guided_choice, "guided_grammar": e_guided_grammar,
 }
 FIELDS = {
     "completion": {**COMMON, "prompt": e_prompt, "logprobs": e_logprobs, "echo": e_echo,
                    "best_of": e_best_of, "suffix": refused("x")},
     "chat": {**COMMON, "messages": e_messages, "max_completion_tokens": e_max_completion_tokens,
-             "logprobs": e_logprobs, "top_logprobs": e_top_logprobs},
-    "message": {"role": e_role, "content": e_content},
+             "logprobs": e_logprobs, "top_logprobs": e_top_logprobs, "tools": e_tools,
+             "tool_choice": e_tool_choice, "parallel_tool_calls": e_parallel_tool_calls},
+    "message": {"role": e_role, "content": e_content, "tool_calls": e_message_tool_calls,
+                "tool_call_id": e_message_tool_call_id},
     "stream_options": {"include_usage": e_include_usage},
+    "response_format": {"type": e_rf_type, "json_schema": e_rf_json_schema},
+    "json_schema": {"name": e_schema_name, "schema_": e_schema, "strict": e_schema_strict,
+                    "description": ("refused-nested", "response_format.json_schema.description")},
 }
 MODELS = {"completion": CompletionRequest, "chat": ChatCompletionRequest, "message": ChatMessage,
-          "stream_options": StreamOptions}
-ENDPOINT = {"completion": "completion", "chat": "chat", "message": "chat", "stream_options": "completion"}
+          "stream_options": StreamOptions, "response_format": ResponseFormat, "json_schema": JsonSchemaFormat}
+ENDPOINT = {"completion": "completion", "chat": "chat", "message": "chat", "stream_options": "completion",
+            "response_format": "chat", "json_schema": "chat"}
 
 
 def test_every_field_has_an_entry():
@@ -279,7 +387,11 @@ WALK = [(kind, name) for kind, table in FIELDS.items() for name in table]
 def test_field_is_honoured_or_refused(url, kind, name):
     check = FIELDS[kind][name]
     endpoint = ENDPOINT[kind]
-    if isinstance(check, tuple):
+    if isinstance(check, tuple) and check[0] == "refused-nested":
+        r = post(url, endpoint, response_format=_schema_format(description="a person"))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == check[1] and "description" in r.json()["error"]["message"]
+    elif isinstance(check, tuple):
         r = post(url, endpoint, **{name: check[1]})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == name and name in r.json()["error"]["message"]
@@ -289,7 +401,7 @@ def test_field_is_honoured_or_refused(url, kind, name):
 
 @pytest.mark.parametrize("kind,fields,param", [
     ("completion", {"min_p": 0.1}, "min_p"),
-    ("completion", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("completion", {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ("chat", {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
     ("completion", {"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
