@@ -71,37 +71,6 @@ def test_vllm_alone_matches_native_engine(small_dir, case, vllm_reference):
     assert engine_alone(small_dir, case) == vllm_reference
 
 
-@pytest.mark.parametrize("mode,kv", [
-    ("colocated", None),
-    ("disaggregated", {"codec": "none", "transport": "object_store"}),
-    ("disaggregated", {"codec": "lossless", "transport": "grpc"}),
-    ("disaggregated", {"codec": "cachegen", "transport": "grpc"}),
-], ids=["colocated", "none-object_store", "lossless-grpc", "cachegen-grpc"])
-def test_vllm_serving_matches_vllm_alone(ray_session, small_dir, case, vllm_reference, mode, kv):
-    over = {"kv_transfer": kv} if kv else {}
-    with serving(vllm_manifest(small_dir, mode=mode, **over)) as (url, dep):
-        got = asyncio.run(served(url, case))
-        state = ray.get(dep.controller.get_state.remote(), timeout=10)
-        handles = {p: [w["handle"] for w in ws] for p, ws in state["pools"].items()}
-        stats = {p: [ray.get(h.health.remote(), timeout=10) for h in hs] for p, hs in handles.items()}
-    bad = [i for i, (a, b) in enumerate(zip(got, vllm_reference)) if a != b]
-    if kv is not None and kv["codec"] == "cachegen":  # lossy: reported, not asserted
-        same = sum(a == b for a, b in zip(got, vllm_reference))
-        print(f"\ncachegen (level 3) through vLLM: {same}/{len(case)} greedy outputs equal vLLM alone; "
-              f"tokens equal {sum(x == y for a, b in zip(got, vllm_reference) for x, y in zip(a, b))}/"
-              f"{len(case) * MAX_NEW}")
-        assert all(len(g) == MAX_NEW for g in got)
-        bad = []
-    assert not bad, f"{mode} {kv}: prompts {bad} differ: {got[bad[0]]} vs {vllm_reference[bad[0]]}"
-    if mode == "disaggregated":  # every prompt's KV went through the connector, both ways
-        assert stats["decode"][0]["kv_loads"] == len(case), stats["decode"]
-        assert stats["prefill"][0]["kv_saved_tokens"] >= sum(map(len, case)), stats["prefill"]
-    for pool, ss in stats.items():
-        for s in ss:  # every block back, nothing left in the connector's channel
-            assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
-
-
-# -- failures: one vLLM deployment (gRPC transport, so faults can be injected) -------------
 def _workers(dep, pool: str) -> list[dict]:
     return ray.get(dep.controller.get_state.remote(), timeout=10)["pools"][pool]
 
@@ -117,11 +86,50 @@ def _wait_idle(handle, timeout_s: float = 30.0) -> dict:
         time.sleep(0.2)
 
 
+def _check(url, dep, case, vllm_reference, mode, kv, lossy=False):
+    got = asyncio.run(served(url, case))
+    state = ray.get(dep.controller.get_state.remote(), timeout=10)
+    stats = {p: [_wait_idle(w["handle"]) for w in ws] for p, ws in state["pools"].items()}
+    bad = [i for i, (a, b) in enumerate(zip(got, vllm_reference)) if a != b]
+    if lossy:  # cachegen: reported, not asserted
+        same = sum(a == b for a, b in zip(got, vllm_reference))
+        print(f"\ncachegen (level 3) through vLLM: {same}/{len(case)} greedy outputs equal vLLM alone; "
+              f"tokens equal {sum(x == y for a, b in zip(got, vllm_reference) for x, y in zip(a, b))}/"
+              f"{len(case) * MAX_NEW}")
+        assert all(len(g) == MAX_NEW for g in got)
+        bad = []
+    assert not bad, f"{mode} {kv}: prompts {bad} differ: {got[bad[0]]} vs {vllm_reference[bad[0]]}"
+    if mode == "disaggregated":  # every prompt's KV went through the connector, both ways
+        assert stats["decode"][0]["kv_loads"] >= len(case), stats["decode"]
+        assert stats["prefill"][0]["kv_saved_tokens"] >= sum(map(len, case)), stats["prefill"]
+    for pool, ss in stats.items():
+        for s in ss:  # every block back, nothing left in the connector's channel
+            assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
+
+
+@pytest.mark.parametrize("mode,kv", [
+    ("colocated", None),
+    ("disaggregated", {"codec": "none", "transport": "object_store"}),
+    pytest.param("disaggregated", {"codec": "cachegen", "transport": "grpc"}, marks=pytest.mark.slow),
+], ids=["colocated", "none-object_store", "cachegen-grpc"])
+def test_vllm_serving_matches_vllm_alone(ray_session, small_dir, case, vllm_reference, mode, kv):
+    over = {"kv_transfer": kv} if kv else {}
+    with serving(vllm_manifest(small_dir, mode=mode, **over)) as (url, dep):
+        _check(url, dep, case, vllm_reference, mode, kv, lossy=kv is not None and kv["codec"] == "cachegen")
+
+
+# -- one vLLM deployment with the lossless codec on the gRPC stream: equality, then failures
+# (gRPC, so faults can be injected); the decode worker is killed last ----------------------
 @pytest.fixture(scope="module")
 def failing(ray_session, small_dir):
-    m = vllm_manifest(small_dir, kv_transfer={"codec": "none", "transport": "grpc", "timeout_s": 10})
+    m = vllm_manifest(small_dir, kv_transfer={"codec": "lossless", "transport": "grpc", "timeout_s": 10})
     with serving(m) as (url, dep):
         yield url, dep
+
+
+def test_vllm_lossless_grpc_matches_vllm_alone(failing, case, vllm_reference):
+    url, dep = failing
+    _check(url, dep, case, vllm_reference, "disaggregated", {"codec": "lossless", "transport": "grpc"})
 
 
 def test_vllm_client_abort_frees_blocks(failing):
