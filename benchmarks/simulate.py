@@ -29,7 +29,19 @@ def _cluster(manifest: Any, gpu_name: str, nodes: int) -> tuple[Any, float]:
     shape = ModelShape.from_dir(manifest.model_dir(), bytes_per_param=bytes_per_param)
     instances = []
     for node in range(nodes):
+        if manifest.afd:
+            # The attention and expert pools together are one decode instance whose step
+            # the simulator takes from their ping-pong (placement.latency.AttentionExpert).
+            from placement.attention_expert import ae_roofline
+
+            att, ex = manifest.pools["attention"], manifest.pools["expert"]
+            instances.append(Instance(
+                "ae_decode", roofline(shape, g, tp=1), node=node, max_num_seqs=att.max_num_seqs * att.replicas,
+                kv_capacity_tokens=att.replicas * att.num_kv_blocks * manifest.kv_cache.block_size,
+                ae=ae_roofline(shape, g, att.replicas, ex.replicas, int(ex.micro_batches or 2))))
         for kind, pool in manifest.pools.items():
+            if kind in ("attention", "expert"):
+                continue
             for _ in range(pool.replicas):
                 instances.append(Instance(
                     kind, roofline(shape, g, tp=pool.tp), node=node,

@@ -32,6 +32,10 @@ def worker_class(pool: str) -> type:
         from prefill_workers.worker import PrefillWorker
 
         return PrefillWorker
+    if pool in ("attention", "expert"):
+        from decode_workers.afd import AttentionWorker, ExpertWorker
+
+        return AttentionWorker if pool == "attention" else ExpertWorker
     from decode_workers.worker import ColocatedWorker, DecodeWorker
 
     return ColocatedWorker if pool == "colocated" else DecodeWorker
@@ -63,6 +67,7 @@ class Controller:
         self._health_task: asyncio.Task[None] | None = None
         self._replacing: set[tuple[str, int]] = set()
         self._stopping = False
+        self._published = -1
 
     # -- creation ---------------------------------------------------------------------
     async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
@@ -115,6 +120,7 @@ class Controller:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        await self._publish()
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return self.get_state()
 
@@ -152,6 +158,7 @@ class Controller:
                 try:
                     await self._create(rec.pool, rec.slot)
                     self.replacements += 1
+                    await self._publish()
                     return
                 except Exception as e:  # noqa: BLE001 - retried with backoff
                     logger.error("replacement of %s failed (%s); retrying", rec.worker_id, e)
@@ -164,13 +171,63 @@ class Controller:
         while not self._stopping:
             await asyncio.gather(*(self._check(r) for r in list(self.workers.values())),
                                  return_exceptions=True)
+            if self.version != self._published:
+                await self._publish()
             await asyncio.sleep(period)
+
+    async def _publish(self) -> None:
+        """Send every worker the current snapshot (workers that reach other pools' workers
+        directly, like attention workers their expert workers, take their addresses from it)."""
+        version = self.version
+        state = self.get_state()
+        calls = []
+        for rec in list(self.workers.values()):
+            method = getattr(rec.handle, "cluster_state", None)
+            if method is not None:
+                calls.append(asyncio.wait_for(method.remote(state), timeout=HEALTH_TIMEOUT_S))
+        await asyncio.gather(*calls, return_exceptions=True)
+        self._published = version
 
     async def report_failure(self, worker_id: str) -> None:
         """An ingress saw this worker fail: check it now rather than at the next period."""
         rec = self.workers.get(worker_id)
         if rec is not None:
             await self._check(rec)
+
+    # -- attention/expert disaggregation ------------------------------------------------
+    async def apply_expert_placement(self, layers: list[list[list[int]]], timeout_s: float = 300.0) -> dict[str, Any]:
+        """Live re-placement of the experts (pools attention + expert): every expert worker
+        first loads the experts the new placement gives it (keeping its old ones), then
+        every attention worker switches its routing between two steps, then the expert
+        workers drop what they no longer hold. No request fails for it. The manifest the
+        controller hands to new workers carries the placement inline, so a replaced expert
+        worker loads its new experts."""
+        from cluster.errors import ManifestError
+        from cluster.manifest import afd_problems
+        from engine.afd import shard_experts
+
+        if not self.manifest.afd:
+            raise ManifestError([("pools", "no attention/expert pools in this deployment")])
+        candidate = self.manifest.model_copy(deep=True)
+        candidate.pools["expert"].placement = layers  # type: ignore[index]
+        problems = afd_problems(candidate)
+        if problems:
+            raise ManifestError(problems)
+        experts = sorted((r for r in self.workers.values() if r.pool == "expert"), key=lambda r: r.slot)
+        attention = [r for r in self.workers.values() if r.pool == "attention"]
+
+        async def each(recs: list[WorkerRecord], call: Any) -> list[Any]:
+            return list(await asyncio.wait_for(asyncio.gather(*(call(r) for r in recs)), timeout=timeout_s))
+
+        self.manifest = candidate
+        self.manifest_json = candidate.model_dump_json()
+        loaded = await each(experts, lambda r: r.handle.load_experts.remote(shard_experts(layers, r.slot)))
+        await each(attention, lambda r: r.handle.set_placement.remote(layers))
+        dropped = await each(experts, lambda r: r.handle.drop_experts.remote(shard_experts(layers, r.slot)))
+        self.version += 1
+        logger.info("expert placement applied: %d expert copies loaded, %d dropped", sum(loaded), sum(dropped))
+        return {"loaded": sum(loaded), "dropped": sum(dropped), "expert_workers": len(experts),
+                "attention_workers": len(attention)}
 
     # -- queries ----------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:

@@ -243,7 +243,7 @@ class Generator:
                 # transport from where the decode worker is.
                 usage.dispatched_at = time.monotonic()
                 pw = self.router.pick_prefill()
-                w = self.router.pick_decode("decode", near=pw.node_ip)
+                w = self.router.pick_decode(self.m.decode_pool, near=pw.node_ip)
                 res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
                                                 "decode_actor": w.handle}, pw)
                 usage.first_token_at = time.monotonic()

@@ -51,7 +51,8 @@ class Ingress:
         self.metrics = Metrics(manifest.model.name)
         self.router = Router(manifest.kv_cache.block_size)
         self.gen = Generator(manifest, self.router, self.metrics, tokenizer, controller)
-        self.kv_capacity = min(p.num_kv_blocks for p in manifest.pools.values()) * manifest.kv_cache.block_size
+        self.kv_capacity = (min(manifest.pools[p].num_kv_blocks for p in manifest.kv_pools)  # type: ignore[index]
+                            * manifest.kv_cache.block_size)
         self.created = int(time.time())
         self._inflight = 0
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.errors import ManifestError
+
+# Pools of attention/expert disaggregation (MoE decode), used instead of "decode".
+AFD_POOLS = ("attention", "expert")
 
 
 class Strict(BaseModel):
@@ -48,6 +51,12 @@ class PoolSpec(Strict):
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once")
     num_kv_blocks: int = Field(512, ge=1, description="KV blocks per replica")
     nodes: list[str] | None = Field(None, description="Node IPs to place replicas on, round-robin")
+    placement: str | list[list[list[int]]] | None = Field(
+        None, description="expert pool: 'even' (contiguous blocks of experts per worker), a PLACEMENT.json from "
+        "'splitserve place-experts' (one worker per GPU of the placement), or its 'layers' inline (per layer, "
+        "per worker, expert ids; what a live re-placement writes); default even")
+    micro_batches: int | None = Field(None, ge=1, le=2, description="expert pool: micro-batches per decode step "
+                                      "that ping-pong between attention and experts (1 = lock-step); default 2")
     engine: Literal["native", "vllm"] = Field(
         "native", description="What runs the model: splitserve's own engine, or vLLM's v1 engine "
                               "(optional package; KV moves through splitserve's connector)")
@@ -119,7 +128,9 @@ class Manifest(Strict):
     name: str = Field("splitserve", description="Deployment name (Ray namespace suffix)")
     model: ModelSpec
     mode: Literal["disaggregated", "colocated"] = Field("disaggregated", description="Pool layout")
-    pools: dict[Literal["prefill", "decode", "colocated"], PoolSpec] = Field(default_factory=dict)
+    pools: dict[Literal["prefill", "decode", "colocated", "attention", "expert"], PoolSpec] = Field(
+        default_factory=dict, description="disaggregated: prefill + decode, or for MoE models prefill + attention "
+        "+ expert (attention/expert disaggregation); colocated: colocated")
     kv_cache: KVCacheSpec = Field(default_factory=KVCacheSpec)
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec)
     slo: SLOSpec = Field(default_factory=SLOSpec)
@@ -132,11 +143,17 @@ class Manifest(Strict):
     @model_validator(mode="after")
     def _pools_match_mode(self) -> "Manifest":
         need = {"prefill", "decode"} if self.mode == "disaggregated" else {"colocated"}
+        if self.mode == "disaggregated" and set(self.pools) & set(AFD_POOLS):
+            need = {"prefill", *AFD_POOLS}
         for name in need:
             self.pools.setdefault(name, PoolSpec())  # type: ignore[index]
         extra = set(self.pools) - need
         if extra:
             raise ValueError(f"mode {self.mode!r} uses pools {sorted(need)}; remove {sorted(extra)}")
+        if "expert" in self.pools:
+            ex = self.pools["expert"]  # type: ignore[index]
+            ex.placement = ex.placement or "even"
+            ex.micro_batches = ex.micro_batches or 2
         return self
 
     def api_keys_path(self) -> Path | None:
@@ -144,6 +161,21 @@ class Manifest(Strict):
             return None
         p = Path(self.server.api_keys_file)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def afd(self) -> bool:
+        """Attention/expert disaggregation: pools attention and expert instead of decode."""
+        return "attention" in self.pools
+
+    @property
+    def kv_pools(self) -> list[str]:
+        """Pools whose workers hold KV caches (expert workers hold none)."""
+        return [name for name in self.pools if name != "expert"]
+
+    @property
+    def decode_pool(self) -> str:
+        """The pool that plays the decode role towards the router (receives the prompt KV)."""
+        return "attention" if self.afd else "decode"
 
     def model_dir(self) -> Path:
         if self.model.builtin is not None:
@@ -177,6 +209,16 @@ def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = 
                 msg = "unknown field (check the spelling; see the manifest reference in README)"
             problems.append((loc, msg))
         raise ManifestError(problems) from None
+    misplaced = [(f"pools.{name}.{f}", "applies to the expert pool only")
+                 for name, pool in m.pools.items() if name != "expert"
+                 for f in ("placement", "micro_batches") if getattr(pool, f) is not None]
+    if misplaced:
+        raise ManifestError(misplaced)
+    if m.afd:
+        placement = m.pools["expert"].placement  # type: ignore[index]
+        if isinstance(placement, str) and placement != "even" and not Path(placement).is_absolute():
+            # Workers read it wherever they run: resolve it against the manifest's directory.
+            m.pools["expert"].placement = str((Path(base_dir) / placement).resolve())  # type: ignore[index]
     check_api_keys_file(m)
     check_against_model(m, require_tokenizer)
     return m
@@ -267,6 +309,8 @@ def check_against_model(m: Manifest, require_tokenizer: bool = False) -> None:
             Tokenizer.from_dir(d)
         except ModelLoadError as e:
             problems.append((field, str(e)))
+    if m.afd:
+        problems += afd_problems(m)
     for name, pool in m.pools.items():
         for what, n in (("attention heads", cfg.num_attention_heads), ("KV heads", cfg.num_key_value_heads)):
             if n % pool.tp:
@@ -289,3 +333,74 @@ def load_manifest(path: str | Path, require_tokenizer: bool = False) -> Manifest
     except yaml.YAMLError as e:
         raise ManifestError([("<file>", f"not valid YAML: {e}")]) from None
     return parse_manifest(data, base_dir=str(p.parent.resolve()), require_tokenizer=require_tokenizer)
+
+
+def _shape_of(m: Manifest) -> tuple[str, int, int, str]:
+    """(HF architecture, layers, experts, model source field); a builtin is built (cached)."""
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(m.model_dir())
+    source = "model.builtin" if m.model.builtin is not None else "model.path"
+    return cfg.hf_architecture, cfg.num_hidden_layers, cfg.num_local_experts, source
+
+
+def read_expert_placement(m: Manifest) -> list[list[list[int]]]:
+    """The expert pool's placement: per layer, per expert worker, the expert ids it holds."""
+    from engine.afd import even_placement
+
+    _, layers, experts, _ = _shape_of(m)
+    pool = m.pools["expert"]  # type: ignore[index]
+    if pool.placement in (None, "even"):
+        return even_placement(layers, experts, pool.replicas)
+    if isinstance(pool.placement, list):
+        return pool.placement
+    import json
+
+    data = json.loads(Path(pool.placement).read_text())
+    return data["layers"] if isinstance(data, dict) else data  # type: ignore[no-any-return]
+
+
+def afd_problems(m: Manifest) -> list[tuple[str, str]]:
+    """Attention/expert pools against the model: MoE only, tp 1, a placement that fits."""
+    import json
+
+    from engine.afd import placement_problems
+
+    arch, layers, experts, source = _shape_of(m)
+    if experts == 0:
+        return [(f"pools.{p}", f"attention/expert pools need an MoE model; {source} is {arch} (dense): use "
+                 "pools prefill and decode") for p in AFD_POOLS]
+    problems: list[tuple[str, str]] = []
+    for name in AFD_POOLS:
+        if m.pools[name].tp != 1:  # type: ignore[index]
+            problems.append((f"pools.{name}.tp", f"tp={m.pools[name].tp} not supported for the {name} pool; "  # type: ignore[index]
+                             "allowed: 1 (scale with replicas)"))
+    pool = m.pools["expert"]  # type: ignore[index]
+    where = "pools.expert.placement"
+    if pool.placement in (None, "even"):
+        if pool.replicas > experts:
+            problems.append(("pools.expert.replicas", f"{pool.replicas} expert workers for {experts} experts "
+                             f"with placement even; allowed: 1..{experts}"))
+        return problems
+    if isinstance(pool.placement, list):
+        layout: Any = pool.placement
+        path = Path("the inline placement")
+    else:
+        path = Path(pool.placement)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            return problems + [(where, f"cannot read {path}: {e.strerror or e}; allowed: even or a PLACEMENT.json "
+                                "from 'splitserve place-experts'")]
+        except json.JSONDecodeError as e:
+            return problems + [(where, f"{path} is not valid JSON: {e}")]
+        layout = data.get("layers") if isinstance(data, dict) else None
+        if layout is None:
+            return problems + [(where, f"{path} has no 'layers' (per layer, per GPU, expert ids)")]
+    for p in placement_problems(layout, layers, experts):
+        problems.append((where, f"{p} (the model has {layers} layers x {experts} experts)"))
+    gpus = {len(layer) for layer in layout if isinstance(layer, list)}
+    if len(gpus) == 1 and pool.replicas != next(iter(gpus)):
+        problems.append(("pools.expert.replicas", f"{pool.replicas}, but {path.name} places experts on "
+                         f"{next(iter(gpus))} GPUs; allowed: {next(iter(gpus))} (one expert worker per GPU)"))
+    return problems

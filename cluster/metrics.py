@@ -91,6 +91,13 @@ class Metrics:
                                    "failed; see its health)", ["worker", "pool"], registry=r)
         self._labels: set[tuple[str, str]] = set()
         self._profile_labels: set[tuple[str, str]] = set()
+        # Attention/expert disaggregation: live expert load (for re-placement).
+        self.expert_routed = Gauge("splitserve_expert_routed_tokens", "Token choices an attention worker routed "
+                                   "to each (layer, expert) since it started", ["worker", "pool", "layer", "expert"],
+                                   registry=r)
+        self.expert_rows = Gauge("splitserve_expert_rows", "Token rows an expert worker computed per (layer, "
+                                 "expert) since it started", ["worker", "pool", "layer", "expert"], registry=r)
+        self._expert_labels: set[tuple[str, str, str, str, str]] = set()
 
     def update_workers(self, pools: dict[str, list[dict[str, Any]]]) -> None:
         seen: set[tuple[str, str]] = set()
@@ -120,6 +127,22 @@ class Metrics:
         for key in self._profile_labels - profiled:
             self.codec_profile.remove(*key)
         self._labels, self._profile_labels = seen, profiled
+        expert_seen: set[tuple[str, str, str, str, str]] = set()
+        for pool, pool_workers in pools.items():
+            for w in pool_workers:
+                s = w.get("stats") or {}
+                for layer, counts in enumerate(s.get("expert_load") or []):
+                    for e, n in enumerate(counts):
+                        key5 = ("routed", w["worker_id"], pool, str(layer), str(e))
+                        self.expert_routed.labels(*key5[1:]).set(n)
+                        expert_seen.add(key5)
+                for layer, e, n in s.get("expert_rows") or []:
+                    key5 = ("rows", w["worker_id"], pool, str(layer), str(e))
+                    self.expert_rows.labels(*key5[1:]).set(n)
+                    expert_seen.add(key5)
+        for key5 in self._expert_labels - expert_seen:
+            (self.expert_routed if key5[0] == "routed" else self.expert_rows).remove(*key5[1:])
+        self._expert_labels = expert_seen
 
     def token_gap(self, seconds: float, tokens: int) -> None:
         """``tokens`` output tokens (not the first) arrived ``seconds`` after the previous ones."""

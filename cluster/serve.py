@@ -35,7 +35,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         return False
-    ray.init(_node_ip_address="127.0.0.1", namespace=NAMESPACE, include_dashboard=False,
+    # address="local": a new cluster even when another one runs on this machine (without
+    # it Ray joins the most recently started one).
+    ray.init(address="local", _node_ip_address="127.0.0.1", namespace=NAMESPACE, include_dashboard=False,
              num_cpus=num_cpus, log_to_driver=False)
     return True
 

@@ -50,6 +50,11 @@ def settings_for(manifest: Manifest, pool: PoolSpec) -> EngineSettings:
                           manifest.kv_cache.block_size, pool.tp, pool.num_cpus)
 
 
+def slot_of(worker_id: str) -> int:
+    """The pool slot of a worker (controller worker ids are ``{pool}-{slot}-g{n}``)."""
+    return int(worker_id.rsplit("-", 2)[1])
+
+
 def current_node_ip() -> str:
     import ray
 
@@ -151,11 +156,7 @@ class EngineWorker:
             self._start_engine_thread()
             logger.info("%s %s started (vLLM engine)", self.role, self.worker_id)
             return await self.health()
-        if s.tp_size > 1:
-            runner = await self._start_tp()
-        else:
-            runner = await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks,
-                                             s.block_size)
+        runner = await self.build_runner()
         executor = self._tp_execute if self._tp_ranks else None
         self.engine = LLMEngine(runner, self.scheduler_config(max_len), s.num_blocks,
                                 eos_token_ids=cfg.eos_token_ids, executor=executor,
@@ -178,6 +179,17 @@ class EngineWorker:
                           min(max_len, s.num_blocks * s.block_size), self.pool.max_num_seqs,
                           self.pool.max_num_batched_tokens, "prefill" if self.role == "prefill" else "decode",
                           enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching)
+
+    async def build_runner(self) -> Any:
+        """This worker's ModelRunner (rank 0 of its tensor-parallel ranks)."""
+        s = self.settings
+        if s.tp_size > 1:
+            return await self._start_tp()
+        return await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks, s.block_size)
+
+    async def cluster_state(self, state: dict[str, Any]) -> None:
+        """The controller's snapshot of every pool, sent whenever it changes (workers
+        that depend on other pools' workers, e.g. attention on expert workers, use it)."""
 
     async def _start_tp(self) -> Any:
         import ray

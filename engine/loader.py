@@ -100,20 +100,27 @@ def _read(f: Any, name: str, shard: Shard) -> torch.Tensor:
     return sl[shard.start:end] if shard.dim == 0 else sl[:, shard.start:end]  # type: ignore[no-any-return]
 
 
+def is_expert_key(name: str) -> bool:
+    """A Mixtral expert weight (``...block_sparse_moe.experts.{j}.w1.weight``)."""
+    return ".block_sparse_moe.experts." in name
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
-               tp_group: Any = None, device: str | torch.device = "cpu") -> CausalLM:
-    """This rank's CausalLM with weights from model_dir, cast to dtype, on device."""
+               tp_group: Any = None, device: str | torch.device = "cpu", with_experts: bool = True) -> CausalLM:
+    """This rank's CausalLM with weights from model_dir, cast to dtype, on device.
+    with_experts=False: an MoE model without its experts (engine.afd's attention side);
+    the checkpoint's expert tensors are then not read."""
     t0 = time.monotonic()
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    model = CausalLM(cfg, dtype, tp_rank, tp_size, tp_group)
+    model = CausalLM(cfg, dtype, tp_rank, tp_size, tp_group, with_experts=with_experts)
     params = parameter_map(model)
     files = checkpoint_files(model_dir)
     missing = sorted(set(params) - set(files))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ModelLoadError(f"{model_dir}: checkpoint lacks {missing[:5]}{more} (architecture {cfg.arch})")
-    ignorable = {n for n in files if n.endswith(_IGNORED_SUFFIXES)}
+    ignorable = {n for n in files if n.endswith(_IGNORED_SUFFIXES) or (not with_experts and is_expert_key(n))}
     if cfg.tie_word_embeddings:
         ignorable.add("lm_head.weight")  # some tied checkpoints still store it
     unexpected = sorted(set(files) - set(params) - ignorable)
@@ -139,3 +146,48 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, tp_ran
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     return Tokenizer.from_dir(model_dir)
+
+
+def load_experts(model_dir: str | Path, dtype: torch.dtype, experts: list[list[int]],
+                 device: str | torch.device = "cpu") -> list[dict[int, MLP]]:
+    """The SwiGLU MLPs of the given experts of every layer (experts[layer] = expert ids),
+    read from the model's safetensors (expert workers of engine.afd): only those tensors
+    are read. Returns, per layer, expert id -> MLP (no tensor parallelism)."""
+    from engine.tp import TPContext
+
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    if not cfg.is_moe:
+        raise ModelLoadError(f"{model_dir}: {cfg.hf_architecture} has no experts")
+    if len(experts) != cfg.num_hidden_layers:
+        raise ModelLoadError(f"expert lists for {len(experts)} layers; the model has {cfg.num_hidden_layers}")
+    tp = TPContext(0, 1)
+    out: list[dict[int, MLP]] = []
+    params: dict[str, tuple[torch.Tensor, Shard]] = {}
+    for i, ids in enumerate(experts):
+        layer: dict[int, MLP] = {}
+        for j in sorted(set(ids)):
+            if not 0 <= j < cfg.num_local_experts:
+                raise ModelLoadError(f"layer {i}: expert {j} out of range 0..{cfg.num_local_experts - 1}")
+            mlp = MLP(cfg.hidden_size, cfg.intermediate_size, tp, dtype, "expert intermediate size")
+            params.update(_mlp(mlp, f"model.layers.{i}.block_sparse_moe.experts.{j}.", ("w1", "w3", "w2")))
+            layer[j] = mlp
+        out.append(layer)
+    files = checkpoint_files(model_dir)
+    missing = sorted(set(params) - set(files))
+    if missing:
+        raise ModelLoadError(f"{model_dir}: checkpoint lacks {missing[:5]}")
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for path, names in sorted(by_file.items()):
+            with safe_open(path, "pt") as f:
+                for name in names:
+                    param, shard = params[name]
+                    param.copy_(_read(f, name, shard).to(dtype))
+    for layer in out:
+        for mlp in layer.values():
+            mlp.eval()
+            mlp.to(device)
+    return out

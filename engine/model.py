@@ -87,15 +87,16 @@ class MoE(nn.Module):
     outputs. Each expert runs only on the tokens routed to it (index_select / index_add);
     the TP all-reduce happens once, after all experts."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, with_experts: bool = True) -> None:
         super().__init__()
         self.tp = tp
         self.num_experts = cfg.num_local_experts
         self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False, dtype=dtype)
         self.gate.weight.requires_grad_(False)
+        # Without experts (attention/expert disaggregation, engine.afd): router only.
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.intermediate_size, tp, dtype, "expert intermediate size")
-                                     for _ in range(cfg.num_local_experts))
+                                     for _ in range(cfg.num_local_experts if with_experts else 0))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights float32 [T, k] summing to 1, expert ids [T, k])."""
@@ -123,12 +124,12 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPContext, dtype: torch.dtype, with_experts: bool = True) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, tp, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp: MLP | MoE = (MoE(cfg, tp, dtype) if cfg.is_moe
+        self.mlp: MLP | MoE = (MoE(cfg, tp, dtype, with_experts) if cfg.is_moe
                                else MLP(cfg.hidden_size, cfg.intermediate_size, tp, dtype))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
@@ -138,17 +139,21 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Decoder over a paged KV cache. Weights are uninitialised until engine.loader fills them."""
+    """Decoder over a paged KV cache. Weights are uninitialised until engine.loader fills them.
+    with_experts=False builds an MoE model without its experts (the attention side of
+    engine.afd: embeddings, attention, norms, routers, lm_head)."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
-                 tp_group: Any = None) -> None:
+                 tp_group: Any = None, with_experts: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
         self.tp = TPContext(tp_rank, tp_size, tp_group)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.tp, dtype) for _ in range(cfg.num_hidden_layers))
+        self.with_experts = with_experts
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.tp, dtype, with_experts)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings
                                else _frozen(cfg.vocab_size, cfg.hidden_size, dtype=dtype))

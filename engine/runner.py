@@ -192,6 +192,10 @@ class ModelRunner:
                     out[layer, j, full * bs:] = cache[j, block_table[full], :rem]
         return out
 
+    def forward(self, step: StepInput, hook: Callable[[int], None] | None) -> torch.Tensor:
+        """Final-normed hidden states of the step's tokens (engine.afd overrides this)."""
+        return self.model(step.input_ids, step.positions, step.meta, self.kv_caches, hook)  # type: ignore[no-any-return]
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:
         for table, kv in step.kv_imports:
@@ -211,7 +215,7 @@ class ModelRunner:
                 for rid, first, slots in step.kv_stream:
                     sink(rid, layer, first, flat.index_select(1, slots))
         if step.input_ids.numel():
-            hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches, hook)
+            hidden = self.forward(step, hook)
             logits = self.model.compute_logits(hidden[step.logits_indices])
             if step.prompt_logits_indices.numel():
                 prompt_logits = self.model.compute_logits(hidden[step.prompt_logits_indices])

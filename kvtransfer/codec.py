@@ -48,8 +48,8 @@ import torch
 from kvtransfer.codecs.base import (DTYPE_IDS, DTYPES_BY_ID, HEAD, MAGIC, REGISTRY, TAIL, VERSION, CodecError,
                                     KVCodec, Payload, name_of, parse)
 
-__all__ = ["DTYPE_IDS", "DTYPES_BY_ID", "MAGIC", "VERSION", "CodecError", "KVCodec", "Payload", "calibrate", "decode_any",
-           "decode_chunks", "encode_chunks", "get_codec", "parse", "split_chunks"]
+__all__ = ["DTYPE_IDS", "DTYPES_BY_ID", "MAGIC", "VERSION", "CodecError", "KVCodec", "Payload", "calibrate",
+           "decode_any", "decode_chunks", "encode_chunks", "get_codec", "parse", "split_chunks"]
 
 
 def _codec_class(name: str) -> type[KVCodec]:

@@ -26,6 +26,9 @@ import torch
 
 from kvtransfer.base import TORCH_DTYPES, VIEW_DTYPES, KVHandle, KVTransferError, kv_to_numpy, numpy_to_kv
 
+# The names these had when they lived here (code written before the move still imports them).
+_TORCH, _VIEW_DTYPES = TORCH_DTYPES, VIEW_DTYPES
+
 __all__ = ["TORCH_DTYPES", "VIEW_DTYPES", "GrpcConnector", "KVConnector", "KVHandle", "KVTransferError",
            "ObjectStoreConnector", "PairConnector", "get_connector", "kv_to_numpy", "numpy_to_kv"]
 

@@ -29,9 +29,9 @@ class Plan:
     slo: SLO
     # (field, predicted p90, target) for each SLO the best layout misses.
     misses: list[tuple[str, float, float]]
-    # The best layout of each kind (disaggregated, colocated/chunked, colocated/whole, and,
-    # predicted only (search.NOT_SERVABLE), colocated/prefill-first and, for MoE models,
-    # disaggregated/ae).
+    # The best layout of each kind (disaggregated, colocated/chunked, colocated/whole, for
+    # MoE models disaggregated/ae, and, predicted only (search.NOT_SERVABLE),
+    # colocated/prefill-first).
     alternatives: dict[str, Layout] | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -92,8 +92,8 @@ def make_plan(manifest: Any) -> Plan:
     # than a minute, but the search stays within seconds per parallelism.
     wl = Workload(tuple(manifest.workload.prompt_tokens), tuple(manifest.workload.output_tokens),  # type: ignore[arg-type]
                   num_requests=300, max_requests=2000)
-    # MoE: attention/expert decode is scored too and shown beside the others, but only
-    # layouts that `serve` can realise are chosen and written.
+    # MoE: attention/expert decode is scored too; only layouts that `serve` can realise
+    # are chosen and written.
     every = search(shape, g, hw.num_gpus, slo, wl, lat=lat, attention_expert=shape.num_experts > 0)
     layouts = [lay for lay in every if lay.kind not in NOT_SERVABLE]
     best = layouts[0]
@@ -119,7 +119,11 @@ def planned_manifest(manifest: Any, layout: Layout, g: GPU) -> dict[str, Any]:
         data["hardware"]["profile"] = str((Path(manifest.base_dir) / data["hardware"]["profile"]).resolve())
     ips = manifest.hardware.node_ips
     pools: dict[str, Any] = {}
+    if layout.kind == "disaggregated/ae":
+        pools.update(_ae_pools(manifest, layout, g, ips))
     for name, spec in layout.pools.items():
+        if name in pools or (layout.kind == "disaggregated/ae" and name == "decode"):
+            continue
         old = dict(manifest.pools.get(name, {}) and manifest.pools[name].model_dump(exclude_none=True))
         pool = {**old, "replicas": int(spec["replicas"]), "tp": int(spec["tp"])}  # type: ignore[call-overload]
         # The step budget and batch the prediction assumed (colocated: chunked or whole).
@@ -145,6 +149,56 @@ def planned_manifest(manifest: Any, layout: Layout, g: GPU) -> dict[str, Any]:
     data["mode"] = layout.mode
     data["pools"] = pools
     return data
+
+
+def grouped_placement(num_layers: int, num_experts: int, per_group: int, groups: int) -> list[list[list[int]]]:
+    """Expert placement of ``groups`` attention/expert groups of ``per_group`` expert workers
+    each, as one expert pool: worker w holds the contiguous block (w mod per_group) of
+    experts, so every expert has one replica per group (engine.afd routes to the nearest,
+    then least loaded replica: a group's own on its node)."""
+    block = [[e for e in range(num_experts) if e * per_group // num_experts == s] for s in range(per_group)]
+    return [[list(block[w % per_group]) for w in range(per_group * groups)] for _ in range(num_layers)]
+
+
+def _ae_pools(manifest: Any, layout: Layout, g: GPU, ips: list[str] | None) -> dict[str, Any]:
+    """An attention/expert layout (search kind ``disaggregated/ae``: ``replicas`` groups of
+    ``attention_workers`` + ``expert_workers`` GPUs) as pools ``attention`` and ``expert``:
+    all groups' workers in one M:N pool each, every expert replicated once per group, each
+    group's workers on its node."""
+    from models.builtin import BUILTIN
+
+    d = layout.pools["decode"]
+    groups, na, ne = int(d["replicas"]), int(d["attention_workers"]), int(d["expert_workers"])  # type: ignore[call-overload]
+    if manifest.model.builtin is not None:
+        from models.make import config_for
+
+        arch, size = BUILTIN[manifest.model.builtin]
+        c = config_for(arch, size=size)
+        layers, experts = int(c["num_hidden_layers"]), int(c["num_local_experts"])  # type: ignore[call-overload]
+    else:
+        from engine.config import ModelConfig
+
+        cfg = ModelConfig.from_dir(manifest.model_dir())
+        layers, experts = cfg.num_hidden_layers, cfg.num_local_experts
+
+    def pool(name: str, replicas: int, per_group: int) -> dict[str, Any]:
+        old = manifest.pools.get(name)
+        out: dict[str, Any] = {**(old.model_dump(exclude_none=True) if old is not None else {}),
+                               "replicas": replicas, "tp": 1}
+        if g.name != "cpu":
+            out["num_gpus"] = 1
+        nodes = d.get("nodes")
+        if ips and nodes is not None:
+            idx = [nodes[i // per_group % len(nodes)] for i in range(replicas)]  # type: ignore[index, arg-type]
+            if max(idx) >= len(ips):
+                raise PlanError(f"hardware.node_ips: the plan uses {max(idx) + 1} nodes, {len(ips)} listed")
+            out["nodes"] = [ips[i] for i in idx]
+        return out
+
+    attention = {**pool("attention", groups * na, na), "max_num_seqs": MAX_NUM_SEQS}
+    expert = {**pool("expert", groups * ne, ne), "placement": grouped_placement(layers, experts, ne, groups)}
+    expert.setdefault("micro_batches", 2)
+    return {"attention": attention, "expert": expert}
 
 
 def write_plan(plan: Plan, out: str | Path) -> None:

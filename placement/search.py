@@ -66,7 +66,7 @@ MAX_NUM_SEQS = 1024
 # estimate is a mean-value one; the slack keeps it from cutting a true goodput short).
 CAP_SLACK = 1.1
 # Kinds scored and shown but never chosen by ``splitserve plan``: serve cannot realise them.
-NOT_SERVABLE = ("disaggregated/ae", "colocated/prefill-first")
+NOT_SERVABLE = ("colocated/prefill-first",)
 # Colocated kinds: (kind, step budget, prompts in steps of their own).
 COLOCATED_KINDS = (("colocated/chunked", CHUNKED_BUDGET, False), ("colocated/whole", WHOLE_BUDGET, False),
                    ("colocated/prefill-first", WHOLE_BUDGET, True))
@@ -221,9 +221,8 @@ def search(model: ModelShape, gpu: GPU, num_gpus: int, slo: SLO, wl: Workload,
     in flight), so pp>1 would be both unservable and mispriced.
 
     ``attention_expert`` (MoE models) adds decode instances split into attention and expert
-    workers (kind ``disaggregated/ae``), for each attention:expert ratio that fits a node.
-    splitserve does not serve that layout yet: it is a prediction, which ``plan`` reports
-    beside the servable layouts but never writes into a manifest."""
+    workers (kind ``disaggregated/ae``), for each attention:expert ratio that fits a node;
+    ``plan`` writes it as pools ``attention`` and ``expert`` (placement.plan)."""
     lat = lat or (lambda tp, pp: catalogue_latency(model, gpu, tp, pp))
     link_local = gpu.intra_node_gbps * 1e9
     link_remote = gpu.cross_node_gbps * 1e9

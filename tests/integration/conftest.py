@@ -24,7 +24,8 @@ _names = itertools.count()
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     # More logical CPUs than cores: workers are small and pinned to one torch thread.
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=16, namespace="splitserve-tests",
+    # address="local": always a new cluster, never one another process on this machine runs.
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=16, namespace="splitserve-tests",
              include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

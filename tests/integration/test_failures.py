@@ -91,20 +91,30 @@ def test_prefill_worker_killed_under_load(ray_session, llama_dir):
             expected = {p: complete(p).json()["choices"][0]["text"] for p in prompts}
             victim = workers(dep, "prefill")[0]
             results: list[tuple[str, httpx.Response]] = []
+            raised: list[BaseException] = []  # a request that hung or broke the connection
             stop = threading.Event()
 
             def loop(offset: int) -> None:
                 i = offset
                 while not stop.is_set():
                     p = prompts[i % len(prompts)]
-                    results.append((p, complete(p)))
+                    try:
+                        r = complete(p)
+                    except Exception as e:  # noqa: BLE001 - reported by the test
+                        raised.append(e)
+                        return
+                    results.append((p, r))
+                    if r.status_code != 200:
+                        time.sleep(0.05)  # no busy loop of fast 503s while the pool recovers
                     i += 1
 
             threads = [threading.Thread(target=loop, args=(k,)) for k in range(2)]
             for t in threads:
                 t.start()
             try:
+                deadline = time.monotonic() + 60
                 while len(results) < 4:  # under way
+                    assert not raised and time.monotonic() < deadline, raised
                     time.sleep(0.01)
                 os.kill(victim["stats"]["pid"], signal.SIGKILL)
                 killed_at = len(results)
@@ -113,12 +123,14 @@ def test_prefill_worker_killed_under_load(ray_session, llama_dir):
                 # Until a request after the replacement succeeds (the ingress refreshes its view).
                 deadline = time.monotonic() + 60
                 while not any(r.status_code == 200 for _, r in results[killed_at + 2:]):
-                    assert time.monotonic() < deadline, [r.status_code for _, r in results[killed_at:]]
+                    since = [r.status_code for _, r in results[killed_at:]]
+                    assert not raised and time.monotonic() < deadline, (raised, since)
                     time.sleep(0.1)
             finally:
                 stop.set()
                 for t in threads:
                     t.join(timeout=120)
+            assert not raised, raised
             assert new_id != victim["worker_id"]
             statuses = [r.status_code for _, r in results]
             assert set(statuses) <= {200, 503}, statuses

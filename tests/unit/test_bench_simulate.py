@@ -45,3 +45,17 @@ def test_simulated_compare_and_bad_gpu(tmp_path, capsys):
     assert "--gpu-type: unknown GPU type 'tpu9'" in capsys.readouterr().err
     assert main(["--manifest", str(DEMO), "--simulate", "--rates", "1", "--duration", "1", "--out",
                  str(tmp_path / "x")]) == 2
+
+
+def test_simulated_sweep_of_demo_afd(tmp_path, capsys):
+    """demo-afd through the simulator: the attention and expert pools are one
+    attention/expert decode instance (ping-pong), every request served."""
+    out = tmp_path / "afd"
+    argv = ["--manifest", str(ROOT / "deploy" / "manifests" / "demo-afd.yaml"), "--simulate", "--gpu-type", "h100",
+            "--rates", "5", "--duration", "5", "--workload", "summarize", "--slo-ttft-ms", "200",
+            "--slo-tpot-ms", "20", "--out", str(out), "--no-progress", "--no-plots"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    records = read_records(out / "requests.jsonl")
+    assert records and all(r.ok and r.tpot_s >= 0 for r in records)
+    assert [g["gpus"] for g in summary["goodput"]] == [4.0]  # 1 prefill + 1 attention + 2 expert

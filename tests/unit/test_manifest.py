@@ -80,6 +80,81 @@ def test_validate_cli_exit_codes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# -- attention/expert disaggregation -------------------------------------------------
+AFD = {"model": {"builtin": "tiny-mixtral"}, "pools": {"prefill": {}, "attention": {}, "expert": {"replicas": 2}}}
+
+
+def test_demo_afd_manifest_is_valid_and_fits_two_cores():
+    m = load_manifest(ROOT / "deploy/manifests/demo-afd.yaml")
+    assert m.afd and m.decode_pool == "attention" and set(m.pools) == {"prefill", "attention", "expert"}
+    assert m.pools["expert"].replicas == 2 and m.pools["attention"].replicas == 1
+    assert m.pools["expert"].placement == "even" and m.pools["expert"].micro_batches == 2
+    assert sum(p.replicas * p.num_cpus for p in m.pools.values()) <= 2
+    from cluster.manifest import read_expert_placement
+
+    layout = read_expert_placement(m)
+    assert len(layout) == 4 and layout[0] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_afd_defaults_and_plain_decode_role(tmp_path):
+    m = parse_manifest(AFD)
+    assert m.pools["expert"].placement == "even" and m.pools["expert"].micro_batches == 2
+    assert parse_manifest({"model": {"builtin": "tiny-mixtral"}}).decode_pool == "decode"
+
+
+def test_afd_rejects_dense_model(tmp_path):
+    lines = problems({**AFD, "model": {"builtin": "tiny-llama"}}, tmp_path)
+    assert lines == ["pools.attention: attention/expert pools need an MoE model; model.builtin is LlamaForCausalLM "
+                     "(dense): use pools prefill and decode",
+                     "pools.expert: attention/expert pools need an MoE model; model.builtin is LlamaForCausalLM "
+                     "(dense): use pools prefill and decode"]
+
+
+def test_afd_placement_must_match_the_model(tmp_path):
+    L = 4
+    (tmp_path / "layers3.json").write_text(json.dumps({"layers": [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 3}))
+    lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"replicas": 2, "placement": "layers3.json"}}},
+                     tmp_path)
+    assert lines == ["pools.expert.placement: 3 layers; the model has 4 (the model has 4 layers x 8 experts)"]
+    (tmp_path / "hole.json").write_text(json.dumps({"layers": [[[0, 1, 2], [4, 5, 6, 7]]] * L}))
+    lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"replicas": 2, "placement": "hole.json"}}},
+                     tmp_path)
+    assert len(lines) == L and lines[0] == ("pools.expert.placement: layer 0: experts [3] have no replica "
+                                            "(the model has 4 layers x 8 experts)")
+    (tmp_path / "big.json").write_text(json.dumps({"layers": [[[0, 1, 2, 3, 8], [4, 5, 6, 7]]] * L}))
+    lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"replicas": 2, "placement": "big.json"}}},
+                     tmp_path)
+    assert lines[0].startswith("pools.expert.placement: layer 0 shard 0: expert ids [8] outside 0..7")
+    (tmp_path / "three.json").write_text(json.dumps({"layers": [[[0, 1, 2], [3, 4, 5], [6, 7, 0]]] * L}))
+    lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"replicas": 2, "placement": "three.json"}}},
+                     tmp_path)
+    assert lines == ["pools.expert.replicas: 2, but three.json places experts on 3 GPUs; allowed: 3 "
+                     "(one expert worker per GPU)"]
+    lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"replicas": 2, "placement": "nope.json"}}},
+                     tmp_path)
+    assert lines[0].startswith("pools.expert.placement: cannot read")
+    ok = load_manifest(write(tmp_path, {**AFD, "pools": {**AFD["pools"],
+                                                         "expert": {"replicas": 3, "placement": "three.json"}}}))
+    from cluster.manifest import read_expert_placement
+
+    assert read_expert_placement(ok)[0] == [[0, 1, 2], [3, 4, 5], [6, 7, 0]]
+
+
+def test_afd_pool_fields_and_mixing_with_decode(tmp_path):
+    lines = problems({"model": {"builtin": "tiny-mixtral"},
+                      "pools": {"prefill": {}, "decode": {"placement": "even", "micro_batches": 1}}}, tmp_path)
+    assert lines == ["pools.decode.placement: applies to the expert pool only",
+                     "pools.decode.micro_batches: applies to the expert pool only"]
+    lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"replicas": 9}}}, tmp_path)
+    assert lines == ["pools.expert.replicas: 9 expert workers for 8 experts with placement even; allowed: 1..8"]
+    lines = problems({**AFD, "pools": {**AFD["pools"], "attention": {"tp": 2}}}, tmp_path)
+    assert lines == ["pools.attention.tp: tp=2 not supported for the attention pool; allowed: 1 (scale with replicas)"]
+    with pytest.raises(ManifestError, match="remove"):
+        parse_manifest({"model": {"builtin": "tiny-mixtral"}, "pools": {"decode": {}, "expert": {}}})
+    lines = problems({**AFD, "pools": {**AFD["pools"], "expert": {"micro_batches": 3}}}, tmp_path)
+    assert lines[0].startswith("pools.expert.micro_batches:")
+
+
 def vllm_manifest(**over) -> dict:
     data = {"model": {"builtin": "small-llama"}, "kv_cache": {"block_size": 32},
             "pools": {"prefill": {"engine": "vllm"}, "decode": {"engine": "vllm"}}}

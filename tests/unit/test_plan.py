@@ -55,3 +55,32 @@ def test_impossible_slo_exit_3_names_the_miss(tmp_path):
     assert r.returncode == 3, r.stdout + r.stderr
     assert "slo.ttft_ms" in r.stdout and "target 1.0 ms" in r.stdout
     assert (tmp_path / "o.yaml").is_file()  # the best layout found is still written
+
+
+def test_attention_expert_layout_is_written_as_servable_pools(tmp_path):
+    """A disaggregated/ae layout (2 groups of 1 attention + 2 expert workers on 2 nodes)
+    becomes pools attention and expert that validate, each expert replicated once per
+    group and each group's workers on its node; the kind counts as servable."""
+    from cluster.manifest import parse_manifest, read_expert_placement
+    from placement.catalogue import gpu
+    from placement.layout import Layout
+    from placement.plan import Plan, planned_manifest
+    from placement.search import NOT_SERVABLE, SLO
+
+    m = parse_manifest({"model": {"builtin": "tiny-mixtral"}, "hardware": {"gpu": "cpu", "num_gpus": 8,
+                        "node_ips": ["127.0.0.2", "127.0.0.3"]}, "pools": {"prefill": {}, "decode": {}}})
+    lay = Layout("disaggregated", {"prefill": {"tp": 1, "pp": 1, "replicas": 2, "nodes": [0, 1]},
+                                   "decode": {"attention_workers": 1, "expert_workers": 2, "gpus": 3,
+                                              "replicas": 2, "nodes": [0, 1]}},
+                 8, 10.0, 0.1, 0.01, kind="disaggregated/ae")
+    data = planned_manifest(m, lay, gpu("cpu"))
+    assert set(data["pools"]) == {"prefill", "attention", "expert"}
+    planned = parse_manifest(data)
+    assert planned.afd and planned.pools["attention"].replicas == 2 and planned.pools["expert"].replicas == 4
+    assert planned.pools["expert"].nodes == ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
+    assert planned.pools["attention"].nodes == ["127.0.0.2", "127.0.0.3"]
+    layout = read_expert_placement(planned)
+    assert layout[0] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
+    assert "disaggregated/ae" not in NOT_SERVABLE
+    summary = Plan(lay, data, SLO(1, 0.1), [], {"disaggregated/ae": lay}).summary()
+    assert summary["best_of_each_kind"]["disaggregated/ae"]["servable"] is True

@@ -268,3 +268,25 @@ def test_module_level_imports_skip_functions_but_not_class_bodies(tmp_path):
     p.write_text("import os\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import ray\n"
                  "def f():\n    import vllm\nclass A:\n    import highspy\n")
     assert module_level_imports(p) == {"os", "typing", "highspy"}
+
+
+def closure(start: str) -> set[str]:
+    """The project modules importing ``start`` runs (function-level imports included)."""
+    graph, seen, todo = import_graph(), set(), [start]
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo.extend(graph.get(mod, ()))
+    return seen
+
+
+@pytest.mark.parametrize("scheduler", ["engine.scheduler", "prefill_workers.scheduler", "decode_workers.scheduler"])
+def test_schedulers_are_pure(scheduler):
+    """Schedulers are pure and unit-testable without Ray or a model: nothing they import,
+    directly or not, imports Ray or torch or loads or runs a model."""
+    mods, paths = closure(scheduler), project_modules()
+    externals = set().union(*(imported_names(m, paths[m]) for m in mods))
+    tops = {n.split(".")[0] for n in externals}
+    assert not tops & {"ray", "torch", "numpy", "fastapi", "grpc"}, (scheduler, sorted(tops))
+    assert not mods & {"engine.model", "engine.runner", "engine.loader", "engine.engine"}, sorted(mods)

@@ -1,0 +1,398 @@
+"""Attention/expert disaggregation (AFD) on this machine, two parts:
+
+1. **The per-layer hop.** Round trip of a [rows, hidden] fp32 tensor between two
+   processes, per payload size, over four transports: a TCP socket per pair (what
+   decode_workers/exchange.py uses), torch.distributed point-to-point (gloo here),
+   shared memory with a pipe to signal, and a plain Ray actor call.
+2. **The decode step.** A MoE model (``make-model --arch mixtral`` at the ``small`` size:
+   hidden 256, 8 layers, 8 experts, top-2) decoding batches of 1..64 sequences: the plain
+   decode engine against AFD with the experts in ``--shards`` separate processes (real
+   sockets), micro_batches 1 (lock-step) and 2 (ping-pong). Per step: time in attention
+   (attention side's compute: attention, norms, routing, dispatch, combine), waiting
+   (attention side blocked on the exchange: transport plus expert compute not hidden),
+   experts (expert side's compute, mean over shards) and expert idle (step minus that).
+   The ping-pong ratio is the step time with 2 micro-batches over the lock-step (serial)
+   step time at the same batch; decode tokens/s per reserved core counts the attention
+   process and every expert process as one core each.
+
+Every process runs torch with one thread. This machine has 2 cores shared with other
+work, so AFD's 1 + shards processes are oversubscribed: the figures say what the hop
+and the split cost here, not what they cost on dedicated hardware.
+
+    PYTHONPATH=. python -m benchmarks.afd_bench [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SIZES_KIB = (2, 16, 64, 256, 1024)
+HIDDEN = 256  # fp32 columns of the payload (rows follow from the size)
+
+
+# -- 1. transports -------------------------------------------------------------------
+class _Echo:
+    """An ExpertShard stand-in that returns its input (measures the hop alone)."""
+
+    def run(self, req: Any) -> Any:
+        return req.x.clone()
+
+
+def _socket_server(conn: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from decode_workers.exchange import ExpertServer
+
+    server = ExpertServer(_Echo())  # type: ignore[arg-type]
+    conn.send(server.address)
+    conn.recv()
+    server.stop()
+
+
+def _rounds(n_kib: int, reps: int) -> int:
+    return max(20, reps * 64 // max(n_kib, 64))
+
+
+def bench_socket(reps: int) -> dict[int, float]:
+    import torch
+
+    from decode_workers.exchange import SocketExchange
+    from engine.afd import ExpertRequest
+
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_socket_server, args=(b,), daemon=True)
+    p.start()
+    addr = tuple(a.recv())
+    ex = SocketExchange([[[0]]], {0: addr}, timeout_s=30)
+    out = {}
+    try:
+        for kib in SIZES_KIB:
+            rows = kib * 1024 // (4 * HIDDEN)
+            x = torch.randn(rows, HIDDEN)
+            req = ExpertRequest(0, x, [(0, rows)])
+            times = []
+            for i in range(_rounds(kib, reps) + 5):
+                t0 = time.perf_counter()
+                ex.send(0, i, req)
+                y = ex.recv(0, i)
+                times.append(time.perf_counter() - t0)
+            assert torch.equal(y, x)
+            out[kib] = statistics.median(times[5:])
+    finally:
+        ex.close()
+        a.send("stop")
+        p.join(10)
+    return out
+
+
+def _gloo_peer(port: int, sizes: list[int], n: list[int]) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    for kib, k in zip(sizes, n):
+        buf = torch.empty(kib * 1024 // 4)
+        for _ in range(k):
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+    dist.destroy_process_group()
+
+
+def bench_gloo(reps: int) -> dict[int, float]:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from cluster.worker_base import _free_port
+
+    port = _free_port()
+    n = [_rounds(kib, reps) + 5 for kib in SIZES_KIB]
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_gloo_peer, args=(port, list(SIZES_KIB), n), daemon=True)
+    p.start()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    out = {}
+    try:
+        for kib, k in zip(SIZES_KIB, n):
+            x = torch.randn(kib * 1024 // 4)
+            y = torch.empty_like(x)
+            times = []
+            for _ in range(k):
+                t0 = time.perf_counter()
+                dist.send(x, 1)
+                dist.recv(y, 1)
+                times.append(time.perf_counter() - t0)
+            assert torch.equal(x, y)
+            out[kib] = statistics.median(times[5:])
+    finally:
+        dist.destroy_process_group()
+        p.join(10)
+    return out
+
+
+def _shm_peer(name: str, nbytes: int, conn: Any) -> None:
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        while True:
+            msg = conn.recv()  # (offset in, length) or None
+            if msg is None:
+                return
+            n = msg
+            shm.buf[nbytes:nbytes + n] = shm.buf[:n]  # the reply region
+            conn.send(n)
+    finally:
+        shm.close()
+
+
+def bench_shm(reps: int) -> dict[int, float]:
+    """One shared segment (request half, reply half); a Pipe carries the doorbell."""
+    from multiprocessing import shared_memory
+
+    import numpy as np
+
+    big = max(SIZES_KIB) * 1024
+    shm = shared_memory.SharedMemory(create=True, size=2 * big)
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_shm_peer, args=(shm.name, big, b), daemon=True)
+    p.start()
+    out = {}
+    try:
+        for kib in SIZES_KIB:
+            n = kib * 1024
+            x = np.random.default_rng(0).random(n // 8)
+            times = []
+            for _ in range(_rounds(kib, reps) + 5):
+                t0 = time.perf_counter()
+                shm.buf[:n] = x.view(np.uint8)
+                a.send(n)
+                a.recv()
+                y = np.frombuffer(bytes(shm.buf[big:big + n]), dtype=np.float64)
+                times.append(time.perf_counter() - t0)
+            assert np.array_equal(x, y)
+            out[kib] = statistics.median(times[5:])
+    finally:
+        a.send(None)
+        p.join(10)
+        shm.close()
+        shm.unlink()
+    return out
+
+
+def bench_ray(reps: int) -> dict[int, float]:
+    import numpy as np
+
+    import cluster  # noqa: F401 - Ray environment (loopback, auth)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+                 log_to_driver=False)
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, x: Any) -> Any:
+            return x
+
+    actor = Echo.remote()  # type: ignore[attr-defined]
+    ray.get(actor.echo.remote(0), timeout=60)
+    out = {}
+    try:
+        for kib in SIZES_KIB:
+            x = np.random.default_rng(0).random(kib * 1024 // 8)
+            times = []
+            for _ in range(_rounds(kib, reps) + 5):
+                t0 = time.perf_counter()
+                y = ray.get(actor.echo.remote(x), timeout=60)
+                times.append(time.perf_counter() - t0)
+            assert np.array_equal(x, y)
+            out[kib] = statistics.median(times[5:])
+    finally:
+        ray.kill(actor)
+        if started:
+            ray.shutdown()
+    return out
+
+
+# -- 2. decode steps -----------------------------------------------------------------
+def _expert_process(model_dir: str, experts: list[list[int]], conn: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from decode_workers.exchange import ExpertServer
+    from engine.afd import ExpertShard
+
+    server = ExpertServer(ExpertShard.load_from(model_dir, torch.float32, experts))
+    conn.send(server.address)
+    while True:
+        cmd = conn.recv()
+        if cmd == "stats":
+            conn.send((server.shard.busy_s, server.shard.rows))
+        else:
+            server.stop()
+            return
+
+
+def bench_model_dir() -> str:
+    from models.builtin import cache_root
+    from models.make import make_model
+
+    out = cache_root() / "bench" / "small-mixtral-v1"
+    if not (out / "model.safetensors").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent))
+        make_model("mixtral", tmp / "m", seed=0, size="small")
+        (tmp / "m").rename(out)
+    return str(out)
+
+
+def _decode_engine(runner: Any, batch: int, context: int, cfg: Any) -> Any:
+    import torch
+
+    from engine.engine import LLMEngine
+    from engine.scheduler import SchedulerConfig
+    from engine.sequence import SamplingParams
+
+    eng = LLMEngine(runner, SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=256, max_model_len=8192),
+                    runner.kv_caches[0].shape[1], eos_token_ids=[])
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        eng.add_request(f"r{i}", torch.randint(3, cfg.vocab_size, (context,), generator=g).tolist(),
+                        SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))
+    while eng.scheduler.waiting or any(s.num_computed_tokens < len(s.prompt_token_ids)
+                                       for s in eng.scheduler.running):
+        eng.step()
+    return eng
+
+
+def bench_steps(batches: list[int], context: int, steps: int, shards: int) -> list[dict[str, Any]]:
+    import torch
+
+    torch.set_num_threads(1)
+    from decode_workers.exchange import SocketExchange
+    from engine.afd import build_attention_runner, even_placement, shard_experts
+    from engine.config import ModelConfig
+    from engine.engine import build_runner
+
+    model_dir = bench_model_dir()
+    cfg = ModelConfig.from_dir(model_dir)
+    blocks = (max(batches) * (context + steps + 8)) // 16 + 8
+    placement = even_placement(cfg.num_hidden_layers, cfg.num_local_experts, shards)
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    for s in range(shards):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_expert_process, args=(model_dir, shard_experts(placement, s), b), daemon=True)
+        p.start()
+        procs.append(p)
+        conns.append(a)
+    addrs = {s: tuple(c.recv()) for s, c in enumerate(conns)}
+    plain_runner = build_runner(model_dir, "float32", blocks, 16)
+    rows: list[dict[str, Any]] = []
+
+    def expert_busy() -> float:
+        for c in conns:
+            c.send("stats")
+        return statistics.mean(c.recv()[0] for c in conns)
+
+    try:
+        for batch in batches:
+            # The three variants step in turn (plain, lock-step, ping-pong), so that the
+            # machine's drifting speed hits them alike.
+            runners: dict[str, Any] = {"plain": plain_runner}
+            exchanges: dict[str, Any] = {}
+            for mb in (1, 2):
+                exchanges[f"mb{mb}"] = SocketExchange(placement, addrs, timeout_s=60)
+                runners[f"mb{mb}"] = build_attention_runner(model_dir, "float32", blocks, 16,
+                                                            exchanges[f"mb{mb}"], mb)
+            engines = {k: _decode_engine(r, batch, context, cfg) for k, r in runners.items()}
+            per: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in engines}
+            for _ in range(steps):
+                for k, eng in engines.items():
+                    b0 = expert_busy() if k != "plain" else 0.0
+                    t0 = time.perf_counter()
+                    eng.step()
+                    dt = time.perf_counter() - t0
+                    if k == "plain":
+                        per[k].append((dt, dt, 0.0, 0.0))
+                    else:
+                        r = runners[k]
+                        per[k].append((dt, r.last.attention_s, r.last.wait_s, expert_busy() - b0))
+            for ex in exchanges.values():
+                ex.close()
+            plain = statistics.median(x[0] for x in per["plain"])
+            row: dict[str, Any] = {"batch": batch, "context": context, "plain_step_ms": 1e3 * plain,
+                                   "plain_tok_s_per_core": batch / plain}
+            for mb in (1, 2):
+                k = f"mb{mb}"
+                med = sorted(per[k])[len(per[k]) // 2]  # the median step and its parts
+                step, att, wait, experts = med
+                row[k] = {"step_ms": 1e3 * step, "attention_ms": 1e3 * att, "wait_ms": 1e3 * wait,
+                          "experts_ms": 1e3 * experts, "expert_idle_ms": 1e3 * max(0.0, step - experts),
+                          "exchange_ms": 1e3 * max(0.0, wait - experts) if mb == 1 else None,
+                          "tok_s_per_core": batch / step / (1 + shards),
+                          "round_trips_per_step": exchanges[k].round_trips / max(1, runners[k].total.steps)}
+            row["pingpong_ratio"] = row["mb2"]["step_ms"] / row["mb1"]["step_ms"]
+            row["afd_vs_plain_step"] = row["mb2"]["step_ms"] / row["plain_step_ms"]
+            rows.append(row)
+            print(f"batch {batch}: plain {row['plain_step_ms']:.1f} ms, AFD mb1 {row['mb1']['step_ms']:.1f} ms "
+                  f"(attention {row['mb1']['attention_ms']:.1f}, wait {row['mb1']['wait_ms']:.1f}, experts "
+                  f"{row['mb1']['experts_ms']:.1f}), mb2 {row['mb2']['step_ms']:.1f} ms, ping-pong "
+                  f"{row['pingpong_ratio']:.2f}x", file=sys.stderr)
+    finally:
+        for c in conns:
+            c.send("stop")
+        for p in procs:
+            p.join(10)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="afd_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, batches 1, 16")
+    ap.add_argument("--shards", type=int, default=2, help="expert processes")
+    ap.add_argument("--context", type=int, default=128, help="prompt tokens per sequence")
+    ap.add_argument("--steps", type=int, default=12, help="decode steps timed per configuration")
+    ap.add_argument("--out", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    reps = 50 if args.quick else 200
+    batches = [1, 16] if args.quick else [1, 4, 16, 64]
+    res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]},
+                           "transport_round_trip_ms": {}}
+    for name, fn in (("socket", bench_socket), ("gloo", bench_gloo), ("shm_pipe", bench_shm), ("ray_call", bench_ray)):
+        r = fn(reps)
+        res["transport_round_trip_ms"][name] = {f"{k}KiB": round(1e3 * v, 4) for k, v in r.items()}
+        print(f"{name}: " + ", ".join(f"{k} KiB {1e3 * v:.3f} ms" for k, v in r.items()), file=sys.stderr)
+    res["steps"] = bench_steps(batches, args.context, 6 if args.quick else args.steps, args.shards)
+    res["machine"]["load_avg_end"] = os.getloadavg()[0]
+    text = json.dumps(res, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
