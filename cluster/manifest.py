@@ -261,6 +261,9 @@ def check_vllm_pools(m: Manifest, cfg: dict[str, object]) -> list[tuple[str, str
     # kvtransfer's engine-independent [layers, 2, tokens, kv_heads, head_dim] form.
     for name in vllm_pools:
         pool = m.pools[name]  # type: ignore[index]
+        if name in AFD_POOLS:
+            problems.append((f"pools.{name}.engine", f"vllm is not supported on the {name} pool (attention/expert "
+                             "disaggregation runs splitserve's engine); allowed: native"))
         if pool.tp != 1:
             problems.append((f"pools.{name}.tp", f"tp={pool.tp} with engine vllm is not supported yet; "
                              "allowed: 1"))

@@ -187,6 +187,10 @@ def test_vllm_engine_rejects_what_vllm_cannot_run(tmp_path):
     lines = problems(vllm_manifest(pools={"prefill": {"engine": "vllm", "tp": 2}, "decode": {"engine": "vllm"}}),
                      tmp_path)
     assert lines == ["pools.prefill.tp: tp=2 with engine vllm is not supported yet; allowed: 1"], lines
+    lines = problems(vllm_manifest(model={"builtin": "tiny-mixtral"}, pools={
+        "prefill": {}, "attention": {"engine": "vllm"}, "expert": {}}), tmp_path)
+    assert any(line.startswith("pools.attention.engine: vllm is not supported on the attention pool")
+               for line in lines), lines
     lines = problems(vllm_manifest(pools={"prefill": {"engine": "sglang"}}), tmp_path)
     assert lines[0].startswith("pools.prefill.engine: Input should be 'native' or 'vllm'"), lines
 
