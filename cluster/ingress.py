@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,12 +55,17 @@ class Ingress:
         self.kv_capacity = min(p.num_kv_blocks for p in manifest.pools.values()) * manifest.kv_cache.block_size
         self.created = int(time.time())
         self._inflight = 0
+        self.ingress_id = f"ingress-{uuid.uuid4().hex[:12]}"
 
     # -- controller state ---------------------------------------------------------------
     async def refresh(self) -> None:
-        state = await asyncio.wait_for(self.controller.get_state.remote(), timeout=5)
+        # The controller learns which workers this ingress still holds requests on (it
+        # drains a retiring worker by them) and on which snapshot it routes.
+        state = await asyncio.wait_for(self.controller.get_state.remote(
+            self.ingress_id, self.router.version, self.router.held()), timeout=5)
         self.router.update(state)
         self.metrics.update_workers(state["pools"])
+        self.metrics.update_autoscale(state.get("autoscale") or {})
 
     async def refresh_loop(self) -> None:
         while True:
