@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from cluster.manifest import load_manifest
+from cluster.manifest import AutoscalingSpec, load_manifest
 from tests.integration.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,3 +132,29 @@ def test_load_step_scales_up_and_back_down(ray_session) -> None:
 @pytest.mark.slow
 def test_load_step_with_the_manifest_timings(ray_session) -> None:
     run_step(None, None, rise_s=120, fall_s=240)
+
+
+def test_scale_up_that_cannot_be_placed_keeps_serving(ray_session, llama_dir) -> None:
+    """The cluster (16 logical CPUs here) has no room for a second 9-CPU decode worker: the
+    scale-up is counted as unfulfilled, the pool keeps its one worker, requests succeed."""
+    from .conftest import manifest_for
+
+    m = manifest_for(llama_dir, slo={"ttft_ms": 1000, "tpot_ms": 0.001, "attainment": 0.9},
+                     hardware={"placement_timeout_s": 2})
+    m.pools["decode"].num_cpus = 9  # type: ignore[index]
+    m.pools["decode"].autoscaling = AutoscalingSpec(  # type: ignore[index]
+        min_replicas=1, max_replicas=2, interval_s=1, cooldown_s=2)
+    with serving(m) as (url, dep):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0)
+
+        def unfulfilled() -> float:
+            for i in range(3):  # decode steps, every one slower than the 1 us TPOT target
+                r = client.completions.create(model="tiny", prompt=f"count {i}", max_tokens=12, temperature=0)
+                assert r.usage is not None and r.usage.completion_tokens >= 1
+            return metric(url, "splitserve_autoscale_unfulfilled_total", pool="decode") or 0.0
+
+        wait_for(unfulfilled, 180, "an unfulfilled decode scale-up")
+        assert replicas(url)["decode"] == 1
+        assert (metric(url, "splitserve_autoscale_short_replicas", pool="decode") or 0) == 1
+        r = client.completions.create(model="tiny", prompt="still serving", max_tokens=4, temperature=0)
+        assert r.choices[0].text is not None
