@@ -44,6 +44,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Roll out a changed manifest on the running deployment of the same name."""
+    try:
+        manifest = _load(args.manifest, servable=True)
+    except ManifestError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        return 2
+    from cluster.ops import OpsError, apply_manifest
+
+    try:
+        res = apply_manifest(manifest, args.address, args.namespace, args.drain_timeout)  # type: ignore[arg-type]
+    except OpsError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if not res["ok"]:
+        for path, why in res["problems"]:
+            print(f"{args.manifest}: {path}: {why}", file=sys.stderr)
+        return 2
+    print(f"applied {args.manifest} (manifest version {res['manifest_version']}): changed "
+          f"{', '.join(res['changed']) or 'nothing'}; rolled {res['rolled'] or 'no pool'}; resized "
+          f"{res['resized'] or 'no pool'}; replicas {res['replicas']}")
+    return 0
+
+
 def cmd_make_model(args: argparse.Namespace) -> int:
     from engine.errors import ModelLoadError
 
@@ -125,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     s.set_defaults(func=cmd_serve)
+
+    ap = sub.add_parser("apply", help="roll out a changed manifest on a running deployment (same name)")
+    ap.add_argument("manifest")
+    ap.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else auto)")
+    ap.add_argument("--namespace", default="splitserve", help="Ray namespace of the deployment")
+    ap.add_argument("--drain-timeout", type=float, default=None,
+                    help="seconds an old worker may take to drain (default: server.request_timeout_s + 30)")
+    ap.set_defaults(func=cmd_apply)
 
     v = sub.add_parser("validate", help="check a manifest; exit 2 with one line per problem")
     v.add_argument("manifest")

@@ -83,6 +83,10 @@ class Controller:
         # Ingresses' reports: id -> (monotonic time, state version they routed on, worker id
         # -> requests they hold on it). A retiring worker goes once none holds one.
         self._reports: dict[str, tuple[float, int, dict[str, int]]] = {}
+        # Sizing and rollouts change pools one at a time.
+        self._lock = asyncio.Lock()
+        # Bumped by each applied manifest; ingresses fetch the new one when it changes.
+        self.manifest_version = 0
 
     # -- creation ---------------------------------------------------------------------
     async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
@@ -144,7 +148,7 @@ class Controller:
         self._health_task = loop.create_task(self._health_loop())
         for name, pool in self.manifest.pools.items():
             if pool.autoscaling is not None:
-                self._autoscale_tasks.append(loop.create_task(self._autoscale_loop(name)))
+                self._autoscale_tasks.append(loop.create_task(self._autoscale_loop(name), name=f"autoscale-{name}"))
         return self.get_state()
 
     # -- health -----------------------------------------------------------------------
@@ -327,6 +331,12 @@ class Controller:
 
     async def autoscale_once(self, pool: str) -> dict[str, Any]:
         """One sizing decision for the pool and its application; returns the decision."""
+        async with self._lock:
+            if self.manifest.pools[pool].autoscaling is None:  # type: ignore[index]
+                return {"pool": pool, "action": "hold", "reason": "autoscaling off"}
+            return await self._autoscale_once(pool)
+
+    async def _autoscale_once(self, pool: str) -> dict[str, Any]:
         from cluster.autoscale import SLO, Limits, PolicyState, decide
 
         pool_spec = self.manifest.pools[pool]  # type: ignore[index]
@@ -374,6 +384,67 @@ class Controller:
             self._request_resources()
         return {"pool": pool, "action": decision.action, "current": decision.current,
                 "target": decision.target, "reason": decision.reason}
+
+    # -- live manifest changes ------------------------------------------------------------
+    def get_manifest(self) -> str:
+        return self.manifest_json
+
+    def _start_autoscaling(self, pool: str) -> None:
+        if not any(not t.done() and t.get_name() == f"autoscale-{pool}" for t in self._autoscale_tasks):
+            self._autoscale_tasks.append(asyncio.get_running_loop().create_task(self._autoscale_loop(pool),
+                                                                                name=f"autoscale-{pool}"))
+
+    async def apply(self, manifest_json: str, drain_timeout_s: float | None = None) -> dict[str, Any]:
+        """Roll out a changed manifest (splitserve apply): pools whose worker settings
+        changed (SLO, codec, batch or KV sizes, ...) get new workers, one at a time, each
+        old worker drained (no request fails) after its successor started; resized pools
+        grow or drain; ingresses take the new manifest. Fields that need a restart refuse
+        the whole manifest: {"ok": False, "problems": [[field, reason], ...]}."""
+        from cluster.rollout import plan_rollout
+
+        new = Manifest.model_validate_json(manifest_json)
+        async with self._lock:
+            plan = plan_rollout(self.manifest, new, {p: len(self.live(p)) for p in self.manifest.pools})
+            if not plan.ok:
+                return {"ok": False, "problems": [list(x) for x in plan.restart], "changed": plan.changed}
+            self.manifest = new
+            self.manifest_json = new.model_dump_json()
+            self.manifest_version += 1
+            self.version += 1
+            await self._publish()
+            logger.info("applying manifest %d: changed %s; rolling %s; resizing %s", self.manifest_version,
+                        plan.changed, plan.roll, plan.resize)
+            started: list[str] = []
+            retired: list[str] = []
+            for pool in self.manifest.pools:
+                if pool not in plan.roll and pool not in plan.resize:
+                    continue
+                olds = sorted(self.live(pool), key=lambda r: r.slot) if pool in plan.roll else []
+                have = len(self.live(pool))
+                target = plan.resize.get(pool, have)
+                # Rolled: a new worker, then an old one drained, one at a time.
+                for i in range(max(len(olds), target - (have - len(olds)))):
+                    if len(self.live(pool)) - (len(olds) - i) < target:
+                        rec = await self._create(pool, self._free_slot(pool))
+                        started.append(rec.worker_id)
+                        await self._publish()
+                    if i < len(olds):
+                        await self.retire(olds[i].worker_id, f"rollout of manifest {self.manifest_version}",
+                                          drain_timeout_s)
+                        retired.append(olds[i].worker_id)
+                # Resized only, or the rollout left more than the target.
+                extra = sorted(self.live(pool), key=lambda r: -r.slot)[:max(0, len(self.live(pool)) - target)]
+                for rec in extra:
+                    await self.retire(rec.worker_id, f"manifest {self.manifest_version}: {target} replicas",
+                                      drain_timeout_s)
+                    retired.append(rec.worker_id)
+                self._samples.pop(pool, None)
+            for name, pool_spec in self.manifest.pools.items():
+                if pool_spec.autoscaling is not None:
+                    self._start_autoscaling(name)
+            return {"ok": True, "manifest_version": self.manifest_version, "changed": plan.changed,
+                    "rolled": plan.roll, "resized": plan.resize, "started": started, "retired": retired,
+                    "replicas": {p: len(self.live(p)) for p in self.manifest.pools}}
 
     # -- attention/expert disaggregation ------------------------------------------------
     async def apply_expert_placement(self, layers: list[list[list[int]]], timeout_s: float = 300.0) -> dict[str, Any]:
@@ -426,6 +497,7 @@ class Controller:
                                     "placement_group": rec.group.id_hex if rec.group is not None else None,
                                     "planned_node": rec.group.node_ip if rec.group is not None else None})
         return {"version": self.version, "pools": pools, "replacements": self.replacements,
+                "manifest_version": self.manifest_version,
                 "autoscale": {p: {**a, "decisions": dict(a["decisions"])} for p, a in self.autoscale.items()}}
 
     async def ping(self) -> bool:

@@ -56,6 +56,7 @@ class Ingress:
         self.created = int(time.time())
         self._inflight = 0
         self.ingress_id = f"ingress-{uuid.uuid4().hex[:12]}"
+        self.manifest_version = 0
 
     # -- controller state ---------------------------------------------------------------
     async def refresh(self) -> None:
@@ -63,9 +64,21 @@ class Ingress:
         # drains a retiring worker by them) and on which snapshot it routes.
         state = await asyncio.wait_for(self.controller.get_state.remote(
             self.ingress_id, self.router.version, self.router.held()), timeout=5)
+        if state.get("manifest_version", 0) != self.manifest_version:
+            await self._take_manifest(state["manifest_version"])
         self.router.update(state)
         self.metrics.update_workers(state["pools"])
         self.metrics.update_autoscale(state.get("autoscale") or {})
+
+    async def _take_manifest(self, version: int) -> None:
+        """A manifest applied live (splitserve apply): SLOs, limits and timeouts from now on."""
+        data = await asyncio.wait_for(self.controller.get_manifest.remote(), timeout=5)
+        m = Manifest.model_validate_json(data)
+        m.base_dir = self.m.base_dir
+        self.m = self.gen.m = m
+        self.kv_capacity = min(p.num_kv_blocks for p in m.pools.values()) * m.kv_cache.block_size
+        self.manifest_version = version
+        logger.info("took manifest version %d", version)
 
     async def refresh_loop(self) -> None:
         while True:

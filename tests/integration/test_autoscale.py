@@ -49,16 +49,16 @@ def wait_for(pred, timeout_s: float, what: str, period_s: float = 1.0):  # type:
 class OpenLoop:
     """Requests at a fixed rate whether or not earlier ones finished (open loop)."""
 
-    def __init__(self, url: str, rate: float, prompt: str, max_tokens: int) -> None:
+    def __init__(self, url: str, rate: float, prompt: str, max_tokens: int, model: str = "demo") -> None:
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=300, max_retries=0)
-        self.rate, self.prompt, self.max_tokens = rate, prompt, max_tokens
+        self.rate, self.prompt, self.max_tokens, self.model = rate, prompt, max_tokens, model
         self.pool = ThreadPoolExecutor(max_workers=64)
         self.futures: list = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _one(self, i: int) -> str:
-        r = self.client.completions.create(model="demo", prompt=f"{i} {self.prompt}", max_tokens=self.max_tokens,
+        r = self.client.completions.create(model=self.model, prompt=f"{i} {self.prompt}", max_tokens=self.max_tokens,
                                            temperature=0)
         assert r.usage is not None and r.usage.completion_tokens >= 1
         return r.choices[0].finish_reason or ""
