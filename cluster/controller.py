@@ -287,12 +287,11 @@ class Controller:
         return drained
 
     def _request_resources(self) -> None:
-        """Tell Ray's autoscaler what every autoscaled pool's target needs (it brings up
+        """Tell Ray's autoscaler what every pool needs at its target size (it brings up
         nodes for bundles that do not fit; without an autoscaler this is a no-op)."""
         bundles: list[dict[str, float]] = []
+        # The whole deployment's shape (request_resources sets the cluster's total demand).
         for name, pool in self.manifest.pools.items():
-            if pool.autoscaling is None:
-                continue
             target = self.autoscale.get(name, {}).get("target", len(self.live(name)))
             bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
             bundles += [dict(bundle) for _ in range(target * pool.tp)]

@@ -55,6 +55,21 @@ def ray_head(num_cpus: int = 4) -> Iterator[str]:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        time.sleep(2)
+        stop_leftovers(tmp)
+
+
+def stop_leftovers(tmp: str) -> None:
+    """Processes of this test's own Ray (their command lines name its unique temp dir) that
+    outlived `ray start --block` (e.g. a log monitor), ended by pid."""
+    import signal
+
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if tmp.encode() in (d / "cmdline").read_bytes():
+                os.kill(int(d.name), signal.SIGTERM)
 
 
 def cluster_yaml(tmp_path: Path, **provider: object) -> Path:
