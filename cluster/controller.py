@@ -273,9 +273,9 @@ class Controller:
             held = self._held(worker_id, since)
             s = rec.stats
             if held == 0 and not s.get("running") and not s.get("waiting") and not s.get("kv_in_flight"):
+                left = max(1.0, deadline - time.monotonic())
                 try:
-                    drained = bool(await asyncio.wait_for(rec.handle.drain.remote(max(1.0, deadline - time.monotonic())),
-                                                          timeout=max(1.0, deadline - time.monotonic()) + 5))
+                    drained = bool(await asyncio.wait_for(rec.handle.drain.remote(left), timeout=left + 5))
                 except Exception as e:  # noqa: BLE001 - dead or stuck: removed below
                     logger.warning("drain of %s failed: %s", worker_id, e)
                 break
@@ -377,7 +377,8 @@ class Controller:
             victims = sorted(live, key=lambda r: (r.stats.get("running", 0) + r.stats.get("waiting", 0),
                                                   -r.slot))[:decision.current - decision.target]
             for rec in victims:
-                task = asyncio.get_running_loop().create_task(self.retire(rec.worker_id, f"autoscale: {decision.reason}"))
+                why = f"autoscale: {decision.reason}"
+                task = asyncio.get_running_loop().create_task(self.retire(rec.worker_id, why))
                 self._retire_tasks.add(task)
                 task.add_done_callback(self._retire_tasks.discard)
             self._request_resources()

@@ -56,7 +56,8 @@ def apply_manifest(manifest: Manifest, address: str | None = None, namespace: st
     import ray
 
     ctl = controller_of(manifest, address, namespace)
-    return ray.get(ctl.apply.remote(manifest.model_dump_json(), drain_timeout_s), timeout=timeout_s)  # type: ignore[no-any-return]
+    ref = ctl.apply.remote(manifest.model_dump_json(), drain_timeout_s)
+    return ray.get(ref, timeout=timeout_s)  # type: ignore[no-any-return]
 
 
 # -- deploy / down ----------------------------------------------------------------------------

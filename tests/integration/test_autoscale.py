@@ -115,7 +115,8 @@ def run_step(interval_s: float | None, cooldown_s: float | None, rise_s: float, 
         assert sent > 0 and grown
         # Load over: both pools drain back to min_replicas, and serving goes on meanwhile.
         with OpenLoop(url, rate=0.5, prompt="hello", max_tokens=4) as trickle:
-            wait_for(lambda: replicas(url) == {"prefill": 1, "decode": 1}, fall_s, "pools shrinking to 1 after the load")
+            wait_for(lambda: replicas(url) == {"prefill": 1, "decode": 1}, fall_s,
+                     "pools shrinking to 1 after the load")
             sent2, errors2 = trickle.finish()
         assert not errors2, f"{len(errors2)} of {sent2} requests failed during scale-down, e.g. {errors2[0]!r}"
         for p in POOLS:

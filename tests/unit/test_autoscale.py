@@ -18,7 +18,8 @@ def prefill(n: int, busy: float, qwait: float = 0.0, rate: float = 0.0, cap: flo
                         queue_wait_s=qwait, waiting=waiting)
 
 
-def decode(n: int, steps: int = 100, slow: int = 0, kv: float = 0.1, busy: float = 0.2, waiting: int = 0) -> PoolSnapshot:
+def decode(n: int, steps: int = 100, slow: int = 0, kv: float = 0.1, busy: float = 0.2,
+           waiting: int = 0) -> PoolSnapshot:
     return PoolSnapshot("decode", n, 5.0, busy_frac=busy, steps=steps, slow_steps=slow, kv_usage=kv, waiting=waiting)
 
 

@@ -40,7 +40,8 @@ def test_autoscaled_pool_keeps_its_live_size_within_new_limits() -> None:
 def test_fields_that_need_a_restart_are_named() -> None:
     old = manifest()
     new = manifest(name="other", model={"builtin": "small-llama"}, kv_cache={"block_size": 32},
-                   server={"max_request_bytes": 4096}, pools={"prefill": {"engine": "vllm"}, "decode": {"engine": "vllm"}})
+                   server={"max_request_bytes": 4096},
+                   pools={"prefill": {"engine": "vllm"}, "decode": {"engine": "vllm"}})
     p = plan_rollout(old, new)
     fields = [f for f, _ in p.restart]
     assert not p.ok
