@@ -61,9 +61,6 @@ def main(address: str) -> None:
             time.sleep(0.2)
         out["decode_replicas_up"] = replicas(url, "decode")
         out["nodes_up"] = alive()
-        state = ray.get(dep.controller.get_state.remote(), timeout=30)
-        out["decode_nodes"] = sorted(w["stats"].get("node_id", "") or w["placement_group"] or ""
-                                     for w in state["pools"]["decode"])
         # Load over: the pool shrinks, then the autoscaler removes the idle fake node.
         deadline = time.monotonic() + 300
         while replicas(url, "decode") > 1 and time.monotonic() < deadline:

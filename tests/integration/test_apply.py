@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import ray
 import yaml
 
@@ -24,6 +25,7 @@ def worker_ids(dep, pool: str) -> set[str]:
     return {w["worker_id"] for w in ray.get(dep.controller.get_state.remote(), timeout=10)["pools"][pool]}
 
 
+@pytest.mark.timeout(900)
 def test_apply_slo_and_codec_under_load(ray_session, llama_dir) -> None:
     kt = {"codec": "none", "transport": "grpc"}
     m = manifest_for(llama_dir, kv_transfer=kt)

@@ -125,12 +125,14 @@ def run_step(interval_s: float | None, cooldown_s: float | None, rise_s: float, 
         assert (metric(url, "splitserve_requests_total", outcome="error") or 0) == 0
 
 
+@pytest.mark.timeout(900)
 def test_load_step_scales_up_and_back_down(ray_session) -> None:
     # Short interval and cooldown, and SLO targets the load step surely misses here.
     run_step(1.0, 4.0, rise_s=240, fall_s=240, slo={"ttft_ms": 20, "tpot_ms": 2})
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_load_step_with_the_manifest_timings(ray_session) -> None:
     run_step(None, None, rise_s=120, fall_s=240)
 

@@ -102,6 +102,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path) -> None:
     assert r.returncode == 2 and "missing.yaml: no such cluster YAML" in r.stderr
 
 
+@pytest.mark.timeout(1200)
 def test_deploy_serve_and_down_on_a_local_head(tmp_path) -> None:
     cluster = cluster_yaml(tmp_path)
     port = free_port()
