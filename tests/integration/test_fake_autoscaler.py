@@ -82,3 +82,26 @@ def test_scale_up_brings_up_a_fake_node_and_it_goes_after(tmp_path) -> None:
     assert out["failed"] == 0 and out["sent"] >= 1, out
     assert out["decode_replicas_down"] == 1, out
     assert len(out["nodes_after"]) == len(out["nodes_before"]), out  # and it went away
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_deploy_and_down_on_the_fake_autoscaling_cluster(tmp_path) -> None:
+    from .test_deploy import cli
+
+    port = free_port()
+    with fake_head(tmp_path) as address:
+        cfg = tmp_path / "fake.yaml"
+        r = cli("deploy", "--cluster", str(cfg), "--manifest", "deploy/manifests/demo-autoscale.yaml", "--no-up",
+                "--address", address, "--port", str(port), "--timeout", "600")
+        assert r.returncode == 0, r.stdout + r.stderr
+        url = r.stdout.strip().splitlines()[-1]
+        try:
+            import openai
+
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0)
+            out = client.completions.create(model="demo", prompt="hello", max_tokens=4, temperature=0)
+            assert out.usage is not None and out.usage.completion_tokens >= 1
+        finally:
+            r = cli("down", "--cluster", str(cfg), "--address", address)
+        assert r.returncode == 0 and "stopped: demo-autoscale" in r.stdout, r.stdout + r.stderr
