@@ -44,6 +44,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Roll out a changed manifest on the running deployment of the same name."""
+    try:
+        manifest = _load(args.manifest, servable=True)
+    except ManifestError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        return 2
+    from cluster.ops import OpsError, apply_manifest
+
+    try:
+        res = apply_manifest(manifest, args.address, args.namespace, args.drain_timeout)  # type: ignore[arg-type]
+    except OpsError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if not res["ok"]:
+        for path, why in res["problems"]:
+            print(f"{args.manifest}: {path}: {why}", file=sys.stderr)
+        return 2
+    print(f"applied {args.manifest} (manifest version {res['manifest_version']}): changed "
+          f"{', '.join(res['changed']) or 'nothing'}; rolled {res['rolled'] or 'no pool'}; resized "
+          f"{res['resized'] or 'no pool'}; replicas {res['replicas']}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """ray up, ship the project and manifest, serve on the head, wait for /health."""
+    try:
+        manifest = _load(args.manifest, servable=True)
+    except ManifestError as e:
+        for line in e.lines():
+            print(f"{args.manifest}: {line}", file=sys.stderr)
+        return 2
+    from cluster.ops import OpsError, deploy_cluster
+
+    try:
+        url = deploy_cluster(args.cluster, args.manifest, manifest, up=not args.no_up,  # type: ignore[arg-type]
+                             address=args.address, host=args.host, port=args.port, timeout_s=args.timeout)
+    except OpsError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(f"ready: {manifest.name} serving at {url}")  # type: ignore[attr-defined]
+    print(url)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster.ops import OpsError, down_cluster
+
+    try:
+        stopped = down_cluster(args.cluster, name=args.name, address=args.address, teardown=args.teardown)
+    except OpsError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(f"stopped: {', '.join(stopped) or 'no deployment was running'}"
+          + ("; cluster torn down (ray down)" if args.teardown else ""))
+    return 0
+
+
 def cmd_make_model(args: argparse.Namespace) -> int:
     from engine.errors import ModelLoadError
 
@@ -125,6 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     s.set_defaults(func=cmd_serve)
+
+    ap = sub.add_parser("apply", help="roll out a changed manifest on a running deployment (same name)")
+    ap.add_argument("manifest")
+    ap.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else auto)")
+    ap.add_argument("--namespace", default="splitserve", help="Ray namespace of the deployment")
+    ap.add_argument("--drain-timeout", type=float, default=None,
+                    help="seconds an old worker may take to drain (default: server.request_timeout_s + 30)")
+    ap.set_defaults(func=cmd_apply)
+
+    dp = sub.add_parser("deploy", help="ray up a cluster, ship the project and manifest, serve it on the head")
+    dp.add_argument("--cluster", required=True, help="Ray cluster-launcher YAML (deploy/clusters/)")
+    dp.add_argument("--manifest", required=True)
+    dp.add_argument("--no-up", action="store_true", help="the cluster is up: skip 'ray up'")
+    dp.add_argument("--address", default=None, help="the head's GCS address (default: RAY_ADDRESS, the local "
+                    "provider's head_ip, else 'ray get-head-ip')")
+    dp.add_argument("--host", default=None, help="HTTP host on the head (default: the head's node IP)")
+    dp.add_argument("--port", type=int, default=8000)
+    dp.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for /health")
+    dp.set_defaults(func=cmd_deploy)
+
+    dn = sub.add_parser("down", help="stop what 'deploy' serves on a cluster; --teardown also runs 'ray down'")
+    dn.add_argument("--cluster", required=True)
+    dn.add_argument("--name", default=None, help="only this deployment (the manifest's name)")
+    dn.add_argument("--address", default=None)
+    dn.add_argument("--teardown", action="store_true")
+    dn.set_defaults(func=cmd_down)
 
     v = sub.add_parser("validate", help="check a manifest; exit 2 with one line per problem")
     v.add_argument("manifest")

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 CONTROLLER_NAME = "splitserve-controller"
 HEALTH_TIMEOUT_S = 5.0
 MISSES_BEFORE_REPLACE = 3
+# An ingress that has not asked for the state this long is gone (its holds no longer count).
+REPORT_STALE_S = 10.0
 # How long a worker's placement group may take to be placed (hardware.placement_timeout_s).
 PLACEMENT_TIMEOUT_S = 60.0
 
@@ -54,6 +56,8 @@ class WorkerRecord:
     started_at: float = field(default_factory=time.monotonic)
     # The worker's placement group (placement.groups.WorkerGroup); removed with the worker.
     group: Any = None
+    # Being drained before removal (scale-down, rollout): routed no new requests.
+    retiring: bool = False
 
 
 class Controller:
@@ -68,6 +72,21 @@ class Controller:
         self._replacing: set[tuple[str, int]] = set()
         self._stopping = False
         self._published = -1
+        # Autoscaling (cluster/autoscale.py): per pool the policy's memory, the previous
+        # stats sample, and what the ingresses export (decisions by action, unfulfilled
+        # scale-ups, the last reason).
+        self._policy: dict[str, Any] = {}
+        self._samples: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
+        self.autoscale: dict[str, dict[str, Any]] = {}
+        self._autoscale_tasks: list[asyncio.Task[None]] = []
+        self._retire_tasks: set[asyncio.Task[None]] = set()
+        # Ingresses' reports: id -> (monotonic time, state version they routed on, worker id
+        # -> requests they hold on it). A retiring worker goes once none holds one.
+        self._reports: dict[str, tuple[float, int, dict[str, int]]] = {}
+        # Sizing and rollouts change pools one at a time.
+        self._lock = asyncio.Lock()
+        # Bumped by each applied manifest; ingresses fetch the new one when it changes.
+        self.manifest_version = 0
 
     # -- creation ---------------------------------------------------------------------
     async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
@@ -86,6 +105,10 @@ class Controller:
         pool = self.manifest.pools[pool_name]  # type: ignore[index]
         return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0,
                 "max_concurrency": 1000, "scheduling_strategy": group.strategy(0)}
+
+    def _free_slot(self, pool_name: str) -> int:
+        used = {r.slot for r in self.workers.values() if r.pool == pool_name}
+        return next(i for i in itertools.count() if i not in used)
 
     async def _create(self, pool_name: str, slot: int) -> WorkerRecord:
         worker_id = f"{pool_name}-{slot}-g{next(self._ids)}"
@@ -121,7 +144,11 @@ class Controller:
             if isinstance(r, BaseException):
                 raise r
         await self._publish()
-        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        loop = asyncio.get_running_loop()
+        self._health_task = loop.create_task(self._health_loop())
+        for name, pool in self.manifest.pools.items():
+            if pool.autoscaling is not None:
+                self._autoscale_tasks.append(loop.create_task(self._autoscale_loop(name), name=f"autoscale-{name}"))
         return self.get_state()
 
     # -- health -----------------------------------------------------------------------
@@ -141,6 +168,9 @@ class Controller:
 
     async def _replace(self, rec: WorkerRecord, why: str) -> None:
         key = (rec.pool, rec.slot)
+        if rec.retiring:  # on its way out anyway: not replaced
+            self._remove(rec, f"died while retiring ({why})")
+            return
         if self._stopping or key in self._replacing or rec.worker_id not in self.workers:
             return
         self._replacing.add(key)
@@ -194,6 +224,228 @@ class Controller:
         if rec is not None:
             await self._check(rec)
 
+    # -- scaling ------------------------------------------------------------------------
+    def live(self, pool: str) -> list[WorkerRecord]:
+        return [r for r in self.workers.values() if r.pool == pool and not r.retiring]
+
+    def _remove(self, rec: WorkerRecord, why: str) -> None:
+        if self.workers.pop(rec.worker_id, None) is None:
+            return
+        self.version += 1
+        try:
+            ray.kill(rec.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        if rec.group is not None:
+            rec.group.remove()
+        logger.info("removed %s: %s", rec.worker_id, why)
+
+    def _held(self, worker_id: str, since_version: int) -> int | None:
+        """Requests ingresses hold on the worker; None while some live ingress has not yet
+        routed on a snapshot at least since_version (it may still pick the worker)."""
+        now, n = time.monotonic(), 0
+        for rid, (at, version, held) in list(self._reports.items()):
+            if now - at > REPORT_STALE_S:
+                del self._reports[rid]
+                continue
+            if version < since_version:
+                return None
+            n += held.get(worker_id, 0)
+        return n
+
+    async def retire(self, worker_id: str, why: str, timeout_s: float | None = None) -> bool:
+        """Drain a worker, then remove it: ingresses stop routing to it (its snapshot says
+        draining), requests they already hold on it finish (prefill workers keep their KV
+        until the decode worker took it), then the worker stops taking requests and is
+        killed, which frees its KV. Returns False when the drain timed out (removed anyway)."""
+        rec = self.workers.get(worker_id)
+        if rec is None or rec.retiring:
+            return False
+        rec.retiring = True
+        self.version += 1
+        since = self.version
+        await self._publish()
+        logger.info("draining %s: %s", worker_id, why)
+        timeout = timeout_s if timeout_s is not None else self.manifest.server.request_timeout_s + 30
+        deadline = time.monotonic() + timeout
+        drained = False
+        while time.monotonic() < deadline and worker_id in self.workers:
+            held = self._held(worker_id, since)
+            s = rec.stats
+            if held == 0 and not s.get("running") and not s.get("waiting") and not s.get("kv_in_flight"):
+                left = max(1.0, deadline - time.monotonic())
+                try:
+                    drained = bool(await asyncio.wait_for(rec.handle.drain.remote(left), timeout=left + 5))
+                except Exception as e:  # noqa: BLE001 - dead or stuck: removed below
+                    logger.warning("drain of %s failed: %s", worker_id, e)
+                break
+            await asyncio.sleep(0.2)
+        if not drained:
+            logger.warning("%s did not drain within %.0f s; removing it anyway", worker_id, timeout)
+        self._remove(rec, why)
+        await self._publish()
+        return drained
+
+    def _request_resources(self) -> None:
+        """Tell Ray's autoscaler what every pool needs at its target size (it brings up
+        nodes for bundles that do not fit; without an autoscaler this is a no-op)."""
+        bundles: list[dict[str, float]] = []
+        # The whole deployment's shape (request_resources sets the cluster's total demand).
+        for name, pool in self.manifest.pools.items():
+            target = self.autoscale.get(name, {}).get("target", len(self.live(name)))
+            bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+            bundles += [dict(bundle) for _ in range(target * pool.tp)]
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+        except Exception as e:  # noqa: BLE001 - no autoscaler API here: placement still tries
+            logger.warning("request_resources failed: %s", e)
+
+    def _snapshot(self, pool: str) -> Any:
+        from cluster.autoscale import pool_snapshot
+
+        now = time.monotonic()
+        cur = {r.worker_id: dict(r.stats) for r in self.live(pool) if r.healthy}
+        before_t, before = self._samples.get(pool, (now, {}))
+        self._samples[pool] = (now, cur)
+        role = "prefill" if pool == "prefill" else "decode"
+        return pool_snapshot(role, cur, before, now - before_t if before else 0.0)
+
+    async def _autoscale_loop(self, pool: str) -> None:
+        spec = self.manifest.pools[pool].autoscaling  # type: ignore[index]
+        assert spec is not None
+        self.autoscale[pool] = {"target": len(self.live(pool)), "decisions": {"up": 0, "down": 0, "hold": 0},
+                                "unfulfilled": 0, "reason": "", "short_by": 0}
+        self._snapshot(pool)
+        while not self._stopping:
+            spec = self.manifest.pools[pool].autoscaling  # type: ignore[index]
+            if spec is None:  # a rollout turned it off
+                return
+            await asyncio.sleep(spec.interval_s)
+            try:
+                await self.autoscale_once(pool)
+            except Exception:  # noqa: BLE001 - keep serving at the current size
+                logger.exception("autoscaling %s failed; keeping its size", pool)
+
+    async def autoscale_once(self, pool: str) -> dict[str, Any]:
+        """One sizing decision for the pool and its application; returns the decision."""
+        async with self._lock:
+            if self.manifest.pools[pool].autoscaling is None:  # type: ignore[index]
+                return {"pool": pool, "action": "hold", "reason": "autoscaling off"}
+            return await self._autoscale_once(pool)
+
+    async def _autoscale_once(self, pool: str) -> dict[str, Any]:
+        from cluster.autoscale import SLO, Limits, PolicyState, decide
+
+        pool_spec = self.manifest.pools[pool]  # type: ignore[index]
+        spec = pool_spec.autoscaling
+        assert spec is not None
+        slo = self.manifest.slo
+        snap = self._snapshot(pool)
+        state = self._policy.get(pool, PolicyState())
+        decision, self._policy[pool] = decide(snap, SLO(slo.ttft_ms / 1e3, slo.tpot_ms / 1e3, slo.attainment),
+                                              Limits(spec.min_replicas, spec.max_replicas, spec.cooldown_s),
+                                              state, time.monotonic())
+        a = self.autoscale[pool]
+        a["decisions"][decision.action] += 1
+        a["reason"] = decision.reason
+        a["target"] = decision.target
+        if decision.action == "hold":
+            logger.debug("autoscale %s: hold at %d (%s)", pool, decision.current, decision.reason)
+        else:
+            logger.info("autoscale %s: %s %d -> %d (%s)", pool, decision.action, decision.current,
+                        decision.target, decision.reason)
+        if decision.action == "up":
+            self._request_resources()
+            results = await asyncio.gather(*(self._create(pool, self._free_slot(pool))
+                                             for _ in range(decision.target - decision.current)),
+                                           return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            a["short_by"] = len(failed)
+            if failed:
+                a["unfulfilled"] += 1
+                a["target"] = len(self.live(pool))
+                self._request_resources()  # withdraw what could not be placed
+                logger.warning("autoscale %s: the cluster could not place %d of %d new replicas (%s); "
+                               "serving with %d", pool, len(failed), len(results), failed[0],
+                               len(self.live(pool)))
+            await self._publish()
+        elif decision.action == "down":
+            live = self.live(pool)
+            # The least loaded replicas go first.
+            victims = sorted(live, key=lambda r: (r.stats.get("running", 0) + r.stats.get("waiting", 0),
+                                                  -r.slot))[:decision.current - decision.target]
+            for rec in victims:
+                why = f"autoscale: {decision.reason}"
+                task = asyncio.get_running_loop().create_task(self.retire(rec.worker_id, why))
+                self._retire_tasks.add(task)
+                task.add_done_callback(self._retire_tasks.discard)
+            self._request_resources()
+        return {"pool": pool, "action": decision.action, "current": decision.current,
+                "target": decision.target, "reason": decision.reason}
+
+    # -- live manifest changes ------------------------------------------------------------
+    def get_manifest(self) -> str:
+        return self.manifest_json
+
+    def _start_autoscaling(self, pool: str) -> None:
+        if not any(not t.done() and t.get_name() == f"autoscale-{pool}" for t in self._autoscale_tasks):
+            self._autoscale_tasks.append(asyncio.get_running_loop().create_task(self._autoscale_loop(pool),
+                                                                                name=f"autoscale-{pool}"))
+
+    async def apply(self, manifest_json: str, drain_timeout_s: float | None = None) -> dict[str, Any]:
+        """Roll out a changed manifest (splitserve apply): pools whose worker settings
+        changed (SLO, codec, batch or KV sizes, ...) get new workers, one at a time, each
+        old worker drained (no request fails) after its successor started; resized pools
+        grow or drain; ingresses take the new manifest. Fields that need a restart refuse
+        the whole manifest: {"ok": False, "problems": [[field, reason], ...]}."""
+        from cluster.rollout import plan_rollout
+
+        new = Manifest.model_validate_json(manifest_json)
+        async with self._lock:
+            plan = plan_rollout(self.manifest, new, {p: len(self.live(p)) for p in self.manifest.pools})
+            if not plan.ok:
+                return {"ok": False, "problems": [list(x) for x in plan.restart], "changed": plan.changed}
+            self.manifest = new
+            self.manifest_json = new.model_dump_json()
+            self.manifest_version += 1
+            self.version += 1
+            await self._publish()
+            logger.info("applying manifest %d: changed %s; rolling %s; resizing %s", self.manifest_version,
+                        plan.changed, plan.roll, plan.resize)
+            started: list[str] = []
+            retired: list[str] = []
+            for pool in self.manifest.pools:
+                if pool not in plan.roll and pool not in plan.resize:
+                    continue
+                olds = sorted(self.live(pool), key=lambda r: r.slot) if pool in plan.roll else []
+                have = len(self.live(pool))
+                target = plan.resize.get(pool, have)
+                # Rolled: a new worker, then an old one drained, one at a time.
+                for i in range(max(len(olds), target - (have - len(olds)))):
+                    if len(self.live(pool)) - (len(olds) - i) < target:
+                        rec = await self._create(pool, self._free_slot(pool))
+                        started.append(rec.worker_id)
+                        await self._publish()
+                    if i < len(olds):
+                        await self.retire(olds[i].worker_id, f"rollout of manifest {self.manifest_version}",
+                                          drain_timeout_s)
+                        retired.append(olds[i].worker_id)
+                # Resized only, or the rollout left more than the target.
+                extra = sorted(self.live(pool), key=lambda r: -r.slot)[:max(0, len(self.live(pool)) - target)]
+                for rec in extra:
+                    await self.retire(rec.worker_id, f"manifest {self.manifest_version}: {target} replicas",
+                                      drain_timeout_s)
+                    retired.append(rec.worker_id)
+                self._samples.pop(pool, None)
+            for name, pool_spec in self.manifest.pools.items():
+                if pool_spec.autoscaling is not None:
+                    self._start_autoscaling(name)
+            return {"ok": True, "manifest_version": self.manifest_version, "changed": plan.changed,
+                    "rolled": plan.roll, "resized": plan.resize, "started": started, "retired": retired,
+                    "replicas": {p: len(self.live(p)) for p in self.manifest.pools}}
+
     # -- attention/expert disaggregation ------------------------------------------------
     async def apply_expert_placement(self, layers: list[list[list[int]]], timeout_s: float = 300.0) -> dict[str, Any]:
         """Live re-placement of the experts (pools attention + expert): every expert worker
@@ -230,15 +482,23 @@ class Controller:
                 "attention_workers": len(attention)}
 
     # -- queries ----------------------------------------------------------------------
-    def get_state(self) -> dict[str, Any]:
+    def get_state(self, reporter: str | None = None, version: int | None = None,
+                  held: dict[str, int] | None = None) -> dict[str, Any]:
+        """The versioned snapshot of every pool. An ingress passes its id, the version it
+        routes on and the requests it holds per worker (so retiring workers are drained)."""
+        if reporter is not None:
+            self._reports[reporter] = (time.monotonic(), -1 if version is None else version, dict(held or {}))
         pools: dict[str, list[dict[str, Any]]] = {name: [] for name in self.manifest.pools}
         for rec in self.workers.values():
-            pools[rec.pool].append({"worker_id": rec.worker_id, "handle": rec.handle,
+            stats = {**rec.stats, "draining": True} if rec.retiring else rec.stats
+            pools.setdefault(rec.pool, []).append({"worker_id": rec.worker_id, "handle": rec.handle,
                                     "healthy": rec.healthy, "node_ip": rec.node_ip,
-                                    "stats": rec.stats,
+                                    "stats": stats,
                                     "placement_group": rec.group.id_hex if rec.group is not None else None,
                                     "planned_node": rec.group.node_ip if rec.group is not None else None})
-        return {"version": self.version, "pools": pools, "replacements": self.replacements}
+        return {"version": self.version, "pools": pools, "replacements": self.replacements,
+                "manifest_version": self.manifest_version,
+                "autoscale": {p: {**a, "decisions": dict(a["decisions"])} for p, a in self.autoscale.items()}}
 
     async def ping(self) -> bool:
         return True
@@ -248,6 +508,8 @@ class Controller:
         self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
+        for task in [*self._autoscale_tasks, *self._retire_tasks]:
+            task.cancel()
         n = 0
         for rec in list(self.workers.values()):
             try:

@@ -237,6 +237,7 @@ class Generator:
 
         self.metrics.inflight.inc()
         outcome = "error"
+        holding: list[WorkerView] = []  # released when the request ends, however it ends
         try:
             if self.m.mode == "disaggregated":
                 # Both workers are chosen up front: the prefill worker picks the KV
@@ -244,6 +245,9 @@ class Generator:
                 usage.dispatched_at = time.monotonic()
                 pw = self.router.pick_prefill()
                 w = self.router.pick_decode(self.m.decode_pool, near=pw.node_ip)
+                self.router.hold(pw)
+                self.router.hold(w)
+                holding += [pw, w]
                 res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
                                                 "decode_actor": w.handle}, pw)
                 usage.first_token_at = time.monotonic()
@@ -277,6 +281,8 @@ class Generator:
             else:
                 payload = base
                 w = self.router.pick_decode("colocated")
+                self.router.hold(w)
+                holding.append(w)
                 open_ids = set(ids)
             load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
             self.router.begin(w, load)
@@ -313,6 +319,8 @@ class Generator:
                 self.router.end(w, load)
             raise WorkerFailedError(f"decode stream of {req.request_id} ended without finishing")
         finally:
+            for held in holding:
+                self.router.unhold(held)
             self.metrics.inflight.dec()
             self.metrics.requests.labels(outcome).inc()
             if outcome == "ok":

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -60,12 +61,30 @@ class Ingress:
         # grammars of recent requests, checked once.
         self._gtok: Any = None
         self._grammars: dict[tuple[str | None, str], str] = {}
+        self.ingress_id = f"ingress-{uuid.uuid4().hex[:12]}"
+        self.manifest_version = 0
 
     # -- controller state ---------------------------------------------------------------
     async def refresh(self) -> None:
-        state = await asyncio.wait_for(self.controller.get_state.remote(), timeout=5)
+        # The controller learns which workers this ingress still holds requests on (it
+        # drains a retiring worker by them) and on which snapshot it routes.
+        state = await asyncio.wait_for(self.controller.get_state.remote(
+            self.ingress_id, self.router.version, self.router.held()), timeout=5)
+        if state.get("manifest_version", 0) != self.manifest_version:
+            await self._take_manifest(state["manifest_version"])
         self.router.update(state)
         self.metrics.update_workers(state["pools"])
+        self.metrics.update_autoscale(state.get("autoscale") or {})
+
+    async def _take_manifest(self, version: int) -> None:
+        """A manifest applied live (splitserve apply): SLOs, limits and timeouts from now on."""
+        data = await asyncio.wait_for(self.controller.get_manifest.remote(), timeout=5)
+        m = Manifest.model_validate_json(data)
+        m.base_dir = self.m.base_dir
+        self.m = self.gen.m = m
+        self.kv_capacity = min(p.num_kv_blocks for p in m.pools.values()) * m.kv_cache.block_size
+        self.manifest_version = version
+        logger.info("took manifest version %d", version)
 
     async def refresh_loop(self) -> None:
         while True:

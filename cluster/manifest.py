@@ -42,8 +42,26 @@ class ModelSpec(Strict):
         return self
 
 
+class AutoscalingSpec(Strict):
+    min_replicas: int = Field(1, ge=1, le=1024, description="Fewest replicas the autoscaler keeps")
+    max_replicas: int = Field(1, ge=1, le=1024, description="Most replicas the autoscaler starts")
+    interval_s: float = Field(10.0, gt=0, description="Seconds between two sizing decisions")
+    cooldown_s: float = Field(60.0, ge=0, description="Seconds after a change before the next one; a "
+                              "scale-down also needs the low load to last this long")
+
+    @model_validator(mode="after")
+    def _order(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
 class PoolSpec(Strict):
-    replicas: int = Field(1, ge=1, le=1024, description="Actors in this pool")
+    replicas: int = Field(1, ge=1, le=1024, description="Actors in this pool (with autoscaling: at start)")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Size the pool from its SLO (prefill: prompt-token rate and queueing vs "
+                          "slo.ttft_ms; decode: TPOT attainment vs slo.tpot_ms and KV occupancy) within "
+                          "min_replicas..max_replicas")
     tp: int = Field(1, ge=1, le=64, description="Tensor-parallel degree of each replica")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per rank (also torch threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per rank")
@@ -215,6 +233,13 @@ def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = 
     misplaced = [(f"pools.{name}.{f}", "applies to the expert pool only")
                  for name, pool in m.pools.items() if name != "expert"
                  for f in ("placement", "micro_batches") if getattr(pool, f) is not None]
+    misplaced += [(f"pools.{name}.autoscaling", "attention/expert pools do not autoscale (the expert "
+                   "placement fixes their size); allowed on prefill, decode, colocated")
+                  for name, pool in m.pools.items() if name in AFD_POOLS and pool.autoscaling is not None]
+    misplaced += [(f"pools.{name}.replicas", f"{pool.replicas} outside autoscaling "
+                   f"{pool.autoscaling.min_replicas}..{pool.autoscaling.max_replicas}")
+                  for name, pool in m.pools.items() if pool.autoscaling is not None
+                  and not pool.autoscaling.min_replicas <= pool.replicas <= pool.autoscaling.max_replicas]
     if misplaced:
         raise ManifestError(misplaced)
     if m.afd:

@@ -98,6 +98,19 @@ class Metrics:
         self.expert_rows = Gauge("splitserve_expert_rows", "Token rows an expert worker computed per (layer, "
                                  "expert) since it started", ["worker", "pool", "layer", "expert"], registry=r)
         self._expert_labels: set[tuple[str, str, str, str, str]] = set()
+        # Pools and autoscaling (cluster/autoscale.py, decided in the controller).
+        self.pool_replicas = Gauge("splitserve_pool_replicas", "Live workers per pool (healthy, not draining)",
+                                   ["pool"], registry=r)
+        self.autoscale_target = Gauge("splitserve_autoscale_target_replicas", "The autoscaler's target size "
+                                      "of each autoscaled pool", ["pool"], registry=r)
+        self.autoscale_decisions = Counter("splitserve_autoscale_decisions", "Autoscaler decisions by pool and "
+                                           "action (up, down, hold)", ["pool", "action"], registry=r)
+        self.autoscale_unfulfilled = Counter("splitserve_autoscale_unfulfilled", "Scale-ups the cluster could not "
+                                             "place (no node came up in time); the pool keeps serving at its size",
+                                             ["pool"], registry=r)
+        self.autoscale_short = Gauge("splitserve_autoscale_short_replicas", "Replicas the last scale-up of a pool "
+                                     "could not place", ["pool"], registry=r)
+        self._autoscale_seen: dict[tuple[str, str], int] = {}
 
     def update_workers(self, pools: dict[str, list[dict[str, Any]]]) -> None:
         seen: set[tuple[str, str]] = set()
@@ -118,6 +131,9 @@ class Metrics:
         for key in self._labels - seen:
             for g in (self.running, self.waiting, self.kv_used, self.kv_total, self.prompt_computed):
                 g.remove(*key)
+        for pool, pool_workers in pools.items():
+            self.pool_replicas.labels(pool).set(sum(1 for w in pool_workers if w.get("healthy")
+                                                    and not (w.get("stats") or {}).get("draining")))
         workers = [w.get("stats") or {} for ws in pools.values() for w in ws]
         self.vllm.running.set(sum(s.get("running", 0) for s in workers))
         self.vllm.waiting.set(sum(s.get("waiting", 0) for s in workers))
@@ -143,6 +159,24 @@ class Metrics:
         for key5 in self._expert_labels - expert_seen:
             (self.expert_routed if key5[0] == "routed" else self.expert_rows).remove(*key5[1:])
         self._expert_labels = expert_seen
+
+    def update_autoscale(self, autoscale: dict[str, dict[str, Any]]) -> None:
+        """The controller's autoscaling record: counters advance by what changed since the
+        last snapshot this ingress saw."""
+        for pool, a in autoscale.items():
+            self.autoscale_target.labels(pool).set(a.get("target", 0))
+            self.autoscale_short.labels(pool).set(a.get("short_by", 0))
+            counts = {**{f"decision:{k}": v for k, v in (a.get("decisions") or {}).items()},
+                      "unfulfilled": a.get("unfulfilled", 0)}
+            for what, n in counts.items():
+                key = (pool, what)
+                delta = n - self._autoscale_seen.get(key, 0)
+                if delta > 0:
+                    if what == "unfulfilled":
+                        self.autoscale_unfulfilled.labels(pool).inc(delta)
+                    else:
+                        self.autoscale_decisions.labels(pool, what.split(":", 1)[1]).inc(delta)
+                self._autoscale_seen[key] = n
 
     def token_gap(self, seconds: float, tokens: int) -> None:
         """``tokens`` output tokens (not the first) arrived ``seconds`` after the previous ones."""

@@ -30,6 +30,9 @@ class WorkerView:
     inflight_load: int = 0
     # Monotonic time until which a locally observed failure keeps the worker out.
     failed_until: float = 0.0
+    # Requests of this ingress that involve the worker from pick to finish (a prefill
+    # worker's KV until the decode worker took it, a decode worker's before its KV came).
+    held: int = 0
 
 
 class Router:
@@ -41,6 +44,13 @@ class Router:
     def update(self, state: dict[str, Any]) -> None:
         """Take a controller snapshot; keeps local in-flight counts of known workers."""
         pools: dict[str, dict[str, WorkerView]] = {}
+        # Workers gone from the snapshot keep their views while this ingress holds
+        # requests on them (so that hold/unhold pair up); they are not routed to.
+        for pool, old_views in self.pools.items():
+            for wid, view in old_views.items():
+                if view.held > 0:
+                    view.healthy = False
+                    pools.setdefault(pool, {})[wid] = view
         for pool, workers in state["pools"].items():
             old = self.pools.get(pool, {})
             cur: dict[str, WorkerView] = {}
@@ -50,7 +60,7 @@ class Router:
                 view.healthy = bool(w["healthy"]) and time.monotonic() >= view.failed_until
                 view.stats = w.get("stats") or {}
                 cur[w["worker_id"]] = view
-            pools[pool] = cur
+            pools.setdefault(pool, {}).update(cur)
         self.pools = pools
         self.version = state["version"]
 
@@ -91,6 +101,16 @@ class Router:
     def end(self, w: WorkerView, load: int) -> None:
         w.inflight -= 1
         w.inflight_load -= load
+
+    def hold(self, w: WorkerView) -> None:
+        w.held += 1
+
+    def unhold(self, w: WorkerView) -> None:
+        w.held -= 1
+
+    def held(self) -> dict[str, int]:
+        """Worker id -> requests this ingress holds on it (the controller drains by it)."""
+        return {wid: w.held for pool in self.pools.values() for wid, w in pool.items() if w.held > 0}
 
     def mark_failed(self, worker_id: str) -> None:
         for pool in self.pools.values():

@@ -133,6 +133,9 @@ class EngineWorker:
         self._steps = 0
         self._tokens = 0
         self._busy_s = 0.0
+        # Steps longer than the TPOT target (the autoscaler's TPOT attainment of decode pools).
+        self._slow_steps = 0
+        self._tpot_s = self.manifest.slo.tpot_ms / 1000.0
         self._started_at = time.monotonic()
         self._last_error: str | None = None
 
@@ -238,6 +241,7 @@ class EngineWorker:
                                  "pool": self.pool_name, "ready": self.engine is not None,
                                  "draining": self._draining, "steps": self._steps,
                                  "tokens": self._tokens, "busy_s": self._busy_s,
+                                 "slow_steps": self._slow_steps,
                                  "pid": os.getpid(), "last_error": self._last_error,
                                  "node_ip": current_node_ip(), "placement_group": _current_pg_hex()}
         if self.engine is not None:
@@ -313,7 +317,9 @@ class EngineWorker:
                     engine.abort(seq.request_id, "error")
                     loop.call_soon_threadsafe(self.on_request_error, seq.request_id, e)
                 continue
-            self._busy_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self._busy_s += dt
+            self._slow_steps += dt > self._tpot_s
             self._steps += 1
             self._tokens += out.num_tokens
             loop.call_soon_threadsafe(self.on_step, out)

@@ -77,6 +77,10 @@ class PrefillWorker(EngineWorker):
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
         stats.update(self.policy.profile_status())
+        # Age of the oldest prompt not yet prefilled (the autoscaler's queueing vs TTFT).
+        now = time.monotonic()
+        stats["queue_wait_s"] = max((now - t for rid, t in list(self._arrivals.items()) if rid != self._probe),
+                                    default=0.0)
         return stats
 
     async def _profile_codecs(self, tokens: int = 512) -> None:
