@@ -73,7 +73,7 @@ def test_bad_request_is_rejected_clearly(url, path, body, status, words):
 def test_a_chunked_body_over_the_limit_is_cut_off_with_413(url):
     """No Content-Length: the server reads up to the limit, then answers 413."""
     def body():
-        yield b'{"model": "tiny", "prompt": "hi", "junk": "'
+        yield b'{"model": "tiny", "prompt": "hi", "user": "'
         for _ in range(100):
             yield b"x" * 10_000
         yield b'"}'
@@ -84,7 +84,7 @@ def test_a_chunked_body_over_the_limit_is_cut_off_with_413(url):
     assert r.json()["error"]["code"] == "request_too_large"
     # Just under the limit is parsed as usual (here: a valid request).
     small = httpx.post(f"{url}/v1/completions", timeout=60, json={
-        "model": "tiny", "prompt": "hi", "max_tokens": 2, "junk": "x" * 500_000})
+        "model": "tiny", "prompt": "hi", "max_tokens": 2, "user": "x" * 500_000})
     assert small.status_code == 200, small.text
 
 
