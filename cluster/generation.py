@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.errors import InvalidRequestError, SplitServeError, WorkerFailedError
+from cluster.errors import InvalidRequestError, NoHealthyPoolError, SplitServeError, WorkerFailedError
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.router import Router, WorkerView
@@ -25,6 +25,13 @@ from engine.sequence import SamplingParams
 from kvtransfer.connector import KVTransferError
 
 logger = logging.getLogger(__name__)
+
+# Workers one request may be sent to per stage (prefill; decode) across worker faults, the
+# first included; all within the request's deadline (server.request_timeout_s).
+MAX_ATTEMPTS = 3
+# Longest a re-sent request waits for a healthy worker of the pool (the controller is
+# replacing the dead one), within its deadline.
+WAIT_HEALTHY_S = 30.0
 
 
 @dataclass
@@ -154,15 +161,38 @@ class Generator:
             return "stop"
         return "length" if p.max_tokens <= 1 else None
 
-    async def _prefill(self, req: GenRequest, payload: dict[str, Any], first: WorkerView) -> dict[str, Any]:
+    async def _pick(self, pick: Any, deadline: float) -> WorkerView:
+        """pick() a worker; while the pool has none healthy (a dead one being replaced),
+        wait for the router's next view, up to WAIT_HEALTHY_S and the deadline."""
+        until = min(deadline, time.monotonic() + WAIT_HEALTHY_S)
+        while True:
+            try:
+                return pick()
+            except NoHealthyPoolError:
+                if time.monotonic() >= until:
+                    raise
+            await asyncio.sleep(0.1)
+
+    async def _prefill(self, req: GenRequest, payload: dict[str, Any], first: WorkerView,
+                       deadline: float) -> dict[str, Any]:
+        """Prefill on `first`; nothing has been sent yet, so a worker fault re-sends the
+        request to another prefill worker (bounded attempts, within the deadline)."""
         last: SplitServeError | None = None
-        for attempt in range(2):  # nothing has been sent yet: one retry on another worker
-            w = first if attempt == 0 else self.router.pick_prefill()
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt == 0:
+                w = first
+            else:
+                if time.monotonic() >= deadline:
+                    break
+                w = await self._pick(self.router.pick_prefill, deadline)
+                self.metrics.reroutes.labels("prefill").inc()
+                logger.warning("re-sending %s to prefill worker %s (attempt %d): %s", req.request_id,
+                               w.worker_id, attempt + 1, last.message if last else "")
             load = len(req.prompt_token_ids)
             self.router.begin(w, load)
             try:
-                return await asyncio.wait_for(w.handle.prefill.remote(payload),
-                                              timeout=self.m.server.request_timeout_s)
+                left = max(0.1, deadline - time.monotonic())
+                return await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=left)
             except Exception as e:  # noqa: BLE001 - mapped below
                 last = self._map_error(w, e)
                 if not isinstance(last, WorkerFailedError):
@@ -198,6 +228,25 @@ class Generator:
                     ray.cancel(gen)
                 except Exception:  # noqa: BLE001 - the worker may be dead
                     pass
+
+    @staticmethod
+    def _resume_payload(req: GenRequest, ids: list[str], all_params: list[SamplingParams],
+                        sent: list[list[int]], open_ids: set[str], prompt_lps_sent: bool) -> dict[str, Any]:
+        """A request for a decode worker to continue the open choices from the prompt and
+        their tokens so far (no KV: it computes them). The choice with the fewest tokens
+        leads (a forked choice without tokens samples from the lead's prompt logits)."""
+        going = sorted((j for j, rid in enumerate(ids) if rid in open_ids), key=lambda j: (len(sent[j]), j))
+
+        def params(j: int) -> dict[str, Any]:
+            d = asdict(all_params[j])
+            if prompt_lps_sent:
+                d["prompt_logprobs"] = None
+            return d
+
+        lead = going[0]
+        return {"request_id": ids[lead], "prompt_token_ids": req.prompt_token_ids, "params": params(lead),
+                "output_token_ids": list(sent[lead]) or None,
+                "children": [(ids[j], params(j), list(sent[j]) or None) for j in going[1:]]}
 
     async def generate(self, req: GenRequest, usage: Usage) -> AsyncIterator[Delta]:
         """Yields text deltas of the request's choices (Delta.index); each choice's last
@@ -237,15 +286,21 @@ class Generator:
 
         self.metrics.inflight.inc()
         outcome = "error"
+        deadline = t0 + self.m.server.request_timeout_s
+        # Tokens of each choice so far: a decode worker that fails resumes from them.
+        sent: list[list[int]] = [[] for _ in ids]
+        prompt_lps_sent = False
+        handle = None
         try:
             if self.m.mode == "disaggregated":
                 # Both workers are chosen up front: the prefill worker picks the KV
                 # transport from where the decode worker is.
                 usage.dispatched_at = time.monotonic()
-                pw = self.router.pick_prefill()
-                w = self.router.pick_decode(self.m.decode_pool, near=pw.node_ip)
+                pw = await self._pick(self.router.pick_prefill, deadline)
+                w = await self._pick(lambda: self.router.pick_decode(self.m.decode_pool, near=pw.node_ip),
+                                     deadline)
                 res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
-                                                "decode_actor": w.handle}, pw)
+                                                "decode_actor": w.handle}, pw, deadline)
                 usage.first_token_at = time.monotonic()
                 ttft = usage.first_token_at - t0
                 usage.worker_s = res["queue_s"] + res["prefill_s"]
@@ -256,8 +311,10 @@ class Generator:
                 going: list[int] = []  # choices the decode worker continues
                 for j, rid in enumerate(ids):
                     tok, lp = firsts[rid]
+                    sent[j].append(tok)
                     d = emit(j, [tok], self._first_stop(tok, all_params[j]), None if lp is None else [lp],
                              res.get("prompt_logprobs"))
+                    prompt_lps_sent = True
                     yield d
                     if d.finish_reason is None:
                         going.append(j)
@@ -274,44 +331,72 @@ class Generator:
                            "children": [(ids[j], {**asdict(all_params[j]), "prompt_logprobs": None},
                                          [firsts[ids[j]][0]]) for j in going[1:]]}
                 open_ids = {ids[j] for j in going}
+                pool = self.m.decode_pool
             else:
                 payload = base
-                w = self.router.pick_decode("colocated")
+                pool = "colocated"
+                w = await self._pick(lambda: self.router.pick_decode("colocated"), deadline)
                 open_ids = set(ids)
-            load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
-            self.router.begin(w, load)
-            stream = self._stream(w, payload)
-            try:
-                async for msg in stream:
-                    if ttft is None:
-                        ttft = time.monotonic() - t0
-                    if "kv_receive_s" in msg and self.m.mode == "disaggregated":
-                        self.metrics.kv_bytes.inc(msg.get("kv_bytes", handle.nbytes))
-                        itemsize = 4 if handle.dtype == "float32" else 2
-                        self.metrics.kv_raw_bytes.inc(math.prod(handle.shape) * itemsize)
-                        self.metrics.kv_transfers.labels(handle.transport).inc()
-                        for choice in msg.get("kv_choices") or ():
-                            self.metrics.kv_chunks.labels(choice).inc()
-                        self.metrics.kv_refetches.inc(max(0, msg.get("kv_attempts", 1) - 1))
-                        self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
-                    rid = msg.get("request_id", req.request_id)
-                    d = emit(index_of[rid], msg["token_ids"], msg["finish_reason"], msg.get("logprobs"),
-                             msg.get("prompt_logprobs"))
-                    if d.text or d.token_ids or d.finish_reason or d.prompt_logprobs is not None:
-                        yield d
-                    if d.finish_reason is not None:
-                        open_ids.discard(rid)
-                        if not open_ids:
-                            outcome = "ok"
-                            return
-            except SplitServeError:
-                raise
-            except Exception as e:  # noqa: BLE001 - worker death, timeout
-                raise self._map_error(w, e) from None
-            finally:
-                await stream.aclose()
-                self.router.end(w, load)
-            raise WorkerFailedError(f"decode stream of {req.request_id} ended without finishing")
+            for attempt in range(MAX_ATTEMPTS):
+                if attempt > 0:
+                    # The decode (colocated) worker failed: resume the open choices on
+                    # another one from the prompt and the tokens so far, which it computes
+                    # (no KV), so greedy choices continue exactly as they would have.
+                    assert err is not None
+                    if time.monotonic() >= deadline:
+                        raise err
+                    w = await self._pick(lambda: self.router.pick_decode(pool), deadline)
+                    self.metrics.reroutes.labels("decode").inc()
+                    logger.warning("resuming %s on %s worker %s from %d tokens (attempt %d): %s",
+                                   req.request_id, pool, w.worker_id, sum(len(t) for t in sent),
+                                   attempt + 1, err.message)
+                    payload = self._resume_payload(req, ids, all_params, sent, open_ids,
+                                                   prompt_lps_sent)
+                err: SplitServeError | None = None
+                load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
+                self.router.begin(w, load)
+                stream = self._stream(w, payload)
+                try:
+                    async for msg in stream:
+                        if ttft is None:
+                            ttft = time.monotonic() - t0
+                        if "kv_receive_s" in msg and payload.get("kv") is not None:
+                            self.metrics.kv_bytes.inc(msg.get("kv_bytes", handle.nbytes))
+                            itemsize = 4 if handle.dtype == "float32" else 2
+                            self.metrics.kv_raw_bytes.inc(math.prod(handle.shape) * itemsize)
+                            self.metrics.kv_transfers.labels(handle.transport).inc()
+                            for choice in msg.get("kv_choices") or ():
+                                self.metrics.kv_chunks.labels(choice).inc()
+                            self.metrics.kv_refetches.inc(max(0, msg.get("kv_attempts", 1) - 1))
+                            self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
+                        rid = msg.get("request_id", req.request_id)
+                        j = index_of[rid]
+                        sent[j].extend(msg["token_ids"])
+                        d = emit(j, msg["token_ids"], msg["finish_reason"], msg.get("logprobs"),
+                                 msg.get("prompt_logprobs"))
+                        if d.prompt_logprobs is not None:
+                            prompt_lps_sent = True
+                        if d.text or d.token_ids or d.finish_reason or d.prompt_logprobs is not None:
+                            yield d
+                        if d.finish_reason is not None:
+                            open_ids.discard(rid)
+                            if not open_ids:
+                                outcome = "ok"
+                                return
+                    err = WorkerFailedError(f"decode stream of {req.request_id} ended without finishing")
+                except WorkerFailedError as e:
+                    err = e
+                except SplitServeError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - worker death, timeout, KV transfer
+                    err = self._map_error(w, e)
+                    if not isinstance(err, WorkerFailedError):
+                        raise err from None
+                finally:
+                    await stream.aclose()
+                    self.router.end(w, load)
+            assert err is not None
+            raise err
         finally:
             self.metrics.inflight.dec()
             self.metrics.requests.labels(outcome).inc()

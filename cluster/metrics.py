@@ -75,6 +75,9 @@ class Metrics:
                                  "(cachegen:LEVEL; recompute: left to the decode worker)", ["codec"], registry=r)
         self.kv_refetches = Counter("splitserve_kv_transfer_refetches", "KV streams fetched again after a "
                                     "failure (bad checksum, cut)", registry=r)
+        self.reroutes = Counter("splitserve_request_reroutes", "Requests re-sent to another worker after a "
+                                "worker fault, by stage (prefill: re-sent; decode: resumed from the prompt "
+                                "and the tokens so far)", ["stage"], registry=r)
         self.kv_seconds = Counter("splitserve_kv_transfer_seconds", "Seconds spent moving KV", registry=r)
         self.running = Gauge("splitserve_worker_running_requests", "Running requests", ["worker", "pool"], registry=r)
         self.waiting = Gauge("splitserve_worker_waiting_requests", "Waiting requests", ["worker", "pool"], registry=r)
