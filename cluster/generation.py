@@ -174,7 +174,7 @@ class Generator:
             await asyncio.sleep(0.1)
 
     async def _prefill(self, req: GenRequest, payload: dict[str, Any], first: WorkerView,
-                       deadline: float) -> dict[str, Any]:
+                       deadline: float) -> tuple[dict[str, Any], WorkerView]:
         """Prefill on `first`; nothing has been sent yet, so a worker fault re-sends the
         request to another prefill worker (bounded attempts, within the deadline)."""
         last: SplitServeError | None = None
@@ -192,7 +192,7 @@ class Generator:
             self.router.begin(w, load)
             try:
                 left = max(0.1, deadline - time.monotonic())
-                return await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=left)
+                return await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=left), w
             except Exception as e:  # noqa: BLE001 - mapped below
                 last = self._map_error(w, e)
                 if not isinstance(last, WorkerFailedError):
@@ -291,6 +291,7 @@ class Generator:
         sent: list[list[int]] = [[] for _ in ids]
         prompt_lps_sent = False
         handle = None
+        kv_from: WorkerView | None = None
         try:
             if self.m.mode == "disaggregated":
                 # Both workers are chosen up front: the prefill worker picks the KV
@@ -299,7 +300,7 @@ class Generator:
                 pw = await self._pick(self.router.pick_prefill, deadline)
                 w = await self._pick(lambda: self.router.pick_decode(self.m.decode_pool, near=pw.node_ip),
                                      deadline)
-                res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
+                res, kv_from = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
                                                 "decode_actor": w.handle}, pw, deadline)
                 usage.first_token_at = time.monotonic()
                 ttft = usage.first_token_at - t0
@@ -398,6 +399,13 @@ class Generator:
             assert err is not None
             raise err
         finally:
+            if handle is not None and handle.transport == "grpc" and kv_from is not None:
+                # However the request ended, the sender need not keep its KV parts (the
+                # receiver releases them after a successful fetch; this covers the rest).
+                try:
+                    kv_from.handle.release_kv.remote(handle.request_id)
+                except Exception:  # noqa: BLE001 - the sender may be dead (its parts with it)
+                    pass
             self.metrics.inflight.dec()
             self.metrics.requests.labels(outcome).inc()
             if outcome == "ok":

@@ -29,6 +29,8 @@ from engine.sequence import SamplingParams
 logger = logging.getLogger(__name__)
 
 STATE_REFRESH_S = 0.5
+# How often a non-streamed request checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.5
 
 
 def error_response(e: SplitServeError) -> JSONResponse:
@@ -405,16 +407,31 @@ def build_app(ingress: Ingress) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
 
+    async def unless_gone(request: Request, work: Any) -> Response:
+        """Run work (a respond()) but cancel it once the client has disconnected, so a
+        non-streamed request whose client left frees its workers and KV at once."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                logger.info("client of %s %s left; request cancelled", request.method, request.url.path)
+                return Response(status_code=499)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t_in = time.monotonic()
         req, jobs = ingress.completion_request(await body_of(request))
-        return await ingress.respond("completion", req, jobs, t_in)
+        return await unless_gone(request, ingress.respond("completion", req, jobs, t_in))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         req, jobs = ingress.chat_request(await body_of(request))
-        return await ingress.respond("chat", req, jobs)
+        return await unless_gone(request, ingress.respond("chat", req, jobs))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

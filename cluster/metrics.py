@@ -81,7 +81,13 @@ class Metrics:
         self.kv_seconds = Counter("splitserve_kv_transfer_seconds", "Seconds spent moving KV", registry=r)
         self.running = Gauge("splitserve_worker_running_requests", "Running requests", ["worker", "pool"], registry=r)
         self.waiting = Gauge("splitserve_worker_waiting_requests", "Waiting requests", ["worker", "pool"], registry=r)
-        self.kv_used = Gauge("splitserve_worker_kv_blocks_used", "KV blocks in use", ["worker", "pool"], registry=r)
+        self.kv_used = Gauge("splitserve_worker_kv_blocks_used", "KV blocks held by live requests (0 when idle)",
+                             ["worker", "pool"], registry=r)
+        self.kv_cached = Gauge("splitserve_worker_kv_blocks_cached", "KV blocks of the prefix cache that no live "
+                               "request holds (evictable; counted free)", ["worker", "pool"], registry=r)
+        self.kv_held = Gauge("splitserve_worker_kv_transfers_held", "KV transfers a worker holds: parts a sender "
+                             "keeps for a receiver, transfers a receiver pulled ahead of its request",
+                             ["worker", "pool"], registry=r)
         self.kv_total = Gauge("splitserve_worker_kv_blocks_total", "KV blocks", ["worker", "pool"], registry=r)
         self.prompt_computed = Gauge("splitserve_worker_prompt_tokens_computed",
                                      "Prompt tokens a worker computed since it started (prefix-cache hits, "
@@ -114,12 +120,15 @@ class Metrics:
                 total = s.get("kv_blocks_total", 0)
                 self.kv_total.labels(*key).set(total)
                 self.kv_used.labels(*key).set(total - s.get("kv_blocks_free", total))
+                self.kv_cached.labels(*key).set(s.get("kv_blocks_cached", 0))
+                self.kv_held.labels(*key).set(s.get("kv_transfers_held", 0))
                 if s.get("kv_codec_profile") is not None:
                     profiled.add(key)
                     self.codec_profile.labels(*key).set(1 if s["kv_codec_profile"] == "measured" else 0)
                 self.prompt_computed.labels(*key).set(s.get("prompt_tokens_computed", 0))
         for key in self._labels - seen:
-            for g in (self.running, self.waiting, self.kv_used, self.kv_total, self.prompt_computed):
+            for g in (self.running, self.waiting, self.kv_used, self.kv_cached, self.kv_held, self.kv_total,
+                      self.prompt_computed):
                 g.remove(*key)
         workers = [w.get("stats") or {} for ws in pools.values() for w in ws]
         self.vllm.running.set(sum(s.get("running", 0) for s in workers))

@@ -44,6 +44,8 @@ FLAG_LAST = 1
 CHUNK_BYTES = 1 << 20
 # Parts not released within this time are dropped (the decode side gave up or died).
 EXPIRE_S = 120.0
+# A failed transfer keeps only its reason (for a receiver still to ask), this long.
+FAILED_KEEP_S = 10.0
 
 
 def frame(seq: int, payload: bytes, last: bool) -> bytes:
@@ -75,6 +77,7 @@ class _Entry:
     # Receiver's node (link statistics are kept per destination).
     dest: str | None = None
     created: float = field(default_factory=time.monotonic)
+    failed_at: float | None = None
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 
@@ -122,6 +125,8 @@ class KVServer:
         with entry.cond:
             entry.error = reason
             entry.closed = True
+            entry.parts = []  # nobody can use them: free the bytes now
+            entry.failed_at = time.monotonic()
             entry.cond.notify_all()
 
     def append(self, request_id: str, data: bytes, last: bool = False) -> None:
@@ -145,9 +150,22 @@ class KVServer:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for rid in [r for r, e in self._entries.items() if now - e.created > EXPIRE_S]:
-            logger.warning("dropping unfetched KV of %s", rid)
-            del self._entries[rid]
+        for rid, e in list(self._entries.items()):
+            if e.failed_at is not None and now - e.failed_at > FAILED_KEEP_S:
+                del self._entries[rid]
+            elif now - e.created > EXPIRE_S:
+                logger.warning("dropping unfetched KV of %s", rid)
+                del self._entries[rid]
+
+    def sweep(self) -> None:
+        """Drop expired transfers (the owner calls it periodically, e.g. from health())."""
+        with self._lock:
+            self._expire()
+
+    def held(self) -> int:
+        """Transfers whose parts this server still holds (failed ones hold none)."""
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.failed_at is None)
 
     # -- the RPC ----------------------------------------------------------------------
     def _release(self, request: bytes, context: grpc.ServicerContext) -> bytes:

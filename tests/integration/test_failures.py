@@ -35,6 +35,21 @@ def workers(dep, pool: str) -> list[dict]:
     return ray.get(dep.controller.get_state.remote(), timeout=10)["pools"][pool]
 
 
+def wait_kv_released(dep, timeout_s: float = 20.0) -> None:
+    """Within timeout_s, every live worker holds no KV block for a request and no KV
+    transfer (sender parts, prefetched KV): nothing leaked."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = ray.get(dep.controller.get_state.remote(), timeout=10)
+        held = {w["worker_id"]: (w["stats"]["kv_blocks_total"] - w["stats"]["kv_blocks_free"],
+                                 w["stats"].get("kv_transfers_held", 0))
+                for ws in state["pools"].values() for w in ws if w["healthy"] and w.get("stats")}
+        if held and all(v == (0, 0) for v in held.values()):
+            return
+        assert time.monotonic() < deadline, f"KV still held {timeout_s}s after the test: {held}"
+        time.sleep(0.5)
+
+
 def wait_replaced(dep, pool: str, old_id: str, timeout_s: float = 90.0) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -67,6 +82,7 @@ def test_decode_death_mid_stream_resumes(ray_session, llama_dir):
         assert wait_replaced(dep, "decode", victim["worker_id"]) != victim["worker_id"]
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert 'splitserve_request_reroutes_total{stage="decode"} 1.0' in metrics, metrics
+        wait_kv_released(dep)
 
 
 def test_colocated_death_before_first_token_is_rerouted(ray_session, llama_dir):
@@ -81,6 +97,7 @@ def test_colocated_death_before_first_token_is_rerouted(ray_session, llama_dir):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected
         wait_replaced(dep, "colocated", victim["worker_id"])
+        wait_kv_released(dep)
 
 
 def closed_loop_with_kills(url: str, dep, kills: list[str], prompts: list[str], body: dict,
@@ -146,6 +163,7 @@ def test_prefill_worker_killed_under_load(ray_session, llama_dir):
     body = {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     with serving(manifest_for(llama_dir)) as (url, dep):
         expected, results = closed_loop_with_kills(url, dep, ["prefill"], prompts, body)
+        wait_kv_released(dep)
     statuses = [r.status_code for _, r in results]
     assert set(statuses) == {200}, [(r.status_code, r.text) for _, r in results if r.status_code != 200]
     for p, r in results:
@@ -160,6 +178,7 @@ def test_demo_ha_prefill_then_decode_killed_loses_nothing(ray_session):
     body = {"model": "tiny", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     with serving(demo_ha(f"test-ha-{os.getpid()}")) as (url, dep):
         expected, results = closed_loop_with_kills(url, dep, ["prefill", "decode"], prompts, body, threads=3)
+        wait_kv_released(dep)
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     bad = [(r.status_code, r.text) for _, r in results if r.status_code != 200]
     assert not bad, bad

@@ -138,3 +138,22 @@ def test_rate_limit_paces_sender():
         assert time.monotonic() - t0 >= 0.15
     finally:
         s.stop(0)
+
+
+def test_failed_and_released_transfers_hold_nothing(server, monkeypatch):
+    """A failed transfer drops its parts at once and its reason after FAILED_KEEP_S; a
+    released one is gone; held() counts what is left."""
+    server.publish("a", b"x" * 1000)
+    server.open("b")
+    server.append("b", b"y" * 1000)
+    assert server.held() == 2
+    server.fail("b", "prefill died")
+    assert server.held() == 1 and server._entries["b"].parts == []
+    with pytest.raises(KVTransferError, match="prefill died"):
+        gt.fetch(server.address, "b", 5)
+    gt.release(server.address, "a")
+    assert server.held() == 0
+    monkeypatch.setattr(gt, "FAILED_KEEP_S", 0.0)
+    time.sleep(0.01)
+    server.sweep()
+    assert "b" not in server._entries
