@@ -231,7 +231,8 @@ class Generator:
 
     @staticmethod
     def _resume_payload(req: GenRequest, ids: list[str], all_params: list[SamplingParams],
-                        sent: list[list[int]], open_ids: set[str], prompt_lps_sent: bool) -> dict[str, Any]:
+                        sent: list[list[int]], open_ids: set[str], prompt_lps_sent: bool,
+                        suffix: str) -> dict[str, Any]:
         """A request for a decode worker to continue the open choices from the prompt and
         their tokens so far (no KV: it computes them). The choice with the fewest tokens
         leads (a forked choice without tokens samples from the lead's prompt logits)."""
@@ -244,9 +245,9 @@ class Generator:
             return d
 
         lead = going[0]
-        return {"request_id": ids[lead], "prompt_token_ids": req.prompt_token_ids, "params": params(lead),
-                "output_token_ids": list(sent[lead]) or None,
-                "children": [(ids[j], params(j), list(sent[j]) or None) for j in going[1:]]}
+        return {"request_id": ids[lead] + suffix, "prompt_token_ids": req.prompt_token_ids,
+                "params": params(lead), "output_token_ids": list(sent[lead]) or None,
+                "children": [(ids[j] + suffix, params(j), list(sent[j]) or None) for j in going[1:]]}
 
     async def generate(self, req: GenRequest, usage: Usage) -> AsyncIterator[Delta]:
         """Yields text deltas of the request's choices (Delta.index); each choice's last
@@ -351,8 +352,12 @@ class Generator:
                     logger.warning("resuming %s on %s worker %s from %d tokens (attempt %d): %s",
                                    req.request_id, pool, w.worker_id, sum(len(t) for t in sent),
                                    attempt + 1, err.message)
+                    # Fresh ids on the worker: a late abort of an earlier attempt (the same
+                    # worker may serve again after a KV transfer failure) cannot hit this one.
+                    suffix = f"~{attempt}"
+                    index_of.update({rid + suffix: j for j, rid in enumerate(ids)})
                     payload = self._resume_payload(req, ids, all_params, sent, open_ids,
-                                                   prompt_lps_sent)
+                                                   prompt_lps_sent, suffix)
                 err: SplitServeError | None = None
                 load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
                 self.router.begin(w, load)
@@ -380,7 +385,7 @@ class Generator:
                         if d.text or d.token_ids or d.finish_reason or d.prompt_logprobs is not None:
                             yield d
                         if d.finish_reason is not None:
-                            open_ids.discard(rid)
+                            open_ids.discard(ids[j])
                             if not open_ids:
                                 outcome = "ok"
                                 return

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import ray
 import yaml
 
@@ -82,6 +83,28 @@ def test_decode_death_mid_stream_resumes(ray_session, llama_dir):
         assert wait_replaced(dep, "decode", victim["worker_id"]) != victim["worker_id"]
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert 'splitserve_request_reroutes_total{stage="decode"} 1.0' in metrics, metrics
+
+        # n = 2 choices with logprobs: both resume (one leads, the other forks its prompt
+        # KV on the new worker), texts and token logprobs as without the fault.
+        wait_healthy(url)
+        many = {**body, "n": 2, "logprobs": 1, "max_tokens": 60}
+        ref = client.completions.create(**many)
+        victim = workers(dep, "decode")[0]
+        texts, lps = ["", ""], [[], []]
+        chunks = 0
+        for chunk in client.completions.create(**many, stream=True):
+            for c in chunk.choices:
+                texts[c.index] += c.text
+                lps[c.index] += c.logprobs.token_logprobs if c.logprobs else []
+            chunks += 1
+            if chunks == 8:
+                os.kill(victim["stats"]["pid"], signal.SIGKILL)
+        assert chunks > 8
+        for c in ref.choices:
+            assert texts[c.index] == c.text
+            assert lps[c.index] == pytest.approx(c.logprobs.token_logprobs, abs=1e-3)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'splitserve_request_reroutes_total{stage="decode"} 2.0' in metrics, metrics
         wait_kv_released(dep)
 
 
