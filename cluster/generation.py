@@ -16,7 +16,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.errors import InvalidRequestError, NoHealthyPoolError, SplitServeError, WorkerFailedError
+from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedError, SplitServeError,
+                            WorkerFailedError)
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.router import Router, WorkerView
@@ -32,6 +33,9 @@ MAX_ATTEMPTS = 3
 # Longest a re-sent request waits for a healthy worker of the pool (the controller is
 # replacing the dead one), within its deadline.
 WAIT_HEALTHY_S = 30.0
+# Admission: samples of the prefill rate before predictions are trusted, and their EWMA weight.
+ADMIT_MIN_SAMPLES = 3
+ADMIT_ALPHA = 0.2
 
 
 @dataclass
@@ -42,6 +46,8 @@ class GenRequest:
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
     # Params of further choices of the same prompt (n > 1): one prefill, forked KV.
     more: list[SamplingParams] = field(default_factory=list)
+    # Prompt tokens admission counted as queued before the request reached a worker.
+    reserved: int = 0
 
 
 @dataclass
@@ -133,6 +139,75 @@ class Generator:
         self.tokenizer = tokenizer
         self.controller = controller
         self.eos = set(tokenizer.eos_token_ids)
+        # Measured seconds per prompt token queued at a worker (its own and those ahead
+        # of it) until the first token: the prefill rate under the current load.
+        self.s_per_queued_token = 0.0
+        self.rate_samples = 0
+        # Prompt tokens of admitted requests not yet at a worker's queue (spread evenly).
+        self.reserved = 0
+        self.first_pool = "prefill" if manifest.mode == "disaggregated" else "colocated"
+
+    # -- admission ----------------------------------------------------------------------
+    def predict_ttft(self, prompt_tokens: int) -> float | None:
+        """Seconds to the first token of a new request of prompt_tokens at the least-loaded
+        first-token worker; None while the rate is unmeasured or nothing is queued (a
+        request with nothing ahead of it is always admitted)."""
+        if self.rate_samples < ADMIT_MIN_SAMPLES:
+            return None
+        ws = self.router.healthy(self.first_pool)
+        if not ws:
+            return None
+        ahead = min(w.queued_tokens for w in ws) + self.reserved // len(ws)
+        if ahead == 0:
+            return None
+        return (ahead + prompt_tokens) * self.s_per_queued_token
+
+    def admit(self, reqs: list[GenRequest]) -> None:
+        """Raise OverloadedError (429, Retry-After) if the requests (one HTTP request's
+        prompts) would miss their TTFT target behind the queue: early, instead of queueing
+        without bound. Admitted, their prompt tokens count as queued at once."""
+        if not self.m.server.ttft_admission:
+            return
+        prompt_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+        predicted = self.predict_ttft(prompt_tokens)
+        slo = self.m.slo.ttft_ms / 1000.0
+        if predicted is None or predicted <= slo:
+            for r in reqs:
+                r.reserved = len(r.prompt_token_ids)
+                self.reserved += r.reserved
+            return
+        self.metrics.rejected.labels("ttft").inc()
+        retry = min(60, max(1, math.ceil(predicted - slo)))
+        raise OverloadedError(f"predicted time to first token {predicted * 1e3:.0f} ms exceeds the "
+                              f"{self.m.slo.ttft_ms:.0f} ms target (prompt tokens queued ahead at "
+                              f"{self.s_per_queued_token * 1e3:.3f} ms each); retry in {retry} s", retry)
+
+    def release(self, req: GenRequest) -> None:
+        """Forget what admission counted for req (idempotent)."""
+        self._unreserve(req)
+
+    def _unreserve(self, req: GenRequest) -> None:
+        self.reserved -= req.reserved
+        req.reserved = 0
+
+    def _queue(self, w: WorkerView, tokens: int, req: GenRequest) -> tuple[WorkerView, int, int, float]:
+        """A request's prompt joins w's queue: (worker, its tokens, tokens ahead incl. its
+        own, when)."""
+        self._unreserve(req)
+        ahead = w.queued_tokens + tokens
+        w.queued_tokens += tokens
+        return w, tokens, ahead, time.monotonic()
+
+    def _dequeue(self, q: tuple[WorkerView, int, int, float] | None, first_token: bool) -> None:
+        if q is None:
+            return
+        w, tokens, ahead, t = q
+        w.queued_tokens -= tokens
+        if first_token and ahead > 0:
+            sample = (time.monotonic() - t) / ahead
+            a = ADMIT_ALPHA if self.rate_samples else 1.0
+            self.s_per_queued_token = (1 - a) * self.s_per_queued_token + a * sample
+            self.rate_samples += 1
 
     def _worker_failed(self, w: WorkerView, e: BaseException) -> WorkerFailedError:
         self.router.mark_failed(w.worker_id)
@@ -190,14 +265,19 @@ class Generator:
                                w.worker_id, attempt + 1, last.message if last else "")
             load = len(req.prompt_token_ids)
             self.router.begin(w, load)
+            q = self._queue(w, load, req)
+            ok = False
             try:
                 left = max(0.1, deadline - time.monotonic())
-                return await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=left), w
+                res = await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=left)
+                ok = True
+                return res, w
             except Exception as e:  # noqa: BLE001 - mapped below
                 last = self._map_error(w, e)
                 if not isinstance(last, WorkerFailedError):
                     raise last from None
             finally:
+                self._dequeue(q, ok)
                 self.router.end(w, load)
         assert last is not None
         raise last
@@ -361,9 +441,14 @@ class Generator:
                 err: SplitServeError | None = None
                 load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
                 self.router.begin(w, load)
+                # Colocated: the prompt is computed here, it queues until the first token.
+                q = self._queue(w, len(req.prompt_token_ids), req) if pool == "colocated" else None
                 stream = self._stream(w, payload)
                 try:
                     async for msg in stream:
+                        if q is not None:
+                            self._dequeue(q, True)
+                            q = None
                         if ttft is None:
                             ttft = time.monotonic() - t0
                         if "kv_receive_s" in msg and payload.get("kv") is not None:
@@ -399,11 +484,13 @@ class Generator:
                     if not isinstance(err, WorkerFailedError):
                         raise err from None
                 finally:
+                    self._dequeue(q, False)
                     await stream.aclose()
                     self.router.end(w, load)
             assert err is not None
             raise err
         finally:
+            self._unreserve(req)
             if handle is not None and handle.transport == "grpc" and kv_from is not None:
                 # However the request ended, the sender need not keep its KV parts (the
                 # receiver releases them after a successful fetch; this covers the rest).

@@ -118,10 +118,12 @@ class Ingress:
             raise ModelNotFoundError(f"model {req.model!r} does not exist; served: {self.m.model.name!r}",
                                      param="model", code="model_not_found")
 
-    def _admit(self) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
         if self._inflight >= self.m.server.max_waiting_requests:
+            self.metrics.rejected.labels("inflight").inc()
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
+        self.gen.admit([job.greq for job in jobs])
 
     def _job(self, req: CommonParams, ids: list[int], default_max: int | None, first_index: int,
              best_of: int | None = None, echo: str | None = None) -> Job:
@@ -166,7 +168,7 @@ class Ingress:
     # -- responses ----------------------------------------------------------------------
     async def respond(self, kind: str, req: CommonParams, jobs: list[Job],
                       t_in: float | None = None) -> Response:
-        self._admit()
+        self._admit(jobs)
         self._inflight += 1
         for job in jobs:
             job.start(self.gen, self.tokenizer, kind)
@@ -276,8 +278,10 @@ class Job:
         self.choices = [Choice(first_index + j, greq.prompt_token_ids, echo) for j in range(count)]
         self.want_logprobs = want_logprobs
         self._stream: AsyncIterator[Delta] | None = None
+        self._gen: Generator | None = None
 
     def start(self, gen: Generator, tokenizer: Any, kind: str) -> None:
+        self._gen = gen
         self._stream = gen.generate(self.greq, self.usage)
         for c, p in zip(self.choices, [self.greq.params] + self.greq.more):
             if p.logprobs is not None and self.want_logprobs:
@@ -316,6 +320,8 @@ class Job:
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 await self._stream.aclose()  # type: ignore[attr-defined]
+        if self._gen is not None:  # a generator closed before it ran keeps no reservation
+            self._gen.release(self.greq)
 
 
 class Choice:

@@ -101,6 +101,10 @@ class ServerSpec(Strict):
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may take end to end")
     token_timeout_s: float = Field(30.0, gt=0, description="Longest gap between two tokens before failing")
     max_waiting_requests: int = Field(256, ge=1, description="In-flight requests before 429")
+    ttft_admission: bool = Field(True, description="Answer 429 (with Retry-After) at once to a request whose "
+                                 "predicted time to first token (prompt tokens queued ahead of it at the "
+                                 "least-loaded worker, at the measured prefill rate) misses slo.ttft_ms, "
+                                 "instead of queueing it")
     health_check_period_s: float = Field(1.0, gt=0, description="Controller health-check period")
     max_request_bytes: int = Field(524288, ge=1024, description="Largest request body; larger ones get 413 "
                                    "before they are parsed")

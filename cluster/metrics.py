@@ -75,6 +75,9 @@ class Metrics:
                                  "(cachegen:LEVEL; recompute: left to the decode worker)", ["codec"], registry=r)
         self.kv_refetches = Counter("splitserve_kv_transfer_refetches", "KV streams fetched again after a "
                                     "failure (bad checksum, cut)", registry=r)
+        self.rejected = Counter("splitserve_admission_rejected", "Requests answered 429 at admission, by "
+                                "reason (ttft: predicted to miss the TTFT target; inflight: "
+                                "server.max_waiting_requests)", ["reason"], registry=r)
         self.reroutes = Counter("splitserve_request_reroutes", "Requests re-sent to another worker after a "
                                 "worker fault, by stage (prefill: re-sent; decode: resumed from the prompt "
                                 "and the tokens so far)", ["stage"], registry=r)

@@ -30,6 +30,8 @@ class WorkerView:
     inflight_load: int = 0
     # Monotonic time until which a locally observed failure keeps the worker out.
     failed_until: float = 0.0
+    # Prompt tokens of this ingress's requests sent here and not yet at their first token.
+    queued_tokens: int = 0
 
 
 class Router:
