@@ -128,6 +128,11 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
+def _retryable(e: SplitServeError) -> bool:
+    """A worker died, timed out or its KV transfer failed: another worker may succeed."""
+    return isinstance(e, WorkerFailedError) and e.code != "request_failed"
+
+
 class Generator:
     """Runs requests against the pools (one per ingress)."""
 
@@ -229,7 +234,9 @@ class Generator:
         if isinstance(e, (RayActorError, asyncio.TimeoutError, TimeoutError)):
             return self._worker_failed(w, e)
         logger.error("request failed on %s: %r", w.worker_id, e)
-        return WorkerFailedError(f"{w.pool} worker {w.worker_id} failed: {type(e).__name__}: {e}")
+        # The worker's code failed on this request: another worker would fail the same way.
+        return WorkerFailedError(f"{w.pool} worker {w.worker_id} failed: {type(e).__name__}: {e}",
+                                 code="request_failed")
 
     def _first_stop(self, token: int, p: SamplingParams) -> str | None:
         if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
@@ -274,7 +281,7 @@ class Generator:
                 return res, w
             except Exception as e:  # noqa: BLE001 - mapped below
                 last = self._map_error(w, e)
-                if not isinstance(last, WorkerFailedError):
+                if not _retryable(last):
                     raise last from None
             finally:
                 self._dequeue(q, ok)
@@ -481,7 +488,7 @@ class Generator:
                     raise
                 except Exception as e:  # noqa: BLE001 - worker death, timeout, KV transfer
                     err = self._map_error(w, e)
-                    if not isinstance(err, WorkerFailedError):
+                    if not _retryable(err):
                         raise err from None
                 finally:
                     self._dequeue(q, False)

@@ -455,4 +455,37 @@ def build_app(ingress: Ingress) -> FastAPI:
     async def metrics() -> Response:
         return Response(ingress.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies that the handlers parse themselves (strictly,
+    from the protocol models) and the error object, so that clients and fuzzers
+    (schemathesis) see the real API."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version="1", routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    error = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    comps["ErrorResponse"] = error
+    for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(body.pop("$defs", {}))
+        comps[model.__name__] = body
+        op = schema["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        op["responses"] = {"200": {"description": "The completion (JSON, or server-sent events with stream)"},
+                           **{code: {"description": what, **err} for code, what in (
+                               ("400", "Invalid request"), ("401", "Missing or wrong API key"),
+                               ("404", "Unknown model"), ("413", "Body over server.max_request_bytes"),
+                               ("429", "Overloaded (Retry-After)"), ("503", "No healthy pool"))}}
+    app.openapi_schema = schema
+    return schema

@@ -8,6 +8,7 @@ exists, tp divides the heads, block counts) and reports every problem at once.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,7 +192,18 @@ class Manifest(Strict):
 
 
 def _field_path(loc: tuple[object, ...]) -> str:
-    return ".".join(str(x) for x in loc) or "<root>"
+    """a.b.c; list indices as [i]; a key that is not a plain name is quoted (JSON), so the
+    path before ': reason' is never ambiguous."""
+    out = ""
+    for x in loc:
+        if isinstance(x, int):
+            out += f"[{x}]"
+        else:
+            name = str(x)
+            if not re.fullmatch(r"[A-Za-z0-9_\-\[\]<>]+", name):
+                name = json.dumps(name)
+            out += ("." if out else "") + name
+    return out or "<root>"
 
 
 def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = False) -> Manifest:

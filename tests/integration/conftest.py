@@ -78,7 +78,7 @@ def serving(manifest) -> Iterator[tuple[str, object]]:
         dep.stop()
 
 
-def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+def wait_healthy(url: str, timeout_s: float = 180.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
