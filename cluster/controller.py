@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import ray
 
 from cluster.manifest import Manifest
+from kvtransfer.base import KV_TOKEN_ENV as TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class Controller:
         self._replacing: set[tuple[str, int]] = set()
         self._stopping = False
         self._published = -1
+        # Secret of this deployment: KV servers answer only workers that present it.
+        self.kv_token = secrets.token_urlsafe(32)
 
     # -- creation ---------------------------------------------------------------------
     async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
@@ -84,8 +88,11 @@ class Controller:
 
     def _options(self, pool_name: str, group: Any) -> dict[str, Any]:
         pool = self.manifest.pools[pool_name]  # type: ignore[index]
+        # The deployment's KV token reaches every worker (and its TP ranks' processes
+        # inherit nothing: only rank 0 serves KV) through its environment.
         return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0,
-                "max_concurrency": 1000, "scheduling_strategy": group.strategy(0)}
+                "max_concurrency": 1000, "scheduling_strategy": group.strategy(0),
+                "runtime_env": {"env_vars": {TOKEN_ENV: self.kv_token}}}
 
     async def _create(self, pool_name: str, slot: int) -> WorkerRecord:
         worker_id = f"{pool_name}-{slot}-g{next(self._ids)}"

@@ -17,11 +17,19 @@ A request's parts stay on the sender until the receiver releases them (``/splits
 Release``, after it has decoded everything) or they expire, so a receiver whose stream
 failed (bad checksum, cut) can fetch again once. ``fail`` ends a transfer that will never
 complete (the prefill failed): a waiting receiver gets the reason at once.
+
+Authentication: a deployment has a secret token (the controller generates it at start and
+hands it to every worker it creates, in the environment variable ``SPLITSERVE_KV_TOKEN``).
+A server with a token answers Fetch and Release only to callers presenting it (metadata
+``x-splitserve-kv-token``, compared in constant time); any other call is refused with
+UNAUTHENTICATED and logged with the peer's address. Clients present their process's token.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import struct
 import threading
 import time
@@ -32,7 +40,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvtransfer.base import KVTransferError
+from kvtransfer.base import KV_TOKEN_ENV, KVTransferError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,20 @@ FLAG_LAST = 1
 CHUNK_BYTES = 1 << 20
 # Parts not released within this time are dropped (the decode side gave up or died).
 EXPIRE_S = 120.0
+TOKEN_ENV = KV_TOKEN_ENV
+TOKEN_HEADER = "x-splitserve-kv-token"
+
+
+def process_token() -> str | None:
+    """This process's deployment token (None: KV servers here accept anyone; tests, tools)."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    token = token if token is not None else process_token()
+    return ((TOKEN_HEADER, token),) if token else None
+
+
 # A failed transfer keeps only its reason (for a receiver still to ask), this long.
 FAILED_KEEP_S = 10.0
 
@@ -85,7 +107,10 @@ class KVServer:
     """Serves published KV parts to decode workers. One per sender process."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, rate_gbps: float | None = None,
-                 max_workers: int = 8) -> None:
+                 max_workers: int = 8, token: str | None = None) -> None:
+        # Callers must present this token (default: the process's deployment token).
+        self.token = token if token is not None else process_token()
+        self.refused = 0  # calls refused for a missing or wrong token
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self.rate_gbps = rate_gbps
@@ -168,7 +193,18 @@ class KVServer:
             return sum(1 for e in self._entries.values() if e.failed_at is None)
 
     # -- the RPC ----------------------------------------------------------------------
+    def _check(self, what: str, request_id: str, context: grpc.ServicerContext) -> None:
+        if not self.token:
+            return
+        got = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(str(got).encode(), self.token.encode()):
+            self.refused += 1
+            logger.warning("refused %s of KV %r from %s: %s deployment token", what, request_id[:80],
+                           context.peer(), "wrong" if got else "no")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this KV server wants the deployment's token")
+
     def _release(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._check("release", request.decode(errors="replace"), context)
         self.discard(request.decode())
         return b""
 
@@ -185,7 +221,8 @@ class KVServer:
             time.sleep(wait)
 
     def _fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        rid = request.decode()
+        rid = request.decode(errors="replace")
+        self._check("fetch", rid, context)
         entry = self._entries.get(rid)
         if entry is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV for {rid} on this worker")
@@ -256,9 +293,12 @@ def _channel(address: str) -> grpc.Channel:
         return ch
 
 
-def fetch_parts(address: str, request_id: str, deadline_s: float) -> Iterator[bytes]:
-    """Yield the payload of each frame of a request's KV, verified, in order."""
-    call = _channel(address).unary_stream(METHOD)(request_id.encode(), timeout=deadline_s)
+def fetch_parts(address: str, request_id: str, deadline_s: float,
+                token: str | None = None) -> Iterator[bytes]:
+    """Yield the payload of each frame of a request's KV, verified, in order. token:
+    presented to the sender (default: the process's deployment token)."""
+    call = _channel(address).unary_stream(METHOD)(request_id.encode(), timeout=deadline_s,
+                                                  metadata=_auth(token))
     seq = 0
     try:
         for msg in call:
@@ -280,13 +320,14 @@ def fetch_parts(address: str, request_id: str, deadline_s: float) -> Iterator[by
                           "(no last frame)")
 
 
-def release(address: str, request_id: str, timeout_s: float = 5.0) -> None:
+def release(address: str, request_id: str, timeout_s: float = 5.0, token: str | None = None) -> None:
     """Tell the sender it may drop the request's parts (best effort: they expire anyway)."""
     try:
-        _channel(address).unary_unary(RELEASE)(request_id.encode(), timeout=timeout_s)
+        _channel(address).unary_unary(RELEASE)(request_id.encode(), timeout=timeout_s,
+                                               metadata=_auth(token))
     except grpc.RpcError as e:
         logger.debug("release of %s at %s failed: %s", request_id, address, e.code())
 
 
-def fetch(address: str, request_id: str, deadline_s: float) -> bytes:
-    return b"".join(fetch_parts(address, request_id, deadline_s))
+def fetch(address: str, request_id: str, deadline_s: float, token: str | None = None) -> bytes:
+    return b"".join(fetch_parts(address, request_id, deadline_s, token))

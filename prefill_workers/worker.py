@@ -82,6 +82,9 @@ class PrefillWorker(EngineWorker):
         if server is not None:
             server.sweep()
             held = server.held()
+            stats["kv_server"] = server.address
+            stats["kv_server_authenticated"] = bool(server.token)
+            stats["kv_fetch_refused"] = server.refused
         stats["kv_transfers_held"] = held
         return stats
 

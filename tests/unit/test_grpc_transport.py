@@ -157,3 +157,33 @@ def test_failed_and_released_transfers_hold_nothing(server, monkeypatch):
     time.sleep(0.01)
     server.sweep()
     assert "b" not in server._entries
+
+
+def test_a_server_with_a_token_refuses_other_callers_and_logs_it(caplog):
+    s = gt.KVServer("127.0.0.1", 0, token="s3cret")
+    try:
+        s.publish("req-1", b"prompt KV")
+        with caplog.at_level("WARNING", logger="kvtransfer.grpc_transport"):
+            for token in ("", "wrong"):  # "" presents none
+                with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+                    gt.fetch(s.address, "req-1", 5, token=token)
+            gt.release(s.address, "req-1", token="wrong")  # best effort: refused, logged
+        assert s.refused == 3 and s.held() == 1
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 3 and "req-1" in refusals[0] and "no deployment token" in refusals[0]
+        assert gt.fetch(s.address, "req-1", 5, token="s3cret") == b"prompt KV"
+    finally:
+        s.stop(0)
+
+
+def test_the_process_token_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(gt.TOKEN_ENV, "from-controller")
+    s = gt.KVServer("127.0.0.1", 0)
+    try:
+        assert s.token == "from-controller"
+        s.publish("r", b"kv")
+        assert gt.fetch(s.address, "r", 5) == b"kv"  # presents the process's token
+        with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+            gt.fetch(s.address, "r", 5, token="other")
+    finally:
+        s.stop(0)

@@ -1,0 +1,37 @@
+"""The KV gRPC servers of a deployment answer only its workers: the controller generates a
+token at start and gives it to every worker; served requests move their KV over gRPC as
+before, and a fetch without the token (this test process has none) is refused and logged."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+import ray
+
+from kvtransfer import grpc_transport as gt
+from kvtransfer.connector import KVTransferError
+
+from .conftest import manifest_for, serving
+
+
+def test_unauthenticated_kv_fetch_is_refused(ray_session, llama_dir):
+    assert not os.environ.get(gt.TOKEN_ENV)
+    m = manifest_for(llama_dir, kv_transfer={"transport": "grpc", "codec": "none"})
+    body = {"model": "tiny", "prompt": "def f(x): return x", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with serving(m) as (url, dep):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+        state = ray.get(dep.controller.get_state.remote(), timeout=10)
+        prefill = state["pools"]["prefill"][0]
+        stats = ray.get(prefill["handle"].health.remote(), timeout=30)
+        assert stats["kv_server_authenticated"] and stats["kv_fetch_refused"] == 0
+        with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+            gt.fetch(stats["kv_server"], "req-anything", 5)
+        with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+            gt.fetch(stats["kv_server"], "req-anything", 5, token="guess")
+        assert ray.get(prefill["handle"].health.remote(), timeout=30)["kv_fetch_refused"] == 2
+        # The workers still authenticate each other.
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200
