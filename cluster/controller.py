@@ -278,6 +278,11 @@ def start_controller(manifest: Manifest, namespace_name: str | None = None) -> A
         ray.kill(old, no_restart=True)
     except ValueError:
         pass
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the node that deploys (soft): where the ingress runs, so that losing a worker
+    # node loses workers, which the controller replaces, not the controller itself.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(Controller).options(name=name, lifetime="detached", num_cpus=0,
-                                          max_concurrency=1000).remote(
+                                          max_concurrency=1000, scheduling_strategy=here).remote(
         manifest.model_dump_json())
