@@ -90,9 +90,13 @@ class Controller:
         pool = self.manifest.pools[pool_name]  # type: ignore[index]
         # The deployment's KV token reaches every worker (and its TP ranks' processes
         # inherit nothing: only rank 0 serves KV) through its environment.
+        env = {TOKEN_ENV: self.kv_token}
+        kt = self.manifest.kv_transfer
+        if kt.tls_cert_file and kt.tls_key_file:
+            env.update({"SPLITSERVE_KV_TLS_CERT": kt.tls_cert_file, "SPLITSERVE_KV_TLS_KEY": kt.tls_key_file})
         return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0,
                 "max_concurrency": 1000, "scheduling_strategy": group.strategy(0),
-                "runtime_env": {"env_vars": {TOKEN_ENV: self.kv_token}}}
+                "runtime_env": {"env_vars": env}}
 
     async def _create(self, pool_name: str, slot: int) -> WorkerRecord:
         worker_id = f"{pool_name}-{slot}-g{next(self._ids)}"

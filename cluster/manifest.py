@@ -84,6 +84,10 @@ class KVTransferSpec(Strict):
         "auto", description="auto: object store within a node, gRPC stream across nodes")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one KV transfer")
+    tls_cert_file: str | None = Field(None, description="PEM certificate (subjectAltName DNS:splitserve-kv) of "
+                                      "the KV gRPC servers; with tls_key_file, KV moves over TLS only (paths "
+                                      "relative to the manifest; readable on every node)")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
 
     @model_validator(mode="after")
     def _level_applies(self) -> "KVTransferSpec":
@@ -231,8 +235,29 @@ def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = 
             # Workers read it wherever they run: resolve it against the manifest's directory.
             m.pools["expert"].placement = str((Path(base_dir) / placement).resolve())  # type: ignore[index]
     check_api_keys_file(m)
+    check_kv_tls(m, base_dir)
     check_against_model(m, require_tokenizer)
     return m
+
+
+def check_kv_tls(m: Manifest, base_dir: str) -> None:
+    """Both TLS files or neither; they exist; resolved against the manifest's directory."""
+    kt = m.kv_transfer
+    given = {f: getattr(kt, f) for f in ("tls_cert_file", "tls_key_file") if getattr(kt, f) is not None}
+    if not given:
+        return
+    problems = []
+    if len(given) == 1:
+        (f,) = given
+        other = "tls_key_file" if f == "tls_cert_file" else "tls_cert_file"
+        problems.append((f"kv_transfer.{other}", f"needed with kv_transfer.{f} (TLS wants both)"))
+    for f, value in given.items():
+        p = Path(value) if Path(value).is_absolute() else Path(base_dir) / value
+        if not p.is_file():
+            problems.append((f"kv_transfer.{f}", f"{p} is not a file"))
+        setattr(kt, f, str(p.resolve()))
+    if problems:
+        raise ManifestError(problems)
 
 
 def check_api_keys_file(m: Manifest) -> None:

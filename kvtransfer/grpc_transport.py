@@ -23,6 +23,11 @@ hands it to every worker it creates, in the environment variable ``SPLITSERVE_KV
 A server with a token answers Fetch and Release only to callers presenting it (metadata
 ``x-splitserve-kv-token``, compared in constant time); any other call is refused with
 UNAUTHENTICATED and logged with the peer's address. Clients present their process's token.
+
+TLS (optional): with ``SPLITSERVE_KV_TLS_CERT`` and ``SPLITSERVE_KV_TLS_KEY`` (PEM files;
+the manifest's ``kv_transfer.tls_cert_file`` / ``tls_key_file``, handed to the workers by the
+controller) servers listen with TLS only and clients verify the peer against that
+certificate, expected to name ``TLS_NAME`` (one certificate per deployment).
 """
 
 from __future__ import annotations
@@ -66,6 +71,21 @@ def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return ((TOKEN_HEADER, token),) if token else None
 
 
+TLS_CERT_ENV = "SPLITSERVE_KV_TLS_CERT"
+TLS_KEY_ENV = "SPLITSERVE_KV_TLS_KEY"
+# The name the deployment's certificate carries (subjectAltName DNS); clients check it.
+TLS_NAME = "splitserve-kv"
+
+
+def process_tls() -> tuple[bytes, bytes] | None:
+    """(certificate, key) PEM of this process's deployment, or None (plaintext)."""
+    cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
+    if not cert or not key:
+        return None
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        return c.read(), k.read()
+
+
 # A failed transfer keeps only its reason (for a receiver still to ask), this long.
 FAILED_KEEP_S = 10.0
 
@@ -107,7 +127,8 @@ class KVServer:
     """Serves published KV parts to decode workers. One per sender process."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, rate_gbps: float | None = None,
-                 max_workers: int = 8, token: str | None = None) -> None:
+                 max_workers: int = 8, token: str | None = None,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
         # Callers must present this token (default: the process's deployment token).
         self.token = token if token is not None else process_token()
         self.refused = 0  # calls refused for a missing or wrong token
@@ -130,7 +151,13 @@ class KVServer:
                                    options=[("grpc.max_send_message_length", 2 * CHUNK_BYTES),
                                             ("grpc.max_receive_message_length", 2 * CHUNK_BYTES)])
         self._server.add_generic_rpc_handlers((handler,))
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        tls = tls if tls is not None else process_tls()
+        self.tls = tls is not None
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self._server.add_secure_port(f"{host}:{port}", creds)
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise KVTransferError(f"could not bind the KV server to {host}:{port}")
         self.address = f"{host}:{self.port}"
@@ -278,26 +305,37 @@ class KVServer:
         self._server.stop(grace_s)
 
 
-_channels: dict[str, grpc.Channel] = {}
+_channels: dict[tuple[str, bytes | None], grpc.Channel] = {}
 _channels_lock = threading.Lock()
 
 
-def _channel(address: str) -> grpc.Channel:
+def _channel(address: str, cert: bytes | None = None) -> grpc.Channel:
+    """A cached channel to a KV server: TLS verified against cert (default: the process's
+    deployment certificate), else plaintext."""
+    if cert is None:
+        tls = process_tls()
+        cert = tls[0] if tls is not None else None
     with _channels_lock:
-        ch = _channels.get(address)
+        key = (address, cert)
+        ch = _channels.get(key)
         if ch is None:
-            ch = grpc.insecure_channel(address, options=[
-                ("grpc.max_receive_message_length", 2 * CHUNK_BYTES),
-                ("grpc.max_send_message_length", 2 * CHUNK_BYTES)])
-            _channels[address] = ch
+            options = [("grpc.max_receive_message_length", 2 * CHUNK_BYTES),
+                       ("grpc.max_send_message_length", 2 * CHUNK_BYTES)]
+            if cert is not None:
+                ch = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=cert),
+                                         options=options + [("grpc.ssl_target_name_override", TLS_NAME)])
+            else:
+                ch = grpc.insecure_channel(address, options=options)
+            _channels[key] = ch
         return ch
 
 
 def fetch_parts(address: str, request_id: str, deadline_s: float,
-                token: str | None = None) -> Iterator[bytes]:
+                token: str | None = None, cert: bytes | None = None) -> Iterator[bytes]:
     """Yield the payload of each frame of a request's KV, verified, in order. token:
-    presented to the sender (default: the process's deployment token)."""
-    call = _channel(address).unary_stream(METHOD)(request_id.encode(), timeout=deadline_s,
+    presented to the sender, cert: the sender's TLS certificate (defaults: the process's
+    deployment token and certificate)."""
+    call = _channel(address, cert).unary_stream(METHOD)(request_id.encode(), timeout=deadline_s,
                                                   metadata=_auth(token))
     seq = 0
     try:
@@ -329,5 +367,6 @@ def release(address: str, request_id: str, timeout_s: float = 5.0, token: str | 
         logger.debug("release of %s at %s failed: %s", request_id, address, e.code())
 
 
-def fetch(address: str, request_id: str, deadline_s: float, token: str | None = None) -> bytes:
-    return b"".join(fetch_parts(address, request_id, deadline_s, token))
+def fetch(address: str, request_id: str, deadline_s: float, token: str | None = None,
+          cert: bytes | None = None) -> bytes:
+    return b"".join(fetch_parts(address, request_id, deadline_s, token, cert))

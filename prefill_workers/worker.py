@@ -84,6 +84,7 @@ class PrefillWorker(EngineWorker):
             held = server.held()
             stats["kv_server"] = server.address
             stats["kv_server_authenticated"] = bool(server.token)
+            stats["kv_server_tls"] = server.tls
             stats["kv_fetch_refused"] = server.refused
         stats["kv_transfers_held"] = held
         return stats

@@ -35,3 +35,25 @@ def test_unauthenticated_kv_fetch_is_refused(ray_session, llama_dir):
         # The workers still authenticate each other.
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200
+
+
+def test_kv_over_tls_serves_and_refuses_plaintext(ray_session, llama_dir, tmp_path):
+    """kv_transfer.tls_cert_file/tls_key_file: the workers move KV over TLS (requests served
+    as before); a plaintext fetch, even naming a request, gets nothing."""
+    import subprocess
+
+    cert, key = tmp_path / "kv.pem", tmp_path / "kv.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
+                    "-out", str(cert), "-subj", f"/CN={gt.TLS_NAME}", "-addext", f"subjectAltName=DNS:{gt.TLS_NAME}"],
+                   check=True, capture_output=True, timeout=60)
+    m = manifest_for(llama_dir, kv_transfer={"transport": "grpc", "codec": "none", "tls_cert_file": str(cert),
+                                             "tls_key_file": str(key)})
+    body = {"model": "tiny", "prompt": "def g(y): return y", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with serving(m) as (url, dep):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+        prefill = ray.get(dep.controller.get_state.remote(), timeout=10)["pools"]["prefill"][0]
+        stats = ray.get(prefill["handle"].health.remote(), timeout=30)
+        assert stats["kv_server_tls"] and stats["kv_server_authenticated"]
+        with pytest.raises(KVTransferError):
+            gt.fetch(stats["kv_server"], "req-anything", 5)

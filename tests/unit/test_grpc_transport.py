@@ -187,3 +187,36 @@ def test_the_process_token_comes_from_the_environment(monkeypatch):
             gt.fetch(s.address, "r", 5, token="other")
     finally:
         s.stop(0)
+
+
+def test_tls_server_serves_verified_clients_only(tmp_path):
+    """Optional TLS: a client that trusts the deployment's certificate fetches (with the
+    token); a plaintext client, or one trusting another certificate, gets nothing."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+
+    def make(name):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.pem"),
+                        "-subj", f"/CN={gt.TLS_NAME}", "-addext", f"subjectAltName=DNS:{gt.TLS_NAME}"],
+                       check=True, capture_output=True, timeout=60)
+        return (tmp_path / f"{name}.pem").read_bytes(), (tmp_path / f"{name}.key").read_bytes()
+
+    cert, key = make("deploy")
+    other, _ = make("other")
+    s = gt.KVServer("127.0.0.1", 0, token="t", tls=(cert, key))
+    try:
+        assert s.tls
+        s.publish("r", b"kv over tls")
+        assert gt.fetch(s.address, "r", 10, token="t", cert=cert) == b"kv over tls"
+        with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+            gt.fetch(s.address, "r", 10, token="x", cert=cert)
+        with pytest.raises(KVTransferError):  # plaintext to a TLS server
+            gt.fetch(s.address, "r", 5, token="t")
+        with pytest.raises(KVTransferError):  # the server's certificate is not trusted
+            gt.fetch(s.address, "r", 5, token="t", cert=other)
+    finally:
+        s.stop(0)
