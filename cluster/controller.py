@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import ray
 
 from cluster.manifest import Manifest
+from kvtransfer.base import KV_TOKEN_ENV as TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class Controller:
         self._lock = asyncio.Lock()
         # Bumped by each applied manifest; ingresses fetch the new one when it changes.
         self.manifest_version = 0
+        # Secret of this deployment: KV servers answer only workers that present it.
+        self.kv_token = secrets.token_urlsafe(32)
 
     # -- creation ---------------------------------------------------------------------
     async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
@@ -103,8 +107,15 @@ class Controller:
 
     def _options(self, pool_name: str, group: Any) -> dict[str, Any]:
         pool = self.manifest.pools[pool_name]  # type: ignore[index]
+        # The deployment's KV token reaches every worker (and its TP ranks' processes
+        # inherit nothing: only rank 0 serves KV) through its environment.
+        env = {TOKEN_ENV: self.kv_token}
+        kt = self.manifest.kv_transfer
+        if kt.tls_cert_file and kt.tls_key_file:
+            env.update({"SPLITSERVE_KV_TLS_CERT": kt.tls_cert_file, "SPLITSERVE_KV_TLS_KEY": kt.tls_key_file})
         return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0,
-                "max_concurrency": 1000, "scheduling_strategy": group.strategy(0)}
+                "max_concurrency": 1000, "scheduling_strategy": group.strategy(0),
+                "runtime_env": {"env_vars": env}}
 
     def _free_slot(self, pool_name: str) -> int:
         used = {r.slot for r in self.workers.values() if r.pool == pool_name}
@@ -533,6 +544,11 @@ def start_controller(manifest: Manifest, namespace_name: str | None = None) -> A
         ray.kill(old, no_restart=True)
     except ValueError:
         pass
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the node that deploys (soft): where the ingress runs, so that losing a worker
+    # node loses workers, which the controller replaces, not the controller itself.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(Controller).options(name=name, lifetime="detached", num_cpus=0,
-                                          max_concurrency=1000).remote(
+                                          max_concurrency=1000, scheduling_strategy=here).remote(
         manifest.model_dump_json())

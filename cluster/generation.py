@@ -16,7 +16,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.errors import InvalidRequestError, SplitServeError, WorkerFailedError
+from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedError, SplitServeError,
+                            WorkerFailedError)
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.router import Router, WorkerView
@@ -25,6 +26,16 @@ from engine.sequence import SamplingParams
 from kvtransfer.connector import KVTransferError
 
 logger = logging.getLogger(__name__)
+
+# Workers one request may be sent to per stage (prefill; decode) across worker faults, the
+# first included; all within the request's deadline (server.request_timeout_s).
+MAX_ATTEMPTS = 3
+# Longest a re-sent request waits for a healthy worker of the pool (the controller is
+# replacing the dead one), within its deadline.
+WAIT_HEALTHY_S = 30.0
+# Admission: samples of the prefill rate before predictions are trusted, and their EWMA weight.
+ADMIT_MIN_SAMPLES = 3
+ADMIT_ALPHA = 0.2
 
 
 @dataclass
@@ -35,6 +46,8 @@ class GenRequest:
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
     # Params of further choices of the same prompt (n > 1): one prefill, forked KV.
     more: list[SamplingParams] = field(default_factory=list)
+    # Prompt tokens admission counted as queued before the request reached a worker.
+    reserved: int = 0
 
 
 @dataclass
@@ -115,6 +128,11 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
+def _retryable(e: SplitServeError) -> bool:
+    """A worker died, timed out or its KV transfer failed: another worker may succeed."""
+    return isinstance(e, WorkerFailedError) and e.code != "request_failed"
+
+
 class Generator:
     """Runs requests against the pools (one per ingress)."""
 
@@ -126,6 +144,75 @@ class Generator:
         self.tokenizer = tokenizer
         self.controller = controller
         self.eos = set(tokenizer.eos_token_ids)
+        # Measured seconds per prompt token queued at a worker (its own and those ahead
+        # of it) until the first token: the prefill rate under the current load.
+        self.s_per_queued_token = 0.0
+        self.rate_samples = 0
+        # Prompt tokens of admitted requests not yet at a worker's queue (spread evenly).
+        self.reserved = 0
+        self.first_pool = "prefill" if manifest.mode == "disaggregated" else "colocated"
+
+    # -- admission ----------------------------------------------------------------------
+    def predict_ttft(self, prompt_tokens: int) -> float | None:
+        """Seconds to the first token of a new request of prompt_tokens at the least-loaded
+        first-token worker; None while the rate is unmeasured or nothing is queued (a
+        request with nothing ahead of it is always admitted)."""
+        if self.rate_samples < ADMIT_MIN_SAMPLES:
+            return None
+        ws = self.router.healthy(self.first_pool)
+        if not ws:
+            return None
+        ahead = min(w.queued_tokens for w in ws) + self.reserved // len(ws)
+        if ahead == 0:
+            return None
+        return (ahead + prompt_tokens) * self.s_per_queued_token
+
+    def admit(self, reqs: list[GenRequest]) -> None:
+        """Raise OverloadedError (429, Retry-After) if the requests (one HTTP request's
+        prompts) would miss their TTFT target behind the queue: early, instead of queueing
+        without bound. Admitted, their prompt tokens count as queued at once."""
+        if not self.m.server.ttft_admission:
+            return
+        prompt_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+        predicted = self.predict_ttft(prompt_tokens)
+        slo = self.m.slo.ttft_ms / 1000.0
+        if predicted is None or predicted <= slo:
+            for r in reqs:
+                r.reserved = len(r.prompt_token_ids)
+                self.reserved += r.reserved
+            return
+        self.metrics.rejected.labels("ttft").inc()
+        retry = min(60, max(1, math.ceil(predicted - slo)))
+        raise OverloadedError(f"predicted time to first token {predicted * 1e3:.0f} ms exceeds the "
+                              f"{self.m.slo.ttft_ms:.0f} ms target (prompt tokens queued ahead at "
+                              f"{self.s_per_queued_token * 1e3:.3f} ms each); retry in {retry} s", retry)
+
+    def release(self, req: GenRequest) -> None:
+        """Forget what admission counted for req (idempotent)."""
+        self._unreserve(req)
+
+    def _unreserve(self, req: GenRequest) -> None:
+        self.reserved -= req.reserved
+        req.reserved = 0
+
+    def _queue(self, w: WorkerView, tokens: int, req: GenRequest) -> tuple[WorkerView, int, int, float]:
+        """A request's prompt joins w's queue: (worker, its tokens, tokens ahead incl. its
+        own, when)."""
+        self._unreserve(req)
+        ahead = w.queued_tokens + tokens
+        w.queued_tokens += tokens
+        return w, tokens, ahead, time.monotonic()
+
+    def _dequeue(self, q: tuple[WorkerView, int, int, float] | None, first_token: bool) -> None:
+        if q is None:
+            return
+        w, tokens, ahead, t = q
+        w.queued_tokens -= tokens
+        if first_token and ahead > 0:
+            sample = (time.monotonic() - t) / ahead
+            a = ADMIT_ALPHA if self.rate_samples else 1.0
+            self.s_per_queued_token = (1 - a) * self.s_per_queued_token + a * sample
+            self.rate_samples += 1
 
     def _worker_failed(self, w: WorkerView, e: BaseException) -> WorkerFailedError:
         self.router.mark_failed(w.worker_id)
@@ -147,27 +234,57 @@ class Generator:
         if isinstance(e, (RayActorError, asyncio.TimeoutError, TimeoutError)):
             return self._worker_failed(w, e)
         logger.error("request failed on %s: %r", w.worker_id, e)
-        return WorkerFailedError(f"{w.pool} worker {w.worker_id} failed: {type(e).__name__}: {e}")
+        # The worker's code failed on this request: another worker would fail the same way.
+        return WorkerFailedError(f"{w.pool} worker {w.worker_id} failed: {type(e).__name__}: {e}",
+                                 code="request_failed")
 
     def _first_stop(self, token: int, p: SamplingParams) -> str | None:
         if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
         return "length" if p.max_tokens <= 1 else None
 
-    async def _prefill(self, req: GenRequest, payload: dict[str, Any], first: WorkerView) -> dict[str, Any]:
+    async def _pick(self, pick: Any, deadline: float) -> WorkerView:
+        """pick() a worker; while the pool has none healthy (a dead one being replaced),
+        wait for the router's next view, up to WAIT_HEALTHY_S and the deadline."""
+        until = min(deadline, time.monotonic() + WAIT_HEALTHY_S)
+        while True:
+            try:
+                return pick()
+            except NoHealthyPoolError:
+                if time.monotonic() >= until:
+                    raise
+            await asyncio.sleep(0.1)
+
+    async def _prefill(self, req: GenRequest, payload: dict[str, Any], first: WorkerView,
+                       deadline: float) -> tuple[dict[str, Any], WorkerView]:
+        """Prefill on `first`; nothing has been sent yet, so a worker fault re-sends the
+        request to another prefill worker (bounded attempts, within the deadline)."""
         last: SplitServeError | None = None
-        for attempt in range(2):  # nothing has been sent yet: one retry on another worker
-            w = first if attempt == 0 else self.router.pick_prefill()
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt == 0:
+                w = first
+            else:
+                if time.monotonic() >= deadline:
+                    break
+                w = await self._pick(self.router.pick_prefill, deadline)
+                self.metrics.reroutes.labels("prefill").inc()
+                logger.warning("re-sending %s to prefill worker %s (attempt %d): %s", req.request_id,
+                               w.worker_id, attempt + 1, last.message if last else "")
             load = len(req.prompt_token_ids)
             self.router.begin(w, load)
+            q = self._queue(w, load, req)
+            ok = False
             try:
-                return await asyncio.wait_for(w.handle.prefill.remote(payload),
-                                              timeout=self.m.server.request_timeout_s)
+                left = max(0.1, deadline - time.monotonic())
+                res = await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=left)
+                ok = True
+                return res, w
             except Exception as e:  # noqa: BLE001 - mapped below
                 last = self._map_error(w, e)
-                if not isinstance(last, WorkerFailedError):
+                if not _retryable(last):
                     raise last from None
             finally:
+                self._dequeue(q, ok)
                 self.router.end(w, load)
         assert last is not None
         raise last
@@ -198,6 +315,26 @@ class Generator:
                     ray.cancel(gen)
                 except Exception:  # noqa: BLE001 - the worker may be dead
                     pass
+
+    @staticmethod
+    def _resume_payload(req: GenRequest, ids: list[str], all_params: list[SamplingParams],
+                        sent: list[list[int]], open_ids: set[str], prompt_lps_sent: bool,
+                        suffix: str) -> dict[str, Any]:
+        """A request for a decode worker to continue the open choices from the prompt and
+        their tokens so far (no KV: it computes them). The choice with the fewest tokens
+        leads (a forked choice without tokens samples from the lead's prompt logits)."""
+        going = sorted((j for j, rid in enumerate(ids) if rid in open_ids), key=lambda j: (len(sent[j]), j))
+
+        def params(j: int) -> dict[str, Any]:
+            d = asdict(all_params[j])
+            if prompt_lps_sent:
+                d["prompt_logprobs"] = None
+            return d
+
+        lead = going[0]
+        return {"request_id": ids[lead] + suffix, "prompt_token_ids": req.prompt_token_ids,
+                "params": params(lead), "output_token_ids": list(sent[lead]) or None,
+                "children": [(ids[j] + suffix, params(j), list(sent[j]) or None) for j in going[1:]]}
 
     async def generate(self, req: GenRequest, usage: Usage) -> AsyncIterator[Delta]:
         """Yields text deltas of the request's choices (Delta.index); each choice's last
@@ -238,18 +375,28 @@ class Generator:
         self.metrics.inflight.inc()
         outcome = "error"
         holding: list[WorkerView] = []  # released when the request ends, however it ends
+        deadline = t0 + self.m.server.request_timeout_s
+        # Tokens of each choice so far: a decode worker that fails resumes from them.
+        sent: list[list[int]] = [[] for _ in ids]
+        prompt_lps_sent = False
+        handle = None
+        kv_from: WorkerView | None = None
         try:
             if self.m.mode == "disaggregated":
                 # Both workers are chosen up front: the prefill worker picks the KV
                 # transport from where the decode worker is.
                 usage.dispatched_at = time.monotonic()
-                pw = self.router.pick_prefill()
-                w = self.router.pick_decode(self.m.decode_pool, near=pw.node_ip)
+                pw = await self._pick(self.router.pick_prefill, deadline)
+                w = await self._pick(lambda: self.router.pick_decode(self.m.decode_pool, near=pw.node_ip),
+                                     deadline)
+                # Held (for draining: autoscaling, apply) from pick to finish; a worker a
+                # fault re-routes to is not held, and a retiring one it lands on is re-routed
+                # from again.
                 self.router.hold(pw)
                 self.router.hold(w)
                 holding += [pw, w]
-                res = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
-                                                "decode_actor": w.handle}, pw)
+                res, kv_from = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
+                                                "decode_actor": w.handle}, pw, deadline)
                 usage.first_token_at = time.monotonic()
                 ttft = usage.first_token_at - t0
                 usage.worker_s = res["queue_s"] + res["prefill_s"]
@@ -260,8 +407,10 @@ class Generator:
                 going: list[int] = []  # choices the decode worker continues
                 for j, rid in enumerate(ids):
                     tok, lp = firsts[rid]
+                    sent[j].append(tok)
                     d = emit(j, [tok], self._first_stop(tok, all_params[j]), None if lp is None else [lp],
                              res.get("prompt_logprobs"))
+                    prompt_lps_sent = True
                     yield d
                     if d.finish_reason is None:
                         going.append(j)
@@ -278,49 +427,95 @@ class Generator:
                            "children": [(ids[j], {**asdict(all_params[j]), "prompt_logprobs": None},
                                          [firsts[ids[j]][0]]) for j in going[1:]]}
                 open_ids = {ids[j] for j in going}
+                pool = self.m.decode_pool
             else:
                 payload = base
-                w = self.router.pick_decode("colocated")
+                pool = "colocated"
+                w = await self._pick(lambda: self.router.pick_decode("colocated"), deadline)
                 self.router.hold(w)
                 holding.append(w)
                 open_ids = set(ids)
-            load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
-            self.router.begin(w, load)
-            stream = self._stream(w, payload)
-            try:
-                async for msg in stream:
-                    if ttft is None:
-                        ttft = time.monotonic() - t0
-                    if "kv_receive_s" in msg and self.m.mode == "disaggregated":
-                        self.metrics.kv_bytes.inc(msg.get("kv_bytes", handle.nbytes))
-                        itemsize = 4 if handle.dtype == "float32" else 2
-                        self.metrics.kv_raw_bytes.inc(math.prod(handle.shape) * itemsize)
-                        self.metrics.kv_transfers.labels(handle.transport).inc()
-                        for choice in msg.get("kv_choices") or ():
-                            self.metrics.kv_chunks.labels(choice).inc()
-                        self.metrics.kv_refetches.inc(max(0, msg.get("kv_attempts", 1) - 1))
-                        self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
-                    rid = msg.get("request_id", req.request_id)
-                    d = emit(index_of[rid], msg["token_ids"], msg["finish_reason"], msg.get("logprobs"),
-                             msg.get("prompt_logprobs"))
-                    if d.text or d.token_ids or d.finish_reason or d.prompt_logprobs is not None:
-                        yield d
-                    if d.finish_reason is not None:
-                        open_ids.discard(rid)
-                        if not open_ids:
-                            outcome = "ok"
-                            return
-            except SplitServeError:
-                raise
-            except Exception as e:  # noqa: BLE001 - worker death, timeout
-                raise self._map_error(w, e) from None
-            finally:
-                await stream.aclose()
-                self.router.end(w, load)
-            raise WorkerFailedError(f"decode stream of {req.request_id} ended without finishing")
+            for attempt in range(MAX_ATTEMPTS):
+                if attempt > 0:
+                    # The decode (colocated) worker failed: resume the open choices on
+                    # another one from the prompt and the tokens so far, which it computes
+                    # (no KV), so greedy choices continue exactly as they would have.
+                    assert err is not None
+                    if time.monotonic() >= deadline:
+                        raise err
+                    w = await self._pick(lambda: self.router.pick_decode(pool), deadline)
+                    self.metrics.reroutes.labels("decode").inc()
+                    logger.warning("resuming %s on %s worker %s from %d tokens (attempt %d): %s",
+                                   req.request_id, pool, w.worker_id, sum(len(t) for t in sent),
+                                   attempt + 1, err.message)
+                    # Fresh ids on the worker: a late abort of an earlier attempt (the same
+                    # worker may serve again after a KV transfer failure) cannot hit this one.
+                    suffix = f"~{attempt}"
+                    index_of.update({rid + suffix: j for j, rid in enumerate(ids)})
+                    payload = self._resume_payload(req, ids, all_params, sent, open_ids,
+                                                   prompt_lps_sent, suffix)
+                err: SplitServeError | None = None
+                load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
+                self.router.begin(w, load)
+                # Colocated: the prompt is computed here, it queues until the first token.
+                q = self._queue(w, len(req.prompt_token_ids), req) if pool == "colocated" else None
+                stream = self._stream(w, payload)
+                try:
+                    async for msg in stream:
+                        if q is not None:
+                            self._dequeue(q, True)
+                            q = None
+                        if ttft is None:
+                            ttft = time.monotonic() - t0
+                        if "kv_receive_s" in msg and payload.get("kv") is not None:
+                            self.metrics.kv_bytes.inc(msg.get("kv_bytes", handle.nbytes))
+                            itemsize = 4 if handle.dtype == "float32" else 2
+                            self.metrics.kv_raw_bytes.inc(math.prod(handle.shape) * itemsize)
+                            self.metrics.kv_transfers.labels(handle.transport).inc()
+                            for choice in msg.get("kv_choices") or ():
+                                self.metrics.kv_chunks.labels(choice).inc()
+                            self.metrics.kv_refetches.inc(max(0, msg.get("kv_attempts", 1) - 1))
+                            self.metrics.kv_seconds.inc(handle.send_s + msg["kv_receive_s"])
+                        rid = msg.get("request_id", req.request_id)
+                        j = index_of[rid]
+                        sent[j].extend(msg["token_ids"])
+                        d = emit(j, msg["token_ids"], msg["finish_reason"], msg.get("logprobs"),
+                                 msg.get("prompt_logprobs"))
+                        if d.prompt_logprobs is not None:
+                            prompt_lps_sent = True
+                        if d.text or d.token_ids or d.finish_reason or d.prompt_logprobs is not None:
+                            yield d
+                        if d.finish_reason is not None:
+                            open_ids.discard(ids[j])
+                            if not open_ids:
+                                outcome = "ok"
+                                return
+                    err = WorkerFailedError(f"decode stream of {req.request_id} ended without finishing")
+                except WorkerFailedError as e:
+                    err = e
+                except SplitServeError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - worker death, timeout, KV transfer
+                    err = self._map_error(w, e)
+                    if not _retryable(err):
+                        raise err from None
+                finally:
+                    self._dequeue(q, False)
+                    await stream.aclose()
+                    self.router.end(w, load)
+            assert err is not None
+            raise err
         finally:
             for held in holding:
                 self.router.unhold(held)
+            self._unreserve(req)
+            if handle is not None and handle.transport == "grpc" and kv_from is not None:
+                # However the request ended, the sender need not keep its KV parts (the
+                # receiver releases them after a successful fetch; this covers the rest).
+                try:
+                    kv_from.handle.release_kv.remote(handle.request_id)
+                except Exception:  # noqa: BLE001 - the sender may be dead (its parts with it)
+                    pass
             self.metrics.inflight.dec()
             self.metrics.requests.labels(outcome).inc()
             if outcome == "ok":

@@ -31,6 +31,8 @@ from engine.sequence import SamplingParams
 logger = logging.getLogger(__name__)
 
 STATE_REFRESH_S = 0.5
+# How often a non-streamed request checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.5
 
 
 def error_response(e: SplitServeError) -> JSONResponse:
@@ -169,10 +171,12 @@ class Ingress:
             raise ModelNotFoundError(f"model {req.model!r} does not exist; served: {self.m.model.name!r}",
                                      param="model", code="model_not_found")
 
-    def _admit(self) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
         if self._inflight >= self.m.server.max_waiting_requests:
+            self.metrics.rejected.labels("inflight").inc()
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
+        self.gen.admit([job.greq for job in jobs])
 
     def _job(self, req: CommonParams, ids: list[int], default_max: int | None, first_index: int,
              best_of: int | None = None, echo: str | None = None, tools: ToolPlan | None = None) -> Job:
@@ -242,7 +246,7 @@ class Ingress:
     # -- responses ----------------------------------------------------------------------
     async def respond(self, kind: str, req: CommonParams, jobs: list[Job],
                       t_in: float | None = None) -> Response:
-        self._admit()
+        self._admit(jobs)
         self._inflight += 1
         for job in jobs:
             job.start(self.gen, self.tokenizer, kind)
@@ -352,8 +356,10 @@ class Job:
         self.choices = [Choice(first_index + j, greq.prompt_token_ids, echo, tools) for j in range(count)]
         self.want_logprobs = want_logprobs
         self._stream: AsyncIterator[Delta] | None = None
+        self._gen: Generator | None = None
 
     def start(self, gen: Generator, tokenizer: Any, kind: str) -> None:
+        self._gen = gen
         self._stream = gen.generate(self.greq, self.usage)
         for c, p in zip(self.choices, [self.greq.params] + self.greq.more):
             if p.logprobs is not None and self.want_logprobs:
@@ -392,6 +398,8 @@ class Job:
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 await self._stream.aclose()  # type: ignore[attr-defined]
+        if self._gen is not None:  # a generator closed before it ran keeps no reservation
+            self._gen.release(self.greq)
 
 
 class Choice:
@@ -501,16 +509,31 @@ def build_app(ingress: Ingress) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
 
+    async def unless_gone(request: Request, work: Any) -> Response:
+        """Run work (a respond()) but cancel it once the client has disconnected, so a
+        non-streamed request whose client left frees its workers and KV at once."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                logger.info("client of %s %s left; request cancelled", request.method, request.url.path)
+                return Response(status_code=499)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t_in = time.monotonic()
         req, jobs = ingress.completion_request(await body_of(request))
-        return await ingress.respond("completion", req, jobs, t_in)
+        return await unless_gone(request, ingress.respond("completion", req, jobs, t_in))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         req, jobs = ingress.chat_request(await body_of(request))
-        return await ingress.respond("chat", req, jobs)
+        return await unless_gone(request, ingress.respond("chat", req, jobs))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -528,4 +551,37 @@ def build_app(ingress: Ingress) -> FastAPI:
     async def metrics() -> Response:
         return Response(ingress.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies that the handlers parse themselves (strictly,
+    from the protocol models) and the error object, so that clients and fuzzers
+    (schemathesis) see the real API."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version="1", routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    error = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    comps["ErrorResponse"] = error
+    for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(body.pop("$defs", {}))
+        comps[model.__name__] = body
+        op = schema["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        op["responses"] = {"200": {"description": "The completion (JSON, or server-sent events with stream)"},
+                           **{code: {"description": what, **err} for code, what in (
+                               ("400", "Invalid request"), ("401", "Missing or wrong API key"),
+                               ("404", "Unknown model"), ("413", "Body over server.max_request_bytes"),
+                               ("429", "Overloaded (Retry-After)"), ("503", "No healthy pool"))}}
+    app.openapi_schema = schema
+    return schema

@@ -8,6 +8,7 @@ exists, tp divides the heads, block counts) and reports every problem at once.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +105,10 @@ class KVTransferSpec(Strict):
         "auto", description="auto: object store within a node, gRPC stream across nodes")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one KV transfer")
+    tls_cert_file: str | None = Field(None, description="PEM certificate (subjectAltName DNS:splitserve-kv) of "
+                                      "the KV gRPC servers; with tls_key_file, KV moves over TLS only (paths "
+                                      "relative to the manifest; readable on every node)")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
 
     @model_validator(mode="after")
     def _level_applies(self) -> "KVTransferSpec":
@@ -122,6 +127,10 @@ class ServerSpec(Strict):
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may take end to end")
     token_timeout_s: float = Field(30.0, gt=0, description="Longest gap between two tokens before failing")
     max_waiting_requests: int = Field(256, ge=1, description="In-flight requests before 429")
+    ttft_admission: bool = Field(True, description="Answer 429 (with Retry-After) at once to a request whose "
+                                 "predicted time to first token (prompt tokens queued ahead of it at the "
+                                 "least-loaded worker, at the measured prefill rate) misses slo.ttft_ms, "
+                                 "instead of queueing it")
     health_check_period_s: float = Field(1.0, gt=0, description="Controller health-check period")
     max_request_bytes: int = Field(524288, ge=1024, description="Largest request body; larger ones get 413 "
                                    "before they are parsed")
@@ -213,7 +222,18 @@ class Manifest(Strict):
 
 
 def _field_path(loc: tuple[object, ...]) -> str:
-    return ".".join(str(x) for x in loc) or "<root>"
+    """a.b.c; list indices as [i]; a key that is not a plain name is quoted (JSON), so the
+    path before ': reason' is never ambiguous."""
+    out = ""
+    for x in loc:
+        if isinstance(x, int):
+            out += f"[{x}]"
+        else:
+            name = str(x)
+            if not re.fullmatch(r"[A-Za-z0-9_\-\[\]<>]+", name):
+                name = json.dumps(name)
+            out += ("." if out else "") + name
+    return out or "<root>"
 
 
 def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = False) -> Manifest:
@@ -248,8 +268,29 @@ def parse_manifest(data: object, base_dir: str = ".", require_tokenizer: bool = 
             # Workers read it wherever they run: resolve it against the manifest's directory.
             m.pools["expert"].placement = str((Path(base_dir) / placement).resolve())  # type: ignore[index]
     check_api_keys_file(m)
+    check_kv_tls(m, base_dir)
     check_against_model(m, require_tokenizer)
     return m
+
+
+def check_kv_tls(m: Manifest, base_dir: str) -> None:
+    """Both TLS files or neither; they exist; resolved against the manifest's directory."""
+    kt = m.kv_transfer
+    given = {f: getattr(kt, f) for f in ("tls_cert_file", "tls_key_file") if getattr(kt, f) is not None}
+    if not given:
+        return
+    problems = []
+    if len(given) == 1:
+        (f,) = given
+        other = "tls_key_file" if f == "tls_cert_file" else "tls_cert_file"
+        problems.append((f"kv_transfer.{other}", f"needed with kv_transfer.{f} (TLS wants both)"))
+    for f, value in given.items():
+        p = Path(value) if Path(value).is_absolute() else Path(base_dir) / value
+        if not p.is_file():
+            problems.append((f"kv_transfer.{f}", f"{p} is not a file"))
+        setattr(kt, f, str(p.resolve()))
+    if problems:
+        raise ManifestError(problems)
 
 
 def check_api_keys_file(m: Manifest) -> None:

@@ -75,10 +75,22 @@ class Metrics:
                                  "(cachegen:LEVEL; recompute: left to the decode worker)", ["codec"], registry=r)
         self.kv_refetches = Counter("splitserve_kv_transfer_refetches", "KV streams fetched again after a "
                                     "failure (bad checksum, cut)", registry=r)
+        self.rejected = Counter("splitserve_admission_rejected", "Requests answered 429 at admission, by "
+                                "reason (ttft: predicted to miss the TTFT target; inflight: "
+                                "server.max_waiting_requests)", ["reason"], registry=r)
+        self.reroutes = Counter("splitserve_request_reroutes", "Requests re-sent to another worker after a "
+                                "worker fault, by stage (prefill: re-sent; decode: resumed from the prompt "
+                                "and the tokens so far)", ["stage"], registry=r)
         self.kv_seconds = Counter("splitserve_kv_transfer_seconds", "Seconds spent moving KV", registry=r)
         self.running = Gauge("splitserve_worker_running_requests", "Running requests", ["worker", "pool"], registry=r)
         self.waiting = Gauge("splitserve_worker_waiting_requests", "Waiting requests", ["worker", "pool"], registry=r)
-        self.kv_used = Gauge("splitserve_worker_kv_blocks_used", "KV blocks in use", ["worker", "pool"], registry=r)
+        self.kv_used = Gauge("splitserve_worker_kv_blocks_used", "KV blocks held by live requests (0 when idle)",
+                             ["worker", "pool"], registry=r)
+        self.kv_cached = Gauge("splitserve_worker_kv_blocks_cached", "KV blocks of the prefix cache that no live "
+                               "request holds (evictable; counted free)", ["worker", "pool"], registry=r)
+        self.kv_held = Gauge("splitserve_worker_kv_transfers_held", "KV transfers a worker holds: parts a sender "
+                             "keeps for a receiver, transfers a receiver pulled ahead of its request",
+                             ["worker", "pool"], registry=r)
         self.kv_total = Gauge("splitserve_worker_kv_blocks_total", "KV blocks", ["worker", "pool"], registry=r)
         self.prompt_computed = Gauge("splitserve_worker_prompt_tokens_computed",
                                      "Prompt tokens a worker computed since it started (prefix-cache hits, "
@@ -124,12 +136,15 @@ class Metrics:
                 total = s.get("kv_blocks_total", 0)
                 self.kv_total.labels(*key).set(total)
                 self.kv_used.labels(*key).set(total - s.get("kv_blocks_free", total))
+                self.kv_cached.labels(*key).set(s.get("kv_blocks_cached", 0))
+                self.kv_held.labels(*key).set(s.get("kv_transfers_held", 0))
                 if s.get("kv_codec_profile") is not None:
                     profiled.add(key)
                     self.codec_profile.labels(*key).set(1 if s["kv_codec_profile"] == "measured" else 0)
                 self.prompt_computed.labels(*key).set(s.get("prompt_tokens_computed", 0))
         for key in self._labels - seen:
-            for g in (self.running, self.waiting, self.kv_used, self.kv_total, self.prompt_computed):
+            for g in (self.running, self.waiting, self.kv_used, self.kv_cached, self.kv_held, self.kv_total,
+                      self.prompt_computed):
                 g.remove(*key)
         for pool, pool_workers in pools.items():
             self.pool_replicas.labels(pool).set(sum(1 for w in pool_workers if w.get("healthy")

@@ -33,6 +33,8 @@ class WorkerView:
     # Requests of this ingress that involve the worker from pick to finish (a prefill
     # worker's KV until the decode worker took it, a decode worker's before its KV came).
     held: int = 0
+    # Prompt tokens of this ingress's requests sent here and not yet at their first token.
+    queued_tokens: int = 0
 
 
 class Router:

@@ -18,6 +18,8 @@ from kvtransfer.connector import KVHandle, KVTransferError, get_connector
 logger = logging.getLogger(__name__)
 
 _END = "end"
+# Seconds a finished prefetch waits for its request before it is dropped.
+PREFETCH_KEEP_S = 10.0
 
 
 class DecodeWorker(EngineWorker):
@@ -32,6 +34,7 @@ class DecodeWorker(EngineWorker):
         # time, so a prefetch arriving after its request does not fetch again.
         self._prefetch: dict[str, tuple[asyncio.Future[Any], float, str]] = {}
         self._seen: dict[tuple[str, str], float] = {}
+        self._done_at: dict[str, float] = {}  # request id -> when its prefetch was seen done
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -47,17 +50,30 @@ class DecodeWorker(EngineWorker):
         return asyncio.ensure_future(asyncio.to_thread(self.connector.receive_detailed, handle, deadline))
 
     def _reap(self) -> None:
-        horizon = time.monotonic() - 2 * self.manifest.kv_transfer.timeout_s - 10
-        for rid in [r for r, (t, t0, _) in self._prefetch.items() if t0 < horizon and t.done()]:
+        now = time.monotonic()
+        horizon = now - 2 * self.manifest.kv_transfer.timeout_s - 10
+        for rid, (task, _, _) in list(self._prefetch.items()):
+            if task.done():
+                self._done_at.setdefault(rid, now)
+        # A finished prefetch whose request has not come within PREFETCH_KEEP_S will not
+        # come (its request failed or was aborted before reaching this worker).
+        stale = [r for r, (t, t0, _) in self._prefetch.items()
+                 if t.done() and (t0 < horizon or now - self._done_at.get(r, now) > PREFETCH_KEEP_S)]
+        for rid in stale:
             task = self._prefetch.pop(rid)[0]
+            self._done_at.pop(rid, None)
             if not task.cancelled() and task.exception() is None:
                 logger.warning("dropping prefetched KV of %s: its request never came", rid)
+        for rid in [r for r in self._done_at if r not in self._prefetch]:
+            del self._done_at[rid]
         for key in [k for k, t0 in self._seen.items() if t0 < horizon]:
             del self._seen[key]
 
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
+        self._reap()
         stats["kv_in_flight"] = sum(1 for task, _, _ in self._prefetch.values() if not task.done())
+        stats["kv_transfers_held"] = len(self._prefetch)
         return stats
 
     async def prefetch_kv(self, handle: KVHandle) -> None:

@@ -59,6 +59,11 @@ class BlockManager:
         return len(self._free) + len(self._evictable)
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Blocks no live sequence holds that keep a prefix's KV (evictable, counted free)."""
+        return len(self._evictable)
+
+    @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 

@@ -234,6 +234,7 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "kv_blocks_total": self.bm.num_blocks,
             "kv_blocks_free": self.bm.num_free_blocks,
+            "kv_blocks_cached": self.bm.num_cached_blocks,
             "prefix_hits": self.bm.prefix_hits,
             "prompt_tokens_computed": self.scheduler.prompt_tokens_computed,
         }

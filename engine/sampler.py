@@ -153,6 +153,9 @@ class Sampler:
             if p.greedy:
                 continue
             row = processed[i].float() / p.temperature
+            # An extreme penalty or temperature can overflow a logit: +inf keeps the lead
+            # (the largest finite value), NaN drops out; softmax stays a distribution.
+            row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
             if p.top_k and p.top_k > 0 and p.top_k < row.numel():
                 kth = torch.topk(row, p.top_k).values[-1]
                 row = row.masked_fill(row < kth, float("-inf"))

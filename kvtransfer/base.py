@@ -50,3 +50,8 @@ def numpy_to_kv(arr: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(arr)
     want = TORCH_DTYPES[dtype]
     return t.view(want) if want in VIEW_DTYPES else t
+
+
+# Environment variable that carries a deployment's KV token to its workers (the controller
+# sets it; kvtransfer.grpc_transport checks and presents it).
+KV_TOKEN_ENV = "SPLITSERVE_KV_TOKEN"

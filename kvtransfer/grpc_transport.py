@@ -17,11 +17,24 @@ A request's parts stay on the sender until the receiver releases them (``/splits
 Release``, after it has decoded everything) or they expire, so a receiver whose stream
 failed (bad checksum, cut) can fetch again once. ``fail`` ends a transfer that will never
 complete (the prefill failed): a waiting receiver gets the reason at once.
+
+Authentication: a deployment has a secret token (the controller generates it at start and
+hands it to every worker it creates, in the environment variable ``SPLITSERVE_KV_TOKEN``).
+A server with a token answers Fetch and Release only to callers presenting it (metadata
+``x-splitserve-kv-token``, compared in constant time); any other call is refused with
+UNAUTHENTICATED and logged with the peer's address. Clients present their process's token.
+
+TLS (optional): with ``SPLITSERVE_KV_TLS_CERT`` and ``SPLITSERVE_KV_TLS_KEY`` (PEM files;
+the manifest's ``kv_transfer.tls_cert_file`` / ``tls_key_file``, handed to the workers by the
+controller) servers listen with TLS only and clients verify the peer against that
+certificate, expected to name ``TLS_NAME`` (one certificate per deployment).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import struct
 import threading
 import time
@@ -32,7 +45,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvtransfer.base import KVTransferError
+from kvtransfer.base import KV_TOKEN_ENV, KVTransferError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +57,37 @@ FLAG_LAST = 1
 CHUNK_BYTES = 1 << 20
 # Parts not released within this time are dropped (the decode side gave up or died).
 EXPIRE_S = 120.0
+TOKEN_ENV = KV_TOKEN_ENV
+TOKEN_HEADER = "x-splitserve-kv-token"
+
+
+def process_token() -> str | None:
+    """This process's deployment token (None: KV servers here accept anyone; tests, tools)."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    token = token if token is not None else process_token()
+    return ((TOKEN_HEADER, token),) if token else None
+
+
+TLS_CERT_ENV = "SPLITSERVE_KV_TLS_CERT"
+TLS_KEY_ENV = "SPLITSERVE_KV_TLS_KEY"
+# The name the deployment's certificate carries (subjectAltName DNS); clients check it.
+TLS_NAME = "splitserve-kv"
+
+
+def process_tls() -> tuple[bytes, bytes] | None:
+    """(certificate, key) PEM of this process's deployment, or None (plaintext)."""
+    cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
+    if not cert or not key:
+        return None
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        return c.read(), k.read()
+
+
+# A failed transfer keeps only its reason (for a receiver still to ask), this long.
+FAILED_KEEP_S = 10.0
 
 
 def frame(seq: int, payload: bytes, last: bool) -> bytes:
@@ -75,6 +119,7 @@ class _Entry:
     # Receiver's node (link statistics are kept per destination).
     dest: str | None = None
     created: float = field(default_factory=time.monotonic)
+    failed_at: float | None = None
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 
@@ -82,7 +127,11 @@ class KVServer:
     """Serves published KV parts to decode workers. One per sender process."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, rate_gbps: float | None = None,
-                 max_workers: int = 8) -> None:
+                 max_workers: int = 8, token: str | None = None,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
+        # Callers must present this token (default: the process's deployment token).
+        self.token = token if token is not None else process_token()
+        self.refused = 0  # calls refused for a missing or wrong token
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self.rate_gbps = rate_gbps
@@ -102,7 +151,13 @@ class KVServer:
                                    options=[("grpc.max_send_message_length", 2 * CHUNK_BYTES),
                                             ("grpc.max_receive_message_length", 2 * CHUNK_BYTES)])
         self._server.add_generic_rpc_handlers((handler,))
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        tls = tls if tls is not None else process_tls()
+        self.tls = tls is not None
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self._server.add_secure_port(f"{host}:{port}", creds)
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise KVTransferError(f"could not bind the KV server to {host}:{port}")
         self.address = f"{host}:{self.port}"
@@ -122,6 +177,8 @@ class KVServer:
         with entry.cond:
             entry.error = reason
             entry.closed = True
+            entry.parts = []  # nobody can use them: free the bytes now
+            entry.failed_at = time.monotonic()
             entry.cond.notify_all()
 
     def append(self, request_id: str, data: bytes, last: bool = False) -> None:
@@ -145,12 +202,36 @@ class KVServer:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for rid in [r for r, e in self._entries.items() if now - e.created > EXPIRE_S]:
-            logger.warning("dropping unfetched KV of %s", rid)
-            del self._entries[rid]
+        for rid, e in list(self._entries.items()):
+            if e.failed_at is not None and now - e.failed_at > FAILED_KEEP_S:
+                del self._entries[rid]
+            elif now - e.created > EXPIRE_S:
+                logger.warning("dropping unfetched KV of %s", rid)
+                del self._entries[rid]
+
+    def sweep(self) -> None:
+        """Drop expired transfers (the owner calls it periodically, e.g. from health())."""
+        with self._lock:
+            self._expire()
+
+    def held(self) -> int:
+        """Transfers whose parts this server still holds (failed ones hold none)."""
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.failed_at is None)
 
     # -- the RPC ----------------------------------------------------------------------
+    def _check(self, what: str, request_id: str, context: grpc.ServicerContext) -> None:
+        if not self.token:
+            return
+        got = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(str(got).encode(), self.token.encode()):
+            self.refused += 1
+            logger.warning("refused %s of KV %r from %s: %s deployment token", what, request_id[:80],
+                           context.peer(), "wrong" if got else "no")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this KV server wants the deployment's token")
+
     def _release(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._check("release", request.decode(errors="replace"), context)
         self.discard(request.decode())
         return b""
 
@@ -167,7 +248,8 @@ class KVServer:
             time.sleep(wait)
 
     def _fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        rid = request.decode()
+        rid = request.decode(errors="replace")
+        self._check("fetch", rid, context)
         entry = self._entries.get(rid)
         if entry is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV for {rid} on this worker")
@@ -223,24 +305,38 @@ class KVServer:
         self._server.stop(grace_s)
 
 
-_channels: dict[str, grpc.Channel] = {}
+_channels: dict[tuple[str, bytes | None], grpc.Channel] = {}
 _channels_lock = threading.Lock()
 
 
-def _channel(address: str) -> grpc.Channel:
+def _channel(address: str, cert: bytes | None = None) -> grpc.Channel:
+    """A cached channel to a KV server: TLS verified against cert (default: the process's
+    deployment certificate), else plaintext."""
+    if cert is None:
+        tls = process_tls()
+        cert = tls[0] if tls is not None else None
     with _channels_lock:
-        ch = _channels.get(address)
+        key = (address, cert)
+        ch = _channels.get(key)
         if ch is None:
-            ch = grpc.insecure_channel(address, options=[
-                ("grpc.max_receive_message_length", 2 * CHUNK_BYTES),
-                ("grpc.max_send_message_length", 2 * CHUNK_BYTES)])
-            _channels[address] = ch
+            options = [("grpc.max_receive_message_length", 2 * CHUNK_BYTES),
+                       ("grpc.max_send_message_length", 2 * CHUNK_BYTES)]
+            if cert is not None:
+                ch = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=cert),
+                                         options=options + [("grpc.ssl_target_name_override", TLS_NAME)])
+            else:
+                ch = grpc.insecure_channel(address, options=options)
+            _channels[key] = ch
         return ch
 
 
-def fetch_parts(address: str, request_id: str, deadline_s: float) -> Iterator[bytes]:
-    """Yield the payload of each frame of a request's KV, verified, in order."""
-    call = _channel(address).unary_stream(METHOD)(request_id.encode(), timeout=deadline_s)
+def fetch_parts(address: str, request_id: str, deadline_s: float,
+                token: str | None = None, cert: bytes | None = None) -> Iterator[bytes]:
+    """Yield the payload of each frame of a request's KV, verified, in order. token:
+    presented to the sender, cert: the sender's TLS certificate (defaults: the process's
+    deployment token and certificate)."""
+    call = _channel(address, cert).unary_stream(METHOD)(request_id.encode(), timeout=deadline_s,
+                                                  metadata=_auth(token))
     seq = 0
     try:
         for msg in call:
@@ -262,13 +358,15 @@ def fetch_parts(address: str, request_id: str, deadline_s: float) -> Iterator[by
                           "(no last frame)")
 
 
-def release(address: str, request_id: str, timeout_s: float = 5.0) -> None:
+def release(address: str, request_id: str, timeout_s: float = 5.0, token: str | None = None) -> None:
     """Tell the sender it may drop the request's parts (best effort: they expire anyway)."""
     try:
-        _channel(address).unary_unary(RELEASE)(request_id.encode(), timeout=timeout_s)
+        _channel(address).unary_unary(RELEASE)(request_id.encode(), timeout=timeout_s,
+                                               metadata=_auth(token))
     except grpc.RpcError as e:
         logger.debug("release of %s at %s failed: %s", request_id, address, e.code())
 
 
-def fetch(address: str, request_id: str, deadline_s: float) -> bytes:
-    return b"".join(fetch_parts(address, request_id, deadline_s))
+def fetch(address: str, request_id: str, deadline_s: float, token: str | None = None,
+          cert: bytes | None = None) -> bytes:
+    return b"".join(fetch_parts(address, request_id, deadline_s, token, cert))

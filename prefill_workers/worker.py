@@ -17,7 +17,7 @@ from typing import Any
 from cluster.worker_base import EngineWorker, current_node_ip
 from engine.engine import StepOutput
 from engine.scheduler import SchedulerConfig
-from kvtransfer.connector import KVHandle, get_connector
+from kvtransfer.connector import GrpcConnector, KVHandle, get_connector
 from kvtransfer.policy import PolicySpec, TransferPolicy
 from prefill_workers.scheduler import prefill_scheduler_config
 
@@ -81,7 +81,26 @@ class PrefillWorker(EngineWorker):
         now = time.monotonic()
         stats["queue_wait_s"] = max((now - t for rid, t in list(self._arrivals.items()) if rid != self._probe),
                                     default=0.0)
+        server = GrpcConnector._server
+        held = 0
+        if server is not None:
+            server.sweep()
+            held = server.held()
+            stats["kv_server"] = server.address
+            stats["kv_server_authenticated"] = bool(server.token)
+            stats["kv_server_tls"] = server.tls
+            stats["kv_fetch_refused"] = server.refused
+        stats["kv_transfers_held"] = held
         return stats
+
+    async def release_kv(self, request_id: str) -> None:
+        """Drop what this worker holds of a request's KV transfer: the request ended (done,
+        failed, aborted) and no receiver will fetch it. Idempotent."""
+        server = GrpcConnector._server
+        if self._streams.pop(request_id, None) is not None:
+            self.connector.grpc.sender.abort(request_id, f"{request_id} was released")
+        if server is not None:
+            server.discard(request_id)
 
     async def _profile_codecs(self, tokens: int = 512) -> None:
         """Measure the adaptive options on this model's own KV (one internal prefill) and

@@ -54,7 +54,10 @@ def manifest_for(model_dir: Path, mode: str = "disaggregated", tp: int = 1, **ov
         "mode": mode,
         "pools": pools,
         "kv_cache": {"block_size": 8},
-        "server": {"request_timeout_s": 60, "token_timeout_s": 20, "health_check_period_s": 0.5},
+        # TTFT admission off: tests that fire bursts at a loaded machine want answers, not
+        # 429s (tests/integration/test_overload.py turns it on).
+        "server": {"request_timeout_s": 60, "token_timeout_s": 20, "health_check_period_s": 0.5,
+                   "ttft_admission": False},
     }
     for key, value in overrides.items():
         data[key] = value
@@ -75,7 +78,7 @@ def serving(manifest) -> Iterator[tuple[str, object]]:
         dep.stop()
 
 
-def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+def wait_healthy(url: str, timeout_s: float = 180.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s

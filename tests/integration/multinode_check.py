@@ -157,6 +157,88 @@ def check_placement_errors() -> dict[str, object]:
     return out
 
 
+def check_node_loss(c: Cluster, model_dir: str) -> dict[str, object]:
+    """A fake node is removed while a closed loop of greedy requests runs: its workers are
+    re-placed (new placement groups) on the surviving nodes and every request completes
+    with the output it has without the fault."""
+    import threading
+    import time
+
+    import httpx
+
+    from cluster.manifest import parse_manifest
+    from cluster.serve import Server, deploy
+
+    m = parse_manifest({
+        "name": "nodeloss", "model": {"path": model_dir, "name": "tiny"}, "mode": "disaggregated",
+        "pools": {"prefill": {"num_cpus": 1, "num_kv_blocks": 128}, "decode": {"num_cpus": 1, "num_kv_blocks": 128}},
+        "kv_cache": {"block_size": 8}, "kv_transfer": {"codec": "none"},
+        "server": {"request_timeout_s": 120, "token_timeout_s": 30, "health_check_period_s": 0.5,
+                   "ttft_admission": False}})
+    dep = deploy(m)
+    server = Server(dep)
+    url = server.start()
+    out: dict[str, object] = {}
+    try:
+        state = ray.get(dep.controller.get_state.remote())
+        placed = {p: [w["node_ip"] for w in ws] for p, ws in state["pools"].items()}
+        # A node other than the head's (the driver, ingress and controller) that runs a worker.
+        out["controller_on"] = _actors_on_nodes().get("Controller")
+        victim_ip = next(ip for ws in placed.values() for ip in ws if ip != "127.0.0.1")
+        node = next(n for n in c.worker_nodes if n.node_ip_address == victim_ip)
+        prompts = [" ".join(f"n{i}_{j} = {j}" for j in range(10 + 6 * i)) for i in range(3)]
+        body = {"model": "tiny", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        expected = {p: httpx.post(f"{url}/v1/completions", timeout=120, json={**body, "prompt": p}
+                                  ).json()["choices"][0]["text"] for p in prompts}
+        results: list[tuple[str, int, str]] = []
+        stop = threading.Event()
+
+        def loop(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                p = prompts[i % len(prompts)]
+                try:
+                    r = httpx.post(f"{url}/v1/completions", timeout=180, json={**body, "prompt": p})
+                    results.append((p, r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200
+                                    else r.text[:200]))
+                except Exception as e:  # noqa: BLE001 - reported
+                    results.append((p, -1, repr(e)[:200]))
+                i += 1
+
+        threads = [threading.Thread(target=loop, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 120
+            while len(results) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            c.remove_node(node)
+            at = len(results)
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                ws = ray.get(dep.controller.get_state.remote())["pools"]
+                if (all(w["healthy"] and w["node_ip"] != victim_ip for p in ws for w in ws[p])
+                        and all(len(ws[p]) == 1 for p in ws) and len(results) >= at + 4):
+                    break
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=240)
+        state = ray.get(dep.controller.get_state.remote())
+        out = {"removed": victim_ip, "placed_before": placed,
+               "placed_after": {p: [w["node_ip"] for w in ws if w["healthy"]] for p, ws in state["pools"].items()},
+               "requests": len(results), "after_removal": len(results) - at,
+               "failed": [(s, t) for _, s, t in results if s != 200],
+               "changed": sum(1 for p, s, t in results if s == 200 and t != expected[p])}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["error"] = repr(e)[:500]
+    finally:
+        server.stop()
+        dep.stop()
+    return out
+
+
 def main(model_dir: str) -> int:
     import httpx
 
@@ -200,15 +282,19 @@ def main(model_dir: str) -> int:
             # request is served.
             prefill = ray.get(dep.controller.get_state.remote())["pools"]["prefill"][0]["handle"]
             faults = {}
+            body = {"model": "tiny", "prompt": prompts[1], "max_tokens": 5, "ignore_eos": True,
+                    "temperature": 0}
             for kind in ("corrupt", "cut"):
                 ray.get(prefill.inject_kv_fault.remote(kind, 2))  # the receiver retries once
-                r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-                    "model": "tiny", "prompt": prompts[1], "max_tokens": 5, "ignore_eos": True})
-                ok = httpx.post(f"{url}/v1/completions", timeout=60, json={
-                    "model": "tiny", "prompt": prompts[1], "max_tokens": 5, "ignore_eos": True})
-                faults[kind] = [r.status_code, r.json()["error"]["message"][:120], ok.status_code]
+                # The transfer fails twice: the decode worker computes the prompt itself.
+                r = httpx.post(f"{url}/v1/completions", timeout=60, json=body)
+                ok = httpx.post(f"{url}/v1/completions", timeout=60, json=body)
+                faults[kind] = [r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text[:200],
+                                ok.status_code, ok.json()["choices"][0]["text"] if ok.status_code == 200 else ok.text[:200]]
             out["faults"] = faults
             metrics = httpx.get(f"{url}/metrics", timeout=10).text
+            out["reroutes"] = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                               if line.startswith("splitserve_request_reroutes_total{")}
             out["kv_bytes"] = float(next(line.split()[-1] for line in metrics.splitlines()
                                          if line.startswith("splitserve_kv_transfer_bytes_total")))
             out["transfers"] = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
@@ -219,6 +305,10 @@ def main(model_dir: str) -> int:
         out["plan"] = check_planned_placement()
         out["tp_group"] = check_tp_group()
         out["placement_errors"] = check_placement_errors()
+        # A fourth node, so that the workers of a lost node have somewhere to go.
+        c.add_node(num_cpus=2, node_ip_address="127.0.0.4")
+        c.wait_for_nodes()
+        out["node_loss"] = check_node_loss(c, model_dir)
     finally:
         ray.shutdown()
         c.shutdown()

@@ -1,6 +1,7 @@
 """Streamed KV across fake nodes (its own Ray, in a subprocess): equality with the engine
-over a paced link, retry after one corrupted stream, 503s within the deadline after
-repeated faults, a receiver killed mid-transfer, and adaptive compression on a slow link."""
+over a paced link, retry after one corrupted stream, the prompt recomputed by the decode
+worker after repeated faults, a receiver killed mid-transfer (the request resumes on its
+replacement), and adaptive compression on a slow link."""
 
 import json
 import subprocess
@@ -26,20 +27,18 @@ def test_streamed_raw_kv_over_a_paced_link_equals_the_engine(seen):
     assert seen["grpc_bytes"] >= seen["raw_bytes"] > 0  # raw plus framing
 
 
-def test_one_bad_stream_is_retried_two_end_the_request_within_the_deadline(seen):
+def test_one_bad_stream_is_retried_two_are_recomputed(seen):
     f = seen["faults"]
     status, _, same, _, ok = f["corruptx1"]
     assert status == 200 and same and ok == 200
-    for kind, word in (("corruptx2", "checksum"), ("cutx2", "cut")):
-        status, msg, _, took, ok = f[kind]
-        assert status == 503 and word in msg and "2 attempt" in msg, f[kind]
-        assert took < 8 + 5  # the transfer deadline (timeout_s) plus slack
-        assert ok == 200
+    for kind in ("corruptx2", "cutx2"):  # the receiver's re-fetch fails too
+        status, msg, same, _, ok = f[kind]
+        assert status == 200 and same and ok == 200, f[kind]
 
 
-def test_a_receiver_killed_mid_transfer_ends_the_request_and_the_pool_recovers(seen):
+def test_a_receiver_killed_mid_transfer_resumes_and_the_pool_recovers(seen):
     k = seen["killed_receiver"]
-    assert k["in_flight"] and k["status"] in (500, 502, 503) and k["took"] < 30, k
+    assert k["in_flight"] and k["status"] == 200 and k["tokens"] == 4, k
     assert k["recovered"] is True
 
 

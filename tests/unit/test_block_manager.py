@@ -61,3 +61,22 @@ def test_evicted_blocks_are_not_matched_again():
     bm.free(b)
     c = seq("c", [1, 2, 3, 4, 5])
     assert bm.match_prefix(c) == 0
+
+
+def test_cached_blocks_are_counted_apart_from_used():
+    """Blocks of a finished request's prefix are cached (evictable): not used, and back in
+    use only while a live request shares them."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = seq("a", list(range(12)))
+    bm.allocate(a, 12)
+    a.num_computed_tokens = 12
+    bm.seal_full_blocks(a)
+    assert (bm.num_used_blocks, bm.num_cached_blocks) == (3, 0)
+    bm.free(a)
+    assert (bm.num_used_blocks, bm.num_cached_blocks) == (0, 3)
+    b = seq("b", list(range(12)))
+    bm.match_prefix(b)  # takes 2 cached blocks back into use
+    bm.allocate(b, 12)
+    assert (bm.num_used_blocks, bm.num_cached_blocks) == (3, 1)
+    bm.free(b)
+    assert bm.num_used_blocks == 0

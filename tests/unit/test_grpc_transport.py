@@ -138,3 +138,85 @@ def test_rate_limit_paces_sender():
         assert time.monotonic() - t0 >= 0.15
     finally:
         s.stop(0)
+
+
+def test_failed_and_released_transfers_hold_nothing(server, monkeypatch):
+    """A failed transfer drops its parts at once and its reason after FAILED_KEEP_S; a
+    released one is gone; held() counts what is left."""
+    server.publish("a", b"x" * 1000)
+    server.open("b")
+    server.append("b", b"y" * 1000)
+    assert server.held() == 2
+    server.fail("b", "prefill died")
+    assert server.held() == 1 and server._entries["b"].parts == []
+    with pytest.raises(KVTransferError, match="prefill died"):
+        gt.fetch(server.address, "b", 5)
+    gt.release(server.address, "a")
+    assert server.held() == 0
+    monkeypatch.setattr(gt, "FAILED_KEEP_S", 0.0)
+    time.sleep(0.01)
+    server.sweep()
+    assert "b" not in server._entries
+
+
+def test_a_server_with_a_token_refuses_other_callers_and_logs_it(caplog):
+    s = gt.KVServer("127.0.0.1", 0, token="s3cret")
+    try:
+        s.publish("req-1", b"prompt KV")
+        with caplog.at_level("WARNING", logger="kvtransfer.grpc_transport"):
+            for token in ("", "wrong"):  # "" presents none
+                with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+                    gt.fetch(s.address, "req-1", 5, token=token)
+            gt.release(s.address, "req-1", token="wrong")  # best effort: refused, logged
+        assert s.refused == 3 and s.held() == 1
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 3 and "req-1" in refusals[0] and "no deployment token" in refusals[0]
+        assert gt.fetch(s.address, "req-1", 5, token="s3cret") == b"prompt KV"
+    finally:
+        s.stop(0)
+
+
+def test_the_process_token_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(gt.TOKEN_ENV, "from-controller")
+    s = gt.KVServer("127.0.0.1", 0)
+    try:
+        assert s.token == "from-controller"
+        s.publish("r", b"kv")
+        assert gt.fetch(s.address, "r", 5) == b"kv"  # presents the process's token
+        with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+            gt.fetch(s.address, "r", 5, token="other")
+    finally:
+        s.stop(0)
+
+
+def test_tls_server_serves_verified_clients_only(tmp_path):
+    """Optional TLS: a client that trusts the deployment's certificate fetches (with the
+    token); a plaintext client, or one trusting another certificate, gets nothing."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+
+    def make(name):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.pem"),
+                        "-subj", f"/CN={gt.TLS_NAME}", "-addext", f"subjectAltName=DNS:{gt.TLS_NAME}"],
+                       check=True, capture_output=True, timeout=60)
+        return (tmp_path / f"{name}.pem").read_bytes(), (tmp_path / f"{name}.key").read_bytes()
+
+    cert, key = make("deploy")
+    other, _ = make("other")
+    s = gt.KVServer("127.0.0.1", 0, token="t", tls=(cert, key))
+    try:
+        assert s.tls
+        s.publish("r", b"kv over tls")
+        assert gt.fetch(s.address, "r", 10, token="t", cert=cert) == b"kv over tls"
+        with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+            gt.fetch(s.address, "r", 10, token="x", cert=cert)
+        with pytest.raises(KVTransferError):  # plaintext to a TLS server
+            gt.fetch(s.address, "r", 5, token="t")
+        with pytest.raises(KVTransferError):  # the server's certificate is not trusted
+            gt.fetch(s.address, "r", 5, token="t", cert=other)
+    finally:
+        s.stop(0)

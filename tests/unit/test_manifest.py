@@ -204,3 +204,24 @@ def test_vllm_engine_checks_model_directory(tmp_path):
     lines = problems(vllm_manifest(model={"path": str(d)}, mode="colocated",
                                    pools={"colocated": {"engine": "vllm"}}), tmp_path)
     assert lines == [lines[0]] and lines[0].startswith("model.path: head_dim 16 is not supported"), lines
+
+
+def test_kv_tls_files_both_or_neither_and_existing(tmp_path):
+    import yaml as _yaml
+
+    from cluster.errors import ManifestError
+    from cluster.manifest import parse_manifest
+
+    data = _yaml.safe_load((ROOT / "deploy/manifests/demo-ha.yaml").read_text())
+    (tmp_path / "kv.pem").write_text("cert")
+    with pytest.raises(ManifestError) as err:
+        parse_manifest({**data, "kv_transfer": {"tls_cert_file": "kv.pem"}}, base_dir=str(tmp_path))
+    assert err.value.lines() == ["kv_transfer.tls_key_file: needed with kv_transfer.tls_cert_file (TLS wants both)"]
+    with pytest.raises(ManifestError) as err:
+        parse_manifest({**data, "kv_transfer": {"tls_cert_file": "kv.pem", "tls_key_file": "nope.key"}},
+                       base_dir=str(tmp_path))
+    assert err.value.lines()[0].startswith("kv_transfer.tls_key_file: ") and "is not a file" in err.value.lines()[0]
+    (tmp_path / "kv.key").write_text("key")
+    m = parse_manifest({**data, "kv_transfer": {"tls_cert_file": "kv.pem", "tls_key_file": "kv.key"}},
+                       base_dir=str(tmp_path))
+    assert m.kv_transfer.tls_cert_file == str((tmp_path / "kv.pem").resolve())  # workers read it anywhere

@@ -173,3 +173,16 @@ def test_split_prefill_decode_equals_one_engine(model_dir, params):
 def test_stream_seeds_differ_by_seed_and_index():
     seeds = {stream_seed(s, i) for s in range(4) for i in range(50)}
     assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, repetition_penalty=5.8e-216, max_tokens=4),
+                                    SamplingParams(temperature=1e-300, max_tokens=4, seed=1)])
+def test_overflowing_logits_still_sample(params):
+    """Found by fuzzing the API: a penalty or temperature that overflows a logit to inf
+    (a NaN softmax) samples the leading token instead of failing the request."""
+    from engine.sampler import Sampler
+    from engine.sequence import Sequence
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    seq = Sequence("r", [1], params, eos_token_ids=[])
+    assert Sampler().sample(logits, [seq]).tokens == [1]

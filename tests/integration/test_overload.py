@@ -1,0 +1,53 @@
+"""Overload: a burst far beyond capacity gets 200s and early 429s with Retry-After (the
+requests predicted to miss the TTFT target from the queue ahead and the measured prefill
+rate), never a 5xx, and nothing is held afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from .conftest import manifest_for, serving
+from .test_failures import wait_kv_released
+
+
+def test_burst_of_300_gets_only_200_and_429(ray_session, llama_dir):
+    m = manifest_for(llama_dir, slo={"ttft_ms": 300, "tpot_ms": 100, "attainment": 0.9},
+                     server={"request_timeout_s": 120, "token_timeout_s": 30, "health_check_period_s": 0.5,
+                             # Far above the burst: the 429s here come from the TTFT prediction.
+                             "max_waiting_requests": 1000})
+    prompts = [" ".join(f"t{i}_{j}" for j in range(60)) for i in range(300)]
+    body = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    with serving(m) as (url, dep):
+        with httpx.Client(timeout=60) as http:
+            for p in prompts[:5]:  # the ingress measures the prefill rate
+                assert http.post(f"{url}/v1/completions", json={**body, "prompt": p}).status_code == 200
+
+        async def burst() -> list[tuple[httpx.Response, float]]:
+            limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+            async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+                async def one(p: str) -> tuple[httpx.Response, float]:
+                    t0 = time.monotonic()
+                    r = await client.post(f"{url}/v1/completions", json={**body, "prompt": p})
+                    return r, time.monotonic() - t0
+                return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+        results = asyncio.run(burst())
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        wait_kv_released(dep)
+    statuses = [r.status_code for r, _ in results]
+    assert set(statuses) <= {200, 429}, sorted(set(statuses))
+    ok = [(r, s) for r, s in results if r.status_code == 200]
+    rejected = [(r, s) for r, s in results if r.status_code == 429]
+    assert ok and rejected, (len(ok), len(rejected))
+    for r, _ in rejected:
+        assert int(r.headers["Retry-After"]) >= 1
+        err = r.json()["error"]
+        assert err["type"] == "rate_limit_error" and "predicted time to first token" in err["message"], err
+    for r, _ in ok:
+        assert r.json()["usage"]["completion_tokens"] == 4
+    assert 'splitserve_admission_rejected_total{reason="ttft"}' in metrics
+    print(f"burst of 300: {len(ok)} x 200 (slowest {max(s for _, s in ok):.2f}s end to end), "
+          f"{len(rejected)} x 429 (slowest answer {max(s for _, s in rejected):.2f}s)")
