@@ -21,6 +21,7 @@ from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedE
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.router import Router, WorkerView
+from engine.errors import UnsupportedRequestError
 from engine.scheduler import RequestTooLargeError
 from engine.sequence import SamplingParams
 from kvtransfer.connector import KVTransferError
@@ -227,6 +228,8 @@ class Generator:
         e = _unwrap(e)
         if isinstance(e, RequestTooLargeError):
             return InvalidRequestError(str(e), param="max_tokens")
+        if isinstance(e, UnsupportedRequestError):  # refused by the pool's engine (e.g. vLLM)
+            return InvalidRequestError(str(e), param=e.param)
         if isinstance(e, KVTransferError):  # the link or the sender failed, not this worker
             return WorkerFailedError(f"KV transfer failed: {e}", code="kv_transfer_failed")
         if isinstance(e, SplitServeError):

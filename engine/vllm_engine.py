@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from engine.engine import DTYPES, StepOutput
+from engine.errors import UnsupportedRequestError
 from engine.sequence import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -136,13 +137,16 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         if p.logprobs is not None or p.prompt_logprobs is not None:
-            raise ValueError("logprobs are not supported on vLLM pools yet; use a native pool")
+            raise UnsupportedRequestError("logprobs are not supported on vLLM pools yet; use a native pool",
+                                          "logprobs")
         if p.grammar is not None:
-            raise ValueError("structured output (response_format, guided_*, forced tool calls) is not "
-                             "supported on vLLM pools yet; use a native pool")
+            raise UnsupportedRequestError("structured output (response_format, guided_*, forced tool calls) "
+                                          "is not supported on vLLM pools yet; use a native pool", "response_format")
         if done and (p.presence_penalty or p.frequency_penalty):
-            raise ValueError("presence/frequency penalties are not supported on disaggregated vLLM pools "
-                             "yet (vLLM would not count the token the prefill sampled); use a native pool")
+            raise UnsupportedRequestError("presence/frequency penalties are not supported on disaggregated "
+                                          "vLLM pools yet (vLLM would not count the token the prefill sampled); "
+                                          "use a native pool", "presence_penalty" if p.presence_penalty
+                                          else "frequency_penalty")
         return VParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else 0,
                        seed=p.seed, max_tokens=max_tokens, stop_token_ids=list(p.stop_token_ids),
                        ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
@@ -158,7 +162,7 @@ class VLLMEngine:
         from engine.vllm_channel import channel_params
 
         if children:
-            raise ValueError("n > 1 is not supported on vLLM pools yet; use a native pool")
+            raise UnsupportedRequestError("n > 1 is not supported on vLLM pools yet; use a native pool", "n")
         if request_id in self._seqs:
             raise ValueError(f"duplicate request id {request_id!r}")
         done = list(output_token_ids or [])

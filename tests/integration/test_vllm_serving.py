@@ -144,6 +144,25 @@ def test_vllm_lossless_grpc_matches_vllm_alone(failing, case, vllm_reference):
     _check(url, dep, case, vllm_reference, "disaggregated", {"codec": "lossless", "transport": "grpc"})
 
 
+def test_vllm_pools_refuse_what_they_do_not_do_with_400(failing):
+    """What a vLLM pool does not implement yet is refused (400 naming the field), never a
+    worker failure, and the workers stay healthy and idle."""
+    url, dep = failing
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
+    cases = [({"logprobs": 2}, "logprobs"), ({"n": 2}, "n"),
+             ({"extra_body": {"guided_regex": "[ab]+"}}, "response_format"),
+             ({"presence_penalty": 0.5}, "presence_penalty")]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny", prompt=list(range(5, 25)), max_tokens=4, **extra)
+        assert err.value.body["param"] == param and "vLLM pools" in err.value.body["message"], err.value.body
+    r = client.completions.create(model="tiny", prompt=list(range(5, 25)), max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4
+    for pool in ("prefill", "decode"):
+        s = _wait_idle(_workers(dep, pool)[0]["handle"])
+        assert s["kv_blocks_free"] == s["kv_blocks_total"], (pool, s)
+
+
 def test_vllm_client_abort_frees_blocks(failing):
     url, dep = failing
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
