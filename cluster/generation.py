@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from cluster.admission import TTFTModel
 from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedError, SplitServeError,
                             WorkerFailedError)
 from cluster.manifest import Manifest
@@ -36,7 +37,6 @@ MAX_ATTEMPTS = 3
 WAIT_HEALTHY_S = 30.0
 # Admission: samples of the prefill rate before predictions are trusted, and their EWMA weight.
 ADMIT_MIN_SAMPLES = 3
-ADMIT_ALPHA = 0.2
 
 
 @dataclass
@@ -147,8 +147,7 @@ class Generator:
         self.eos = set(tokenizer.eos_token_ids)
         # Measured seconds per prompt token queued at a worker (its own and those ahead
         # of it) until the first token: the prefill rate under the current load.
-        self.s_per_queued_token = 0.0
-        self.rate_samples = 0
+        self.ttft_model = TTFTModel()  # TTFT vs prompt tokens queued ahead (cluster/admission.py)
         # Prompt tokens of admitted requests not yet at a worker's queue (spread evenly).
         self.reserved = 0
         self.first_pool = "prefill" if manifest.mode == "disaggregated" else "colocated"
@@ -158,7 +157,7 @@ class Generator:
         """Seconds to the first token of a new request of prompt_tokens at the least-loaded
         first-token worker; None while the rate is unmeasured or nothing is queued (a
         request with nothing ahead of it is always admitted)."""
-        if self.rate_samples < ADMIT_MIN_SAMPLES:
+        if self.ttft_model.samples < ADMIT_MIN_SAMPLES:
             return None
         ws = self.router.healthy(self.first_pool)
         if not ws:
@@ -166,7 +165,7 @@ class Generator:
         ahead = min(w.queued_tokens for w in ws) + self.reserved // len(ws)
         if ahead == 0:
             return None
-        return (ahead + prompt_tokens) * self.s_per_queued_token
+        return self.ttft_model.predict(ahead + prompt_tokens)
 
     def admit(self, reqs: list[GenRequest]) -> None:
         """Raise OverloadedError (429, Retry-After) if the requests (one HTTP request's
@@ -184,9 +183,10 @@ class Generator:
             return
         self.metrics.rejected.labels("ttft").inc()
         retry = min(60, max(1, math.ceil(predicted - slo)))
+        a, b = self.ttft_model.coefficients()
         raise OverloadedError(f"predicted time to first token {predicted * 1e3:.0f} ms exceeds the "
-                              f"{self.m.slo.ttft_ms:.0f} ms target (prompt tokens queued ahead at "
-                              f"{self.s_per_queued_token * 1e3:.3f} ms each); retry in {retry} s", retry)
+                              f"{self.m.slo.ttft_ms:.0f} ms target (measured {a * 1e3:.0f} ms + "
+                              f"{b * 1e3:.3f} ms per prompt token queued ahead); retry in {retry} s", retry)
 
     def release(self, req: GenRequest) -> None:
         """Forget what admission counted for req (idempotent)."""
@@ -210,10 +210,7 @@ class Generator:
         w, tokens, ahead, t = q
         w.queued_tokens -= tokens
         if first_token and ahead > 0:
-            sample = (time.monotonic() - t) / ahead
-            a = ADMIT_ALPHA if self.rate_samples else 1.0
-            self.s_per_queued_token = (1 - a) * self.s_per_queued_token + a * sample
-            self.rate_samples += 1
+            self.ttft_model.observe(ahead, time.monotonic() - t)
 
     def _worker_failed(self, w: WorkerView, e: BaseException) -> WorkerFailedError:
         self.router.mark_failed(w.worker_id)

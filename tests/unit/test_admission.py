@@ -1,0 +1,39 @@
+"""TTFT admission's model: fixed part and per-token part fitted apart, so short prompts do
+not make a queue look slower than it is."""
+
+import pytest
+
+from cluster.admission import TTFTModel
+
+
+def test_fits_fixed_and_per_token_parts():
+    m = TTFTModel()
+    for x in (40, 60, 300, 120, 500, 80, 250):
+        m.observe(x, 0.2 + 0.001 * x)  # 200 ms fixed, 1 ms per queued token
+    a, b = m.coefficients()
+    assert a == pytest.approx(0.2, rel=1e-6) and b == pytest.approx(0.001, rel=1e-6)
+    assert m.predict(1000) == pytest.approx(1.2, rel=1e-6)
+    # The ratio a single rate would use predicts 3.3x the truth at 1000 queued tokens.
+    ratio = sum(0.2 + 0.001 * x for x in (40, 60)) / 100
+    assert ratio * 1000 > 3 * m.predict(1000)
+
+
+def test_no_spread_predicts_the_mean_where_seen_and_scales_beyond():
+    m = TTFTModel()
+    for _ in range(5):
+        m.observe(50, 0.5)
+    assert m.predict(50) == pytest.approx(0.5) and m.predict(100) == pytest.approx(1.0)
+
+
+def test_recent_load_counts_most_and_noise_never_goes_negative():
+    m = TTFTModel(decay=0.5)
+    for x in (100, 200, 300):
+        m.observe(x, 3.0)  # a slow spell
+    for x in (100, 200, 300, 100, 200, 300, 100, 200, 300):
+        m.observe(x, 0.1 + 0.0001 * x)
+    assert m.predict(200) < 0.5
+    n = TTFTModel()
+    n.observe(100, 0.9)
+    n.observe(300, 0.3)  # more tokens, faster: noise
+    a, b = n.coefficients()
+    assert b == 0 and 0.3 < n.predict(200) == n.predict(1000) < 0.9  # the (decayed) mean TTFT
