@@ -170,20 +170,22 @@ class VLLMEngine:
         if self.role == "prefill":
             if done:
                 raise ValueError("a prefill request carries no output tokens")
-            self.channel.expect_save(request_id, len(prompt_token_ids), stream_kv)
+            # Checked (and refused) before anything is held for the request in the channel.
             vp = self._vllm_params(params, 1, channel_params(request_id, save=True))
+            self.channel.expect_save(request_id, len(prompt_token_ids), stream_kv)
         else:
             load = pending_kv is not None and pending_kv.shape[2] > 0
             if load:
                 assert pending_kv is not None
                 if pending_kv.shape[2] > len(prompt_token_ids):
                     raise ValueError(f"KV covers {pending_kv.shape[2]} tokens, prompt has {len(prompt_token_ids)}")
-                with self.channel.lock:
-                    self.channel.loads[request_id] = pending_kv
             left = params.max_tokens - len(done)
             if left < 1:
                 raise ValueError(f"max_tokens={params.max_tokens} already reached by {len(done)} tokens")
             vp = self._vllm_params(params, left, channel_params(request_id, load=load), len(done))
+            if load:
+                with self.channel.lock:
+                    self.channel.loads[request_id] = pending_kv
         seq = VSeq(request_id, list(prompt_token_ids), done)
         self._seqs[request_id] = seq
         try:

@@ -165,21 +165,12 @@ def _ae_pools(manifest: Any, layout: Layout, g: GPU, ips: list[str] | None) -> d
     ``attention_workers`` + ``expert_workers`` GPUs) as pools ``attention`` and ``expert``:
     all groups' workers in one M:N pool each, every expert replicated once per group, each
     group's workers on its node."""
-    from models.builtin import BUILTIN
+    from engine.config import ModelConfig
 
     d = layout.pools["decode"]
     groups, na, ne = int(d["replicas"]), int(d["attention_workers"]), int(d["expert_workers"])  # type: ignore[call-overload]
-    if manifest.model.builtin is not None:
-        from models.make import config_for
-
-        arch, size = BUILTIN[manifest.model.builtin]
-        c = config_for(arch, size=size)
-        layers, experts = int(c["num_hidden_layers"]), int(c["num_local_experts"])  # type: ignore[call-overload]
-    else:
-        from engine.config import ModelConfig
-
-        cfg = ModelConfig.from_dir(manifest.model_dir())
-        layers, experts = cfg.num_hidden_layers, cfg.num_local_experts
+    cfg = ModelConfig.from_dir(manifest.model_dir())  # a built-in is built (cached) by the manifest's load
+    layers, experts = cfg.num_hidden_layers, cfg.num_local_experts
 
     def pool(name: str, replicas: int, per_group: int) -> dict[str, Any]:
         old = manifest.pools.get(name)

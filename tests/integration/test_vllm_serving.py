@@ -158,9 +158,9 @@ def test_vllm_pools_refuse_what_they_do_not_do_with_400(failing):
         assert err.value.body["param"] == param and "vLLM pools" in err.value.body["message"], err.value.body
     r = client.completions.create(model="tiny", prompt=list(range(5, 25)), max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
-    for pool in ("prefill", "decode"):
+    for pool in ("prefill", "decode"):  # a refused request holds nothing
         s = _wait_idle(_workers(dep, pool)[0]["handle"])
-        assert s["kv_blocks_free"] == s["kv_blocks_total"], (pool, s)
+        assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
 
 
 def test_vllm_client_abort_frees_blocks(failing):
@@ -177,53 +177,46 @@ def test_vllm_client_abort_frees_blocks(failing):
         assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
 
 
-def test_vllm_failed_kv_transfer_is_503_and_frees_blocks(failing):
+def test_vllm_failed_kv_transfer_resumes_and_frees_blocks(failing):
+    """A KV transfer that fails twice (the receiver's retry included) no longer fails the
+    request: the decode side recomputes the prompt (issue 16's re-routing) and the greedy
+    output is the unfaulted one; nothing stays held on either side."""
     import httpx
 
     url, dep = failing
+    body = {"model": "tiny", "prompt": list(range(5, 70)), "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    want = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
     prefill = _workers(dep, "prefill")[0]["handle"]
     ray.get(prefill.inject_kv_fault.remote("corrupt", 2), timeout=10)  # the receiver retries once
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": list(range(5, 70)),
-                                                    "max_tokens": 8}, timeout=60)
-    assert r.status_code == 503 and "KV transfer failed" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
     for pool in ("prefill", "decode"):
         s = _wait_idle(_workers(dep, pool)[0]["handle"])
         assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["kv_channel_held"] == 0, (pool, s)
-    ok = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": list(range(5, 70)),
-                                                     "max_tokens": 8, "ignore_eos": True}, timeout=60)
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8, ok.text
 
 
 def test_vllm_decode_killed_mid_stream(failing):
+    """A vLLM decode worker killed mid-stream: the stream resumes on its replacement from
+    the prompt and the tokens sent (no KV: vLLM recomputes them) and ends with the
+    unfaulted greedy text; no block stays held on either side."""
     from .test_failures import wait_replaced
 
     url, dep = failing
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=180, max_retries=0)
+    greedy = {"model": "tiny", "prompt": list(range(5, 60)), "max_tokens": 200, "temperature": 0,
+              "extra_body": {"ignore_eos": True}}
+    want = client.completions.create(**greedy).choices[0].text
     victim = _workers(dep, "decode")[0]
-    stream = client.completions.create(model="tiny", prompt=list(range(5, 60)), max_tokens=2000, stream=True,
-                                       extra_body={"ignore_eos": True})
-    got, t_kill = 0, None
-    with pytest.raises(openai.APIError) as err:
-        for _chunk in stream:
-            got += 1
-            if got == 5:
-                ray.kill(victim["handle"], no_restart=True)
-                t_kill = time.monotonic()
-    assert t_kill is not None and time.monotonic() - t_kill < 10  # ended cleanly, at once
-    assert "failed" in str(err.value)
+    got, text = 0, []
+    for chunk in client.completions.create(stream=True, **greedy):
+        text.append(chunk.choices[0].text)
+        got += 1
+        if got == 5:
+            ray.kill(victim["handle"], no_restart=True)
+    assert got > 5 and "".join(text) == want
     new_id = wait_replaced(dep, "decode", victim["worker_id"], timeout_s=180)
     wait_healthy(url)
-    deadline = time.monotonic() + 60
-    while True:  # the ingress picks up the new worker within its refresh period
-        try:
-            r = client.completions.create(model="tiny", prompt=list(range(5, 60)), max_tokens=8,
-                                          extra_body={"ignore_eos": True})
-            break
-        except openai.APIStatusError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    assert r.usage.completion_tokens == 8
+    assert client.completions.create(**greedy).choices[0].text == want
     decode = next(w for w in _workers(dep, "decode") if w["worker_id"] == new_id)
     for name, handle in (("prefill", _workers(dep, "prefill")[0]["handle"]), ("decode", decode["handle"])):
         s = _wait_idle(handle)
