@@ -546,9 +546,11 @@ def start_controller(manifest: Manifest, namespace_name: str | None = None) -> A
         pass
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # On the node that deploys (soft): where the ingress runs, so that losing a worker
-    # node loses workers, which the controller replaces, not the controller itself.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # On the node that deploys, where the ingress runs, so that losing a worker node loses
+    # workers, which the controller replaces, not the controller itself. Not soft: Ray's
+    # soft affinity may spill even a zero-CPU actor to another node (seen in CI, where the
+    # controller landed on a worker node and died with it); the deploying node is alive.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(Controller).options(name=name, lifetime="detached", num_cpus=0,
                                           max_concurrency=1000, scheduling_strategy=here).remote(
         manifest.model_dump_json())

@@ -226,7 +226,7 @@ def check_node_loss(c: Cluster, model_dir: str) -> dict[str, object]:
             for t in threads:
                 t.join(timeout=240)
         state = ray.get(dep.controller.get_state.remote())
-        out = {"removed": victim_ip, "placed_before": placed,
+        out = {"removed": victim_ip, "placed_before": placed, "controller_on": out["controller_on"],
                "placed_after": {p: [w["node_ip"] for w in ws if w["healthy"]] for p, ws in state["pools"].items()},
                "requests": len(results), "after_removal": len(results) - at,
                "failed": [(s, t) for _, s, t in results if s != 200],

@@ -44,6 +44,8 @@ def test_node_loss_replaces_workers_and_loses_nothing(seen):
     request of the closed loop completes unchanged."""
     nl = seen["node_loss"]
     assert "error" not in nl, nl
+    # The controller runs on the deploying (head) node, so losing a worker node cannot take it.
+    assert nl["controller_on"] == ["127.0.0.1"], nl
     assert nl["removed"] not in [ip for ips in nl["placed_after"].values() for ip in ips], nl
     assert all(len(ips) == 1 for ips in nl["placed_after"].values()), nl
     assert not nl["failed"] and nl["changed"] == 0 and nl["after_removal"] >= 4, nl
