@@ -18,23 +18,27 @@ def _load(path: str, servable: bool = False) -> object:
     return load_manifest(path, require_tokenizer=servable)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _load_or_say(path: str, servable: bool = False, out: object = None, prefix: str = "") -> object | None:
+    """_load, or None after printing the manifest's problems (one `field.path: reason`
+    line each) to out (stderr unless given)."""
     try:
-        _load(args.manifest, servable=args.servable)
+        return _load(path, servable=servable)
     except ManifestError as e:
         for line in e.lines():
-            print(line)
+            print(f"{prefix}{line}", file=out or sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    if _load_or_say(args.manifest, servable=args.servable, out=sys.stdout) is None:
         return 2
     print(f"{args.manifest}: valid")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        manifest = _load(args.manifest, servable=True)
-    except ManifestError as e:
-        for line in e.lines():
-            print(line, file=sys.stderr)
+    manifest = _load_or_say(args.manifest, servable=True)
+    if manifest is None:
         return 2
     from cluster.serve import serve_forever
 
@@ -46,11 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Roll out a changed manifest on the running deployment of the same name."""
-    try:
-        manifest = _load(args.manifest, servable=True)
-    except ManifestError as e:
-        for line in e.lines():
-            print(line, file=sys.stderr)
+    manifest = _load_or_say(args.manifest, servable=True)
+    if manifest is None:
         return 2
     from cluster.ops import OpsError, apply_manifest
 
@@ -71,11 +72,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """ray up, ship the project and manifest, serve on the head, wait for /health."""
-    try:
-        manifest = _load(args.manifest, servable=True)
-    except ManifestError as e:
-        for line in e.lines():
-            print(f"{args.manifest}: {line}", file=sys.stderr)
+    manifest = _load_or_say(args.manifest, servable=True, prefix=f"{args.manifest}: ")
+    if manifest is None:
         return 2
     from cluster.ops import OpsError, deploy_cluster
 

@@ -218,15 +218,7 @@ class LLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  max_steps: int = 100_000) -> list[list[int]]:
         """Run prompts to completion (tests, offline use); returns output token ids."""
-        ids = [f"gen-{i}" for i in range(len(prompts))]
-        seqs = [self.add_request(rid, p, params) for rid, p in zip(ids, prompts)]
-        for _ in range(max_steps):
-            if not self.has_work:
-                break
-            self.step()
-        else:
-            raise RuntimeError(f"generate did not finish within {max_steps} steps")
-        return [s.output_token_ids for s in seqs]
+        return run_to_completion(self, prompts, params, max_steps)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -238,3 +230,17 @@ class LLMEngine:
             "prefix_hits": self.bm.prefix_hits,
             "prompt_tokens_computed": self.scheduler.prompt_tokens_computed,
         }
+
+
+def run_to_completion(engine: object, prompts: list[list[int]], params: SamplingParams,
+                      max_steps: int) -> list[list[int]]:
+    """The offline loop of every engine (ours, vLLM's behind ours): add the prompts as
+    requests gen-0.., step until nothing is left, return each one's output token ids."""
+    seqs = [engine.add_request(f"gen-{i}", p, params) for i, p in enumerate(prompts)]  # type: ignore[attr-defined]
+    for _ in range(max_steps):
+        if not engine.has_work:  # type: ignore[attr-defined]
+            break
+        engine.step()  # type: ignore[attr-defined]
+    else:
+        raise RuntimeError(f"generate did not finish within {max_steps} steps")
+    return [s.output_token_ids for s in seqs]

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from engine.engine import DTYPES, StepOutput
+from engine.engine import DTYPES, StepOutput, run_to_completion
 from engine.errors import UnsupportedRequestError
 from engine.sequence import SamplingParams
 
@@ -251,14 +251,7 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, max_steps: int = 100_000) -> list[list[int]]:
         """Run prompts to completion (tests); returns output token ids."""
-        seqs = [self.add_request(f"gen-{i}", p, params) for i, p in enumerate(prompts)]
-        for _ in range(max_steps):
-            if not self.has_work:
-                break
-            self.step()
-        else:
-            raise RuntimeError(f"generate did not finish within {max_steps} steps")
-        return [s.output_token_ids for s in seqs]
+        return run_to_completion(self, prompts, params, max_steps)
 
     def stats(self) -> dict[str, int]:
         total = self._pool.num_gpu_blocks - 1  # the null block is never free
