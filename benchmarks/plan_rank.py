@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -42,8 +43,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The demo's real model and SLO, relaxed to what fp32 SmolLM2 on one core can meet (a
-# decode step alone is ~60 ms: benchmarks/results/2026-12-06-demo-smollm2).
+# The demo's real model. The SLO is set from the profile (SLO_TPOT_X, SLO_TTFT_X) unless
+# given: this machine's speed moves several-fold with the other engineers' load (a SmolLM2
+# decode step alone: 60 ms quiet, 250 ms at load average 12), so a fixed target in ms is
+# met by every layout at one hour and by none at the next; a target in units of the
+# machine's own step time, profiled right before the measurement, is not.
 BASE: dict[str, Any] = {
     "model": {"builtin": "smollm2-135m-instruct", "name": "demo", "dtype": "float32"},
     "kv_cache": {"block_size": 16},
@@ -51,7 +55,13 @@ BASE: dict[str, Any] = {
     "slo": {"ttft_ms": 2500, "tpot_ms": 250, "attainment": 0.9},
     "workload": {"prompt_tokens": [32, 128], "output_tokens": [16, 40]},
 }
-# Layouts that fit this machine's 2 CPUs.
+# TPOT target: this many single-stream decode steps; TTFT target: this many prefills of
+# the longest prompt alone.
+SLO_TPOT_X = 3.0
+SLO_TTFT_X = 4.0
+# Layouts that fit this machine's 2 CPUs (DEFAULT_LAYOUTS run unless --layouts names others:
+# colocated-1x2cpu needs a two-thread profile, which on an oversubscribed machine is not
+# the speed its worker gets while serving; see the results README).
 LAYOUTS: dict[str, dict[str, Any]] = {
     "colocated-1x2cpu": {"mode": "colocated", "pools": {
         "colocated": {"replicas": 1, "num_cpus": 2, "max_num_batched_tokens": 512, "max_num_seqs": 64,
@@ -59,6 +69,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "1p1d": {"mode": "disaggregated", "pools": {
         "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
         "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": 64, "num_kv_blocks": 512}}},
+    "colocated-1x1cpu": {"mode": "colocated", "pools": {
+        "colocated": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "max_num_seqs": 64,
+                      "num_kv_blocks": 512}}},
     "1p1d-seqs2": {"mode": "disaggregated", "pools": {
         "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
         "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": 2, "num_kv_blocks": 512}}},
@@ -66,8 +79,13 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "colocated": {"replicas": 2, "num_cpus": 1, "max_num_batched_tokens": 512, "max_num_seqs": 64,
                       "num_kv_blocks": 512}}},
 }
-# The ladder as fractions of the best predicted goodput.
-LADDER = (0.3, 0.55, 0.8, 1.05, 1.35)
+DEFAULT_LAYOUTS = ("1p1d", "colocated-1x1cpu", "colocated-2x1cpu")
+# A window lasts --duration seconds, longer where that would hold fewer requests than this.
+MIN_REQUESTS = 25
+# Each layout's ladder: fractions of its own predicted goodput (the layouts' goodputs differ
+# several-fold here, so one common ladder would leave the weaker ones with no rate near
+# their crossing). Where the measured crossing falls outside, the result says so (a bound).
+LADDER = (0.6, 0.85, 1.1, 1.45)
 # Serving costs outside the engine's steps: client end-to-end minus the worker's own time,
 # p50 9.1 ms on the SmolLM2 demo (benchmarks/results/2026-12-06-demo-smollm2).
 REQUEST_OVERHEAD_S = 0.009
@@ -152,13 +170,18 @@ def cluster_spec(manifest: Any, lats: dict[int, Any]) -> Any:
                        request_overhead_s=REQUEST_OVERHEAD_S, cores=MACHINE_CORES)
 
 
+def at_rate(cfg: Any, rate: float) -> Any:
+    """The bench config of one window: the rate alone, long enough for MIN_REQUESTS."""
+    return dataclasses.replace(cfg, rates=[rate], duration_s=max(cfg.duration_s, MIN_REQUESTS / rate))
+
+
 def predict_rate(manifest: Any, lats: dict[int, Any], cfg: Any, rate: float) -> float:
     """Predicted attainment at `rate` on the very requests the bench sends."""
     from placement.simulator import SimRequest, Simulation
 
     from benchmarks.simulate import _prompt_len
 
-    specs = cfg.requests(rate)
+    specs = at_rate(cfg, rate).requests(rate)
     sims = [SimRequest(s.arrival_s, _prompt_len(s), s.output_tokens) for s in specs]
     Simulation(cluster_spec(manifest, lats)).run(sims)
     ok = sum(1 for r in sims if math.isfinite(r.finish_s) and r.ttft_s * 1e3 <= cfg.slo.ttft_ms
@@ -206,36 +229,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.layouts.split(",") if args.layouts else list(LAYOUTS)
+    names = args.layouts.split(",") if args.layouts else list(DEFAULT_LAYOUTS)
     dicts = {n: manifest_dict(n) for n in names}
+    wl = BASE["workload"]
+
+    # 1. profiles through the CLI, one per worker thread count.
+    (out / "profile-manifest.yaml").write_text(yaml.safe_dump(dicts[names[0]], sort_keys=False))
+    threads = sorted(set().union(*(worker_threads(d) for d in dicts.values())))
+    profiles: dict[int, dict[str, Any]] = {}
+    for t in threads:
+        load0 = _load()
+        profiles[t] = profile_via_cli(out / "profile-manifest.yaml", t, out / f"profile-t{t}.json",
+                                      args.refresh_profile)
+        profiles[t]["_load_before"] = load0
+        profiles[t]["_load_after"] = _load()
+    lats = {t: latency_model(p) for t, p in profiles.items()}
+
+    # The SLO in units of this machine's profiled speed (one thread), unless given.
+    slo = dict(BASE["slo"])
+    mean_ctx = (wl["prompt_tokens"][0] + wl["prompt_tokens"][1]) // 2
+    slo["tpot_ms"] = args.slo_tpot_ms or round(float(SLO_TPOT_X * lats[min(lats)].decode_s(1, mean_ctx) * 1e3), 1)
+    slo["ttft_ms"] = args.slo_ttft_ms or round(float(SLO_TTFT_X * lats[min(lats)].prefill_s([wl["prompt_tokens"][1]]) * 1e3), 1)
+    for d in dicts.values():
+        d["slo"] = dict(slo)
     for n, d in dicts.items():
         (out / f"{n}.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     manifests = {n: parse_manifest(d, str(ROOT)) for n, d in dicts.items()}
-    slo = BASE["slo"]
-    wl = BASE["workload"]
     cfg = BenchConfig(rates=None, duration_s=args.duration,
                       slo=BenchSLO(slo["ttft_ms"], slo["tpot_ms"], slo["attainment"]),
                       workload=Workload("rank", LengthRange(*wl["prompt_tokens"]), LengthRange(*wl["output_tokens"])),
                       trace=None, seed=args.seed, progress=False, timeout_s=120)
 
-    # 1. profiles through the CLI, one per worker thread count.
-    threads = sorted(set().union(*(worker_threads(d) for d in dicts.values())))
-    profiles: dict[int, dict[str, Any]] = {}
-    for t in threads:
-        load0 = _load()
-        profiles[t] = profile_via_cli(out / f"{names[0]}.yaml", t, out / f"profile-t{t}.json", args.refresh_profile)
-        profiles[t]["_load_before"] = load0
-        profiles[t]["_load_after"] = _load()
-    lats = {t: latency_model(p) for t, p in profiles.items()}
-
     # 2. predictions, ladder.
     capacity = {n: predict_capacity(m, lats, cfg) for n, m in manifests.items()}
-    top = max(capacity.values())
-    rates = [round(top * f, 3) for f in LADDER] if not args.rates else [float(x) for x in args.rates.split(",")]
-    predicted_att = {n: [predict_rate(m, lats, cfg, r) for r in rates] for n, m in manifests.items()}
-    predicted = {n: ladder_goodput(rates, predicted_att[n], slo["attainment"]) for n in names}
+    if min(capacity.values()) <= 0 and not args.rates:
+        raise SystemExit(f"plan_rank: a layout meets the SLO {slo} at no rate by the profile ({capacity}); "
+                         "give --slo-ttft-ms/--slo-tpot-ms or --rates")
+    ladders = {n: ([float(x) for x in args.rates.split(",")] if args.rates
+                   else [round(capacity[n] * f, 3) for f in LADDER]) for n in names}
+    predicted_att = {n: [predict_rate(m, lats, cfg, r) for r in ladders[n]] for n, m in manifests.items()}
+    predicted = {n: ladder_goodput(ladders[n], predicted_att[n], slo["attainment"]) for n in names}
     result: dict[str, Any] = {
-        "layouts": names, "rates": rates, "slo": slo, "workload": wl, "duration_s": args.duration,
+        "layouts": names, "rates": ladders, "slo": slo, "workload": wl, "duration_s": args.duration,
         "rounds": args.rounds, "seed": args.seed,
         "profiles": {t: {k: v for k, v in p.items() if k != "steps"} for t, p in profiles.items()},
         "predicted_capacity_rps": capacity, "predicted_attainment": predicted_att,
@@ -248,7 +283,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.runner import Collector, bench_target
     from benchmarks.targets import manifest_target, ray_session
 
-    cfg.rates = rates
     records: dict[str, list[Any]] = {n: [] for n in names}
     windows: list[dict[str, Any]] = []
     with ray_session(None, 2):
@@ -258,7 +292,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 col = Collector(out / "measured" / f"round{rnd}" / n, n, cfg)
                 load0, t0 = _load(), time.time()
                 with manifest_target(manifests[n], None) as target:
-                    bench_target(target, cfg, col)
+                    for i, rate in enumerate(ladders[n]):
+                        wcfg = at_rate(cfg, rate)
+                        if i:
+                            wcfg.warmup = 0
+                        col.cfg = wcfg
+                        bench_target(target, wcfg, col)
                 records[n].extend(col.records)
                 att = measured_attainment(col.records, cfg.slo)
                 windows.append({"round": rnd, "layout": n, "start": t0, "seconds": round(time.time() - t0, 1),
@@ -268,6 +307,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     measured_att = {n: measured_attainment(records[n], cfg.slo) for n in names}
     measured = {n: ladder_goodput(list(measured_att[n]), [v["attainment"] for v in measured_att[n].values()],
                                   slo["attainment"]) for n in names}
+    # Where the measured crossing is off the ladder: below its first rate (read from the (0, 1)
+    # anchor: coarse) or above its last (a lower bound).
+    bounds = {n: ("above the ladder (lower bound)" if all(v["attainment"] >= slo["attainment"]
+                                                         for v in measured_att[n].values())
+                  else "below the first rate (interpolated from (0, 1))"
+                  if next(iter(measured_att[n].values()))["attainment"] < slo["attainment"] else "on the ladder")
+              for n in names}
     per_round = {}
     for rnd in range(args.rounds):
         g = {}
@@ -278,6 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_round[rnd] = g
     result.update({"measured_attainment": {n: {str(r): v for r, v in a.items()} for n, a in measured_att.items()},
                    "measured_goodput_rps": measured, "measured_goodput_per_round": per_round,
+                   "measured_crossing": bounds,
                    "windows": windows, "check": compare_rankings(predicted, measured, args.tol),
                    "check_per_round": {r: compare_rankings(predicted, g, args.tol) for r, g in per_round.items()}})
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -307,11 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plan_rank", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--layouts", help=f"comma-separated subset of {', '.join(LAYOUTS)}")
-    p.add_argument("--rates", help="ladder of rates (default: fractions of the best predicted goodput)")
+    p.add_argument("--rates", help="one ladder of rates for every layout (default: per layout, fractions of its predicted goodput)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per (layout, rate) window")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=0.15)
+    p.add_argument("--slo-ttft-ms", type=float, help=f"default: {SLO_TTFT_X} x the profiled prefill of the longest prompt")
+    p.add_argument("--slo-tpot-ms", type=float, help=f"default: {SLO_TPOT_X} x the profiled single-stream decode step")
     p.add_argument("--refresh-profile", action="store_true")
     p.add_argument("--predict-only", action="store_true")
     p.add_argument("--json", action="store_true")

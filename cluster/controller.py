@@ -85,6 +85,10 @@ class Controller(AutoscaleMixin, RolloutMixin):
         self._samples: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
         self.autoscale: dict[str, dict[str, Any]] = {}
         self._autoscale_tasks: list[asyncio.Task[None]] = []
+        # Per ingress: (requests, prompt tokens) its admission refused since it started.
+        self.refused_reports: dict[str, tuple[int, int]] = {}
+        self._refused_seen: dict[str, dict[str, tuple[int, int]]] = {}
+        self._modelled: dict[str, float | None] = {}
         self._retire_tasks: set[asyncio.Task[None]] = set()
         # Ingresses' reports: id -> (monotonic time, state version they routed on, worker id
         # -> requests they hold on it). A retiring worker goes once none holds one.
@@ -338,11 +342,15 @@ class Controller(AutoscaleMixin, RolloutMixin):
 
     # -- queries ----------------------------------------------------------------------
     def get_state(self, reporter: str | None = None, version: int | None = None,
-                  held: dict[str, int] | None = None) -> dict[str, Any]:
+                  held: dict[str, int] | None = None, refused: tuple[int, int] | None = None) -> dict[str, Any]:
         """The versioned snapshot of every pool. An ingress passes its id, the version it
-        routes on and the requests it holds per worker (so retiring workers are drained)."""
+        routes on, the requests it holds per worker (so retiring workers are drained) and
+        the requests and prompt tokens its TTFT admission refused since it started (demand
+        for the autoscaler)."""
         if reporter is not None:
             self._reports[reporter] = (time.monotonic(), -1 if version is None else version, dict(held or {}))
+            if refused is not None:
+                self.refused_reports[reporter] = (int(refused[0]), int(refused[1]))
         pools: dict[str, list[dict[str, Any]]] = {name: [] for name in self.manifest.pools}
         for rec in self.workers.values():
             stats = {**rec.stats, "draining": True} if rec.retiring else rec.stats

@@ -24,6 +24,9 @@ class AutoscaleMixin:
     _retire_tasks: set[asyncio.Task[None]]
     _stopping: bool
     _lock: asyncio.Lock
+    refused_reports: dict[str, tuple[int, int]]
+    _refused_seen: dict[str, dict[str, tuple[int, int]]]
+    _modelled: dict[str, float | None]
 
     def _request_resources(self) -> None:
         """Tell Ray's autoscaler what every pool needs at its target size (it brings up
@@ -49,7 +52,61 @@ class AutoscaleMixin:
         before_t, before = self._samples.get(pool, (now, {}))
         self._samples[pool] = (now, cur)
         role = "prefill" if pool == "prefill" else "decode"
-        return pool_snapshot(role, cur, before, now - before_t if before else 0.0)
+        return pool_snapshot(role, cur, before, now - before_t if before else 0.0,
+                             modelled_capacity_tokens_per_s=self._modelled_capacity(pool) if role == "prefill" else None,
+                             refused=self._refused_since(pool))
+
+    def _refused_since(self, pool: str) -> tuple[float, float]:
+        """(requests, prompt tokens) the ingresses' TTFT admission refused since this pool's
+        last snapshot (the first snapshot only takes the counts: what was refused before
+        autoscaling started is not this interval's demand); refusals are charged to the
+        pool requests reach first."""
+        first = "prefill" if self.manifest.mode == "disaggregated" else "colocated"
+        if pool not in self._refused_seen:
+            self._refused_seen[pool] = dict(self.refused_reports)
+            return 0.0, 0.0
+        seen = self._refused_seen[pool]
+        reqs = toks = 0
+        for rid, (r, t) in list(self.refused_reports.items()):
+            r0, t0 = seen.get(rid, (0, 0))  # an ingress that appeared since: counts from 0
+            reqs += max(0, r - r0)
+            toks += max(0, t - t0)
+            seen[rid] = (r, t)
+        if pool != first:
+            return 0.0, 0.0
+        return float(reqs), float(toks)
+
+    def _modelled_capacity(self, pool: str) -> float | None:
+        """One replica's prompt tokens per busy second by the placement model: the latency
+        model profiled on this machine (hardware.profile, else a cached `splitserve profile`
+        of this model at the pool's thread count); None without a profile."""
+        if pool in self._modelled:
+            return self._modelled[pool]
+        cap = None
+        try:
+            from pathlib import Path
+
+            from cluster.autoscale import modelled_prefill_capacity
+            from placement.profile import find_cached_profile, latency_model, load_profile
+
+            spec = self.manifest.pools[pool]
+            hw = self.manifest.hardware
+            lat = None
+            if hw is not None and hw.profile:
+                path = Path(hw.profile)
+                lat = load_profile(path if path.is_absolute() else Path(self.manifest.base_dir) / path)
+            else:
+                prof = find_cached_profile(self.manifest.model_dir(), self.manifest.model.dtype,
+                                           max(1, int(spec.num_cpus)))
+                lat = latency_model(prof) if prof is not None else None
+            if lat is not None:
+                wl = self.manifest.workload
+                cap = modelled_prefill_capacity(lat, spec.max_num_batched_tokens, sum(wl.prompt_tokens) / 2)
+                logger.info("autoscale %s: modelled capacity %.0f prompt tokens/s per replica", pool, cap)
+        except Exception as e:  # noqa: BLE001 - measured capacity only
+            logger.warning("autoscale %s: no modelled capacity (%s)", pool, e)
+        self._modelled[pool] = cap
+        return cap
 
     async def _autoscale_loop(self, pool: str) -> None:
         spec = self.manifest.pools[pool].autoscaling  # type: ignore[index]

@@ -249,11 +249,28 @@ def cached_profile(model_dir: str | Path, dtype: str = "float32", threads: int =
             pass  # a torn or unreadable entry: measure again
     out = profile_engine(model_dir, dtype, threads, **kwargs)
     out["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out["model_fingerprint"] = _model_fingerprint(model_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(path)
     return out, path, False
+
+
+def find_cached_profile(model_dir: str | Path, dtype: str = "float32", threads: int = 1) -> dict[str, Any] | None:
+    """The newest cached profile of these very model files, dtype and thread count (any
+    shapes), or None: what the autoscaler's modelled capacity reads without measuring."""
+    model_dir = Path(model_dir)
+    fp = _model_fingerprint(model_dir)
+    found = sorted(cache_dir().glob(f"{model_dir.name}-{dtype}-t{threads}-*.json"), key=lambda f: -f.stat().st_mtime)
+    for f in found:
+        try:
+            prof = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if prof.get("model_fingerprint") == fp:
+            return prof  # type: ignore[no-any-return]
+    return None
 
 
 def latency_model(profile: dict[str, Any]) -> LatencyModel:
