@@ -304,30 +304,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "load_before": load0, "load_after": _load(),
                                 "attainment": {str(r): v["attainment"] for r, v in att.items()}})
                 (out / "windows.json").write_text(json.dumps(windows, indent=2) + "\n")
-    measured_att = {n: measured_attainment(records[n], cfg.slo) for n in names}
-    measured = {n: ladder_goodput(list(measured_att[n]), [v["attainment"] for v in measured_att[n].values()],
-                                  slo["attainment"]) for n in names}
-    # Where the measured crossing is off the ladder: below its first rate (read from the (0, 1)
-    # anchor: coarse) or above its last (a lower bound).
-    bounds = {n: ("above the ladder (lower bound)" if all(v["attainment"] >= slo["attainment"]
-                                                         for v in measured_att[n].values())
-                  else "below the first rate (interpolated from (0, 1))"
-                  if next(iter(measured_att[n].values()))["attainment"] < slo["attainment"] else "on the ladder")
-              for n in names}
-    per_round = {}
-    for rnd in range(args.rounds):
-        g = {}
-        for n in names:
-            w = next(x for x in windows if x["round"] == rnd and x["layout"] == n)
-            rs = sorted((float(r), a) for r, a in w["attainment"].items())
-            g[n] = ladder_goodput([r for r, _ in rs], [a for _, a in rs], slo["attainment"])
-        per_round[rnd] = g
-    result.update({"measured_attainment": {n: {str(r): v for r, v in a.items()} for n, a in measured_att.items()},
-                   "measured_goodput_rps": measured, "measured_goodput_per_round": per_round,
-                   "measured_crossing": bounds,
-                   "windows": windows, "check": compare_rankings(predicted, measured, args.tol),
-                   "check_per_round": {r: compare_rankings(predicted, g, args.tol) for r, g in per_round.items()}})
+    result["windows"] = windows
+    result = analyse(out, result, args.tol)
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def _attainment(rows: list[dict[str, Any]], slo: dict[str, Any]) -> dict[float, dict[str, Any]]:
+    by: dict[float, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(float(r["rate"]), []).append(r)
+    out = {}
+    for rate, rs in sorted(by.items()):
+        good = sum(1 for r in rs if r["ok"] and r["ttft_s"] is not None and r["ttft_s"] * 1e3 <= slo["ttft_ms"]
+                   and r["tpot_s"] is not None and r["tpot_s"] * 1e3 <= slo["tpot_ms"])
+        out[rate] = {"attainment": good / len(rs), "requests": len(rs), "failed": sum(1 for r in rs if not r["ok"])}
+    return out
+
+
+def analyse(out: Path, result: dict[str, Any], tol: float = 0.15) -> dict[str, Any]:
+    """Measured goodput and the check from the requests the windows wrote
+    (out/measured/round*/LAYOUT/requests.jsonl; whole windows only, so an interrupted run
+    is analysed as far as it got)."""
+    slo, names = result["slo"], result["layouts"]
+    rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    rounds: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for f in sorted((out / "measured").glob("round*/*/requests.jsonl")):
+        rnd, n = int(f.parent.parent.name[5:]), f.parent.name
+        if n not in rows:
+            continue
+        rs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        rows[n] += rs
+        rounds.setdefault(rnd, {})[n] = rs
+    att = {n: _attainment(rows[n], slo) for n in names}
+    target = slo["attainment"]
+    measured = {n: ladder_goodput(list(att[n]), [v["attainment"] for v in att[n].values()], target)
+                for n in names if att[n]}
+    # Where the measured crossing is off the ladder: below its first rate (read from the
+    # (0, 1) anchor: coarse) or above its last measured rate (a lower bound).
+    crossing = {}
+    for n, a in att.items():
+        if not a:
+            continue
+        vals = [v["attainment"] for v in a.values()]
+        crossing[n] = ("above the measured rates (lower bound)" if all(v >= target for v in vals)
+                       else "below the first rate (interpolated from (0, 1))" if vals[0] < target else "on the ladder")
+    per_round = {}
+    for rnd, by in sorted(rounds.items()):
+        if set(by) != set(names):
+            continue
+        per_round[rnd] = {}
+        for n, rs in by.items():
+            a = _attainment(rs, slo)
+            per_round[rnd][n] = ladder_goodput(list(a), [v["attainment"] for v in a.values()], target)
+    result = dict(result)
+    result.update({"measured_attainment": {n: {str(r): v for r, v in a.items()} for n, a in att.items()},
+                   "measured_goodput_rps": measured, "measured_crossing": crossing,
+                   "measured_goodput_per_round": per_round,
+                   "rates_measured": {n: {str(rnd): sorted({r["rate"] for r in by.get(n, [])}) for rnd, by in rounds.items()}
+                                      for n in names}})
+    if set(measured) == set(names):
+        result["check"] = compare_rankings(result["predicted_goodput_rps"], measured, tol)
+        result["check_per_round"] = {r: compare_rankings(result["predicted_goodput_rps"], g, tol)
+                                     for r, g in per_round.items()}
     return result
 
 
@@ -364,14 +403,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh-profile", action="store_true")
     p.add_argument("--predict-only", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--analyse", action="store_true",
+                   help="no runs: recompute the measured side and the check from --out's files")
     args = p.parse_args(argv)
     if args.layouts and (bad := [n for n in args.layouts.split(",") if n not in LAYOUTS]):
         p.error(f"--layouts: unknown {bad}; allowed: {', '.join(LAYOUTS)}")
-    res = run(args)
+    if args.analyse:
+        out = Path(args.out)
+        res = analyse(out, json.loads((out / "result.json").read_text()), args.tol)
+        if (out / "windows.json").exists():
+            res["windows"] = json.loads((out / "windows.json").read_text())
+        (out / "result.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    else:
+        res = run(args)
     print(format_table(res), file=sys.stderr)
     if args.json:
         print(json.dumps(res, indent=2, default=str))
-    return 0 if args.predict_only or res["check"]["passed"] else 1
+    return 0 if args.predict_only or res.get("check", {}).get("passed") else 1
 
 
 if __name__ == "__main__":

@@ -231,7 +231,9 @@ def _model_fingerprint(model_dir: Path) -> dict[str, Any]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve")) / "profiles"
+    from models.paths import cache_root
+
+    return cache_root() / "profiles"
 
 
 def cached_profile(model_dir: str | Path, dtype: str = "float32", threads: int = 1, *, refresh: bool = False,
