@@ -161,10 +161,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from placement.profile import profile_engine
+    from placement.profile import cached_profile, quick_shapes
 
     manifest = _load(args.manifest)
-    result = profile_engine(manifest.model_dir(), manifest.model.dtype, args.threads)  # type: ignore[attr-defined]
+    pools = manifest.pools.values()  # type: ignore[attr-defined]
+    budget = max([p.max_num_batched_tokens for p in pools if p.max_num_batched_tokens] or [512])
+    kwargs: dict[str, object] = {"max_batched_tokens": budget}
+    if not args.full:
+        # The shapes the manifest's workload reaches (placement.profile: why the full grid is slow).
+        wl = manifest.workload  # type: ignore[attr-defined]
+        max_context = int(wl.prompt_tokens[1] + wl.output_tokens[1])
+        max_batch = min(16, max([p.max_num_seqs for p in pools if p.max_num_seqs] or [16]))
+        sets, points = quick_shapes(max_context, max_batch, budget)
+        kwargs.update(prefill_sets=sets, decode_points=points, repeats=2)
+    result, path, hit = cached_profile(manifest.model_dir(), manifest.model.dtype, args.threads,  # type: ignore[attr-defined]
+                                       refresh=args.refresh, **kwargs)
+    print(f"profile: {'cached' if hit else 'measured'} {path}", file=sys.stderr)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
@@ -235,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("manifest")
     pr.add_argument("--out", required=True, help="profile.json to write")
     pr.add_argument("--threads", type=int, default=1)
+    pr.add_argument("--full", action="store_true",
+                    help="the full grid of shapes (minutes on a real model), not the workload's corners")
+    pr.add_argument("--refresh", action="store_true", help="measure again even if a cached profile matches")
     pr.set_defaults(func=cmd_profile)
 
     from benchmarks.bench import add_parser as add_bench

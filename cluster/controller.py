@@ -2,7 +2,9 @@
 
 It creates every worker the manifest asks for, health-checks them, replaces a worker
 that died or stopped answering, and tells ingresses which workers exist (a versioned
-snapshot). Shutting down kills every actor it started.
+snapshot). Shutting down kills every actor it started. Autoscaling
+(cluster/controller_autoscale.py) and the live rollout of a changed manifest
+(cluster/controller_rollout.py) are mixins of the same actor class.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import ray
 
+from cluster.controller_autoscale import AutoscaleMixin
+from cluster.controller_rollout import RolloutMixin
 from cluster.manifest import Manifest
 from kvtransfer.base import KV_TOKEN_ENV as TOKEN_ENV
 
@@ -62,7 +66,7 @@ class WorkerRecord:
     retiring: bool = False
 
 
-class Controller:
+class Controller(AutoscaleMixin, RolloutMixin):
     def __init__(self, manifest_json: str) -> None:
         self.manifest = Manifest.model_validate_json(manifest_json)
         self.manifest_json = manifest_json
@@ -81,6 +85,10 @@ class Controller:
         self._samples: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
         self.autoscale: dict[str, dict[str, Any]] = {}
         self._autoscale_tasks: list[asyncio.Task[None]] = []
+        # Per ingress: (requests, prompt tokens) its admission refused since it started.
+        self.refused_reports: dict[str, tuple[int, int]] = {}
+        self._refused_seen: dict[str, dict[str, tuple[int, int]]] = {}
+        self._modelled: dict[str, float | None] = {}
         self._retire_tasks: set[asyncio.Task[None]] = set()
         # Ingresses' reports: id -> (monotonic time, state version they routed on, worker id
         # -> requests they hold on it). A retiring worker goes once none holds one.
@@ -297,166 +305,6 @@ class Controller:
         await self._publish()
         return drained
 
-    def _request_resources(self) -> None:
-        """Tell Ray's autoscaler what every pool needs at its target size (it brings up
-        nodes for bundles that do not fit; without an autoscaler this is a no-op)."""
-        bundles: list[dict[str, float]] = []
-        # The whole deployment's shape (request_resources sets the cluster's total demand).
-        for name, pool in self.manifest.pools.items():
-            target = self.autoscale.get(name, {}).get("target", len(self.live(name)))
-            bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
-            bundles += [dict(bundle) for _ in range(target * pool.tp)]
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=bundles)
-        except Exception as e:  # noqa: BLE001 - no autoscaler API here: placement still tries
-            logger.warning("request_resources failed: %s", e)
-
-    def _snapshot(self, pool: str) -> Any:
-        from cluster.autoscale import pool_snapshot
-
-        now = time.monotonic()
-        cur = {r.worker_id: dict(r.stats) for r in self.live(pool) if r.healthy}
-        before_t, before = self._samples.get(pool, (now, {}))
-        self._samples[pool] = (now, cur)
-        role = "prefill" if pool == "prefill" else "decode"
-        return pool_snapshot(role, cur, before, now - before_t if before else 0.0)
-
-    async def _autoscale_loop(self, pool: str) -> None:
-        spec = self.manifest.pools[pool].autoscaling  # type: ignore[index]
-        assert spec is not None
-        self.autoscale[pool] = {"target": len(self.live(pool)), "decisions": {"up": 0, "down": 0, "hold": 0},
-                                "unfulfilled": 0, "reason": "", "short_by": 0}
-        self._snapshot(pool)
-        while not self._stopping:
-            spec = self.manifest.pools[pool].autoscaling  # type: ignore[index]
-            if spec is None:  # a rollout turned it off
-                return
-            await asyncio.sleep(spec.interval_s)
-            try:
-                await self.autoscale_once(pool)
-            except Exception:  # noqa: BLE001 - keep serving at the current size
-                logger.exception("autoscaling %s failed; keeping its size", pool)
-
-    async def autoscale_once(self, pool: str) -> dict[str, Any]:
-        """One sizing decision for the pool and its application; returns the decision."""
-        async with self._lock:
-            if self.manifest.pools[pool].autoscaling is None:  # type: ignore[index]
-                return {"pool": pool, "action": "hold", "reason": "autoscaling off"}
-            return await self._autoscale_once(pool)
-
-    async def _autoscale_once(self, pool: str) -> dict[str, Any]:
-        from cluster.autoscale import SLO, Limits, PolicyState, decide
-
-        pool_spec = self.manifest.pools[pool]  # type: ignore[index]
-        spec = pool_spec.autoscaling
-        assert spec is not None
-        slo = self.manifest.slo
-        snap = self._snapshot(pool)
-        state = self._policy.get(pool, PolicyState())
-        decision, self._policy[pool] = decide(snap, SLO(slo.ttft_ms / 1e3, slo.tpot_ms / 1e3, slo.attainment),
-                                              Limits(spec.min_replicas, spec.max_replicas, spec.cooldown_s),
-                                              state, time.monotonic())
-        a = self.autoscale[pool]
-        a["decisions"][decision.action] += 1
-        a["reason"] = decision.reason
-        a["target"] = decision.target
-        if decision.action == "hold":
-            logger.debug("autoscale %s: hold at %d (%s)", pool, decision.current, decision.reason)
-        else:
-            logger.info("autoscale %s: %s %d -> %d (%s)", pool, decision.action, decision.current,
-                        decision.target, decision.reason)
-        if decision.action == "up":
-            self._request_resources()
-            results = await asyncio.gather(*(self._create(pool, self._free_slot(pool))
-                                             for _ in range(decision.target - decision.current)),
-                                           return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            a["short_by"] = len(failed)
-            if failed:
-                a["unfulfilled"] += 1
-                a["target"] = len(self.live(pool))
-                self._request_resources()  # withdraw what could not be placed
-                logger.warning("autoscale %s: the cluster could not place %d of %d new replicas (%s); "
-                               "serving with %d", pool, len(failed), len(results), failed[0],
-                               len(self.live(pool)))
-            await self._publish()
-        elif decision.action == "down":
-            live = self.live(pool)
-            # The least loaded replicas go first.
-            victims = sorted(live, key=lambda r: (r.stats.get("running", 0) + r.stats.get("waiting", 0),
-                                                  -r.slot))[:decision.current - decision.target]
-            for rec in victims:
-                why = f"autoscale: {decision.reason}"
-                task = asyncio.get_running_loop().create_task(self.retire(rec.worker_id, why))
-                self._retire_tasks.add(task)
-                task.add_done_callback(self._retire_tasks.discard)
-            self._request_resources()
-        return {"pool": pool, "action": decision.action, "current": decision.current,
-                "target": decision.target, "reason": decision.reason}
-
-    # -- live manifest changes ------------------------------------------------------------
-    def get_manifest(self) -> str:
-        return self.manifest_json
-
-    def _start_autoscaling(self, pool: str) -> None:
-        if not any(not t.done() and t.get_name() == f"autoscale-{pool}" for t in self._autoscale_tasks):
-            self._autoscale_tasks.append(asyncio.get_running_loop().create_task(self._autoscale_loop(pool),
-                                                                                name=f"autoscale-{pool}"))
-
-    async def apply(self, manifest_json: str, drain_timeout_s: float | None = None) -> dict[str, Any]:
-        """Roll out a changed manifest (splitserve apply): pools whose worker settings
-        changed (SLO, codec, batch or KV sizes, ...) get new workers, one at a time, each
-        old worker drained (no request fails) after its successor started; resized pools
-        grow or drain; ingresses take the new manifest. Fields that need a restart refuse
-        the whole manifest: {"ok": False, "problems": [[field, reason], ...]}."""
-        from cluster.rollout import plan_rollout
-
-        new = Manifest.model_validate_json(manifest_json)
-        async with self._lock:
-            plan = plan_rollout(self.manifest, new, {p: len(self.live(p)) for p in self.manifest.pools})
-            if not plan.ok:
-                return {"ok": False, "problems": [list(x) for x in plan.restart], "changed": plan.changed}
-            self.manifest = new
-            self.manifest_json = new.model_dump_json()
-            self.manifest_version += 1
-            self.version += 1
-            await self._publish()
-            logger.info("applying manifest %d: changed %s; rolling %s; resizing %s", self.manifest_version,
-                        plan.changed, plan.roll, plan.resize)
-            started: list[str] = []
-            retired: list[str] = []
-            for pool in self.manifest.pools:
-                if pool not in plan.roll and pool not in plan.resize:
-                    continue
-                olds = sorted(self.live(pool), key=lambda r: r.slot) if pool in plan.roll else []
-                have = len(self.live(pool))
-                target = plan.resize.get(pool, have)
-                # Rolled: a new worker, then an old one drained, one at a time.
-                for i in range(max(len(olds), target - (have - len(olds)))):
-                    if len(self.live(pool)) - (len(olds) - i) < target:
-                        rec = await self._create(pool, self._free_slot(pool))
-                        started.append(rec.worker_id)
-                        await self._publish()
-                    if i < len(olds):
-                        await self.retire(olds[i].worker_id, f"rollout of manifest {self.manifest_version}",
-                                          drain_timeout_s)
-                        retired.append(olds[i].worker_id)
-                # Resized only, or the rollout left more than the target.
-                extra = sorted(self.live(pool), key=lambda r: -r.slot)[:max(0, len(self.live(pool)) - target)]
-                for rec in extra:
-                    await self.retire(rec.worker_id, f"manifest {self.manifest_version}: {target} replicas",
-                                      drain_timeout_s)
-                    retired.append(rec.worker_id)
-                self._samples.pop(pool, None)
-            for name, pool_spec in self.manifest.pools.items():
-                if pool_spec.autoscaling is not None:
-                    self._start_autoscaling(name)
-            return {"ok": True, "manifest_version": self.manifest_version, "changed": plan.changed,
-                    "rolled": plan.roll, "resized": plan.resize, "started": started, "retired": retired,
-                    "replicas": {p: len(self.live(p)) for p in self.manifest.pools}}
-
     # -- attention/expert disaggregation ------------------------------------------------
     async def apply_expert_placement(self, layers: list[list[list[int]]], timeout_s: float = 300.0) -> dict[str, Any]:
         """Live re-placement of the experts (pools attention + expert): every expert worker
@@ -494,11 +342,15 @@ class Controller:
 
     # -- queries ----------------------------------------------------------------------
     def get_state(self, reporter: str | None = None, version: int | None = None,
-                  held: dict[str, int] | None = None) -> dict[str, Any]:
+                  held: dict[str, int] | None = None, refused: tuple[int, int] | None = None) -> dict[str, Any]:
         """The versioned snapshot of every pool. An ingress passes its id, the version it
-        routes on and the requests it holds per worker (so retiring workers are drained)."""
+        routes on, the requests it holds per worker (so retiring workers are drained) and
+        the requests and prompt tokens its TTFT admission refused since it started (demand
+        for the autoscaler)."""
         if reporter is not None:
             self._reports[reporter] = (time.monotonic(), -1 if version is None else version, dict(held or {}))
+            if refused is not None:
+                self.refused_reports[reporter] = (int(refused[0]), int(refused[1]))
         pools: dict[str, list[dict[str, Any]]] = {name: [] for name in self.manifest.pools}
         for rec in self.workers.values():
             stats = {**rec.stats, "draining": True} if rec.retiring else rec.stats

@@ -150,6 +150,10 @@ class Generator:
         self.ttft_model = TTFTModel()  # TTFT vs prompt tokens queued ahead (cluster/admission.py)
         # Prompt tokens of admitted requests not yet at a worker's queue (spread evenly).
         self.reserved = 0
+        # Refused by admission since start (requests, prompt tokens): demand the autoscaler
+        # counts (the ingress reports them to the controller).
+        self.refused_requests = 0
+        self.refused_prompt_tokens = 0
         self.first_pool = "prefill" if manifest.mode == "disaggregated" else "colocated"
 
     # -- admission ----------------------------------------------------------------------
@@ -182,6 +186,8 @@ class Generator:
                 self.reserved += r.reserved
             return
         self.metrics.rejected.labels("ttft").inc()
+        self.refused_requests += len(reqs)
+        self.refused_prompt_tokens += prompt_tokens
         retry = min(60, max(1, math.ceil(predicted - slo)))
         a, b = self.ttft_model.coefficients()
         raise OverloadedError(f"predicted time to first token {predicted * 1e3:.0f} ms exceeds the "

@@ -71,7 +71,8 @@ class Ingress:
         # The controller learns which workers this ingress still holds requests on (it
         # drains a retiring worker by them) and on which snapshot it routes.
         state = await asyncio.wait_for(self.controller.get_state.remote(
-            self.ingress_id, self.router.version, self.router.held()), timeout=5)
+            self.ingress_id, self.router.version, self.router.held(),
+            (self.gen.refused_requests, self.gen.refused_prompt_tokens)), timeout=5)
         if state.get("manifest_version", 0) != self.manifest_version:
             await self._take_manifest(state["manifest_version"])
         self.router.update(state)

@@ -56,10 +56,26 @@ class OpenLoop:
         self.futures: list = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.refused = 0
+        self.lock = threading.Lock()
 
     def _one(self, i: int) -> str:
-        r = self.client.completions.create(model=self.model, prompt=f"{i} {self.prompt}", max_tokens=self.max_tokens,
-                                           temperature=0)
+        # A 429 from TTFT admission is a refusal, not a loss: the client waits Retry-After
+        # and sends again, as an operator's clients do (counted in self.refused); any
+        # other error, or refusals past the deadline, fails the request.
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                r = self.client.completions.create(model=self.model, prompt=f"{i} {self.prompt}",
+                                                   max_tokens=self.max_tokens, temperature=0)
+                break
+            except openai.RateLimitError as e:
+                with self.lock:
+                    self.refused += 1
+                wait = float(e.response.headers.get("retry-after", "1"))
+                if time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
         assert r.usage is not None and r.usage.completion_tokens >= 1
         return r.choices[0].finish_reason or ""
 

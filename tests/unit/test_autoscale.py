@@ -107,6 +107,53 @@ def test_snapshot_from_worker_stats() -> None:
     assert s.kv_usage == pytest.approx(0.3) and s.queue_wait_s == 0.3
 
 
+def test_requests_refused_by_admission_are_demand() -> None:
+    from dataclasses import replace
+
+    from cluster.autoscale import PoolSnapshot
+
+    # Served 500 prompt tokens/s of 1000/s capacity (utilisation 0.5, no change) ...
+    base = prefill(1, 0.5, rate=500, cap=1000)
+    d, _ = decide(base, SLO_, LIM, PolicyState(), 100.0)
+    assert d.action == "hold"
+    # ... but 1500 more were refused with 429: demand 2000/s, 3 replicas at 70 %.
+    d, _ = decide(replace(base, refused_per_s=15.0, refused_prompt_tokens_per_s=1500), SLO_, LIM, PolicyState(), 100.0)
+    assert (d.action, d.target) == ("up", 3), d
+    assert "refused by TTFT admission" in d.reason and "prompt tokens 2000/s" in d.reason
+    # Without a capacity figure any refusal still asks for one more replica.
+    d, _ = decide(replace(prefill(1, 0.3), refused_per_s=0.2, refused_prompt_tokens_per_s=20), SLO_, LIM,
+                  PolicyState(), 100.0)
+    assert (d.action, d.target) == ("up", 2)
+    # A colocated pool (sized as decode) that refuses grows too.
+    d, _ = decide(replace(decode(1), refused_per_s=1.0, refused_prompt_tokens_per_s=100), SLO_, LIM,
+                  PolicyState(), 100.0)
+    assert (d.action, d.target) == ("up", 2) and "refused" in d.reason
+    # Refusals keep a pool from shrinking, however idle its workers look.
+    idle = PoolSnapshot("prefill", 2, 5.0, busy_frac=0.01, refused_per_s=0.2)
+    st = PolicyState()
+    for t in (100.0, 200.0, 300.0):
+        d, st = decide(idle, SLO_, LIM, st, t)
+        assert d.action != "down"
+
+
+def test_snapshot_refusals_and_modelled_capacity() -> None:
+    from cluster.autoscale import modelled_prefill_capacity
+    from placement.latency import Coeffs, LatencyModel
+
+    lat = LatencyModel(Coeffs(0.01, 1e-3, 0.0), Coeffs(0.01, 1e-3, 0.0))
+    cap = modelled_prefill_capacity(lat, budget=512, mean_prompt=128)
+    assert cap == pytest.approx(512 / (0.01 + 0.512))  # four 128-token prompts per step
+    # Barely busy workers: the model's capacity stands in for the measurement ...
+    now = {"a": {"busy_s": 0.2, "prompt_tokens_computed": 100}}
+    s = pool_snapshot("prefill", now, {}, 4.0, modelled_capacity_tokens_per_s=cap, refused=(2, 300))
+    assert s.capacity_tokens_per_s == pytest.approx(cap)
+    assert s.refused_per_s == pytest.approx(0.5) and s.refused_prompt_tokens_per_s == pytest.approx(75)
+    # ... and once they were busy long enough, the measurement wins.
+    now = {"a": {"busy_s": 2.0, "prompt_tokens_computed": 1000}}
+    s = pool_snapshot("prefill", now, {}, 4.0, modelled_capacity_tokens_per_s=cap)
+    assert s.capacity_tokens_per_s == pytest.approx(500.0)
+
+
 def _manifest(pools: dict) -> dict:
     return {"model": {"builtin": "tiny-llama"}, "pools": pools}
 
@@ -125,3 +172,19 @@ def test_manifest_autoscaling_fields() -> None:
     with pytest.raises(ManifestError) as e:
         parse_manifest(_manifest({"decode": {"autoscaling": {"max_replica": 3}}}))
     assert "pools.decode.autoscaling.max_replica" in str(e.value)
+
+
+def test_controller_counts_what_ingresses_refused() -> None:
+    """The controller (no Ray needed to build it) turns the ingresses' cumulative refusal
+    counts into the refusals of each interval, charged to the pool requests reach first."""
+    from cluster.controller import Controller
+
+    m = parse_manifest(_manifest({"prefill": {"replicas": 1}, "decode": {"replicas": 1}}))
+    c = Controller(m.model_dump_json())
+    c.get_state("ingress-a", 0, {}, (5, 500))  # refused before autoscaling looked: not counted
+    assert c._refused_since("prefill") == (0.0, 0.0) and c._refused_since("decode") == (0.0, 0.0)
+    c.get_state("ingress-a", 0, {}, (8, 800))
+    c.get_state("ingress-b", 0, {}, (1, 40))  # a new ingress counts from zero
+    assert c._refused_since("prefill") == (4.0, 340.0)
+    assert c._refused_since("decode") == (0.0, 0.0)  # decode is never where requests arrive
+    assert c._refused_since("prefill") == (0.0, 0.0)  # nothing new since
