@@ -516,17 +516,28 @@ def build_app(ingress: Ingress) -> FastAPI:
     keys = api_keys(ingress.m.api_keys_path())
     if keys:
         logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
-    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys)
+
+    def refuse(path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """Overload refusal before the request reaches FastAPI (cluster/http_guard.py)."""
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            return None
+        try:
+            ingress.refuse_early()
+        except OverloadedError as e:
+            return 429, json.dumps(e.to_openai()).encode(), [(b"retry-after", str(e.retry_after_s).encode())]
+        return None
+
+    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys, refuse=refuse)
 
     @app.exception_handler(SplitServeError)
     async def _err(_: Request, e: SplitServeError) -> JSONResponse:
         return error_response(e)
 
     async def body_of(request: Request) -> object:
-        ingress.refuse_early()
+        # refuse_early ran before the request reached FastAPI (RequestGuard); again now:
+        # in a burst, every request passes that check before any is admitted (reading a
+        # body yields to the loop), and by now the ones ahead are counted.
         raw = await request.body()
-        # Again: in a burst, every request passes the first check before any is admitted
-        # (reading a body yields to the loop); by now the ones ahead are counted.
         ingress.refuse_early()
         ingress.metrics.bodies.inc()
         try:
