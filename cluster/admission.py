@@ -14,6 +14,7 @@ seen so far it is the mean).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -54,3 +55,35 @@ class TTFTModel:
     def predict(self, tokens: float) -> float:
         a, b = self.coefficients()
         return a + b * tokens
+
+
+def queue_refusal(predicted_s: float | None, slo_ttft_ms: float, a: float, b: float,
+                  typical_tokens: int) -> tuple[str, int] | None:
+    """The 429 for a request refused before its body is parsed: the first-token worker's
+    queue plus a typical prompt (the recent requests' mean, ``typical_tokens``; the
+    request's own is not known before tokenizing) already predicts a TTFT over the target.
+    A prompt much shorter than the recent ones may be refused that would just have fit; it
+    gets Retry-After like any other. (message, Retry-After seconds), or None to go on
+    (read, parse, tokenize, then the exact check with its own prompt)."""
+    slo = slo_ttft_ms / 1000.0
+    if predicted_s is None or predicted_s <= slo:
+        return None
+    retry = min(60, max(1, math.ceil(predicted_s - slo)))
+    return (f"predicted time to first token {predicted_s * 1e3:.0f} ms exceeds the {slo_ttft_ms:.0f} ms "
+            f"target with the queue and a typical prompt of {typical_tokens} tokens (measured "
+            f"{a * 1e3:.0f} ms + {b * 1e3:.3f} ms per prompt token queued ahead); refused before "
+            f"parsing the request; retry in {retry} s"), retry
+
+
+class PromptMean:
+    """Exponentially weighted mean prompt length (tokens) of the requests read lately."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.mean: float | None = None
+
+    def observe(self, tokens: int) -> None:
+        self.mean = tokens if self.mean is None else (1 - self.weight) * self.mean + self.weight * tokens
+
+    def typical(self) -> int:
+        return max(1, round(self.mean or 1))

@@ -4,7 +4,8 @@ It creates every worker the manifest asks for, health-checks them, replaces a wo
 that died or stopped answering, and tells ingresses which workers exist (a versioned
 snapshot). Shutting down kills every actor it started. Autoscaling
 (cluster/controller_autoscale.py) and the live rollout of a changed manifest
-(cluster/controller_rollout.py) are mixins of the same actor class.
+(cluster/controller_rollout.py) are mixins of the same actor class. Ray restarts it when
+its process dies; the restarted one re-adopts the live workers (cluster/revival.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ray
 from cluster.controller_autoscale import AutoscaleMixin
 from cluster.controller_rollout import RolloutMixin
 from cluster.manifest import Manifest
+from cluster.revival import RevivingError, adopt, group_name_prefix, worker_actor_name
 from kvtransfer.base import KV_TOKEN_ENV as TOKEN_ENV
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class WorkerRecord:
 
 
 class Controller(AutoscaleMixin, RolloutMixin):
-    def __init__(self, manifest_json: str) -> None:
+    def __init__(self, manifest_json: str, kv_token: str | None = None, deployment: str | None = None) -> None:
         self.manifest = Manifest.model_validate_json(manifest_json)
         self.manifest_json = manifest_json
         self.workers: dict[str, WorkerRecord] = {}
@@ -97,8 +99,16 @@ class Controller(AutoscaleMixin, RolloutMixin):
         self._lock = asyncio.Lock()
         # Bumped by each applied manifest; ingresses fetch the new one when it changes.
         self.manifest_version = 0
-        # Secret of this deployment: KV servers answer only workers that present it.
-        self.kv_token = secrets.token_urlsafe(32)
+        # Secret of this deployment: KV servers answer only workers that present it
+        # (passed in, so that a restarted controller hands out the same one).
+        self.kv_token = kv_token or secrets.token_urlsafe(32)
+        # Names this deployment's detached workers and placement groups (cluster/revival.py).
+        self.deployment = deployment or self.manifest.name
+        # Restarted by Ray after its process died: re-adopt the workers on the first call.
+        self._revived = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self._adoption: asyncio.Task[int] | None = None
+        if self._revived:
+            self.version = int(time.time())  # above any version of the previous life
 
     # -- creation ---------------------------------------------------------------------
     async def _group(self, pool_name: str, slot: int, worker_id: str) -> Any:
@@ -111,9 +121,9 @@ class Controller(AutoscaleMixin, RolloutMixin):
         hw = self.manifest.hardware
         timeout = hw.placement_timeout_s if hw is not None else PLACEMENT_TIMEOUT_S
         return await create_worker_group(pool_name, worker_id, pool.tp, pool.num_cpus, pool.num_gpus, ip,
-                                         timeout)
+                                         timeout, name_prefix=group_name_prefix(self.deployment, worker_id))
 
-    def _options(self, pool_name: str, group: Any) -> dict[str, Any]:
+    def _options(self, pool_name: str, group: Any, worker_id: str) -> dict[str, Any]:
         pool = self.manifest.pools[pool_name]  # type: ignore[index]
         # The deployment's KV token reaches every worker (and its TP ranks' processes
         # inherit nothing: only rank 0 serves KV) through its environment.
@@ -121,7 +131,10 @@ class Controller(AutoscaleMixin, RolloutMixin):
         kt = self.manifest.kv_transfer
         if kt.tls_cert_file and kt.tls_key_file:
             env.update({"SPLITSERVE_KV_TLS_CERT": kt.tls_cert_file, "SPLITSERVE_KV_TLS_KEY": kt.tls_key_file})
+        # Detached and named: a worker outlives a controller process that dies, and the
+        # restarted controller finds it by name (cluster/revival.py).
         return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": 0,
+                "lifetime": "detached", "name": worker_actor_name(self.deployment, worker_id),
                 "max_concurrency": 1000, "scheduling_strategy": group.strategy(0),
                 "runtime_env": {"env_vars": env}}
 
@@ -134,7 +147,7 @@ class Controller(AutoscaleMixin, RolloutMixin):
         group = await self._group(pool_name, slot, worker_id)
         try:
             cls = ray.remote(worker_class(pool_name))
-            handle = cls.options(**self._options(pool_name, group)).remote(
+            handle = cls.options(**self._options(pool_name, group, worker_id)).remote(
                 worker_id, self.manifest_json, pool_name)
         except Exception:
             group.remove()
@@ -163,12 +176,38 @@ class Controller(AutoscaleMixin, RolloutMixin):
             if isinstance(r, BaseException):
                 raise r
         await self._publish()
+        self._start_loops()
+        return self.get_state()
+
+    def _start_loops(self) -> None:
         loop = asyncio.get_running_loop()
         self._health_task = loop.create_task(self._health_loop())
         for name, pool in self.manifest.pools.items():
             if pool.autoscaling is not None:
                 self._autoscale_tasks.append(loop.create_task(self._autoscale_loop(name), name=f"autoscale-{name}"))
-        return self.get_state()
+
+    def bump_ids(self, start: int) -> None:
+        """New worker ids start at generation `start` (after adopted ones)."""
+        self._ids = itertools.count(start)
+
+    def _reviving(self) -> bool:
+        """After a restart: start re-adopting the workers (once); True until done."""
+        if not self._revived or self._stopping:
+            return False
+        if self._adoption is None:
+            self._adoption = asyncio.get_running_loop().create_task(self._adopt())
+        return not self._adoption.done()
+
+    async def _adopt(self) -> int:
+        try:
+            n = await adopt(self)
+        except Exception:
+            logger.exception("re-adopting workers failed; starting over with new ones")
+            n = 0
+        self.version += 1
+        await self._publish()
+        self._start_loops()
+        return n
 
     # -- health -----------------------------------------------------------------------
     async def _check(self, rec: WorkerRecord) -> None:
@@ -239,6 +278,8 @@ class Controller(AutoscaleMixin, RolloutMixin):
 
     async def report_failure(self, worker_id: str) -> None:
         """An ingress saw this worker fail: check it now rather than at the next period."""
+        if self._reviving():
+            return
         rec = self.workers.get(worker_id)
         if rec is not None:
             await self._check(rec)
@@ -346,7 +387,10 @@ class Controller(AutoscaleMixin, RolloutMixin):
         """The versioned snapshot of every pool. An ingress passes its id, the version it
         routes on, the requests it holds per worker (so retiring workers are drained) and
         the requests and prompt tokens its TTFT admission refused since it started (demand
-        for the autoscaler)."""
+        for the autoscaler). A restarted controller raises RevivingError until it has
+        re-adopted its workers."""
+        if self._reviving():
+            raise RevivingError("the controller was restarted and is re-adopting its workers; retry shortly")
         if reporter is not None:
             self._reports[reporter] = (time.monotonic(), -1 if version is None else version, dict(held or {}))
             if refused is not None:
@@ -364,6 +408,7 @@ class Controller(AutoscaleMixin, RolloutMixin):
                 "autoscale": {p: {**a, "decisions": dict(a["decisions"])} for p, a in self.autoscale.items()}}
 
     async def ping(self) -> bool:
+        self._reviving()
         return True
 
     async def shutdown(self) -> int:
@@ -396,6 +441,14 @@ def start_controller(manifest: Manifest, namespace_name: str | None = None) -> A
         ray.kill(old, no_restart=True)
     except ValueError:
         pass
+    # Workers of an earlier life of this deployment that no controller owns any more.
+    prefix = worker_actor_name(namespace_name or manifest.name, "")
+    for n in ray.util.list_named_actors():
+        if isinstance(n, str) and n.startswith(prefix):
+            try:
+                ray.kill(ray.get_actor(n), no_restart=True)
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                pass
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the node that deploys, where the ingress runs, so that losing a worker node loses
@@ -403,6 +456,8 @@ def start_controller(manifest: Manifest, namespace_name: str | None = None) -> A
     # soft affinity may spill even a zero-CPU actor to another node (seen in CI, where the
     # controller landed on a worker node and died with it); the deploying node is alive.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(Controller).options(name=name, lifetime="detached", num_cpus=0,
+    # Restarted by Ray when its process dies, with the same arguments (manifest, KV token):
+    # it re-adopts the live workers (cluster/revival.py).
+    return ray.remote(Controller).options(name=name, lifetime="detached", num_cpus=0, max_restarts=-1,
                                           max_concurrency=1000, scheduling_strategy=here).remote(
-        manifest.model_dump_json())
+        manifest.model_dump_json(), secrets.token_urlsafe(32), namespace_name or manifest.name)

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.admission import PromptMean, queue_refusal
 from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
                             SplitServeError)
 from cluster.generation import Delta, GenRequest, Generator, Usage
@@ -59,6 +60,7 @@ class Ingress:
                             * manifest.kv_cache.block_size)
         self.created = int(time.time())
         self._inflight = 0
+        self.prompt_mean = PromptMean()  # what refuse_early assumes of a request not yet read
         # Structured output: the grammar engine's tokenizer (built on first use) and the
         # grammars of recent requests, checked once.
         self._gtok: Any = None
@@ -172,11 +174,29 @@ class Ingress:
             raise ModelNotFoundError(f"model {req.model!r} does not exist; served: {self.m.model.name!r}",
                                      param="model", code="model_not_found")
 
-    def _admit(self, jobs: list[Job]) -> None:
+    def _check_inflight(self) -> None:
         if self._inflight >= self.m.server.max_waiting_requests:
             self.metrics.rejected.labels("inflight").inc()
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
+
+    def refuse_early(self) -> None:
+        """Before a request's body is parsed (and again before it is read): 429 if the in-flight limit is reached or the
+        queue plus a typical prompt predicts a TTFT miss (cluster/admission.py). Under a burst most
+        refusals end here, costing no parse, tokenization or Ray call."""
+        self._check_inflight()
+        if not self.m.server.ttft_admission:
+            return
+        a, b = self.gen.ttft_model.coefficients()
+        typical = self.prompt_mean.typical()
+        refusal = queue_refusal(self.gen.predict_ttft(typical), self.m.slo.ttft_ms, a, b, typical)
+        if refusal is not None:
+            self.metrics.rejected.labels("ttft_queue").inc()
+            raise OverloadedError(*refusal)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        self.prompt_mean.observe(sum(len(job.greq.prompt_token_ids) for job in jobs))
+        self._check_inflight()
         self.gen.admit([job.greq for job in jobs])
 
     def _job(self, req: CommonParams, ids: list[int], default_max: int | None, first_index: int,
@@ -497,14 +517,30 @@ def build_app(ingress: Ingress) -> FastAPI:
     keys = api_keys(ingress.m.api_keys_path())
     if keys:
         logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
-    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys)
+
+    def refuse(path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """Overload refusal before the request reaches FastAPI (cluster/http_guard.py)."""
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            return None
+        try:
+            ingress.refuse_early()
+        except OverloadedError as e:
+            return 429, json.dumps(e.to_openai()).encode(), [(b"retry-after", str(e.retry_after_s).encode())]
+        return None
+
+    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys, refuse=refuse)
 
     @app.exception_handler(SplitServeError)
     async def _err(_: Request, e: SplitServeError) -> JSONResponse:
         return error_response(e)
 
     async def body_of(request: Request) -> object:
+        # refuse_early ran before the request reached FastAPI (RequestGuard); again now:
+        # in a burst, every request passes that check before any is admitted (reading a
+        # body yields to the loop), and by now the ones ahead are counted.
         raw = await request.body()
+        ingress.refuse_early()
+        ingress.metrics.bodies.inc()
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -78,13 +78,17 @@ def _node_report(node_ip: str | None, bundles: list[dict[str, float]]) -> str:
 
 
 async def create_worker_group(pool: str, worker_id: str, tp: int, num_cpus: float, num_gpus: float,
-                              node_ip: str | None, timeout_s: float) -> WorkerGroup:
+                              node_ip: str | None, timeout_s: float, name_prefix: str | None = None) -> WorkerGroup:
     """Create and wait for a worker's placement group; on timeout remove it and raise
     PlacementGroupError naming the pool, node and resources."""
     bundles = worker_bundles(tp, num_cpus, num_gpus, node_ip)
     # Worker ids repeat across deployments (and replacements) in one Ray cluster: the
-    # name only helps operators read `ray list placement-groups`, so it is made unique.
-    pg = placement_group(bundles, strategy="STRICT_PACK", name=f"splitserve-{worker_id}-{uuid.uuid4().hex[:8]}")
+    # name (operators read it in `ray list placement-groups`; a revived controller finds
+    # its deployment's groups by the prefix) is made unique. Detached: the group outlives
+    # the controller process that made it, like its worker (cluster/revival.py).
+    prefix = name_prefix or f"splitserve-{worker_id}"
+    pg = placement_group(bundles, strategy="STRICT_PACK", name=f"{prefix}-{uuid.uuid4().hex[:8]}",
+                         lifetime="detached")
     group = WorkerGroup(pg, bundles, node_ip)
     try:
         await asyncio.wait_for(asyncio.wrap_future(pg.ready().future()), timeout=timeout_s)

@@ -1,6 +1,9 @@
 """Overload: a burst far beyond capacity gets 200s and early 429s with Retry-After (the
 requests predicted to miss the TTFT target from the queue ahead and the measured prefill
-rate), never a 5xx, and nothing is held afterwards."""
+rate), never a 5xx, and nothing is held afterwards. Refusal is cheap: a request whose
+queue plus a typical prompt predicts a miss is refused before its body is parsed (so before tokenizing
+and any Ray call); the ingress counts the bodies it parsed, and the count
+accounts for every other request exactly. Timings: benchmarks/burst.py."""
 
 from __future__ import annotations
 
@@ -48,6 +51,23 @@ def test_burst_of_300_gets_only_200_and_429(ray_session, llama_dir):
         assert err["type"] == "rate_limit_error" and "predicted time to first token" in err["message"], err
     for r, _ in ok:
         assert r.json()["usage"]["completion_tokens"] == 4
-    assert 'splitserve_admission_rejected_total{reason="ttft"}' in metrics
+    early = [r for r, _ in rejected if "refused before parsing the request" in r.json()["error"]["message"]]
+    # Once the admitted requests fill the queue, the rest are refused before parsing.
+    assert early, [r.json()["error"]["message"] for r, _ in rejected[:3]]
+    assert metric(metrics, 'splitserve_admission_rejected_total{reason="ttft_queue"}') == len(early)
+    late = metric(metrics, 'splitserve_admission_rejected_total{reason="ttft"}')
+    assert late == len(rejected) - len(early)
+    # Bodies parsed: the 5 warm-up requests, the admitted ones and the late refusals; none
+    # of the early ones.
+    assert metric(metrics, "splitserve_ingress_bodies_parsed_total") == 5 + len(ok) + late
     print(f"burst of 300: {len(ok)} x 200 (slowest {max(s for _, s in ok):.2f}s end to end), "
-          f"{len(rejected)} x 429 (slowest answer {max(s for _, s in rejected):.2f}s)")
+          f"{len(rejected)} x 429 ({len(early)} before parsing the body; slowest answer "
+          f"{max(s for _, s in rejected):.2f}s)")
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

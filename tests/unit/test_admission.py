@@ -37,3 +37,25 @@ def test_recent_load_counts_most_and_noise_never_goes_negative():
     n.observe(300, 0.3)  # more tokens, faster: noise
     a, b = n.coefficients()
     assert b == 0 and 0.3 < n.predict(200) == n.predict(1000) < 0.9  # the (decayed) mean TTFT
+
+
+def test_queue_refusal_only_over_the_target_and_names_it():
+    from cluster.admission import queue_refusal
+
+    assert queue_refusal(None, 300, 0.0, 0.001, 50) is None  # nothing queued / unmeasured
+    assert queue_refusal(0.3, 300, 0.0, 0.001, 50) is None  # at the target: admitted
+    msg, retry = queue_refusal(2.6, 300, 0.1, 0.001, 50)
+    assert retry == 3 and "2600 ms exceeds the 300 ms target" in msg and "typical prompt of 50 tokens" in msg
+    assert "refused before parsing the request" in msg
+    assert queue_refusal(500.0, 300, 0.1, 0.001, 50)[1] == 60  # Retry-After capped
+
+
+def test_prompt_mean_follows_recent_prompts():
+    from cluster.admission import PromptMean
+
+    pm = PromptMean(weight=0.5)
+    assert pm.typical() == 1  # nothing seen: assume the least
+    pm.observe(100)
+    assert pm.typical() == 100
+    pm.observe(20)
+    assert pm.typical() == 60
