@@ -418,6 +418,15 @@ class Controller:
             plan = plan_rollout(self.manifest, new, {p: len(self.live(p)) for p in self.manifest.pools})
             if not plan.ok:
                 return {"ok": False, "problems": [list(x) for x in plan.restart], "changed": plan.changed}
+            experts = None
+            if plan.placement:  # re-placed live, before any pool rolls
+                from cluster.manifest import afd_problems, read_expert_placement
+
+                bad = afd_problems(new)
+                if bad:
+                    return {"ok": False, "problems": [list(x) for x in bad], "changed": plan.changed}
+                experts = await self.apply_expert_placement(read_expert_placement(new))
+                new.pools["expert"].placement = self.manifest.pools["expert"].placement  # type: ignore[index]
             self.manifest = new
             self.manifest_json = new.model_dump_json()
             self.manifest_version += 1
@@ -455,6 +464,7 @@ class Controller:
                     self._start_autoscaling(name)
             return {"ok": True, "manifest_version": self.manifest_version, "changed": plan.changed,
                     "rolled": plan.roll, "resized": plan.resize, "started": started, "retired": retired,
+                    "experts": experts,
                     "replicas": {p: len(self.live(p)) for p in self.manifest.pools}}
 
     # -- attention/expert disaggregation ------------------------------------------------
