@@ -48,8 +48,11 @@ def test_afd_serving_equals_transformers(ray_session, mixtral_dir, expected, att
         # Every expert worker computed rows; the attention workers routed them all.
         expert_stats = [ray.get(w["handle"].health.remote()) for w in pools["expert"]]
         assert all(s["rows"] > 0 for s in expert_stats)
+        # One node: the payloads went through shared memory (the socket rang the bell).
+        assert all(s["shm_connections"] >= 1 for s in expert_stats)
         att = [ray.get(w["handle"].health.remote()) for w in pools["attention"]]
         routed = sum(sum(map(sum, s["expert_load"])) for s in att)
+        assert all(s["expert_shards_shm"] for s in att)
         assert routed == sum(s["rows"] for s in expert_stats)
         # /metrics shows the expert load per worker once the ingress has the new stats.
         import time
