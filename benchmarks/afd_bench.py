@@ -241,6 +241,20 @@ def bench_ray(reps: int) -> dict[int, float]:
 
 
 # -- 2. decode steps -----------------------------------------------------------------
+def runqueue_wait_s(pid: int | str = "self", thread: bool = False) -> float:
+    """Seconds the thread (or every thread of the process) waited runnable for a core
+    (Linux /proc schedstat, field 2); 0 where unavailable."""
+    try:
+        if thread:
+            return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+        total = 0
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            total += int((t / "schedstat").read_text().split()[1])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _expert_process(model_dir: str, experts: list[list[int]], conn: Any) -> None:
     import torch
 
@@ -254,7 +268,7 @@ def _expert_process(model_dir: str, experts: list[list[int]], conn: Any) -> None
         cmd = conn.recv()
         if cmd == "stats":
             # (compute wall, compute CPU, the whole process's CPU: compute + exchange threads)
-            conn.send((server.shard.busy_s, server.shard.busy_cpu_s, time.process_time()))
+            conn.send((server.shard.busy_s, server.shard.busy_cpu_s, time.process_time(), runqueue_wait_s()))
         else:
             server.stop()
             return
@@ -346,11 +360,12 @@ def bench_steps(batches: list[int], context: int, steps: int, shards: int, shm: 
             for _ in range(steps):
                 for k, eng in engines.items():
                     b0 = expert_stats() if k != "plain" else []
-                    t0, c0 = time.perf_counter(), time.thread_time()
+                    t0, c0, q0 = time.perf_counter(), time.thread_time(), runqueue_wait_s(thread=True)
                     eng.step()
                     dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+                    dq = runqueue_wait_s(thread=True) - q0
                     if k == "plain":
-                        per[k].append({"step": dt, "cpu": dc})
+                        per[k].append({"step": dt, "cpu": dc, "runqueue": dq})
                         continue
                     b1 = expert_stats()
                     r = runners[k].last
@@ -360,12 +375,16 @@ def bench_steps(batches: list[int], context: int, steps: int, shards: int, shm: 
                                    "experts": statistics.mean(y[0] - x[0] for x, y in zip(b0, b1)),
                                    "attention_cpu": r.attention_cpu_s, "exchange_cpu": r.wait_cpu_s,
                                    "experts_cpu_max": max(comp), "experts_cpu_sum": sum(comp),
-                                   "expert_procs_cpu_max": max(proc), "expert_procs_cpu_sum": sum(proc)})
+                                   "expert_procs_cpu_max": max(proc), "expert_procs_cpu_sum": sum(proc),
+                                   # waiting runnable for a core: the attention thread, the experts
+                                   "attention_runqueue": dq,
+                                   "experts_runqueue_max": max(y[3] - x[3] for x, y in zip(b0, b1))})
             for ex in exchanges.values():
                 ex.close()
             plain = statistics.median(x["step"] for x in per["plain"])
             row: dict[str, Any] = {"batch": batch, "context": context, "plain_step_ms": 1e3 * plain,
                                    "plain_cpu_ms": med([x["cpu"] for x in per["plain"]]),
+                                   "plain_runqueue_ms": med([x["runqueue"] for x in per["plain"]]),
                                    "plain_tok_s_per_core": batch / plain, "shm": shm,
                                    "load_avg": [round(load0, 1), round(os.getloadavg()[0], 1)]}
             for mb in (1, 2):
@@ -385,6 +404,8 @@ def bench_steps(batches: list[int], context: int, steps: int, shards: int, shm: 
                           "experts_cpu_max_ms": v["experts_cpu_max"], "experts_cpu_sum_ms": v["experts_cpu_sum"],
                           "expert_procs_cpu_max_ms": v["expert_procs_cpu_max"],
                           "expert_procs_cpu_sum_ms": v["expert_procs_cpu_sum"],
+                          "attention_runqueue_ms": v["attention_runqueue"],
+                          "experts_runqueue_max_ms": v["experts_runqueue_max"],
                           "serial_cpu_ms": serial, "total_cpu_ms": total, "two_core_bound_ms": bound,
                           "tok_s_per_core": batch / (v["step"] / 1e3) / (1 + shards),
                           "round_trips_per_step": exchanges[k].round_trips / max(1, runners[k].total.steps),
@@ -412,6 +433,51 @@ def bench_steps(batches: list[int], context: int, steps: int, shards: int, shm: 
     return rows
 
 
+def simulate_vs_measured(rows: list[dict[str, Any]], layers: int = 8, top_k: int = 2, shards: int = 2,
+                         cores: float = 2.0) -> dict[str, Any]:
+    """The simulator (placement.latency.AttentionExpert) against the measured decode steps:
+    coefficients fitted to the lock-step (mb1) steps' parts, wall and CPU, then every
+    step predicted, lock-step and ping-pong, with the pools on their own cores (the model
+    as it was) and sharing ``cores`` (the model's shared-cores bound). Wall: what a step
+    took here under the load it ran at; CPU: the work alone, against the measured 2-core
+    bound of the ping-pong (``two_core_bound_ms``)."""
+    from dataclasses import replace
+
+    from placement.attention_expert import ae_fit
+
+    out: dict[str, Any] = {"layers": layers, "top_k": top_k, "shards": shards, "cores": cores, "rows": []}
+    ctx = {r["batch"]: r["batch"] * (r["context"] + 6) for r in rows}
+    wall = ae_fit([(r["batch"], ctx[r["batch"]], r["mb1"]["attention_ms"] / 1e3, r["mb1"]["experts_ms"] / 1e3,
+                    (r["mb1"]["exchange_ms"] or 0.0) / 1e3) for r in rows], layers, top_k, 1, shards, 1)
+    cpu = ae_fit([(r["batch"], ctx[r["batch"]], (r["mb1"]["attention_cpu_ms"]) / 1e3,
+                   r["mb1"]["expert_procs_cpu_max_ms"] / 1e3, r["mb1"]["exchange_cpu_ms"] / 1e3) for r in rows],
+                 layers, top_k, 1, shards, 1)
+    out["fit_wall"] = {"attention": vars(wall.attention), "expert": vars(wall.expert), "comm": vars(wall.comm)}
+    out["fit_cpu"] = {"attention": vars(cpu.attention), "expert": vars(cpu.expert), "comm": vars(cpu.comm)}
+    for r in rows:
+        b, c = r["batch"], ctx[r["batch"]]
+        row: dict[str, Any] = {"batch": b, "load_avg": r.get("load_avg")}
+        for mb in (1, 2):
+            k = f"mb{mb}"
+            free = replace(wall, micro_batches=mb).step_s(b, c) * 1e3
+            shared = replace(wall, micro_batches=mb, cores=cores).step_s(b, c) * 1e3
+            cpu_shared = replace(cpu, micro_batches=mb, cores=cores).step_s(b, c) * 1e3
+            row[k] = {"measured_ms": r[k]["step_ms"], "predicted_own_cores_ms": free,
+                      "predicted_shared_cores_ms": shared,
+                      "error_own_cores": free / r[k]["step_ms"] - 1, "error_shared_cores": shared / r[k]["step_ms"] - 1,
+                      "cpu_predicted_shared_ms": cpu_shared,
+                      "cpu_measured_ms": r[k]["two_core_bound_ms"] if mb == 2 else r[k]["serial_cpu_ms"],
+                      "cpu_error": cpu_shared / (r[k]["two_core_bound_ms"] if mb == 2 else r[k]["serial_cpu_ms"]) - 1}
+        out["rows"].append(row)
+        print(f"batch {b}: " + "; ".join(
+            f"mb{mb} measured {row[f'mb{mb}']['measured_ms']:.1f} ms, predicted {row[f'mb{mb}']['predicted_own_cores_ms']:.1f}"
+            f" (own cores, {100 * row[f'mb{mb}']['error_own_cores']:+.0f}%) / {row[f'mb{mb}']['predicted_shared_cores_ms']:.1f}"
+            f" (shared, {100 * row[f'mb{mb}']['error_shared_cores']:+.0f}%); CPU {row[f'mb{mb}']['cpu_measured_ms']:.1f} vs "
+            f"{row[f'mb{mb}']['cpu_predicted_shared_ms']:.1f} ({100 * row[f'mb{mb}']['cpu_error']:+.0f}%)"
+            for mb in (1, 2)), file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="afd_bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -422,11 +488,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,4,16,64; --quick 1,16)")
     ap.add_argument("--no-shm", action="store_true", help="decode steps over the socket alone")
+    ap.add_argument("--simulate-from", metavar="JSON", help="only compare the simulator with the steps stored in "
+                    "this JSON (a previous --out) and print that comparison")
     ap.add_argument("--steps-only", action="store_true", help="skip the transport round trips")
     ap.add_argument("--transports", default="socket,exchange_shm,gloo,shm_pipe,ray_call",
                     help="which round trips to measure")
     args = ap.parse_args(argv)
+    if args.simulate_from:
+        stored = json.loads(Path(args.simulate_from).read_text())
+        sim = simulate_vs_measured(stored["steps"], shards=args.shards)
+        print(json.dumps(sim, indent=2))
+        return 0
     reps = 50 if args.quick else 200
+    import torch
+
+    # One torch thread, as in the workers: with more, OpenMP's spinning threads make every
+    # copy of a shared-memory payload crawl on this oversubscribed machine (50 ms a MiB).
+    torch.set_num_threads(1)
     batches = [1, 16] if args.quick else [1, 4, 16, 64]
     if args.batches:
         batches = [int(b) for b in args.batches.split(",")]
@@ -440,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: " + ", ".join(f"{k} KiB {1e3 * v:.3f} ms" for k, v in r.items()), file=sys.stderr)
     res["steps"] = bench_steps(batches, args.context, 6 if args.quick else args.steps, args.shards,
                                shm=not args.no_shm)
+    res["simulator"] = simulate_vs_measured(res["steps"], shards=args.shards)
     res["machine"]["load_avg_end"] = os.getloadavg()[0]
     text = json.dumps(res, indent=2)
     if args.out:
