@@ -53,9 +53,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     manifest = _load_or_say(args.manifest, servable=True)
     if manifest is None:
         return 2
-    from cluster.ops import OpsError, apply_manifest
+    from cluster.ops import OpsError, apply_manifest, inline_expert_placement
 
     try:
+        inline_expert_placement(manifest)  # type: ignore[arg-type]
         res = apply_manifest(manifest, args.address, args.namespace, args.drain_timeout)  # type: ignore[arg-type]
     except OpsError as e:
         print(str(e), file=sys.stderr)
@@ -66,7 +67,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 2
     print(f"applied {args.manifest} (manifest version {res['manifest_version']}): changed "
           f"{', '.join(res['changed']) or 'nothing'}; rolled {res['rolled'] or 'no pool'}; resized "
-          f"{res['resized'] or 'no pool'}; replicas {res['replicas']}")
+          f"{res['resized'] or 'no pool'}; replicas {res['replicas']}"
+          + (f"; experts re-placed live ({res['experts']['loaded']} copies loaded, {res['experts']['dropped']} "
+             "dropped)" if res.get("experts") else ""))
     return 0
 
 
@@ -261,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_place_experts(sub)
+        from cluster.expert_stats import fetch_expert_loads
+
+        # --from URL: placement/ knows no HTTP; the reader of a server's /metrics is ours.
+        sub.choices["place-experts"].set_defaults(fetch_loads=fetch_expert_loads)
     return p
 
 

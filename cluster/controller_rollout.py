@@ -41,6 +41,15 @@ class RolloutMixin:
             plan = plan_rollout(self.manifest, new, {p: len(self.live(p)) for p in self.manifest.pools})
             if not plan.ok:
                 return {"ok": False, "problems": [list(x) for x in plan.restart], "changed": plan.changed}
+            experts = None
+            if plan.placement:  # re-placed live, before any pool rolls
+                from cluster.manifest import afd_problems, read_expert_placement
+
+                bad = afd_problems(new)
+                if bad:
+                    return {"ok": False, "problems": [list(x) for x in bad], "changed": plan.changed}
+                experts = await self.apply_expert_placement(read_expert_placement(new))
+                new.pools["expert"].placement = self.manifest.pools["expert"].placement  # type: ignore[index]
             old, old_json = self.manifest, self.manifest_json
             before = {p: len(self.live(p)) for p in old.pools}
             self.manifest = new
@@ -92,7 +101,7 @@ class RolloutMixin:
                     self._start_autoscaling(name)
             return {"ok": True, "manifest_version": self.manifest_version, "changed": plan.changed,
                     "rolled": plan.roll, "resized": plan.resize, "started": started, "retired": retired,
-                    "replicas": {p: len(self.live(p)) for p in self.manifest.pools}}
+                    "experts": experts, "replicas": {p: len(self.live(p)) for p in self.manifest.pools}}
 
     async def _roll_back(self, old: Any, old_json: str, before: dict[str, int], started: list[str],
                          drain_timeout_s: float | None) -> dict[str, int]:

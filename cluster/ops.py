@@ -49,6 +49,22 @@ def controller_of(manifest: Manifest, address: str | None, namespace: str) -> An
                        "'splitserve serve' or 'splitserve deploy'") from None
 
 
+def inline_expert_placement(manifest: Manifest) -> None:
+    """An expert pool's placement FILE read here and put inline, so that the controller
+    (on whichever node) gets the layers themselves; a changed placement is then applied
+    live (Controller.apply_expert_placement). OpsError for a file that cannot be read."""
+    import json
+
+    pool = manifest.pools.get("expert")  # type: ignore[call-overload]
+    if pool is None or not isinstance(pool.placement, str) or pool.placement == "even":
+        return
+    try:
+        data = json.loads(Path(pool.placement).read_text())
+    except (OSError, ValueError) as e:
+        raise OpsError(f"pools.expert.placement: {pool.placement}: cannot read ({e})") from None
+    pool.placement = data["layers"] if isinstance(data, dict) else data
+
+
 def apply_manifest(manifest: Manifest, address: str | None = None, namespace: str = "splitserve",
                    drain_timeout_s: float | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:
     """Roll the manifest out on the running deployment of its name; returns the

@@ -2,7 +2,9 @@
 fields cannot change without a restart, which pools roll out new workers, which only
 resize. Pure: no Ray; the controller carries out the plan (cluster/controller.py).
 
-Rolled out live: slo, kv_transfer (codec, level, transport, ...), a pool's worker
+An expert pool's changed ``placement`` is applied live without new workers (experts
+loaded where they go, routing switched between steps, old copies dropped:
+Controller.apply_expert_placement). Rolled out live: slo, kv_transfer (codec, level, transport, ...), a pool's worker
 settings (num_cpus, batch and KV sizes, nodes, tp), replicas, autoscaling, the ingress's
 timeouts and limits. A pool rolls by starting a new worker, then draining and removing an
 old one, one at a time, so that it never serves with fewer workers than it had.
@@ -30,7 +32,6 @@ RESTART_FIELDS: dict[str, str] = {
 # Per pool, fields that need a restart.
 POOL_RESTART_FIELDS: dict[str, str] = {
     "engine": "prefill and decode must run the same engine; a rollout would mix them",
-    "placement": "use Controller.apply_expert_placement for a live expert re-placement",
     "micro_batches": "attention and expert workers must agree on it",
 }
 # Pool fields that only size the pool (no new workers needed).
@@ -43,6 +44,7 @@ class RolloutPlan:
     roll: list[str] = field(default_factory=list)  # pools whose workers are replaced
     resize: dict[str, int] = field(default_factory=dict)  # pool -> new replica count
     changed: list[str] = field(default_factory=list)  # field paths that changed
+    placement: bool = False  # the expert pool's placement changed: re-place experts live
 
     @property
     def ok(self) -> bool:
@@ -66,7 +68,8 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def worker_settings(m: Manifest, pool: str) -> dict[str, Any]:
     """What a worker of the pool is built from, apart from the model: a change means new workers."""
-    p = m.pools[pool].model_dump(exclude=set(SIZE_FIELDS))  # type: ignore[index]
+    # The expert placement changes without new workers (Controller.apply_expert_placement).
+    p = m.pools[pool].model_dump(exclude={*SIZE_FIELDS, "placement"})  # type: ignore[index]
     return {"pool": p, "kv_transfer": m.kv_transfer.model_dump(), "slo": m.slo.model_dump(),
             "prefix_caching": m.kv_cache.enable_prefix_caching,
             "timeouts": (m.server.request_timeout_s, m.server.token_timeout_s)}
@@ -92,6 +95,8 @@ def plan_rollout(old: Manifest, new: Manifest, live: dict[str, int] | None = Non
         if name in ("attention", "expert") and (po.replicas != pn.replicas or po.tp != pn.tp):
             plan.restart.append((f"pools.{name}.replicas", "attention/expert pools are sized by the expert "
                                  "placement; needs a restart"))
+        if name == "expert" and po.placement != pn.placement:
+            plan.placement = True
         if worker_settings(old, name) != worker_settings(new, name):
             plan.roll.append(name)
         have = (live or {}).get(name, po.replicas)

@@ -3,7 +3,8 @@
 ``AttentionWorker`` plays the decode role towards the router and the prefill workers: it
 receives the prompt KV exactly as a DecodeWorker does (same connector, codecs,
 prefetch) and runs continuous batching over an engine.afd.AFDRunner, whose MoE layers
-reach the expert workers through decode_workers.exchange (one socket per expert worker).
+reach the expert workers through decode_workers.exchange (one socket per expert worker;
+payloads in shared memory when the expert worker is on the same node).
 ``ExpertWorker`` holds the experts a placement gives its slot (read from the model's
 safetensors) and serves them to every attention worker (M:N).
 
@@ -80,6 +81,8 @@ class AttentionWorker(DecodeWorker):
             stats["afd_attention_s"] = runner.total.attention_s
             stats["afd_wait_s"] = runner.total.wait_s
             stats["expert_shards_known"] = sorted(self.exchange.addresses)
+            # Shards on this node whose payloads go through shared memory (the rest: socket).
+            stats["expert_shards_shm"] = sorted(s for s in self.exchange.addresses if self.exchange.uses_shm(s))
             stats["micro_batches"] = self.micro_batches
         return stats
 
@@ -129,6 +132,7 @@ class ExpertWorker:
             stats.update({"exchange_addr": list(self.server.address), "rows": shard.rows,
                           "busy_s": shard.busy_s, "requests": self.server.requests,
                           "connections": self.server.connections,
+                          "shm_connections": self.server.shm_connections,
                           "expert_rows": [[layer, e, n] for (layer, e), n in sorted(shard.load.items())]})
         return stats
 

@@ -106,6 +106,7 @@ class ExpertShard:
         self.mlps = mlps
         self.rows = 0  # rows computed since start
         self.busy_s = 0.0
+        self.busy_cpu_s = 0.0  # CPU time of the computing thread (load-independent work)
         # Rows computed per (layer, expert) since start.
         self.load: dict[tuple[int, int], int] = {}
 
@@ -144,7 +145,7 @@ class ExpertShard:
     @torch.inference_mode()
     def run(self, req: ExpertRequest) -> torch.Tensor:
         """[n, hidden] outputs of each row's expert (unweighted), rows in request order."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         layer = self.mlps[req.layer]
         y = torch.empty_like(req.x)
         start = 0
@@ -159,6 +160,7 @@ class ExpertShard:
             raise ValueError(f"groups cover {start} rows, x has {req.x.shape[0]}")
         self.rows += start
         self.busy_s += time.perf_counter() - t0
+        self.busy_cpu_s += time.thread_time() - c0
         return y
 
 
@@ -254,6 +256,11 @@ class StepTimes:
     attention_s: float = 0.0  # attention, norms, routing, dispatch and combine
     wait_s: float = 0.0  # blocked in recv: exchange and experts not hidden by other parts
     steps: int = 0
+    # CPU time of the attention side's thread in the same two parts: the work itself,
+    # whatever else the cores run (wait_cpu_s: the exchange's own cost; with
+    # LocalExchange the experts' compute too).
+    attention_cpu_s: float = 0.0
+    wait_cpu_s: float = 0.0
 
 
 class AFDRunner(ModelRunner):
@@ -350,9 +357,10 @@ class AFDRunner(ModelRunner):
         h = d.residual
         y_sorted = torch.empty(d.tokens.shape[0], h.shape[1], dtype=h.dtype)
         for s, pos in d.positions.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             y = self.exchange.recv(s, d.tag)
             self.last.wait_s += time.perf_counter() - t0
+            self.last.wait_cpu_s += time.thread_time() - c0
             if y.shape != (pos.shape[0], h.shape[1]):
                 raise ValueError(f"expert shard {s} returned {tuple(y.shape)} for {pos.shape[0]} rows")
             y_sorted.index_copy_(0, pos, y.to(h.dtype))
@@ -377,7 +385,7 @@ class AFDRunner(ModelRunner):
                 raise
 
     def _forward(self, step: StepInput) -> torch.Tensor:
-        t_start = time.perf_counter()
+        t_start, c_start = time.perf_counter(), time.thread_time()
         self.last = StepTimes(steps=1)
         model = self.model
         parts = split_micro_batches(step.meta, self.micro_batches)
@@ -408,8 +416,11 @@ class AFDRunner(ModelRunner):
         if self.trace is not None and all(self._step_routes):
             self.trace.append(torch.stack([torch.cat(r) for r in self._step_routes], dim=1))
         self.last.attention_s = time.perf_counter() - t_start - self.last.wait_s
+        self.last.attention_cpu_s = time.thread_time() - c_start - self.last.wait_cpu_s
         self.total.attention_s += self.last.attention_s
         self.total.wait_s += self.last.wait_s
+        self.total.attention_cpu_s += self.last.attention_cpu_s
+        self.total.wait_cpu_s += self.last.wait_cpu_s
         self.total.steps += 1
         return out  # type: ignore[no-any-return]
 

@@ -67,3 +67,34 @@ def ae_capacity(ae: AttentionExpert, kv_tokens: int, p: float, o: float, max_num
     prompt p and output o tokens), by Little's law."""
     batch = max(1.0, min(max_num_seqs, kv_tokens / (p + o)))
     return batch / (ae.step_s(int(batch), int(batch * (p + o / 2))) * o)
+
+
+def ae_fit(samples: list[tuple[int, int, float, float, float]], layers: int, top_k: int, n_attention: int,
+           n_expert: int, micro_batches: int = 2, cores: float | None = None) -> AttentionExpert:
+    """AttentionExpert coefficients fitted to measured lock-step (1 micro-batch) decode
+    steps of this machine: ``samples`` = (batch, total context tokens, attention side's
+    seconds, slowest expert worker's seconds, exchange seconds) per step. Per layer:
+    attention a + c * sequences (+ b * context when the contexts vary independently of
+    the batch), experts a + b * routed tokens, one hop a + b * tokens (two hops a layer);
+    non-negative least squares."""
+    import numpy as np
+
+    from placement.latency import _nnls2
+
+    b = np.array([float(s[0]) for s in samples])
+    ctx = np.array([float(s[1]) for s in samples])
+    att = np.array([s[2] for s in samples]) / (layers * max(1, n_attention))
+    exp = np.array([s[3] for s in samples]) / layers
+    hop = np.array([s[4] for s in samples]) / (2 * layers)
+    one = np.ones_like(b)
+    seqs = b / max(1, n_attention)
+    a_a, c_a = _nnls2(np.stack([one, seqs], axis=1), att)
+    b_a = 0.0
+    if len(samples) >= 3 and np.linalg.matrix_rank(np.stack([one, seqs, ctx], axis=1)) == 3:
+        a_a, b_a, c_a = _nnls2(np.stack([one, ctx / max(1, n_attention), seqs], axis=1), att)
+    routed = b * max(1, top_k) / max(1, n_expert)
+    a_e, b_e = _nnls2(np.stack([one, routed], axis=1), exp)
+    a_c, b_c = _nnls2(np.stack([one, b], axis=1), hop)
+    return AttentionExpert(Coeffs(float(a_a), float(b_a), float(c_a)), Coeffs(float(a_e), float(b_e), 0.0),
+                           Coeffs(float(a_c), float(b_c), 0.0), layers, max(1, top_k), n_attention, n_expert,
+                           micro_batches, cores)

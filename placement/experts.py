@@ -3,6 +3,12 @@ Python interface.
 
     place-experts --trace TRACE.npy --gpus G --gpus-per-node K --slots S
                   [--method ilp|eplb] [--time-limit SECONDS] [--experts E] --out PLACEMENT.json
+    splitserve place-experts --from URL [--gpus G] --gpus-per-node K --slots S ... --out PLACEMENT.json
+
+``--from URL`` reads a running deployment's live expert load from its ``/metrics``
+(token choices routed per layer and expert, cluster.expert_stats) instead of a trace;
+``splitserve apply`` with the manifest's ``pools.expert.placement`` pointing at the
+written file re-places the experts live.
 
 TRACE is an integer array ``[tokens, layers, top_k]`` of routed expert ids
 (``placement.traces``; the number of experts is ``--experts``, else max id + 1).
@@ -55,6 +61,18 @@ class TraceStats:
     coact: np.ndarray  # [layers - 1, experts, experts] pair counts between consecutive layers
     top_k: int
     experts: int
+
+    @classmethod
+    def from_loads(cls, loads: np.ndarray, top_k: int) -> TraceStats:
+        """Token counts alone (a live server's /metrics): no co-activations, so the ILP
+        balances load and its traffic term is zero."""
+        loads = np.asarray(loads, dtype=np.int64)
+        if loads.ndim != 2 or loads.shape[1] < 1 or (loads < 0).any():
+            raise PlacementInputError("from", f"loads of shape {list(loads.shape)}: expected [layers, experts] "
+                                      "non-negative counts")
+        top_k = _positive_int("top_k", top_k)
+        e = loads.shape[1]
+        return cls(loads, np.zeros((max(0, loads.shape[0] - 1), e, e), dtype=np.int64), top_k, e)
 
     @classmethod
     def from_trace(cls, trace: object, experts: int | None = None) -> TraceStats:
@@ -220,12 +238,49 @@ def _summary_line(out: str, placement: ExpertPlacement, m: PlacementMetrics) -> 
     return line
 
 
-def cmd_place_experts(args: argparse.Namespace) -> int:
+def _stats_from_url(args: argparse.Namespace) -> TraceStats | None:
+    """The live statistics of the server at --from (None: reported, exit 2)."""
+    fetch = getattr(args, "fetch_loads", None)
+    if fetch is None:  # placement knows no HTTP: the splitserve CLI hands the reader in
+        print("place-experts: --from needs the splitserve CLI (splitserve place-experts --from URL)", file=sys.stderr)
+        return None
     try:
-        trace = load_trace(args.trace)
-        stats = TraceStats.from_trace(trace, args.experts)
-        if args.experts is None:
-            log.info("--experts not given: %d experts (max id + 1) from %s", stats.experts, args.trace)
+        loads, replicas = fetch(args.from_url)
+    except Exception as e:  # noqa: BLE001 - cluster.expert_stats.ExpertStatsError and HTTP errors
+        print(f"place-experts: --from {args.from_url}: {e}", file=sys.stderr)
+        return None
+    if args.gpus is None:
+        if replicas is None:
+            print(f"place-experts: --gpus: not given and {args.from_url} reports no expert pool size", file=sys.stderr)
+            return None
+        args.gpus = replicas
+    if args.experts is not None and args.experts != loads.shape[1]:
+        print(f"place-experts: --experts {args.experts}: the server routes over {loads.shape[1]} experts",
+              file=sys.stderr)
+        return None
+    log.info("--from %s: %d routed token choices over %d layers x %d experts; %d expert workers", args.from_url,
+             int(loads.sum()), loads.shape[0], loads.shape[1], args.gpus)
+    return TraceStats.from_loads(loads, args.top_k)
+
+
+def cmd_place_experts(args: argparse.Namespace) -> int:
+    if (args.trace is None) == (getattr(args, "from_url", None) is None):
+        print("place-experts: give exactly one of --trace TRACE.npy or --from URL (a running server)", file=sys.stderr)
+        return 2
+    if args.trace is not None and args.gpus is None:
+        print("place-experts: --gpus: required with --trace", file=sys.stderr)
+        return 2
+    try:
+        if args.trace is None:
+            from_url = _stats_from_url(args)
+            if from_url is None:
+                return 2
+            stats = from_url
+        else:
+            trace = load_trace(args.trace)
+            stats = TraceStats.from_trace(trace, args.experts)
+            if args.experts is None:
+                log.info("--experts not given: %d experts (max id + 1) from %s", stats.experts, args.trace)
         placement = place_experts(
             stats, args.gpus, args.gpus_per_node, args.slots, args.method, args.time_limit, stats.experts
         )
@@ -251,8 +306,13 @@ def cmd_place_experts(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, help="routing trace .npy, int array [tokens, layers, top_k]")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs holding experts")
+    p.add_argument("--trace", default=None, help="routing trace .npy, int array [tokens, layers, top_k]")
+    p.add_argument("--from", dest="from_url", default=None, metavar="URL",
+                   help="instead of --trace: a running attention/expert deployment (its /metrics: tokens routed "
+                        "per layer and expert; no co-activations, so the ILP balances load only)")
+    p.add_argument("--top-k", type=int, default=2, help="with --from: experts per token (default 2)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs (expert workers) holding experts; with --from "
+                   "default: the server's expert pool size")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (divides --gpus)")
     p.add_argument("--slots", type=int, required=True, help="expert slots per GPU per layer")
     p.add_argument("--method", choices=METHODS, default="ilp", help="ilp (default) or the eplb greedy")

@@ -342,6 +342,10 @@ class AttentionExpert:
     n_attention: int = 1
     n_expert: int = 1
     micro_batches: int = 2
+    # Cores the attention and expert workers share, None: each has its own device. With
+    # fewer cores than workers (this machine: 1 attention + 2 expert processes on 2 cores)
+    # the pools cannot overlap freely: a step takes at least all their work / cores.
+    cores: float | None = None
 
     def stage_times(self, batch: int, total_context: int) -> tuple[float, float, float]:
         """(T_a, T_e, T_c): one micro-batch through one layer on each pool, and one hop."""
@@ -360,7 +364,13 @@ class AttentionExpert:
         if batch <= 0:
             return 0.0
         ta, te, tc = self.stage_times(batch, total_context)
-        return pingpong_s(ta, te, tc, self.layers, max(1, self.micro_batches))
+        m = max(1, self.micro_batches)
+        step = pingpong_s(ta, te, tc, self.layers, m)
+        if self.cores is not None and self.cores < max(1, self.n_attention) + max(1, self.n_expert):
+            # Shared cores: every worker's work (hops counted on both sides) over the cores.
+            work = m * self.layers * (max(1, self.n_attention) * ta + max(1, self.n_expert) * te + 2 * tc)
+            step = max(step, work / self.cores)
+        return step
 
     def closed_form_s(self, batch: int, total_context: int) -> float:
         """MegaScale-Infer's estimate when the pools overlap: (T_a + T_e + 2 T_c) +

@@ -48,8 +48,11 @@ def test_afd_serving_equals_transformers(ray_session, mixtral_dir, expected, att
         # Every expert worker computed rows; the attention workers routed them all.
         expert_stats = [ray.get(w["handle"].health.remote()) for w in pools["expert"]]
         assert all(s["rows"] > 0 for s in expert_stats)
+        # One node: the payloads went through shared memory (the socket rang the bell).
+        assert all(s["shm_connections"] >= 1 for s in expert_stats)
         att = [ray.get(w["handle"].health.remote()) for w in pools["attention"]]
         routed = sum(sum(map(sum, s["expert_load"])) for s in att)
+        assert all(s["expert_shards_shm"] for s in att)
         assert routed == sum(s["rows"] for s in expert_stats)
         # /metrics shows the expert load per worker once the ingress has the new stats.
         import time
@@ -215,3 +218,60 @@ def test_live_replacement_under_load(ray_session, mixtral_dir, expected):
         # A bad placement is refused with the manifest's field path, nothing changes.
         with pytest.raises(Exception, match="pools.expert.placement"):
             ray.get(dep.controller.apply_expert_placement.remote([[[0, 1], [2, 3]]] * 4))
+
+
+def test_replacement_from_metrics_applied_with_splitserve_apply(ray_session, mixtral_dir, expected, tmp_path):
+    """The operator's path: `splitserve place-experts --from URL` reads the live expert
+    load from the server's /metrics and writes a placement; `splitserve apply` of the
+    manifest now naming that file re-places the experts live while 16 requests decode:
+    0 failed (reference tokens), no new workers, the experts' homes are the file's."""
+    import time
+
+    import httpx
+    import ray
+
+    from cluster.cli import main as cli
+    from cluster.ops import apply_manifest, inline_expert_placement
+    from engine.afd import even_placement, shard_experts
+
+    ps, ref = expected
+    m = afd_manifest(mixtral_dir)
+    with serving(m) as (url, dep):
+        assert asyncio.run(served(url, ps)) == ref  # traffic: the attention worker counts its routing
+        deadline = time.monotonic() + 30
+        while "splitserve_expert_routed_tokens{" not in httpx.get(f"{url}/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, "no expert load on /metrics"
+            time.sleep(0.3)
+        out = tmp_path / "placement.json"
+        # No --gpus: the server's expert pool size (2).
+        assert cli(["place-experts", "--from", url, "--gpus-per-node", "2", "--slots", "5", "--experts", "8",
+                    "--time-limit", "20", "--out", str(out)]) == 0
+        layers = json.loads(out.read_text())["layers"]
+        assert len(layers) == 4 and all(len(layer) == 2 for layer in layers)
+        assert layers != even_placement(4, 8, 2)
+        before = {w["worker_id"] for ws in ray.get(dep.controller.get_state.remote())["pools"].values() for w in ws}
+        new = m.model_copy(deep=True)
+        new.pools["expert"].placement = str(out)
+        inline_expert_placement(new)
+        assert new.pools["expert"].placement == layers
+
+        async def run() -> tuple[list[list[int]], dict]:
+            load = asyncio.ensure_future(served(url, ps))
+            await asyncio.sleep(0.3)  # requests are in flight
+            res = await asyncio.to_thread(apply_manifest, new, None, "splitserve-tests", 60)
+            return await load, res
+
+        got, res = asyncio.run(run())
+        assert got == ref  # 0 failed requests, the same tokens
+        assert res["ok"] and res["rolled"] == [] and res["experts"]["loaded"] > 0, res
+        pools = ray.get(dep.controller.get_state.remote())["pools"]
+        assert {w["worker_id"] for ws in pools.values() for w in ws} == before  # no worker replaced
+        homes = {}
+        for w in pools["expert"]:
+            h = ray.get(w["handle"].health.remote())
+            homes[h["shard"]] = h["experts"]
+        assert homes == {s: shard_experts(layers, s) for s in (0, 1)}
+        assert asyncio.run(served(url, ps[:4])) == ref[:4]
+        # Applying the same manifest again changes nothing; no running server: exit 2.
+        assert apply_manifest(new, None, "splitserve-tests", 60)["experts"] is None
+    assert cli(["place-experts", "--from", url, "--gpus-per-node", "2", "--slots", "5", "--out", str(out)]) == 2

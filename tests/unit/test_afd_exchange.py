@@ -5,6 +5,11 @@ server's error comes back as a message."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -35,15 +40,19 @@ def servers_for(model_dir, placement):
             for s in range(len(placement[0]))]
 
 
-def test_socket_exchange_equals_local_and_serves_two_attention_sides(model_dir):
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "socket-only"])
+def test_socket_exchange_equals_local_and_serves_two_attention_sides(model_dir, shm):
     cfg = ModelConfig.from_dir(model_dir)
     pl = even_placement(cfg.num_hidden_layers, cfg.num_local_experts, 2)
     want = engine(local_afd_runner(model_dir, "float32", 64, 4, pl, 2), cfg).generate(PROMPTS, GREEDY)
     servers = servers_for(model_dir, pl)
     try:
         addrs = {s: tuple(sv.address) for s, sv in enumerate(servers)}
-        a = engine(build_attention_runner(model_dir, "float32", 64, 4, SocketExchange(pl, addrs, 10), 2), cfg)
-        b = engine(build_attention_runner(model_dir, "float32", 64, 4, SocketExchange(pl, addrs, 10), 1), cfg)
+        # b's regions are too small for some payloads: those go inline beside the shared ones.
+        ea, eb = SocketExchange(pl, addrs, 10, shm=shm), SocketExchange(pl, addrs, 10, shm=shm, slots=1,
+                                                                         slot_bytes=4 * cfg.hidden_size * 4)
+        a = engine(build_attention_runner(model_dir, "float32", 64, 4, ea, 2), cfg)
+        b = engine(build_attention_runner(model_dir, "float32", 64, 4, eb, 1), cfg)
         for i, p in enumerate(PROMPTS):
             a.add_request(f"a{i}", p, GREEDY)
             b.add_request(f"b{i}", p[::-1], GREEDY)
@@ -55,6 +64,10 @@ def test_socket_exchange_equals_local_and_serves_two_attention_sides(model_dir):
                 b.step()
         assert [s.output_token_ids for s in seqs_a] == want
         assert all(sv.connections == 2 and sv.requests > 0 for sv in servers)
+        # Same node: payloads through shared memory unless turned off; nothing left in /dev/shm.
+        assert all(sv.shm_connections == (2 if shm else 0) for sv in servers)
+        assert (ea.shm_messages > 0) == shm and (0 < eb.shm_messages < eb.round_trips) == shm
+        assert ea.uses_shm(0) == shm and not [f for f in os.listdir("/dev/shm") if f"afd-{os.getpid()}-" in f]
     finally:
         for sv in servers:
             sv.stop()
@@ -115,3 +128,40 @@ def test_failed_step_leaves_no_stale_replies(model_dir):
         back.stop()
         servers[1].stop()
         ex.close()
+
+
+SLOW_SERVER = """
+import sys, time, torch
+from decode_workers.exchange import ExpertServer
+class Slow:
+    def run(self, req):
+        time.sleep(60)
+        return req.x
+server = ExpertServer(Slow())
+print(server.address[1], flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "socket-only"])
+def test_killed_server_is_seen_at_once_while_waiting(shm):
+    """SIGKILL of the expert process while the attention side waits for its reply: an
+    ExchangeError from the reset connection (not the 60 s timeout); nothing hangs."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        port = int(proc.stdout.readline())
+        ex = SocketExchange([[[0]]], {0: ("127.0.0.1", port)}, timeout_s=60, shm=shm)
+        ex.send(0, 1, ExpertRequest(0, torch.randn(4, 8), [(0, 4)]))
+        assert ex.uses_shm(0) == shm
+        time.sleep(0.3)
+        proc.kill()
+        with pytest.raises(ExchangeError, match="expert shard 0") as e:
+            ex.recv(0, 1)
+        # The closed connection ended the wait, not the 60 s timeout.
+        assert "closed by peer" in str(e.value) or "reset" in str(e.value).lower(), e.value
+        assert "timed out" not in str(e.value) and "within" not in str(e.value)
+        assert not ex.uses_shm(0)
+    finally:
+        proc.kill()
+        proc.wait(10)

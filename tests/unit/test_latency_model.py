@@ -181,3 +181,28 @@ def test_fit_overheads_splits_inside_and_outside_the_worker():
     # Without the busy times the same delay is all outside the worker.
     got2 = fit_overheads(lat, 512, iso, bursts, disaggregated=False)
     assert got2.prefill_token_s == 0.0 and got2.prompt_token_s > want.prompt_token_s
+
+
+def test_attention_expert_fit_and_shared_cores() -> None:
+    """ae_fit recovers the coefficients of lock-step steps it was made from; with fewer
+    shared cores than workers, a ping-pong step takes at least all the work / cores."""
+    from placement.attention_expert import ae_fit
+    from placement.latency import AttentionExpert, Coeffs
+
+    true = AttentionExpert(Coeffs(1e-3, 0.0, 2e-5), Coeffs(5e-4, 1e-5, 0.0), Coeffs(1e-4, 1e-6, 0.0), 8, 2, 1, 2,
+                           micro_batches=1)
+    samples = []
+    for b in (1, 4, 16, 64):
+        ta, te, tc = true.stage_times(b, b * 128)
+        samples.append((b, b * 128, 8 * ta, 8 * te, 16 * tc))
+    fit = ae_fit(samples, layers=8, top_k=2, n_attention=1, n_expert=2, micro_batches=1)
+    for b in (2, 32):
+        assert abs(fit.step_s(b, b * 128) - true.step_s(b, b * 128)) < 1e-9 + 1e-6 * true.step_s(b, b * 128)
+    free = AttentionExpert(fit.attention, fit.expert, fit.comm, 8, 2, 1, 2, micro_batches=2)
+    shared = AttentionExpert(fit.attention, fit.expert, fit.comm, 8, 2, 1, 2, micro_batches=2, cores=2)
+    ta, te, tc = shared.stage_times(16, 16 * 128)
+    assert shared.step_s(16, 2048) == max(free.step_s(16, 2048), 2 * 8 * (ta + 2 * te + 2 * tc) / 2)
+    assert shared.step_s(16, 2048) > free.step_s(16, 2048)
+    # Enough cores for every worker: no change.
+    assert AttentionExpert(fit.attention, fit.expert, fit.comm, 8, 2, 1, 2, 2, cores=3).step_s(16, 2048) == \
+        free.step_s(16, 2048)

@@ -56,3 +56,20 @@ def test_fields_that_need_a_restart_are_named() -> None:
 def test_unchanged_manifest_is_a_no_op() -> None:
     p = plan_rollout(manifest(), manifest())
     assert p.ok and not p.roll and not p.resize and not p.changed
+
+
+def test_changed_expert_placement_is_applied_live_without_new_workers() -> None:
+    pools = {"prefill": {"replicas": 1}, "attention": {"replicas": 1},
+             "expert": {"replicas": 2, "placement": "even"}}
+    old = manifest(model={"builtin": "tiny-mixtral"}, mode="disaggregated", pools=pools)
+    layers = [[[0, 1, 2, 3, 4], [4, 5, 6, 7]] for _ in range(4)]
+    new = manifest(model={"builtin": "tiny-mixtral"}, mode="disaggregated",
+                   pools={**pools, "expert": {"replicas": 2, "placement": layers}})
+    p = plan_rollout(old, new)
+    assert p.ok and p.placement and p.roll == [] and p.resize == {}
+    assert "pools.expert.placement" in p.changed
+    assert not plan_rollout(new, new).placement
+    # micro_batches still needs a restart (attention and expert workers must agree).
+    mb = manifest(model={"builtin": "tiny-mixtral"}, mode="disaggregated",
+                  pools={**pools, "expert": {"replicas": 2, "micro_batches": 1}})
+    assert [path for path, _ in plan_rollout(old, mb).restart] == ["pools.expert.micro_batches"]
