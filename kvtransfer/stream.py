@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtransfer.adaptive import RECOMPUTE, parse_label
+from kvtransfer.adaptive import RECOMPUTE
 from kvtransfer.base import KVHandle, KVTransferError
 
 logger = logging.getLogger(__name__)
@@ -183,17 +183,12 @@ class StreamSender:
 
     # -- sender thread ----------------------------------------------------------------
     def _codec(self, label: str, layer: int, layers: int) -> Any:
-        from kvtransfer.codec import get_codec
+        from kvtransfer.adaptive import codec_for
 
         key = (label, layer, layers)
         codec = self._codecs.get(key)
         if codec is None:
-            name, level = parse_label(label)
-            opts: dict[str, Any] = {}
-            if name == "cachegen":
-                opts = {"level": level if level is not None else 3, "first_layer": layer,
-                        "total_layers": layers}
-            codec = self._codecs[key] = get_codec(name, **opts)
+            codec = self._codecs[key] = codec_for(label, layer, layers)
         return codec
 
     def _encode(self, request_id: str, o: _Outgoing, layer: int, start: int, piece: torch.Tensor) -> None:

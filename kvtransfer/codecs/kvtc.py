@@ -48,9 +48,25 @@ DEFAULT_LEVEL = 2
 _LOADED: dict[int, KVTCCalibration] = {}
 
 
-def register(cal: KVTCCalibration) -> KVTCCalibration:
+_CURRENT: list[KVTCCalibration] = []
+
+
+def register(cal: KVTCCalibration, current: bool = False) -> KVTCCalibration:
+    """Make cal known to this process (decoders find it by the fingerprint a stream
+    names); current: also the one ``current()`` returns (a worker's model's)."""
     _LOADED[cal.fingerprint] = cal
+    if current:
+        _CURRENT[:] = [cal]
     return cal
+
+
+def current() -> KVTCCalibration:
+    """The calibration of this process's model (``register(cal, current=True)``, which a
+    worker does at start when its manifest uses kvtc)."""
+    if not _CURRENT:
+        raise ValueError("kvtc: this process has no model calibration loaded (a worker loads it at start when "
+                         "kv_transfer uses kvtc: kvtc.load_or_calibrate(MODEL_DIR))")
+    return _CURRENT[0]
 
 
 class KVTCCodec(CacheGenCodec):
@@ -174,18 +190,77 @@ def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: in
     return cal
 
 
-def load_or_calibrate(model_dir: str | Path) -> KVTCCalibration:
-    """The model's calibration: cached, or computed now (minutes on a CPU for a 135M model)
-    and cached."""
+# Longest wait for another process that is calibrating the same model (a worker pool
+# starting at once: one calibrates, the others wait and load its file).
+LOCK_TIMEOUT_S = 1800.0
+
+
+def _cached(path: Path, fp: str) -> KVTCCalibration | None:
+    if not path.exists():
+        return None
+    try:
+        cal = KVTCCalibration.load(path)
+    except (ValueError, KeyError, OSError):
+        return None  # stale (another version) or damaged: recompute
+    return cal if cal.model_fingerprint == fp else None
+
+
+def load_or_calibrate(model_dir: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> KVTCCalibration:
+    """The model's calibration: cached, or computed now and cached (about 1-3 minutes of
+    CPU for a 135M model: ``python -m kvtransfer.codecs.kvtc MODEL_DIR`` does it ahead of
+    time). Processes calibrating the same model take a file lock: one computes, the
+    others wait (at most timeout_s, then TimeoutError) and load its result."""
+    import fcntl
+    import logging
+    import time
+
     fp = model_fingerprint(model_dir)
     path = cache_path(model_dir, fp)
-    if path.exists():
+    cal = _cached(path, fp)
+    if cal is not None:
+        return cal
+    deadline = time.monotonic() + timeout_s
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kvtc: waited {timeout_s:.0f}s for another process calibrating "
+                                       f"{model_dir} (lock {lock.name})") from None
+                time.sleep(0.5)
         try:
-            cal = KVTCCalibration.load(path)
-            if cal.model_fingerprint == fp:
+            cal = _cached(path, fp)  # another process calibrated it while this one waited
+            if cal is not None:
                 return cal
-        except (ValueError, KeyError, OSError):
-            pass  # stale or foreign: recompute
-    cal = calibrate_model(model_dir)
-    cal.save(path)
-    return cal
+            t0 = time.monotonic()
+            cal = calibrate_model(model_dir)
+            cal.save(path)
+            logging.getLogger(__name__).info("kvtc calibration of %s took %.0f s (cached at %s)", model_dir,
+                                             time.monotonic() - t0, path)
+            return cal
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m kvtransfer.codecs.kvtc MODEL_DIR: calibrate ahead of time (or show the
+    cached calibration's per-level costs)."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("model_dir")
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    cal = load_or_calibrate(args.model_dir)
+    print(f"kvtc calibration {cal.fingerprint:#010x} of {args.model_dir} ({time.monotonic() - t0:.0f} s): "
+          f"{cache_path(args.model_dir)}")
+    for lv, (label, cost) in enumerate(cal.costs().items()):
+        print(f"  {label}: ppl {cal.ppl_cost_pct[lv]:+.2f}%  KL {cal.kl[lv]:.4f}  expected cost {100 * cost:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

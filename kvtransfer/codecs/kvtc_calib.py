@@ -56,6 +56,18 @@ class KVTCCalibration:
     model_fingerprint: str = ""
     version: int = VERSION
 
+    def costs(self) -> dict[str, float]:
+        """Expected perplexity increase (fraction) per level, ``{"kvtc:L": cost}``: the
+        larger of the measured perplexity change (made monotone in the level: a finer
+        step never costs more) and the measured KL (nats), the expected increase of the
+        log-perplexity if the exact KV's next-token distribution were the text's. The
+        perplexity change on the calibration's few hundred tokens is noisy (+-1.5%: see
+        benchmarks/results/2026-12-06-kv-quality), the KL is not (calibration and
+        held-out KL agree within ~25%). Levels not measured cost inf."""
+        ppl = np.maximum.accumulate(np.nan_to_num(np.asarray(self.ppl_cost_pct, np.float64), nan=np.inf)) / 100
+        kl = np.expm1(np.nan_to_num(np.asarray(self.kl, np.float64), nan=np.inf))
+        return {f"kvtc:{lv}": float(max(p, k, 0.0)) for lv, (p, k) in enumerate(zip(ppl, kl))}
+
     def check_shape(self, shape: tuple[int, ...], first_layer: int = 0) -> None:
         L, _, _, H, D = shape
         if first_layer + L > self.layers or (H, D) != (self.kv_heads, self.head_dim):
