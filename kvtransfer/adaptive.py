@@ -273,10 +273,11 @@ def within_floor(options: list[CodecOption], max_quality_loss: float) -> list[Co
     return [o for o in options if o.lossiness == 0 or o.quality_loss <= max_quality_loss]
 
 
-def codec_for(label: str, layer: int, layers: int) -> object:
+def codec_for(label: str, layer: int, layers: int, first_token: int = 0) -> object:
     """The codec of an option label for one layer of a model of ``layers`` (as transfers
-    code it): cachegen and kvtc know where the layer sits; kvtc takes the calibration
-    this process loaded for its model (``kvtc.register(..., current=True)``)."""
+    code it): cachegen and kvtc know where the layer sits; kvtc also where the tokens sit
+    (first_token: it codes keys before RoPE) and takes the calibration this process
+    loaded for its model (``kvtc.register(..., current=True)``)."""
     from kvtransfer.codec import get_codec
 
     name, level = parse_label(label)
@@ -287,6 +288,7 @@ def codec_for(label: str, layer: int, layers: int) -> object:
         from kvtransfer.codecs import kvtc
 
         opts["calibration"] = kvtc.current()
+        opts["first_token"] = first_token
     return get_codec(name, **opts)
 
 
@@ -300,6 +302,7 @@ def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2,
     layers, t = sample.shape[0], sample.shape[2]
     c = piece_tokens or t
     pieces = [(layer, sample[layer:layer + 1, :, a:a + c]) for layer in range(layers) for a in range(0, t, c)]
+    starts = [a for _ in range(layers) for a in range(0, t, c)]
     raw = sample.numel() * sample.element_size()
     out = []
     for label in labels:
@@ -309,7 +312,8 @@ def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2,
         size = 0
         for _ in range(repeat):
             t0 = time.perf_counter()
-            data = [codecs[layer].encode(p) for layer, p in pieces]
+            data = [(codec_for(label, layer, layers, a) if name == "kvtc" else codecs[layer]).encode(p)
+                    for (layer, p), a in zip(pieces, starts)]
             t1 = time.perf_counter()
             for (layer, _), d in zip(pieces, data):
                 codecs[layer].decode(d)

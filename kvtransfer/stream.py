@@ -182,9 +182,11 @@ class StreamSender:
                 "predicted_s": o.plan.predicted_s, "meets_budget": o.plan.meets_budget}
 
     # -- sender thread ----------------------------------------------------------------
-    def _codec(self, label: str, layer: int, layers: int) -> Any:
+    def _codec(self, label: str, layer: int, layers: int, start: int) -> Any:
         from kvtransfer.adaptive import codec_for
 
+        if label.startswith("kvtc"):  # codes keys before RoPE: one codec per position, cheap to make
+            return codec_for(label, layer, layers, start)
         key = (label, layer, layers)
         codec = self._codecs.get(key)
         if codec is None:
@@ -198,7 +200,7 @@ class StreamSender:
         label = o.plan.choices[start // o.plan.chunk_tokens]
         try:
             t0 = time.perf_counter()
-            data = self._codec(label, layer, o.shape[0]).encode(piece.unsqueeze(0))
+            data = self._codec(label, layer, o.shape[0], start).encode(piece.unsqueeze(0))
             dt = time.perf_counter() - t0
             self.server.append(request_id, PART.pack(PART_MAGIC, layer, KIND_KV, start, piece.shape[1],
                                                      len(data)) + data)
