@@ -87,20 +87,27 @@ class KVCacheSpec(Strict):
 
 
 class KVTransferSpec(Strict):
-    codec: Literal["none", "lossless", "int8", "cachegen", "adaptive"] = Field(
+    codec: Literal["none", "lossless", "int8", "cachegen", "kvtc", "adaptive"] = Field(
         "none", description="KV codec on cross-node (gRPC) transfers: none and lossless are bit-exact; "
-                            "cachegen is lossy (level 0..5); adaptive picks per chunk from the measured "
+                            "cachegen (level 0..5) and kvtc (level 0..7; a transform calibrated once per "
+                            "model, cached beside it) are lossy; adaptive picks per chunk from the measured "
                             "link, the codecs' measured speed and the budget")
-    level: int | None = Field(None, ge=0, le=5, description="cachegen: its level (default 3); "
-                              "adaptive: the strongest cachegen level it may use (default 5)")
+    level: int | None = Field(None, ge=0, le=7, description="cachegen / kvtc: its level (default: the "
+                              "strongest whose expected perplexity cost is within max_quality_loss); "
+                              "adaptive: the strongest level of adaptive_lossy it may use (default: all)")
+    adaptive_lossy: Literal["cachegen", "kvtc"] = Field(
+        "cachegen", description="adaptive: the lossy codec whose levels it may choose (kvtc: calibrated "
+                                "per model, smaller at equal quality)")
     chunk_tokens: int = Field(512, ge=16, description="Tokens per independently coded chunk")
     allow_recompute: bool = Field(True, description="adaptive: may leave a suffix of the prompt for "
                                   "the decode worker to recompute when no level meets the budget")
     budget_ms: float | None = Field(None, gt=0, description="adaptive: ms from a request's arrival at "
                                     "the prefill worker by which its KV should land (default slo.ttft_ms)")
-    max_quality_loss: float = Field(0.01, ge=0, le=10, description="adaptive: the largest expected "
-                                    "perplexity increase (fraction: 0.01 = 1%) of a codec option on the "
-                                    "model's text; options above it are never chosen, whatever the budget")
+    max_quality_loss: float = Field(0.01, ge=0, le=10, description="the largest expected perplexity "
+                                    "increase (fraction: 0.01 = 1%) of a lossy codec level on the model's "
+                                    "text: adaptive never chooses an option above it; a pinned cachegen "
+                                    "level above it is refused, a pinned kvtc level above it fails the "
+                                    "workers' start (its cost is the model's calibration's)")
     transport: Literal["auto", "object_store", "grpc"] = Field(
         "auto", description="auto: object store within a node, gRPC stream across nodes")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")
@@ -112,8 +119,19 @@ class KVTransferSpec(Strict):
 
     @model_validator(mode="after")
     def _level_applies(self) -> "KVTransferSpec":
-        if self.level is not None and self.codec not in ("cachegen", "adaptive"):
-            raise ValueError(f"level applies to codec cachegen or adaptive, not {self.codec!r}")
+        from kvtransfer.adaptive import LEVELS, expected_quality_loss
+
+        lossy = self.adaptive_lossy if self.codec == "adaptive" else self.codec
+        if self.level is not None and lossy not in LEVELS:
+            raise ValueError(f"level applies to codec cachegen, kvtc or adaptive, not {self.codec!r}")
+        if self.level is not None and self.level >= LEVELS[lossy]:
+            raise ValueError(f"level {self.level} is not a {lossy} level (0..{LEVELS[lossy] - 1})")
+        if self.codec == "cachegen" and self.level is not None:
+            cost = expected_quality_loss("cachegen", self.level)
+            if cost > self.max_quality_loss:
+                raise ValueError(f"cachegen level {self.level} costs {100 * cost:.1f}% perplexity on a real "
+                                 f"model's KV (SmolLM2-135M, measured), above max_quality_loss "
+                                 f"{self.max_quality_loss:g}: pick a finer level or raise max_quality_loss")
         return self
 
 

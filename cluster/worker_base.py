@@ -122,6 +122,8 @@ class EngineWorker:
         # splitserve's engine, or engine.vllm_engine.VLLMEngine (same interface).
         self.engine: LLMEngine | Any | None = None
         self._tp_ranks: list[Any] = []
+        # kvtc's per-level quality costs on this model, once its calibration is loaded.
+        self.kvtc_costs: dict[str, float] = {}
         # ("add" | "abort", request id, request): appended by the event loop, consumed by
         # the engine thread (deque append/popleft are thread-safe).
         self._pending: deque[tuple[str, str, Any]] = deque()
@@ -154,6 +156,7 @@ class EngineWorker:
         s = self.settings
         cfg = ModelConfig.from_dir(s.model_dir)
         max_len = self.manifest.model.max_model_len or cfg.max_position_embeddings
+        await self._load_kv_calibration()
         if self.pool.engine == "vllm":
             self.engine = await asyncio.to_thread(self._build_vllm_engine, max_len)
             self._start_engine_thread()
@@ -168,6 +171,23 @@ class EngineWorker:
         self._start_engine_thread()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
         return await self.health()
+
+    async def _load_kv_calibration(self) -> None:
+        """With kv_transfer using kvtc (pinned or as adaptive's lossy codec), the model's
+        kvtc calibration, shared by senders and receivers: loaded from beside the model,
+        or computed once (file-locked: workers starting together compute it once) and
+        cached. ``kvtc_costs``: its measured per-level quality costs."""
+        kt = self.manifest.kv_transfer
+        if (kt.adaptive_lossy if kt.codec == "adaptive" else kt.codec) != "kvtc":
+            return
+        from kvtransfer.codecs import kvtc
+
+        t0 = time.monotonic()
+        cal = await asyncio.to_thread(kvtc.load_or_calibrate, self.settings.model_dir)
+        kvtc.register(cal, current=True)
+        self.kvtc_costs = cal.costs()
+        logger.info("%s loaded kvtc calibration %#010x in %.1f s", self.worker_id, cal.fingerprint,
+                    time.monotonic() - t0)
 
     def _build_vllm_engine(self, max_len: int) -> Any:
         """vLLM's v1 engine behind the LLMEngine interface (engine.vllm_engine); the

@@ -228,8 +228,12 @@ def parse_label(label: str) -> tuple[str, int | None]:
     return name, (int(level) if level else None)
 
 
+# Levels of each lossy codec family (0 finest).
+LEVELS = {"cachegen": 6, "kvtc": 8}
+
+
 # Lossiness ranks: exact first (none before lossless: cheaper on the CPU), then int8,
-# then cachegen levels in order.
+# then the levels of a lossy codec in order (one lossy family per controller).
 def rank(name: str, level: int | None) -> int:
     return {"none": 0, "lossless": 0, "int8": 1}.get(name, 2 + (level or 0))
 
@@ -257,35 +261,59 @@ def expected_quality_loss(name: str, level: int | None, measured: dict[str, floa
     return QUALITY_LOSS.get(label, float("inf"))
 
 
+def strongest_within(name: str, max_quality_loss: float, measured: dict[str, float] | None = None) -> int:
+    """The strongest level of codec name whose expected quality loss is within the floor
+    (level 0 when none is: the least lossy there is)."""
+    ok = [lv for lv in range(LEVELS[name]) if expected_quality_loss(name, lv, measured) <= max_quality_loss]
+    return max(ok, default=0)
+
+
 def within_floor(options: list[CodecOption], max_quality_loss: float) -> list[CodecOption]:
     """The options whose expected quality loss is within the floor (exact ones always)."""
     return [o for o in options if o.lossiness == 0 or o.quality_loss <= max_quality_loss]
 
 
+def codec_for(label: str, layer: int, layers: int, first_token: int = 0) -> object:
+    """The codec of an option label for one layer of a model of ``layers`` (as transfers
+    code it): cachegen and kvtc know where the layer sits; kvtc also where the tokens sit
+    (first_token: it codes keys before RoPE) and takes the calibration this process
+    loaded for its model (``kvtc.register(..., current=True)``)."""
+    from kvtransfer.codec import get_codec
+
+    name, level = parse_label(label)
+    opts: dict[str, object] = {}
+    if name in LEVELS:
+        opts = {"level": level if level is not None else 0, "first_layer": layer, "total_layers": layers}
+    if name == "kvtc":
+        from kvtransfer.codecs import kvtc
+
+        opts["calibration"] = kvtc.current()
+        opts["first_token"] = first_token
+    return get_codec(name, **opts)
+
+
 def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2,
-                    piece_tokens: int | None = None) -> list[CodecOption]:
+                    piece_tokens: int | None = None, measured: dict[str, float] | None = None) -> list[CodecOption]:
     """Measure each option on a sample of the model's KV ([layers, 2, tokens, kvh, hd]),
     coded the way transfers code it (one piece per layer and chunk of ``piece_tokens``):
     size ratio, and encode and decode speed (raw bytes per second, best of ``repeat``)."""
     import time
 
-    from kvtransfer.codec import get_codec
-
     layers, t = sample.shape[0], sample.shape[2]
     c = piece_tokens or t
     pieces = [(layer, sample[layer:layer + 1, :, a:a + c]) for layer in range(layers) for a in range(0, t, c)]
+    starts = [a for _ in range(layers) for a in range(0, t, c)]
     raw = sample.numel() * sample.element_size()
     out = []
     for label in labels:
         name, level = parse_label(label)
-        codecs = [get_codec(name, **({} if level is None else
-                                      {"level": level, "first_layer": layer, "total_layers": layers}))
-                  for layer in range(layers)]
+        codecs: list = [codec_for(label, layer, layers) for layer in range(layers)]
         enc_s = dec_s = float("inf")
         size = 0
         for _ in range(repeat):
             t0 = time.perf_counter()
-            data = [codecs[layer].encode(p) for layer, p in pieces]
+            data = [(codec_for(label, layer, layers, a) if name == "kvtc" else codecs[layer]).encode(p)
+                    for (layer, p), a in zip(pieces, starts)]
             t1 = time.perf_counter()
             for (layer, _), d in zip(pieces, data):
                 codecs[layer].decode(d)
@@ -293,5 +321,5 @@ def profile_options(sample: "torch.Tensor", labels: list[str], repeat: int = 2,
             enc_s, dec_s = min(enc_s, t1 - t0), min(dec_s, t2 - t1)
             size = sum(map(len, data))
         out.append(CodecOption(name, level, size / raw, raw / max(enc_s, 1e-9), raw / max(dec_s, 1e-9),
-                               rank(name, level), expected_quality_loss(name, level)))
+                               rank(name, level), expected_quality_loss(name, level, measured)))
     return out

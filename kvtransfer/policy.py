@@ -10,31 +10,35 @@ the prompt's first KV exists).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kvtransfer.adaptive import (AdaptiveController, CodecOption, expected_quality_loss, option_label, parse_label,
-                                 rank, within_floor)
+from kvtransfer.adaptive import (LEVELS, AdaptiveController, CodecOption, expected_quality_loss, option_label,
+                                 parse_label, rank, strongest_within, within_floor)
 from kvtransfer.stream import Planner, StreamPlan
 
-# What the adaptive controller may choose from, least lossy first (cachegen levels up to
-# max_level are appended).
+# What the adaptive controller may choose from, least lossy first (the levels of the
+# lossy codec up to its strongest allowed level are appended).
 ADAPTIVE_BASE = ["none", "lossless", "int8"]
 # Chunks per prompt at most (planning is quadratic in the chunk count).
 MAX_CHUNKS = 32
 # Until a worker has profiled the codecs on its model's KV (it does so before serving):
 # size vs 16-bit KV and single-core MB/s each way, from benchmarks.codec_bench on the
-# trained tiny Llama's bf16 KV (session 1 figures).
+# trained tiny Llama's bf16 KV (session 1 figures); kvtc from benchmarks.kv_quality on
+# SmolLM2-135M's bf16 KV (benchmarks/results/2026-12-06-kv-quality, kvtc v2).
 DEFAULT_PROFILE = {"none": (1.0, 5e9, 5e9), "lossless": (0.75, 0.9e9, 1.2e9), "int8": (0.53, 0.46e9, 1.6e9),
                    "cachegen:0": (0.35, 1.6e8, 0.8e8), "cachegen:1": (0.27, 1.6e8, 0.86e8),
                    "cachegen:2": (0.21, 1.7e8, 1.0e8), "cachegen:3": (0.15, 1.7e8, 1.1e8),
-                   "cachegen:4": (0.12, 1.7e8, 1.2e8), "cachegen:5": (0.094, 1.7e8, 1.3e8)}
+                   "cachegen:4": (0.12, 1.7e8, 1.2e8), "cachegen:5": (0.094, 1.7e8, 1.3e8),
+                   **{f"kvtc:{lv}": (1 / x, 0.9e8, 0.8e8)
+                      for lv, x in enumerate((3.06, 3.45, 3.86, 4.31, 4.79, 5.43, 6.35, 7.56))}}
 
 
 @dataclass
 class PolicySpec:
-    # "none" | "lossless" | "int8" | "cachegen" (pinned) or "adaptive".
+    # "none" | "lossless" | "int8" | "cachegen" | "kvtc" (pinned) or "adaptive".
     codec: str = "none"
-    # cachegen: its level; adaptive: the strongest cachegen level it may use.
+    # cachegen / kvtc: its level (None: the strongest within max_quality_loss); adaptive:
+    # the strongest level of adaptive_lossy it may use (None: all).
     level: int | None = None
     # Tokens per chunk (a chunk is coded independently; adaptive picks per chunk).
     chunk_tokens: int = 512
@@ -43,17 +47,43 @@ class PolicySpec:
     # Seconds from a request's arrival at the prefill worker by which its KV should have
     # landed at the decode worker (adaptive's budget).
     budget_s: float = 1.0
-    # adaptive: the largest expected perplexity increase (fraction, 0.01 = 1%) an option
-    # may cost; options above it are never chosen, whatever the budget.
+    # The largest expected perplexity increase (fraction, 0.01 = 1%) an option may cost;
+    # adaptive never chooses an option above it, whatever the budget; a pinned codec
+    # without a level takes its strongest level within it.
     max_quality_loss: float = 0.01
+    # adaptive: the lossy codec whose levels it chooses from ("cachegen" or "kvtc").
+    adaptive_lossy: str = "cachegen"
+    # Measured expected quality loss per option label (a kvtc calibration's stored
+    # per-level costs, ``KVTCCalibration.costs()``); QUALITY_LOSS for the rest.
+    measured: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lossy(self) -> str | None:
+        """The lossy codec family in use, if any."""
+        name = self.adaptive_lossy if self.codec == "adaptive" else self.codec
+        return name if name in LEVELS else None
+
+    def uses_kvtc(self) -> bool:
+        return self.lossy == "kvtc"
 
     def labels(self) -> list[str]:
         if self.codec == "adaptive":
-            top = 5 if self.level is None else self.level
-            return ADAPTIVE_BASE + [option_label("cachegen", lv) for lv in range(top + 1)]
-        if self.codec == "cachegen":
-            return [option_label("cachegen", 3 if self.level is None else self.level)]
+            top = LEVELS[self.adaptive_lossy] - 1 if self.level is None else self.level
+            return ADAPTIVE_BASE + [option_label(self.adaptive_lossy, lv) for lv in range(top + 1)]
+        if self.codec in LEVELS:
+            level = (strongest_within(self.codec, self.max_quality_loss, self.measured) if self.level is None
+                     else self.level)
+            return [option_label(self.codec, level)]
         return [self.codec]
+
+    def check_pinned(self) -> None:
+        """A pinned lossy level whose expected cost is above max_quality_loss: ValueError."""
+        if self.codec in LEVELS:
+            (label,) = self.labels()
+            cost = expected_quality_loss(*parse_label(label), self.measured)
+            if cost > self.max_quality_loss:
+                raise ValueError(f"kv_transfer: {label} is expected to cost {100 * cost:.2f}% perplexity on this "
+                                 f"model, above max_quality_loss {self.max_quality_loss:g}")
 
 
 class TransferPolicy:
@@ -63,12 +93,9 @@ class TransferPolicy:
         self.adaptive = spec.codec == "adaptive"
         self.s_per_token = prefill_s_per_token
         measured = bool(options)
-        if self.adaptive and not options:
-            options = [CodecOption(*parse_label(lb), *DEFAULT_PROFILE[lb], rank(*parse_label(lb)),
-                                   expected_quality_loss(*parse_label(lb))) for lb in spec.labels()]
-        if options:
-            options = within_floor(options, spec.max_quality_loss)
-        self.controller = (AdaptiveController(options or [], prefill_s_per_token, default_bps)
+        self.controller = (AdaptiveController(self._default_options() if not options else
+                                              within_floor(options, spec.max_quality_loss),
+                                              prefill_s_per_token, default_bps)
                            if self.adaptive else None)
         # Where the adaptive options' figures come from: "default" (DEFAULT_PROFILE, the
         # built-in constants) until the worker measured them on its model ("measured");
@@ -76,6 +103,21 @@ class TransferPolicy:
         # start-up measurement failed.
         self.profile: str | None = ("measured" if measured else "default") if self.adaptive else None
         self.profile_error: str | None = None
+
+    def _default_options(self) -> list[CodecOption]:
+        return within_floor([CodecOption(*parse_label(lb), *DEFAULT_PROFILE[lb], rank(*parse_label(lb)),
+                                         expected_quality_loss(*parse_label(lb), self.spec.measured))
+                             for lb in self.spec.labels()], self.spec.max_quality_loss)
+
+    def set_costs(self, measured: dict[str, float]) -> None:
+        """Expected quality loss per option label as measured for this model (a kvtc
+        calibration's per-level costs): a pinned codec's default level and the adaptive
+        options within the floor follow them. ValueError when a pinned level is above
+        the floor."""
+        self.spec.measured = dict(measured)
+        self.spec.check_pinned()
+        if self.controller is not None and self.profile != "measured":
+            self.controller.options = sorted(self._default_options(), key=lambda o: o.lossiness)
 
     def set_measured(self, options: list[CodecOption]) -> None:
         """The options as measured on this worker's model (replacing DEFAULT_PROFILE)."""

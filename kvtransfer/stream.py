@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtransfer.adaptive import RECOMPUTE, parse_label
+from kvtransfer.adaptive import RECOMPUTE
 from kvtransfer.base import KVHandle, KVTransferError
 
 logger = logging.getLogger(__name__)
@@ -182,18 +182,15 @@ class StreamSender:
                 "predicted_s": o.plan.predicted_s, "meets_budget": o.plan.meets_budget}
 
     # -- sender thread ----------------------------------------------------------------
-    def _codec(self, label: str, layer: int, layers: int) -> Any:
-        from kvtransfer.codec import get_codec
+    def _codec(self, label: str, layer: int, layers: int, start: int) -> Any:
+        from kvtransfer.adaptive import codec_for
 
+        if label.startswith("kvtc"):  # codes keys before RoPE: one codec per position, cheap to make
+            return codec_for(label, layer, layers, start)
         key = (label, layer, layers)
         codec = self._codecs.get(key)
         if codec is None:
-            name, level = parse_label(label)
-            opts: dict[str, Any] = {}
-            if name == "cachegen":
-                opts = {"level": level if level is not None else 3, "first_layer": layer,
-                        "total_layers": layers}
-            codec = self._codecs[key] = get_codec(name, **opts)
+            codec = self._codecs[key] = codec_for(label, layer, layers)
         return codec
 
     def _encode(self, request_id: str, o: _Outgoing, layer: int, start: int, piece: torch.Tensor) -> None:
@@ -203,7 +200,7 @@ class StreamSender:
         label = o.plan.choices[start // o.plan.chunk_tokens]
         try:
             t0 = time.perf_counter()
-            data = self._codec(label, layer, o.shape[0]).encode(piece.unsqueeze(0))
+            data = self._codec(label, layer, o.shape[0], start).encode(piece.unsqueeze(0))
             dt = time.perf_counter() - t0
             self.server.append(request_id, PART.pack(PART_MAGIC, layer, KIND_KV, start, piece.shape[1],
                                                      len(data)) + data)

@@ -33,7 +33,7 @@ class PrefillWorker(EngineWorker):
         kt = self.manifest.kv_transfer
         budget_ms = kt.budget_ms if kt.budget_ms is not None else self.manifest.slo.ttft_ms
         self.policy = TransferPolicy(PolicySpec(kt.codec, kt.level, kt.chunk_tokens, kt.allow_recompute,
-                                                budget_ms / 1000.0, kt.max_quality_loss))
+                                                budget_ms / 1000.0, kt.max_quality_loss, kt.adaptive_lossy))
         self.connector = get_connector(kt.transport, self._node_ip, kt.rate_limit_gbps, self.policy)
         self._dest: dict[str, str | None] = {}
         self._sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{worker_id}-kv-send")
@@ -73,6 +73,11 @@ class PrefillWorker(EngineWorker):
                                "built-in DEFAULT_PROFILE until transfers refine it", self.worker_id,
                                self.policy.profile_error)
         return await self.health()
+
+    async def _load_kv_calibration(self) -> None:
+        await super()._load_kv_calibration()
+        if self.kvtc_costs:  # kvtc's levels cost what the model's calibration measured
+            self.policy.set_costs(self.kvtc_costs)  # before the engine starts: a pinned level above the floor fails
 
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
@@ -125,7 +130,7 @@ class PrefillWorker(EngineWorker):
         kv = res["kv_tensor"]
         self.policy.s_per_token = res["prefill_s"] / tokens
         opts = await asyncio.to_thread(profile_options, kv, self.policy.spec.labels(), 2,
-                                        self.policy.spec.chunk_tokens)
+                                        self.policy.spec.chunk_tokens, self.policy.spec.measured)
         self.policy.set_measured(opts)
         logger.info("%s KV codec profile: %s; prefill %.3f ms/token", self.worker_id,
                     [(o.label, round(o.size_ratio, 3), int(o.encode_bps / 1e6), int(o.decode_bps / 1e6))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VERSION = 2
+VERSION = 3
 # Quantiser step as a fraction of the (layer, K/V) component RMS, by level (0 finest).
 LEVEL_F = (0.08, 0.12, 0.17, 0.23, 0.3, 0.4, 0.55, 0.75)
 # Calibration windows: context and scored continuation tokens.
@@ -55,6 +55,25 @@ class KVTCCalibration:
     level_f: np.ndarray = field(default_factory=lambda: np.array(LEVEL_F, np.float64))
     model_fingerprint: str = ""
     version: int = VERSION
+    # Keys are coded before RoPE when this holds the model's rotation frequencies
+    # (float32 [head_dim // 2]; empty: keys coded as cached). RoPE turns each key's
+    # coordinate pairs by an angle that grows with its position, so the PCA basis and the
+    # anchor deltas across tokens see a rotating signal; undone per position on the
+    # sender and re-applied on the receiver (KVTC does the same), the keys of SmolLM2-135M
+    # code 10% smaller at half the KL (session 8 probe, benchmarks/results/2026-12-06-kv-quality).
+    inv_freq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    def costs(self) -> dict[str, float]:
+        """Expected perplexity increase (fraction) per level, ``{"kvtc:L": cost}``: the
+        larger of the measured perplexity change (made monotone in the level: a finer
+        step never costs more) and the measured KL (nats), the expected increase of the
+        log-perplexity if the exact KV's next-token distribution were the text's. The
+        perplexity change on the calibration's few hundred tokens is noisy (+-1.5%: see
+        benchmarks/results/2026-12-06-kv-quality), the KL is not (calibration and
+        held-out KL agree within ~25%). Levels not measured cost inf."""
+        ppl = np.maximum.accumulate(np.nan_to_num(np.asarray(self.ppl_cost_pct, np.float64), nan=np.inf)) / 100
+        kl = np.expm1(np.nan_to_num(np.asarray(self.kl, np.float64), nan=np.inf))
+        return {f"kvtc:{lv}": float(max(p, k, 0.0)) for lv, (p, k) in enumerate(zip(ppl, kl))}
 
     def check_shape(self, shape: tuple[int, ...], first_layer: int = 0) -> None:
         L, _, _, H, D = shape
@@ -71,13 +90,14 @@ class KVTCCalibration:
         return {"meta": np.array([self.version, self.layers, self.kv_heads, self.head_dim], np.int64),
                 "mean": self.mean, "basis": self.basis, "rms": self.rms, "weight": self.weight,
                 "ppl_cost_pct": self.ppl_cost_pct, "kl": self.kl, "level_f": self.level_f,
-                "model_fingerprint": np.frombuffer(self.model_fingerprint.encode(), np.uint8)}
+                "model_fingerprint": np.frombuffer(self.model_fingerprint.encode(), np.uint8),
+                "inv_freq": np.asarray(self.inv_freq, np.float32)}
 
     @functools.cached_property
     def fingerprint(self) -> int:
         """CRC32 of the transform and steps (what both sides must share)."""
         crc = 0
-        for k in ("meta", "mean", "basis", "rms", "weight", "level_f"):
+        for k in ("meta", "mean", "basis", "rms", "weight", "level_f", "inv_freq"):
             crc = zlib.crc32(np.ascontiguousarray(self._arrays()[k]).tobytes(), zlib.crc32(k.encode(), crc))
         return crc
 
@@ -98,16 +118,33 @@ class KVTCCalibration:
             raise ValueError(f"kvtc calibration {path} is version {version}; this build reads version {VERSION}")
         out = cls(layers, heads, dim, a["mean"].astype(np.float32), a["basis"].astype(np.float32),
                   a["rms"].astype(np.float32), a["weight"].astype(np.float32), a["ppl_cost_pct"], a["kl"],
-                  a["level_f"], bytes(a["model_fingerprint"]).decode())
+                  a["level_f"], bytes(a["model_fingerprint"]).decode(), inv_freq=a["inv_freq"].astype(np.float32))
         return out
 
 
-def calibrate_kv(samples: list[torch.Tensor] | torch.Tensor, skip_head: int = 1) -> KVTCCalibration:
+def rope_keys(keys: torch.Tensor, first_pos: int, inv_freq: np.ndarray, sign: float) -> torch.Tensor:
+    """Keys [L, T, H, D] (float32) at positions first_pos.. rotated by RoPE (sign 1) or
+    back (sign -1), HF rotate_half layout (``engine.rope``), angles in float64."""
+    T, D = keys.shape[1], keys.shape[3]
+    if len(inv_freq) != D // 2:
+        raise ValueError(f"kvtc: {len(inv_freq)} RoPE frequencies for head_dim {D}")
+    pos = torch.arange(first_pos, first_pos + T, dtype=torch.float64)
+    ang = pos[:, None] * torch.from_numpy(np.asarray(inv_freq, np.float32)).double()[None, :]
+    cos, sin = ang.cos().float()[None, :, None, :], (sign * ang.sin()).float()[None, :, None, :]
+    a, b = keys[..., :D // 2], keys[..., D // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def calibrate_kv(samples: list[torch.Tensor] | torch.Tensor, skip_head: int = 1,
+                 inv_freq: np.ndarray | None = None) -> KVTCCalibration:
     """The transform from sample KV [L, 2, T, H, D] (the first skip_head tokens of each,
-    the attention sink kept exact by the codec, left out)."""
+    the attention sink kept exact by the codec, left out). inv_freq: the model's RoPE
+    frequencies to code keys before RoPE (samples start at position 0)."""
     items = [samples] if isinstance(samples, torch.Tensor) else list(samples)
     if not items:
         raise ValueError("kvtc calibration needs at least one KV sample")
+    if inv_freq is not None and len(inv_freq):
+        items = [torch.stack([rope_keys(s[:, 0].float(), 0, inv_freq, -1), s[:, 1].float()], dim=1) for s in items]
     L, _, _, H, D = items[0].shape
     C = H * D
     x = torch.cat([s[:, :, skip_head:].float().reshape(L, 2, -1, C) for s in items], dim=2).double()
@@ -120,7 +157,8 @@ def calibrate_kv(samples: list[torch.Tensor] | torch.Tensor, skip_head: int = 1)
     basis = vecs.flip(-1)
     rms = ev.clamp_min(0).mean(dim=-1).sqrt()  # total variance per component
     return KVTCCalibration(L, H, D, mean.float().numpy(), basis.float().contiguous().numpy(),
-                           np.maximum(rms.float().numpy(), 1e-12), np.ones((L, 2), np.float32))
+                           np.maximum(rms.float().numpy(), 1e-12), np.ones((L, 2), np.float32),
+                           inv_freq=np.zeros(0, np.float32) if inv_freq is None else np.asarray(inv_freq, np.float32))
 
 
 def model_fingerprint(model_dir: str | Path) -> str:

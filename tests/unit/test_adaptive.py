@@ -74,3 +74,30 @@ def test_unmeasured_option_is_outside_every_floor():
     assert expected_quality_loss("cachegen", 9) == float("inf")
     assert expected_quality_loss("kvtc", 2, {"kvtc:2": 0.004}) == 0.004
     assert expected_quality_loss("none", None) == 0.0
+
+
+def test_pinned_lossy_codecs_default_to_their_strongest_level_within_the_floor():
+    """cachegen pinned without a level is level 1 (within 1% on SmolLM2; level 3 cost
+    +17-22%); kvtc pinned takes the strongest level its calibration measured within the
+    floor, and a pinned level above it is refused."""
+    import pytest
+
+    from kvtransfer.policy import PolicySpec, TransferPolicy
+
+    assert PolicySpec("cachegen").labels() == ["cachegen:1"]
+    assert PolicySpec("cachegen", max_quality_loss=0.3).labels() == ["cachegen:3"]
+    costs = {f"kvtc:{lv}": c for lv, c in enumerate([0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.013, 0.03])}
+    assert PolicySpec("kvtc", measured=costs).labels() == ["kvtc:5"]
+    assert PolicySpec("kvtc", max_quality_loss=0.02, measured=costs).labels() == ["kvtc:6"]
+    assert PolicySpec("kvtc", level=2).labels() == ["kvtc:2"]
+    pinned = TransferPolicy(PolicySpec("kvtc", level=7))
+    with pytest.raises(ValueError, match="max_quality_loss"):
+        pinned.set_costs(costs)
+    TransferPolicy(PolicySpec("kvtc", level=5)).set_costs(costs)  # within: fine
+    # adaptive over kvtc: its levels with the calibration's costs, those above the floor out
+    ad = TransferPolicy(PolicySpec("adaptive", adaptive_lossy="kvtc"))
+    assert "kvtc:7" in ad.spec.labels()
+    assert not {o.label for o in ad.controller.options} & {f"kvtc:{lv}" for lv in range(8)}  # unmeasured: inf
+    ad.set_costs(costs)
+    got = {o.label for o in ad.controller.options}
+    assert {"kvtc:0", "kvtc:5"} <= got and not got & {"kvtc:6", "kvtc:7"}

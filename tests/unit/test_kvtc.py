@@ -155,3 +155,104 @@ def test_sensitivity_weights_give_sensitive_tensors_finer_steps():
     assert w[1, 0] < w[0, 0] < w[2, 1]  # more KL per step^2 -> finer step
     assert abs(float(np.log(w).mean())) < 1e-6
     assert w.max() / w.min() <= WEIGHT_RANGE[1] / WEIGHT_RANGE[0] + 1e-6
+
+
+def _rope_kv(T=256, L=2, H=2, D=16, seed=0):
+    """KV whose keys are nearly constant before RoPE (a rotating signal after it), with
+    the model-like frequencies of a head_dim-16 model."""
+    from kvtransfer.codecs.kvtc_calib import rope_keys
+
+    g = torch.Generator().manual_seed(seed)
+    inv = (1.0 / 10000 ** (np.arange(0, D, 2) / D)).astype(np.float32)
+    pre = 3 * torch.randn(L, 1, H, D, generator=torch.Generator().manual_seed(99)) + 0.1 * torch.randn(L, T, H, D,
+                                                                                                      generator=g)
+    vals = torch.randn(L, T, H, D, generator=g)
+    return torch.stack([rope_keys(pre, 0, inv, 1), vals], dim=1), inv
+
+
+def test_rope_keys_is_the_engines_rotation_and_its_inverse():
+    from engine.rope import apply_rotary
+    from kvtransfer.codecs.kvtc_calib import rope_keys
+
+    kv, inv = _rope_kv(T=40)
+    x = kv[0, 1]  # [T, H, D]
+    pos = torch.arange(7, 47).float()
+    freqs = pos[:, None] * torch.from_numpy(inv)[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    ref = apply_rotary(x, emb.cos(), emb.sin())
+    got = rope_keys(x[None], 7, inv, 1)[0]
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(rope_keys(got[None], 7, inv, -1)[0], x, atol=1e-5)
+
+
+def test_keys_coded_before_rope_are_smaller_and_land_at_their_position():
+    """A calibration with the model's RoPE frequencies codes keys before RoPE: on keys
+    that are a rotating copy of one vector it codes smaller at no larger error; a slice
+    coded at its position (first_token) decodes in place, via decode_any too, and the
+    stream carries the position."""
+    from kvtransfer.codec import decode_any
+
+    kv, inv = _rope_kv()
+    post, pre = calibrate_kv(kv), calibrate_kv(kv, inv_freq=inv)
+    pre.rms = post.rms.copy()  # the same absolute steps (levels scale the step by the spread)
+    pre.__dict__.pop("fingerprint", None)
+    x = kv[:, :, 100:164]
+    out = {}
+    for name, cal in (("post", post), ("pre", pre)):
+        c = get_codec("kvtc", level=3, calibration=cal, first_token=100)
+        data = c.encode(x)
+        y = c.decode(data)
+        out[name] = (len(data), float((y - x).norm() / x.norm()))
+        if name == "pre":
+            assert torch.equal(decode_any(data), y)
+            assert torch.equal(y[:, :, 0], x[:, :, 0])
+            # the receiver needs no position: the stream carries it
+            assert torch.equal(get_codec("kvtc", level=3, calibration=cal).decode(data), y)
+    assert out["pre"][0] < 0.9 * out["post"][0], out  # values (half the stream) code alike
+    assert out["pre"][1] <= out["post"][1], out
+
+
+def test_costs_are_monotone_and_never_below_kl():
+    cal = calibrate_kv(synthetic_kv(layers=2, tokens=64, heads=2, dim=16, token_seed=1))
+    cal.ppl_cost_pct = np.array([0.1, -0.5, 0.3, 0.2, 2.0, 1.0, 0.5, np.nan])
+    cal.kl = np.array([0.0, 0.001, 0.002, 0.004, 0.005, 0.012, 0.02, 0.03])
+    c = cal.costs()
+    assert list(c) == [f"kvtc:{lv}" for lv in range(8)]
+    assert c["kvtc:1"] == pytest.approx(0.001, rel=0.01)  # the larger of the 0.1% envelope and KL 0.001
+    assert c["kvtc:3"] == pytest.approx(0.004, rel=0.01)  # KL 0.004 above the 0.3% envelope
+    assert c["kvtc:5"] == pytest.approx(0.02)  # the finer level 4 measured +2%: carried over
+    assert c["kvtc:7"] == float("inf")  # not measured: outside every floor
+
+
+def test_concurrent_first_use_calibrates_once(tmp_path, monkeypatch):
+    """Workers starting together: one computes the calibration under a file lock, the
+    others wait and load its file."""
+    import threading
+    import time
+
+    from kvtransfer.codecs import kvtc
+    from kvtransfer.codecs.kvtc_calib import model_fingerprint
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 100)
+    calls = []
+
+    def fake_calibrate(model_dir):  # the real one runs a model: tested above on tiny-llama
+        calls.append(model_dir)
+        time.sleep(0.5)
+        cal = calibrate_kv(synthetic_kv(layers=2, tokens=64, heads=2, dim=16, token_seed=1))
+        cal.model_fingerprint = model_fingerprint(model_dir)
+        return cal
+
+    monkeypatch.setattr(kvtc, "calibrate_model", fake_calibrate)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(kvtc.load_or_calibrate(d, timeout_s=30))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and len(got) == 3
+    assert len({c.fingerprint for c in got}) == 1
+    assert cache_path(d).exists()

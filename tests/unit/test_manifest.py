@@ -225,3 +225,25 @@ def test_kv_tls_files_both_or_neither_and_existing(tmp_path):
     m = parse_manifest({**data, "kv_transfer": {"tls_cert_file": "kv.pem", "tls_key_file": "kv.key"}},
                        base_dir=str(tmp_path))
     assert m.kv_transfer.tls_cert_file == str((tmp_path / "kv.pem").resolve())  # workers read it anywhere
+
+
+def test_kv_codec_levels_and_the_quality_floor(tmp_path):
+    """kvtc is a manifest codec (levels 0..7), also as adaptive's lossy codec; a level
+    outside the codec's range, and a pinned cachegen level whose measured perplexity cost
+    is above max_quality_loss, are one-line errors at kv_transfer."""
+    base = {"model": {"builtin": "tiny-llama"}}
+    m = parse_manifest({**base, "kv_transfer": {"codec": "kvtc", "level": 7}})
+    assert m.kv_transfer.codec == "kvtc" and m.kv_transfer.level == 7
+    m = parse_manifest({**base, "kv_transfer": {"codec": "adaptive", "adaptive_lossy": "kvtc", "level": 6}})
+    assert m.kv_transfer.adaptive_lossy == "kvtc"
+    assert parse_manifest({**base, "kv_transfer": {"codec": "cachegen"}}).kv_transfer.level is None
+    for kt, want in (({"codec": "cachegen", "level": 6}, "not a cachegen level"),
+                     ({"codec": "cachegen", "level": 3}, "max_quality_loss"),
+                     ({"codec": "int8", "level": 1}, "level applies to")):
+        with pytest.raises(ManifestError) as err:
+            parse_manifest({**base, "kv_transfer": kt})
+        (line,) = err.value.lines()
+        assert line.startswith("kv_transfer") and want in line, line
+    # a looser floor admits the coarser level
+    assert parse_manifest({**base, "kv_transfer": {"codec": "cachegen", "level": 3,
+                                                   "max_quality_loss": 0.3}}).kv_transfer.level == 3
