@@ -97,6 +97,16 @@ class DecodeWorker(EngineWorker):
             if ev is not None:
                 ev.set()
 
+    async def prefetch_failed(self, request_id: str, reason: str) -> None:
+        """The prefill worker could not publish a request's KV it had promised (its
+        ingress already has the first token): the request fails over here."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_exception(KVTransferError(f"KV of {request_id} was not published: {reason}"))
+        self._prefetch[request_id] = (fut, time.monotonic(), "failed", None)  # type: ignore[assignment]
+        ev = self._kv_waiters.pop(request_id, None)
+        if ev is not None:
+            ev.set()
+
     async def _kv_task(self, rid: str, handle: KVHandle) -> tuple[asyncio.Future[Any], KVHandle]:
         """The transfer that brings a request's KV, and its handle. A handle without a
         locator was pushed by the prefill worker (``prefetch_kv``), maybe not here yet."""
@@ -116,7 +126,7 @@ class DecodeWorker(EngineWorker):
                     pass
             self._kv_waiters.pop(rid, None)
             task, _, _, pushed = self._prefetch.pop(rid)
-            return task, pushed
+            return task, pushed if pushed is not None else handle
         self._seen[(rid, str(handle.ref))] = time.monotonic()
         entry = self._prefetch.pop(rid, None)
         task = entry[0] if entry is not None and entry[2] == str(handle.ref) else self._fetch(handle)

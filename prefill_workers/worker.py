@@ -51,6 +51,9 @@ class PrefillWorker(EngineWorker):
         # KV handles with object refs that no decode worker was found for: request id ->
         # (handle, when); the ingress takes them with take_kv.
         self._held: dict[str, tuple[KVHandle, float]] = {}
+        # Channel requests whose result goes to the ingress as soon as the engine finishes
+        # (request id -> its channel); the KV follows to the decode worker.
+        self._early: dict[str, Conn] = {}
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -114,27 +117,42 @@ class PrefillWorker(EngineWorker):
         """prefill() for a request that came over a channel; the result goes back on it.
         A KV handle holding a Ray object ref cannot travel in the channel: the KV is pushed
         to the decode worker (prefetch_kv) and the ingress gets the handle without the
-        ref; with no decode worker known, the ingress takes it with take_kv."""
+        ref, at once when the engine finishes (publishing the KV overlaps the reply and
+        the decode request). With no decode worker known, the ingress takes the handle
+        with take_kv."""
         import ray
 
         rid = req["request_id"]
+        decode = self._handles.get(req.get("decode_worker") or "")
+        if decode is not None:
+            self._early[rid] = conn
         try:
             res = await self.prefill(req)
-            handle: KVHandle = res["kv"]
-            if isinstance(handle.ref, ray.ObjectRef):
-                decode = self._handles.get(req.get("decode_worker") or "")
-                if decode is not None:
-                    decode.prefetch_kv.remote(handle)
-                else:
-                    self._sweep_held()
-                    self._held[rid] = (handle, time.monotonic())
-                    res["kv_pull"] = True
-                res["kv"] = dataclasses.replace(handle, ref=None)
-            conn.send({"request_id": rid, "result": res})
         except asyncio.CancelledError:
-            conn.send({"request_id": rid, "error": RuntimeError(f"prefill of {rid} was aborted")})
-        except Exception as e:  # noqa: BLE001 - handed to the ingress
-            conn.send({"request_id": rid, "error": e})
+            res = RuntimeError(f"prefill of {rid} was aborted")
+        except Exception as e:  # noqa: BLE001 - handed to the ingress (or the decode worker)
+            res = e
+        replied = self._early.pop(rid, None) is None and decode is not None
+        if replied:  # the ingress has its result: the KV, or why it failed, goes to decode
+            assert decode is not None
+            if isinstance(res, BaseException):
+                decode.prefetch_failed.remote(rid, f"{type(res).__name__}: {res}")
+            else:
+                decode.prefetch_kv.remote(res["kv"])
+            return
+        if isinstance(res, BaseException):
+            conn.send({"request_id": rid, "error": res})
+            return
+        handle: KVHandle = res["kv"]
+        if isinstance(handle.ref, ray.ObjectRef):
+            if decode is not None:
+                decode.prefetch_kv.remote(handle)
+            else:
+                self._sweep_held()
+                self._held[rid] = (handle, time.monotonic())
+                res["kv_pull"] = True
+            res["kv"] = dataclasses.replace(handle, ref=None)
+        conn.send({"request_id": rid, "result": res})
 
     def _sweep_held(self) -> None:
         horizon = time.monotonic() - self.manifest.kv_transfer.timeout_s - self.manifest.server.request_timeout_s
@@ -276,6 +294,15 @@ class PrefillWorker(EngineWorker):
             if rid == self._probe:
                 fut.set_result({**result, "kv_tensor": kv})
                 continue
+            conn = self._early.pop(rid, None)
+            if conn is not None:
+                # The ingress needs the first token, not the KV: reply now, with a handle
+                # without the ref (the ref goes to the decode worker once published).
+                nbytes = kv.numel() * kv.element_size()
+                stub = KVHandle(rid, tuple(kv.shape), str(kv.dtype).removeprefix("torch."), nbytes,
+                                getattr(self.connector.pick(self._dest.get(rid)), "name", "object_store"), None)
+                conn.send({"request_id": rid, "result": {
+                    **result, "kv": stub, "received_at": self._arrivals.get(rid, now), "replied_at": now}})
             # Publishing the KV (a copy into the object store, or encoding for gRPC) runs
             # off the event loop and off the engine thread, beside the next prefill step.
             send = asyncio.get_running_loop().run_in_executor(
