@@ -42,6 +42,7 @@ class DecodeWorker(EngineWorker):
         # what the request's first message reports.
         self._routes: dict[str, Conn] = {}
         self._first_info: dict[str, dict[str, Any]] = {}
+        self._ray_streams = 0  # requests streamed the old way, a Ray object per yield (generate)
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -81,6 +82,7 @@ class DecodeWorker(EngineWorker):
         self._reap()
         stats["kv_in_flight"] = sum(1 for task, _, _, _ in self._prefetch.values() if not task.done())
         stats["kv_transfers_held"] = len(self._prefetch)
+        stats["ray_token_streams"] = self._ray_streams
         return stats
 
     async def prefetch_kv(self, handle: KVHandle) -> None:
@@ -218,6 +220,7 @@ class DecodeWorker(EngineWorker):
         None), which fork the prompt's KV. Yields {"request_id", "token_ids": [...],
         "finish_reason": str|None, ...} until every choice finished; the first item also
         carries kv_receive_s and queue_s."""
+        self._ray_streams += 1
         rid = req["request_id"]
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         ids = [rid] + [cid for cid, _, _ in req.get("children") or ()]
