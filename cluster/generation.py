@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.admission import TTFTModel
 from cluster.channel import ChannelPool
+from cluster.dispatch import call_prefill, token_stream
 from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedError, SplitServeError,
                             WorkerFailedError)
 from cluster.manifest import Manifest
@@ -307,95 +308,10 @@ class Generator:
         raise last
 
     async def _call_prefill(self, w: WorkerView, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        if self.channels is None:
-            return await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=timeout_s)
-        payload = {k: v for k, v in payload.items() if k != "decode_actor"}
-        rid = payload["request_id"]
-        ch = await self.channels.get(w.worker_id, w.handle)
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        ch.register(rid, q)
-        ok = False
-        try:
-            await ch.send({"op": "prefill", "request_id": rid, "req": payload}, timeout_s)
-            msg = await asyncio.wait_for(q.get(), timeout=timeout_s)
-            ok = True
-        finally:
-            ch.unregister(rid)
-            if not ok:  # timed out or the client went away: the worker need not go on
-                ch.send_nowait({"op": "abort", "request_id": rid})
-        if "error" in msg:
-            raise msg["error"]
-        res: dict[str, Any] = msg["result"]
-        if res.get("kv_pull"):  # no decode worker was known there: the ref comes as a Ray reply
-            res["kv"] = await asyncio.wait_for(w.handle.take_kv.remote(rid), timeout=timeout_s)
-        return res
+        return await call_prefill(self.channels, w, payload, timeout_s)
 
-    async def _stream(self, w: WorkerView, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        if self.channels is not None:
-            async for msg in self._channel_stream(w, payload):
-                yield msg
-            return
-        gen = w.handle.generate.options(num_returns="streaming").remote(payload)
-        timeout = self.m.server.token_timeout_s
-        open_ids = {payload["request_id"]} | {c[0] for c in payload.get("children") or ()}
-        done = False
-        try:
-            while True:
-                try:
-                    ref = await asyncio.wait_for(gen.__anext__(), timeout=timeout)
-                except StopAsyncIteration:
-                    return
-                msg = await asyncio.wait_for(ref, timeout=timeout)
-                if msg.get("finish_reason") is not None:
-                    open_ids.discard(msg.get("request_id", payload["request_id"]))
-                done = not open_ids
-                yield msg
-                if done:
-                    return
-        finally:
-            if not done:
-                try:
-                    for rid in open_ids:
-                        w.handle.abort.remote(rid)
-                    ray.cancel(gen)
-                except Exception:  # noqa: BLE001 - the worker may be dead
-                    pass
-
-    async def _channel_stream(self, w: WorkerView, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The request's messages from the worker's channel, which carries every request of
-        this ingress on that worker (one frame per engine step)."""
-        assert self.channels is not None
-        timeout = self.m.server.token_timeout_s
-        ids = [payload["request_id"]] + [c[0] for c in payload.get("children") or ()]
-        open_ids = set(ids)
-        ch = await self.channels.get(w.worker_id, w.handle)
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        for rid in ids:
-            ch.register(rid, q)
-        done = False
-        try:
-            kv = payload.get("kv")
-            if kv is not None and isinstance(kv.ref, ray.ObjectRef):  # refs travel as Ray arguments
-                await asyncio.wait_for(w.handle.channel_submit.remote(self.channels.client_id, payload),
-                                       timeout=timeout)
-            else:
-                await ch.send({"op": "decode", "request_id": payload["request_id"], "req": payload}, timeout)
-            while True:
-                msg = await asyncio.wait_for(q.get(), timeout=timeout)
-                if "error" in msg:
-                    raise msg["error"]
-                if msg.get("finish_reason") is not None:
-                    open_ids.discard(msg["request_id"])
-                done = not open_ids
-                yield msg
-                if done:
-                    return
-        finally:
-            for rid in ids:
-                ch.unregister(rid)
-            if not done:
-                for rid in open_ids:
-                    ch.send_nowait({"op": "abort", "request_id": rid})
+    def _stream(self, w: WorkerView, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return token_stream(self.channels, w, payload, self.m.server.token_timeout_s)
 
     @staticmethod
     def _resume_payload(req: GenRequest, ids: list[str], all_params: list[SamplingParams],
