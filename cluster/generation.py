@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.admission import TTFTModel
+from cluster.channel import ChannelPool
+from cluster.dispatch import call_prefill, token_stream
 from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedError, SplitServeError,
                             WorkerFailedError)
 from cluster.manifest import Manifest
@@ -75,6 +78,12 @@ class Usage:
     # Monotonic times: request handed to a worker, first token back from it.
     dispatched_at: float = 0.0
     first_token_at: float = 0.0
+    # The prefill call's parts beyond the worker's own time (seconds): the call's way in
+    # (submission to the worker's method starting), publishing the KV after the engine
+    # finished, and the reply's way back.
+    rpc_in_s: float = 0.0
+    publish_s: float = 0.0
+    rpc_out_s: float = 0.0
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -155,6 +164,13 @@ class Generator:
         self.refused_requests = 0
         self.refused_prompt_tokens = 0
         self.first_pool = "prefill" if manifest.mode == "disaggregated" else "colocated"
+        # One channel per worker (cluster.channel): prefill calls and token streams go over
+        # it, not as Ray calls and a Ray object per streamed item. SPLITSERVE_CHANNEL=0
+        # brings the Ray path back (benchmarks compare the two).
+        self.channels: ChannelPool | None = None
+        if os.environ.get("SPLITSERVE_CHANNEL", "1") != "0":
+            self.channels = ChannelPool(f"ingress-{uuid.uuid4().hex[:12]}",
+                                        lambda handle: handle.channel_info.remote())
 
     # -- admission ----------------------------------------------------------------------
     def predict_ttft(self, prompt_tokens: int) -> float | None:
@@ -237,7 +253,7 @@ class Generator:
             return WorkerFailedError(f"KV transfer failed: {e}", code="kv_transfer_failed")
         if isinstance(e, SplitServeError):
             return e
-        if isinstance(e, (RayActorError, asyncio.TimeoutError, TimeoutError)):
+        if isinstance(e, (RayActorError, asyncio.TimeoutError, TimeoutError, ConnectionError)):
             return self._worker_failed(w, e)
         logger.error("request failed on %s: %r", w.worker_id, e)
         # The worker's code failed on this request: another worker would fail the same way.
@@ -282,7 +298,9 @@ class Generator:
             ok = False
             try:
                 left = max(0.1, deadline - time.monotonic())
-                res = await asyncio.wait_for(w.handle.prefill.remote(payload), timeout=left)
+                called_at = time.monotonic()
+                res = await self._call_prefill(w, payload, left)
+                res["called_at"] = called_at
                 ok = True
                 return res, w
             except Exception as e:  # noqa: BLE001 - mapped below
@@ -295,32 +313,11 @@ class Generator:
         assert last is not None
         raise last
 
-    async def _stream(self, w: WorkerView, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        gen = w.handle.generate.options(num_returns="streaming").remote(payload)
-        timeout = self.m.server.token_timeout_s
-        open_ids = {payload["request_id"]} | {c[0] for c in payload.get("children") or ()}
-        done = False
-        try:
-            while True:
-                try:
-                    ref = await asyncio.wait_for(gen.__anext__(), timeout=timeout)
-                except StopAsyncIteration:
-                    return
-                msg = await asyncio.wait_for(ref, timeout=timeout)
-                if msg.get("finish_reason") is not None:
-                    open_ids.discard(msg.get("request_id", payload["request_id"]))
-                done = not open_ids
-                yield msg
-                if done:
-                    return
-        finally:
-            if not done:
-                try:
-                    for rid in open_ids:
-                        w.handle.abort.remote(rid)
-                    ray.cancel(gen)
-                except Exception:  # noqa: BLE001 - the worker may be dead
-                    pass
+    async def _call_prefill(self, w: WorkerView, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        return await call_prefill(self.channels, w, payload, timeout_s)
+
+    def _stream(self, w: WorkerView, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return token_stream(self.channels, w, payload, self.m.server.token_timeout_s)
 
     @staticmethod
     def _resume_payload(req: GenRequest, ids: list[str], all_params: list[SamplingParams],
@@ -402,10 +399,15 @@ class Generator:
                 self.router.hold(w)
                 holding += [pw, w]
                 res, kv_from = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
-                                                "decode_actor": w.handle}, pw, deadline)
+                                                "decode_worker": w.worker_id, "decode_actor": w.handle},
+                                                   pw, deadline)
                 usage.first_token_at = time.monotonic()
                 ttft = usage.first_token_at - t0
                 usage.worker_s = res["queue_s"] + res["prefill_s"]
+                if "received_at" in res:
+                    usage.rpc_in_s = res["received_at"] - res["called_at"]
+                    usage.publish_s = res["replied_at"] - res["received_at"] - usage.worker_s
+                    usage.rpc_out_s = usage.first_token_at - res["replied_at"]
                 self.metrics.queue.observe(res["queue_s"])
                 self.metrics.prefill.observe(res["prefill_s"])
                 firsts = {req.request_id: (res["first_token"], res.get("first_logprobs"))}

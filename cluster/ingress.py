@@ -302,7 +302,9 @@ class Ingress:
                 # tokenizing, routing, response), apart from the worker RPC.
                 ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
                 rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
-                timing += f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
+                timing += (f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
+                           f", rpc_in;dur={usage.rpc_in_s * 1e3:.3f}, publish;dur={usage.publish_s * 1e3:.3f}"
+                           f", rpc_out;dur={usage.rpc_out_s * 1e3:.3f}")
             headers["Server-Timing"] = timing
         return JSONResponse(body, headers=headers)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cluster.channel import ChannelServer, Conn
 from cluster.manifest import Manifest, PoolSpec
 from engine.engine import LLMEngine, StepOutput, build_runner
 from engine.runner import StepInput, StepResult
@@ -140,6 +141,8 @@ class EngineWorker:
         self._tpot_s = self.manifest.slo.tpot_ms / 1000.0
         self._started_at = time.monotonic()
         self._last_error: str | None = None
+        # Ingresses' channels (cluster.channel): requests in, batched events out.
+        self._channel: ChannelServer | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
@@ -160,6 +163,7 @@ class EngineWorker:
         if self.pool.engine == "vllm":
             self.engine = await asyncio.to_thread(self._build_vllm_engine, max_len)
             self._start_engine_thread()
+            await self._start_channel()
             logger.info("%s %s started (vLLM engine)", self.role, self.worker_id)
             return await self.health()
         runner = await self.build_runner()
@@ -169,6 +173,7 @@ class EngineWorker:
                                 enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching,
                                 model_dir=s.model_dir)
         self._start_engine_thread()
+        await self._start_channel()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
         return await self.health()
 
@@ -256,6 +261,37 @@ class EngineWorker:
             mine.exported[rid] = torch.cat([mine.exported[rid]] + [o.exported[rid] for o in others], dim=3)
         return mine
 
+    # -- ingress channels ---------------------------------------------------------------
+    async def _start_channel(self) -> None:
+        if self._channel is None:
+            channel = ChannelServer(self._channel_message, self.channel_closed)
+            await channel.start(current_node_ip())
+            self._channel = channel
+
+    async def channel_info(self) -> dict[str, Any]:
+        """Where and how an ingress connects to this worker's channel (cluster.channel)."""
+        await self._start_channel()
+        assert self._channel is not None
+        return self._channel.info()
+
+    def _channel_message(self, conn: Conn, msg: dict[str, Any]) -> None:
+        if msg.get("op") == "abort":
+            self.channel_abort(msg["request_id"])
+            return
+        self.channel_request(conn, msg)
+
+    def channel_abort(self, request_id: str) -> None:
+        self._pending.append(("abort", request_id, None))
+        self._work.set()
+
+    def channel_request(self, conn: Conn, msg: dict[str, Any]) -> None:
+        """A request that came over an ingress's channel (subclasses: prefill, decode)."""
+        conn.send({"request_id": msg.get("request_id", ""),
+                   "error": ValueError(f"{self.role} worker takes no {msg.get('op')!r} requests")})
+
+    def channel_closed(self, conn: Conn) -> None:
+        """An ingress's channel ended: what it had here has no one to go to."""
+
     async def health(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"worker_id": self.worker_id, "role": self.role,
                                  "pool": self.pool_name, "ready": self.engine is not None,
@@ -264,6 +300,8 @@ class EngineWorker:
                                  "slow_steps": self._slow_steps,
                                  "pid": os.getpid(), "last_error": self._last_error,
                                  "node_ip": current_node_ip(), "placement_group": _current_pg_hex()}
+        if self._channel is not None:
+            stats.update(self._channel.stats())
         if self.engine is not None:
             stats.update(self.engine.stats())
             stats["waiting"] += sum(1 for kind, _, _ in list(self._pending) if kind == "add")

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from cluster.channel import ChannelClosedError, Conn
 from cluster.worker_base import EngineWorker, current_node_ip
 from decode_workers.scheduler import decode_scheduler_config
 from engine.engine import StepOutput
@@ -32,9 +33,16 @@ class DecodeWorker(EngineWorker):
         # Streamed transfers pulled before their request arrives: request id -> (task,
         # started at, sender address). Transfers seen recently, (request id, sender) ->
         # time, so a prefetch arriving after its request does not fetch again.
-        self._prefetch: dict[str, tuple[asyncio.Future[Any], float, str]] = {}
+        self._prefetch: dict[str, tuple[asyncio.Future[Any], float, str, KVHandle]] = {}
         self._seen: dict[tuple[str, str], float] = {}
         self._done_at: dict[str, float] = {}  # request id -> when its prefetch was seen done
+        # Requests waiting for the KV their prefill worker pushes (prefetch_kv).
+        self._kv_waiters: dict[str, asyncio.Event] = {}
+        # Requests that came over an ingress's channel: request id -> that channel, and
+        # what the request's first message reports.
+        self._routes: dict[str, Conn] = {}
+        self._first_info: dict[str, dict[str, Any]] = {}
+        self._ray_streams = 0  # requests streamed the old way, a Ray object per yield (generate)
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -52,12 +60,12 @@ class DecodeWorker(EngineWorker):
     def _reap(self) -> None:
         now = time.monotonic()
         horizon = now - 2 * self.manifest.kv_transfer.timeout_s - 10
-        for rid, (task, _, _) in list(self._prefetch.items()):
+        for rid, (task, _, _, _) in list(self._prefetch.items()):
             if task.done():
                 self._done_at.setdefault(rid, now)
         # A finished prefetch whose request has not come within PREFETCH_KEEP_S will not
         # come (its request failed or was aborted before reaching this worker).
-        stale = [r for r, (t, t0, _) in self._prefetch.items()
+        stale = [r for r, (t, t0, _, _) in self._prefetch.items()
                  if t.done() and (t0 < horizon or now - self._done_at.get(r, now) > PREFETCH_KEEP_S)]
         for rid in stale:
             task = self._prefetch.pop(rid)[0]
@@ -72,22 +80,139 @@ class DecodeWorker(EngineWorker):
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
         self._reap()
-        stats["kv_in_flight"] = sum(1 for task, _, _ in self._prefetch.values() if not task.done())
+        stats["kv_in_flight"] = sum(1 for task, _, _, _ in self._prefetch.values() if not task.done())
         stats["kv_transfers_held"] = len(self._prefetch)
+        stats["ray_token_streams"] = self._ray_streams
         return stats
 
     async def prefetch_kv(self, handle: KVHandle) -> None:
         """Called by the prefill worker as its prefill starts: pull the streamed KV now,
-        so that the network overlaps the prefill; ``generate`` picks it up."""
+        so that the network overlaps the prefill; or once its KV is in the object store,
+        when the ingress gets a handle without the ref. ``_admit`` picks it up."""
         self._reap()
         key = (handle.request_id, str(handle.ref))
         if key not in self._seen:  # a retried prefill elsewhere replaces an older transfer
             self._seen[key] = time.monotonic()
             self._prefetch[handle.request_id] = (self._fetch(handle, early=True), time.monotonic(),
-                                                 str(handle.ref))
+                                                 str(handle.ref), handle)
+            ev = self._kv_waiters.pop(handle.request_id, None)
+            if ev is not None:
+                ev.set()
+
+    async def prefetch_failed(self, request_id: str, reason: str) -> None:
+        """The prefill worker could not publish a request's KV it had promised (its
+        ingress already has the first token): the request fails over here."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_exception(KVTransferError(f"KV of {request_id} was not published: {reason}"))
+        self._prefetch[request_id] = (fut, time.monotonic(), "failed", None)  # type: ignore[assignment]
+        ev = self._kv_waiters.pop(request_id, None)
+        if ev is not None:
+            ev.set()
+
+    async def _kv_task(self, rid: str, handle: KVHandle) -> tuple[asyncio.Future[Any], KVHandle]:
+        """The transfer that brings a request's KV, and its handle. A handle without a
+        locator was pushed by the prefill worker (``prefetch_kv``), maybe not here yet."""
+        if handle.ref is None:
+            timeout = self.manifest.kv_transfer.timeout_s
+            deadline = time.monotonic() + timeout
+            while rid not in self._prefetch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._kv_waiters.pop(rid, None)
+                    raise KVTransferError(f"KV of {rid} was not handed over by its prefill worker "
+                                          f"within {timeout}s")
+                ev = self._kv_waiters.setdefault(rid, asyncio.Event())
+                try:
+                    await asyncio.wait_for(ev.wait(), timeout=left)
+                except asyncio.TimeoutError:
+                    pass
+            self._kv_waiters.pop(rid, None)
+            task, _, _, pushed = self._prefetch.pop(rid)
+            return task, pushed if pushed is not None else handle
+        self._seen[(rid, str(handle.ref))] = time.monotonic()
+        entry = self._prefetch.pop(rid, None)
+        task = entry[0] if entry is not None and entry[2] == str(handle.ref) else self._fetch(handle)
+        return task, handle
+
+    async def _admit(self, rid: str, req: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The engine's item for a request, with its KV landed; and what the first message
+        reports (kv_receive_s, the transfer's figures)."""
+        t0 = time.monotonic()
+        item: dict[str, Any] = {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
+                                "output_token_ids": req.get("output_token_ids"),
+                                "children": req.get("children")}
+        handle: KVHandle | None = req.get("kv")
+        info: dict[str, Any] = {"kv_receive_s": 0.0, "worker_id": self.worker_id}
+        if handle is not None:
+            task, handle = await self._kv_task(rid, handle)
+            kv_timeout = self.manifest.kv_transfer.timeout_s
+            try:
+                got = await asyncio.wait_for(asyncio.shield(task), timeout=kv_timeout)
+            except asyncio.TimeoutError:
+                raise KVTransferError(f"KV of {rid} did not land within {kv_timeout}s of its "
+                                      "prefill finishing") from None
+            item["kv"] = got.kv
+            info.update({"kv_receive_s": time.monotonic() - t0, "kv_bytes": got.nbytes,
+                         "kv_tokens": got.kv_tokens, "kv_attempts": got.attempts, "kv_choices": got.choices})
+            self.connector.release(handle)
+        return item, info
+
+    # -- requests over an ingress's channel (cluster.channel) -----------------------------
+    # Every token of every request of one ingress leaves in that ingress's channel: one
+    # frame per engine step, no Ray object per token.
+    def channel_request(self, conn: Conn, msg: dict[str, Any]) -> None:
+        if msg.get("op") != "decode":
+            super().channel_request(conn, msg)
+            return
+        asyncio.ensure_future(self._decode_on(conn, msg["req"]))
+
+    async def channel_submit(self, client_id: str, req: dict[str, Any]) -> None:
+        """A request whose KV handle holds Ray object refs comes as a Ray call (refs travel
+        as Ray arguments); its tokens go out on the ingress's channel all the same."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            conn = self._channel.conns.get(client_id) if self._channel is not None else None
+            if conn is not None:
+                break
+            if time.monotonic() > deadline:
+                raise ChannelClosedError(f"no channel from {client_id} at {self.worker_id}")
+            await asyncio.sleep(0.005)
+        asyncio.ensure_future(self._decode_on(conn, req))
+
+    async def _decode_on(self, conn: Conn, req: dict[str, Any]) -> None:
+        rid = req["request_id"]
+        ids = [rid] + [cid for cid, _, _ in req.get("children") or ()]
+        for i in ids:
+            self._routes[i] = conn
+        try:
+            item, info = await self._admit(rid, req)
+            if conn.closed or rid not in self._routes:  # the ingress went away or aborted
+                return
+            for i in ids:
+                self._first_info[i] = info
+            self._submit(rid, item)
+        except Exception as e:  # noqa: BLE001 - handed to the ingress
+            for i in ids:
+                self._unroute(i)
+            conn.send({"request_id": rid, "error": e})
+
+    def _unroute(self, rid: str) -> Conn | None:
+        self._first_info.pop(rid, None)
+        return self._routes.pop(rid, None)
+
+    def channel_abort(self, request_id: str) -> None:
+        self._unroute(request_id)
+        super().channel_abort(request_id)
+
+    def channel_closed(self, conn: Conn) -> None:
+        for rid in [r for r, c in self._routes.items() if c is conn]:
+            self._unroute(rid)
+            self._pending.append(("abort", rid, None))
+        self._work.set()
 
     async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream a request's tokens (call with num_returns="streaming").
+        """Stream a request's tokens (call with num_returns="streaming"): one Ray object per
+        yield. The ingress uses its channel instead (SPLITSERVE_CHANNEL=0 brings this back).
 
         req: request_id, prompt_token_ids, params; for a disaggregated request also
         output_token_ids (the first token, sampled by prefill) and kv (a KVHandle); for
@@ -95,6 +220,7 @@ class DecodeWorker(EngineWorker):
         None), which fork the prompt's KV. Yields {"request_id", "token_ids": [...],
         "finish_reason": str|None, ...} until every choice finished; the first item also
         carries kv_receive_s and queue_s."""
+        self._ray_streams += 1
         rid = req["request_id"]
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         ids = [rid] + [cid for cid, _, _ in req.get("children") or ()]
@@ -103,28 +229,7 @@ class DecodeWorker(EngineWorker):
         open_ids = set(ids)
         finished = False
         try:
-            t0 = time.monotonic()
-            item: dict[str, Any] = {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
-                                    "output_token_ids": req.get("output_token_ids"),
-                                    "children": req.get("children")}
-            handle: KVHandle | None = req.get("kv")
-            kv_s = 0.0
-            kv_info: dict[str, Any] = {}
-            if handle is not None:
-                self._seen[(rid, str(handle.ref))] = time.monotonic()
-                entry = self._prefetch.pop(rid, None)
-                task = entry[0] if entry is not None and entry[2] == str(handle.ref) else self._fetch(handle)
-                kv_timeout = self.manifest.kv_transfer.timeout_s
-                try:
-                    got = await asyncio.wait_for(asyncio.shield(task), timeout=kv_timeout)
-                except asyncio.TimeoutError:
-                    raise KVTransferError(f"KV of {rid} did not land within {kv_timeout}s of its "
-                                          "prefill finishing") from None
-                item["kv"] = got.kv
-                kv_s = time.monotonic() - t0
-                kv_info = {"kv_bytes": got.nbytes, "kv_tokens": got.kv_tokens,
-                           "kv_attempts": got.attempts, "kv_choices": got.choices}
-                self.connector.release(handle)
+            item, info = await self._admit(rid, req)
             self._submit(rid, item)
             first = True
             timeout = self.manifest.server.token_timeout_s
@@ -150,9 +255,7 @@ class DecodeWorker(EngineWorker):
                     g["finish_reason"] = msg.get("finish_reason") or g["finish_reason"]
                 for out in grouped.values():
                     if first:
-                        out["kv_receive_s"] = kv_s
-                        out["worker_id"] = self.worker_id
-                        out.update(kv_info)
+                        out.update(info)
                         first = False
                     if out["finish_reason"] is not None:
                         open_ids.discard(out["request_id"])
@@ -168,25 +271,46 @@ class DecodeWorker(EngineWorker):
     def on_step(self, out: StepOutput) -> None:
         finished = {s.request_id: s.finish_reason for s in out.finished}
         for rid, token in out.new_tokens.items():
-            q = self._queues.get(rid)
-            if q is not None:
-                msg: dict[str, Any] = {"request_id": rid, "token_ids": [token],
-                                       "finish_reason": finished.get(rid)}
-                if rid in out.new_logprobs:
-                    msg["logprobs"] = [out.new_logprobs[rid]]
-                if rid in out.prompt_logprobs:
-                    msg["prompt_logprobs"] = out.prompt_logprobs[rid]
+            conn = self._routes.get(rid)
+            q = self._queues.get(rid) if conn is None else None
+            if conn is None and q is None:
+                continue
+            reason = finished.get(rid)
+            msg: dict[str, Any] = {"request_id": rid, "token_ids": [token], "finish_reason": reason}
+            if rid in out.new_logprobs:
+                msg["logprobs"] = [out.new_logprobs[rid]]
+            if rid in out.prompt_logprobs:
+                msg["prompt_logprobs"] = out.prompt_logprobs[rid]
+            if conn is not None:
+                info = self._first_info.pop(rid, None)
+                if info is not None and not info.get("sent"):
+                    info["sent"] = True
+                    msg.update({k: v for k, v in info.items() if k != "sent"})
+                if reason is not None:
+                    self._unroute(rid)
+                conn.send(msg)  # all of this step's messages to one ingress: one frame
+            else:
+                assert q is not None
                 q.put_nowait(msg)
 
     def on_request_error(self, request_id: str, error: Exception) -> None:
+        conn = self._unroute(request_id)
+        if conn is not None:
+            conn.send({"request_id": request_id, "error": error})
+            return
         q = self._queues.get(request_id)
         if q is not None:
             q.put_nowait({"request_id": request_id, "error": error})
 
     def on_aborted(self, request_id: str) -> None:
+        msg = {"request_id": request_id, "token_ids": [], "finish_reason": "abort"}
+        conn = self._unroute(request_id)
+        if conn is not None:
+            conn.send(msg)
+            return
         q = self._queues.get(request_id)
         if q is not None:
-            q.put_nowait({"request_id": request_id, "token_ids": [], "finish_reason": "abort"})
+            q.put_nowait(msg)
 
 
 class ColocatedWorker(DecodeWorker):

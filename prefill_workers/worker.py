@@ -9,15 +9,17 @@ writes it. Within a node the finished KV goes through the object store."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cluster.channel import Conn
 from cluster.worker_base import EngineWorker, current_node_ip
 from engine.engine import StepOutput
 from engine.scheduler import SchedulerConfig
-from kvtransfer.connector import GrpcConnector, KVHandle, get_connector
+from kvtransfer.connector import GrpcConnector, KVHandle, KVTransferError, get_connector
 from kvtransfer.policy import PolicySpec, TransferPolicy
 from prefill_workers.scheduler import prefill_scheduler_config
 
@@ -44,6 +46,14 @@ class PrefillWorker(EngineWorker):
         self._kv_shape: tuple[int, int, int] = (0, 0, 0)  # layers, kv heads, head dim
         self._probe: str | None = None  # the internal request that samples KV for profiling
         self._children: dict[str, set[str]] = {}  # request id -> its further choices' ids
+        # Every worker's actor handle by id (the controller's snapshot): where to push KV.
+        self._handles: dict[str, Any] = {}
+        # KV handles with object refs that no decode worker was found for: request id ->
+        # (handle, when); the ingress takes them with take_kv.
+        self._held: dict[str, tuple[KVHandle, float]] = {}
+        # Channel requests whose result goes to the ingress as soon as the engine finishes
+        # (request id -> its channel); the KV follows to the decode worker.
+        self._early: dict[str, Conn] = {}
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -97,6 +107,69 @@ class PrefillWorker(EngineWorker):
             stats["kv_fetch_refused"] = server.refused
         stats["kv_transfers_held"] = held
         return stats
+
+    async def cluster_state(self, state: dict[str, Any]) -> None:
+        self._handles = {w["worker_id"]: w["handle"] for ws in state["pools"].values() for w in ws}
+
+    # -- requests over an ingress's channel (cluster.channel) -----------------------------
+    def channel_request(self, conn: Conn, msg: dict[str, Any]) -> None:
+        if msg.get("op") != "prefill":
+            super().channel_request(conn, msg)
+            return
+        asyncio.ensure_future(self._prefill_on(conn, msg["req"]))
+
+    async def _prefill_on(self, conn: Conn, req: dict[str, Any]) -> None:
+        """prefill() for a request that came over a channel; the result goes back on it.
+        A KV handle holding a Ray object ref cannot travel in the channel: the KV is pushed
+        to the decode worker (prefetch_kv) and the ingress gets the handle without the
+        ref, at once when the engine finishes (publishing the KV overlaps the reply and
+        the decode request). With no decode worker known, the ingress takes the handle
+        with take_kv."""
+        import ray
+
+        rid = req["request_id"]
+        decode = self._handles.get(req.get("decode_worker") or "")
+        if decode is not None:
+            self._early[rid] = conn
+        try:
+            res = await self.prefill(req)
+        except asyncio.CancelledError:
+            res = RuntimeError(f"prefill of {rid} was aborted")
+        except Exception as e:  # noqa: BLE001 - handed to the ingress (or the decode worker)
+            res = e
+        replied = self._early.pop(rid, None) is None and decode is not None
+        if replied:  # the ingress has its result: the KV, or why it failed, goes to decode
+            assert decode is not None
+            if isinstance(res, BaseException):
+                decode.prefetch_failed.remote(rid, f"{type(res).__name__}: {res}")
+            else:
+                decode.prefetch_kv.remote(res["kv"])
+            return
+        if isinstance(res, BaseException):
+            conn.send({"request_id": rid, "error": res})
+            return
+        handle: KVHandle = res["kv"]
+        if isinstance(handle.ref, ray.ObjectRef):
+            if decode is not None:
+                decode.prefetch_kv.remote(handle)
+            else:
+                self._sweep_held()
+                self._held[rid] = (handle, time.monotonic())
+                res["kv_pull"] = True
+            res["kv"] = dataclasses.replace(handle, ref=None)
+        conn.send({"request_id": rid, "result": res})
+
+    def _sweep_held(self) -> None:
+        horizon = time.monotonic() - self.manifest.kv_transfer.timeout_s - self.manifest.server.request_timeout_s
+        for rid in [r for r, (_, t) in self._held.items() if t < horizon]:
+            del self._held[rid]
+
+    async def take_kv(self, request_id: str) -> KVHandle:
+        """The KV handle (with its object ref) of a prefill that came over a channel."""
+        entry = self._held.pop(request_id, None)
+        if entry is None:
+            raise KVTransferError(f"{self.worker_id} holds no KV of {request_id}")
+        return entry[0]
 
     async def release_kv(self, request_id: str) -> None:
         """Drop what this worker holds of a request's KV transfer: the request ended (done,
@@ -157,9 +230,10 @@ class PrefillWorker(EngineWorker):
         first_logprobs and prompt_logprobs (None unless the params ask) and, for streamed
         transfers, kv_plan (codec per chunk)."""
         rid = req["request_id"]
+        received_at = time.monotonic()
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[rid] = fut
-        self._arrivals[rid] = time.monotonic()
+        self._arrivals[rid] = received_at
         self._children[rid] = {cid for cid, _, _ in req.get("children") or ()}
         dest = req.get("decode_node_ip")
         self._dest[rid] = dest
@@ -171,12 +245,15 @@ class PrefillWorker(EngineWorker):
                 handle = self.connector.grpc.begin(rid, shape, self.manifest.model.dtype, dest,
                                                    self._arrivals[rid])
                 self._streams[rid] = handle
-                decode = req.get("decode_actor")
+                decode = req.get("decode_actor") or self._handles.get(req.get("decode_worker") or "")
                 if decode is not None:
                     decode.prefetch_kv.remote(handle)
             self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
                                "stream_kv": stream, "children": req.get("children")})
-            return await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
+            res = await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
+            # Monotonic clock (system-wide on a node): the ingress splits its dispatch time
+            # into the call's way in, the KV publish and the reply's way back.
+            return {**res, "received_at": received_at, "replied_at": time.monotonic()}
         except asyncio.TimeoutError:
             await self.abort(rid)
             raise TimeoutError(f"prefill of {rid} took longer than "
@@ -222,6 +299,15 @@ class PrefillWorker(EngineWorker):
             if rid == self._probe:
                 fut.set_result({**result, "kv_tensor": kv})
                 continue
+            conn = self._early.pop(rid, None)
+            if conn is not None:
+                # The ingress needs the first token, not the KV: reply now, with a handle
+                # without the ref (the ref goes to the decode worker once published).
+                nbytes = kv.numel() * kv.element_size()
+                stub = KVHandle(rid, tuple(kv.shape), str(kv.dtype).removeprefix("torch."), nbytes,
+                                getattr(self.connector.pick(self._dest.get(rid)), "name", "object_store"), None)
+                conn.send({"request_id": rid, "result": {
+                    **result, "kv": stub, "received_at": self._arrivals.get(rid, now), "replied_at": now}})
             # Publishing the KV (a copy into the object store, or encoding for gRPC) runs
             # off the event loop and off the engine thread, beside the next prefill step.
             send = asyncio.get_running_loop().run_in_executor(

@@ -1,0 +1,294 @@
+"""One long-lived TCP channel per (worker, ingress): requests in, batched events out.
+
+Ray calls cost ~1 ms a round trip here and a Ray object per streamed item (issue 17); a
+framed socket costs ~0.05 ms (benchmarks/results/2026-12-06-path). Each worker listens on
+its node's address; an ingress connects once per worker and authenticates with the
+worker's random token, which it learned through an (authenticated) Ray call
+(``channel_info``). Nothing is unpickled before the token matched.
+
+Frames are a 4-byte length and a pickled list of messages. Messages queued by the worker
+in one event-loop turn (one engine step's tokens for every request of that ingress) leave
+as one frame. Backpressure: while the socket's send buffer is over ``HIGH_WATER`` the
+worker stops writing and coalesces further messages into the next frame (the engine never
+waits); a peer that reads nothing for ``STALL_S`` is disconnected. A closed channel fails
+every request on it on both sides: the worker aborts them, the ingress resumes them
+elsewhere.
+
+This module knows no Ray, no engine and no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import pickle
+import secrets
+import struct
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_LEN = struct.Struct("!I")
+TOKEN_BYTES = 32
+MAX_FRAME = 256 << 20
+HIGH_WATER = 4 << 20
+STALL_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ChannelClosedError(ConnectionError):
+    """The channel to a worker closed (the worker died, or the link did)."""
+
+
+def _frame(msgs: list[dict[str, Any]]) -> bytes:
+    try:
+        body = pickle.dumps(msgs, protocol=5)
+    except Exception:  # noqa: BLE001 - an unpicklable error object: send its text instead
+        msgs = [{**m, "error": RuntimeError(repr(m["error"]))} if "error" in m else m for m in msgs]
+        body = pickle.dumps(msgs, protocol=5)
+    return _LEN.pack(len(body)) + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> list[dict[str, Any]]:
+    (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    if n > MAX_FRAME:
+        raise ChannelClosedError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+    return pickle.loads(await reader.readexactly(n))  # noqa: S301 - authenticated peer
+
+
+class Conn:
+    """The worker's end of one ingress's channel."""
+
+    def __init__(self, client_id: str, writer: asyncio.StreamWriter) -> None:
+        self.client_id = client_id
+        self.writer = writer
+        self.closed = False
+        self.frames = 0
+        self.messages = 0
+        self._buf: list[dict[str, Any]] = []
+        self._scheduled = False
+        self._draining = False
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue a message; everything queued in this event-loop turn leaves as one frame."""
+        if self.closed:
+            return
+        self._buf.append(msg)
+        if not self._scheduled and not self._draining:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self.closed or not self._buf or self._draining:
+            return
+        msgs, self._buf = self._buf, []
+        self.frames += 1
+        self.messages += len(msgs)
+        self.writer.write(_frame(msgs))
+        if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
+            self._draining = True
+            asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.wait_for(self.writer.drain(), timeout=STALL_S)
+        except Exception as e:  # noqa: BLE001 - a peer that does not read is cut off
+            logger.warning("channel to %s stalled or failed (%s); closing it", self.client_id, e)
+            self.close()
+            return
+        self._draining = False
+        self._flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+
+class ChannelServer:
+    """The worker's listener. on_message(conn, msg) handles each request; on_close(conn)
+    runs once when a channel ends."""
+
+    def __init__(self, on_message: Callable[[Conn, dict[str, Any]], None],
+                 on_close: Callable[[Conn], None]) -> None:
+        self.on_message = on_message
+        self.on_close = on_close
+        self.token = secrets.token_hex(TOKEN_BYTES // 2).encode()
+        self.conns: dict[str, Conn] = {}
+        self.host = ""
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str) -> None:
+        self._server = await asyncio.start_server(self._serve, host, 0)
+        self.host = host
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    def info(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "token": self.token.decode()}
+
+    def stats(self) -> dict[str, int]:
+        return {"channel_clients": len(self.conns),
+                "channel_frames": sum(c.frames for c in self.conns.values()) + self._closed_frames,
+                "channel_messages": sum(c.messages for c in self.conns.values()) + self._closed_messages}
+
+    _closed_frames = 0
+    _closed_messages = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=CONNECT_TIMEOUT_S)
+            if not hmac.compare_digest(token, self.token):
+                logger.warning("channel connection with a wrong token refused")
+                writer.close()
+                return
+            (n,) = _LEN.unpack(await asyncio.wait_for(reader.readexactly(_LEN.size), CONNECT_TIMEOUT_S))
+            client_id = (await asyncio.wait_for(reader.readexactly(min(n, 256)), CONNECT_TIMEOUT_S)).decode()
+        except Exception:  # noqa: BLE001 - a bad or slow handshake
+            writer.close()
+            return
+        conn = Conn(client_id, writer)
+        old = self.conns.pop(client_id, None)
+        if old is not None:
+            self._ended(old)
+        self.conns[client_id] = conn
+        try:
+            while True:
+                for msg in await _read_frame(reader):
+                    try:
+                        self.on_message(conn, msg)
+                    except Exception:  # noqa: BLE001 - one bad message does not end the channel
+                        logger.exception("channel message %s failed", msg.get("op"))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except Exception:  # noqa: BLE001
+            logger.exception("channel from %s failed", client_id)
+        finally:
+            if self.conns.get(client_id) is conn:
+                del self.conns[client_id]
+            self._ended(conn)
+
+    def _ended(self, conn: Conn) -> None:
+        self._closed_frames += conn.frames
+        self._closed_messages += conn.messages
+        conn.close()
+        self.on_close(conn)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns.values()):
+            conn.close()
+
+
+class ChannelClient:
+    """The ingress's end of one worker's channel: send requests, and the worker's messages
+    are put on the queue registered for their request_id."""
+
+    def __init__(self, worker_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.worker_id = worker_id
+        self.reader = reader
+        self.writer = writer
+        self.closed = False
+        self.frames = 0
+        self.messages = 0
+        self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._task = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def connect(cls, worker_id: str, info: dict[str, Any], client_id: str,
+                      timeout_s: float = CONNECT_TIMEOUT_S) -> ChannelClient:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(info["host"], info["port"]),
+                                                timeout=timeout_s)
+        cid = client_id.encode()
+        writer.write(info["token"].encode() + _LEN.pack(len(cid)) + cid)
+        await asyncio.wait_for(writer.drain(), timeout=timeout_s)
+        return cls(worker_id, reader, writer)
+
+    def register(self, request_id: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self._queues[request_id] = queue
+        if self.closed:
+            queue.put_nowait(self._closed_msg(request_id))
+
+    def unregister(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def send(self, msg: dict[str, Any], timeout_s: float = STALL_S) -> None:
+        if self.closed:
+            raise ChannelClosedError(f"channel to {self.worker_id} is closed")
+        self.writer.write(_frame([msg]))
+        await asyncio.wait_for(self.writer.drain(), timeout=timeout_s)
+
+    def send_nowait(self, msg: dict[str, Any]) -> None:
+        """Fire and forget (aborts): never raises."""
+        if not self.closed:
+            try:
+                self.writer.write(_frame([msg]))
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _closed_msg(self, request_id: str) -> dict[str, Any]:
+        return {"request_id": request_id,
+                "error": ChannelClosedError(f"channel to worker {self.worker_id} closed")}
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msgs = await _read_frame(self.reader)
+                self.frames += 1
+                self.messages += len(msgs)
+                for msg in msgs:
+                    q = self._queues.get(msg.get("request_id", ""))
+                    if q is not None:
+                        q.put_nowait(msg)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001
+            logger.exception("channel to %s failed", self.worker_id)
+        finally:
+            self.closed = True
+            self.writer.close()
+            for rid, q in list(self._queues.items()):
+                q.put_nowait(self._closed_msg(rid))
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.writer.close()
+
+
+class ChannelPool:
+    """An ingress's channels, one per worker, opened on first use and reopened after they
+    close. info(worker) returns the worker's channel_info (awaitable)."""
+
+    def __init__(self, client_id: str, info: Callable[[Any], Any], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        self.client_id = client_id
+        self.info = info
+        self.timeout_s = timeout_s
+        self.clients: dict[str, ChannelClient] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, worker_id: str, handle: Any) -> ChannelClient:
+        c = self.clients.get(worker_id)
+        if c is not None and not c.closed:
+            return c
+        lock = self._locks.setdefault(worker_id, asyncio.Lock())
+        async with lock:
+            c = self.clients.get(worker_id)
+            if c is not None and not c.closed:
+                return c
+            info = await asyncio.wait_for(self.info(handle), timeout=self.timeout_s)
+            c = await ChannelClient.connect(worker_id, info, self.client_id, self.timeout_s)
+            self.clients[worker_id] = c
+            return c
+
+    def stats(self) -> dict[str, int]:
+        return {"frames": sum(c.frames for c in self.clients.values()),
+                "messages": sum(c.messages for c in self.clients.values())}
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        self.clients.clear()
