@@ -101,8 +101,12 @@ class KVTransferSpec(Strict):
     max_quality_loss: float = Field(0.01, ge=0, le=10, description="adaptive: the largest expected "
                                     "perplexity increase (fraction: 0.01 = 1%) of a codec option on the "
                                     "model's text; options above it are never chosen, whatever the budget")
-    transport: Literal["auto", "object_store", "grpc"] = Field(
-        "auto", description="auto: object store within a node, gRPC stream across nodes")
+    transport: Literal["auto", "shm", "object_store", "grpc"] = Field(
+        "auto", description="auto (= shm): the prefill worker's shared-memory arena within a node (the object "
+                            "store when it is full), gRPC stream across nodes; object_store: never the arena")
+    shm_arena_mb: int | None = Field(None, ge=0, description="Size in MiB of each prefill worker's shared-memory "
+                                     "KV arena (same-node transfers; pre-faulted at start); default: the "
+                                     "prefill pool's KV cache size; 0: no arena")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one KV transfer")
     tls_cert_file: str | None = Field(None, description="PEM certificate (subjectAltName DNS:splitserve-kv) of "

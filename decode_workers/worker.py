@@ -11,9 +11,11 @@ from typing import Any
 
 from cluster.worker_base import EngineWorker, current_node_ip
 from decode_workers.scheduler import decode_scheduler_config
-from engine.engine import StepOutput
+from decode_workers.admission import receive_and_admit
+from engine.engine import LLMEngine, StepOutput
 from engine.scheduler import SchedulerConfig
 from kvtransfer.connector import KVHandle, KVTransferError, get_connector
+from kvtransfer.shm import detach_dead
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ class DecodeWorker(EngineWorker):
             deadline += self.manifest.server.request_timeout_s
         return asyncio.ensure_future(asyncio.to_thread(self.connector.receive_detailed, handle, deadline))
 
+    def _can_reserve(self) -> bool:
+        """Whether arriving KV can be written into reserved blocks off the engine thread
+        (splitserve's engine on one rank; not vLLM's, not tensor-parallel ranks)."""
+        return self.settings.tp_size == 1 and isinstance(self.engine, LLMEngine)
+
     def _reap(self) -> None:
         now = time.monotonic()
         horizon = now - 2 * self.manifest.kv_transfer.timeout_s - 10
@@ -72,6 +79,7 @@ class DecodeWorker(EngineWorker):
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
         self._reap()
+        detach_dead()  # unmap arenas of prefill workers that died
         stats["kv_in_flight"] = sum(1 for task, _, _ in self._prefetch.values() if not task.done())
         stats["kv_transfers_held"] = len(self._prefetch)
         return stats
@@ -102,25 +110,26 @@ class DecodeWorker(EngineWorker):
             self._queues[i] = queue
         open_ids = set(ids)
         finished = False
+        item: dict[str, Any] = {}
         try:
             t0 = time.monotonic()
-            item: dict[str, Any] = {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
-                                    "output_token_ids": req.get("output_token_ids"),
-                                    "children": req.get("children")}
+            item = {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
+                    "output_token_ids": req.get("output_token_ids"), "children": req.get("children")}
             handle: KVHandle | None = req.get("kv")
             kv_s = 0.0
             kv_info: dict[str, Any] = {}
             if handle is not None:
                 self._seen[(rid, str(handle.ref))] = time.monotonic()
                 entry = self._prefetch.pop(rid, None)
-                task = entry[0] if entry is not None and entry[2] == str(handle.ref) else self._fetch(handle)
+                task = entry[0] if entry is not None and entry[2] == str(handle.ref) else None
                 kv_timeout = self.manifest.kv_transfer.timeout_s
                 try:
-                    got = await asyncio.wait_for(asyncio.shield(task), timeout=kv_timeout)
+                    # Into reserved blocks off the engine thread where it can (admission.py).
+                    got = await receive_and_admit(self.engine, self.connector, rid, item, handle, kv_timeout,
+                                                  self._can_reserve(), task)
                 except asyncio.TimeoutError:
                     raise KVTransferError(f"KV of {rid} did not land within {kv_timeout}s of its "
                                           "prefill finishing") from None
-                item["kv"] = got.kv
                 kv_s = time.monotonic() - t0
                 kv_info = {"kv_bytes": got.nbytes, "kv_tokens": got.kv_tokens,
                            "kv_attempts": got.attempts, "kv_choices": got.choices}
@@ -159,6 +168,8 @@ class DecodeWorker(EngineWorker):
                     yield out
             finished = True
         finally:
+            if item.get("reserved") and self.engine is not None:
+                self.engine.release_reservation(rid)  # a no-op once the engine took the request
             for i in ids:
                 self._queues.pop(i, None)
             if not finished:
