@@ -104,7 +104,7 @@ class KVTransferSpec(Strict):
     transport: Literal["auto", "shm", "object_store", "grpc"] = Field(
         "auto", description="auto (= shm): the prefill worker's shared-memory arena within a node (the object "
                             "store when it is full), gRPC stream across nodes; object_store: never the arena")
-    shm_arena_mb: int | None = Field(None, ge=0, description="Size in MiB of each prefill worker's shared-memory "
+    shm_arena_mb: float | None = Field(None, ge=0, description="Size in MiB of each prefill worker's shared-memory "
                                      "KV arena (same-node transfers; pre-faulted at start); default: the "
                                      "prefill pool's KV cache size; 0: no arena")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")

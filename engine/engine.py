@@ -172,8 +172,9 @@ class LLMEngine:
             raise ValueError(f"KV covers {num_kv_tokens} tokens, prompt has {len(prompt_token_ids)}")
         self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
         with self._lock:
-            if self.scheduler.waiting or not self.bm.can_allocate(seq, seq.num_tokens):
-                return None  # FCFS: behind waiting requests, or no room now
+            # First come, first served: not ahead of waiting requests that still need blocks.
+            if any(not s.block_table for s in self.scheduler.waiting) or not self.bm.can_allocate(seq, seq.num_tokens):
+                return None
             self.bm.allocate(seq, seq.num_tokens)
             seq.num_pending_kv_tokens = num_kv_tokens
             self._reserved[request_id] = seq

@@ -87,7 +87,7 @@ class PrefillWorker(EngineWorker):
         if kt.transport not in ("auto", "shm") or kt.shm_arena_mb == 0 or self.connector.shm.arena is not None:
             return
         layers, kvh, hd = self._kv_shape
-        size = (kt.shm_arena_mb << 20 if kt.shm_arena_mb is not None else
+        size = (int(kt.shm_arena_mb * 2**20) if kt.shm_arena_mb is not None else
                 arena_bytes(layers, kvh, hd, self.manifest.model.dtype,
                             self.settings.num_blocks * self.settings.block_size))
         try:
