@@ -37,6 +37,9 @@ class DecodeWorker(EngineWorker):
         self._prefetch: dict[str, tuple[asyncio.Future[Any], float, str]] = {}
         self._seen: dict[tuple[str, str], float] = {}
         self._done_at: dict[str, float] = {}  # request id -> when its prefetch was seen done
+        # Benchmarks only (set_kv_admission): write arriving KV on the engine thread, as
+        # before decode_workers.admission, to measure the stall it caused side by side.
+        self._admit_on_engine_thread = False
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -54,7 +57,14 @@ class DecodeWorker(EngineWorker):
     def _can_reserve(self) -> bool:
         """Whether arriving KV can be written into reserved blocks off the engine thread
         (splitserve's engine on one rank; not vLLM's, not tensor-parallel ranks)."""
-        return self.settings.tp_size == 1 and isinstance(self.engine, LLMEngine)
+        return self.settings.tp_size == 1 and isinstance(self.engine, LLMEngine) and not self._admit_on_engine_thread
+
+    async def set_kv_admission(self, mode: str) -> None:
+        """Benchmarks: "reserved" (the default: KV written into reserved blocks off the
+        engine thread) or "engine_thread" (the engine writes it in before a step)."""
+        if mode not in ("reserved", "engine_thread"):
+            raise ValueError(f"unknown KV admission {mode!r}; allowed: reserved, engine_thread")
+        self._admit_on_engine_thread = mode == "engine_thread"
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -79,7 +89,7 @@ class DecodeWorker(EngineWorker):
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
         self._reap()
-        detach_dead()  # unmap arenas of prefill workers that died
+        stats["kv_shm_arenas_attached"] = detach_dead()  # unmaps arenas of prefill workers that died
         stats["kv_in_flight"] = sum(1 for task, _, _ in self._prefetch.values() if not task.done())
         stats["kv_transfers_held"] = len(self._prefetch)
         return stats
