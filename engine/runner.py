@@ -164,6 +164,10 @@ class ModelRunner:
         # Layer-wise KV streaming: called (request id, layer, first token, kv [2, n, kvh, hd],
         # a copy) after each layer of a step, for the step's kv_stream entries.
         self.on_layer_kv: Callable[[str, int, int, torch.Tensor], None] | None = None
+        # Where exported KV goes: called (request id, shape, dtype) -> a contiguous tensor
+        # of that shape to gather into, or None for a fresh one (prefill workers hand out
+        # slots of their same-node transfer arena, so the gather is the sender's only copy).
+        self.export_into: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None] | None = None
 
     def _head_slice(self) -> slice:
         lo = self.tp_rank * self.kv_heads_local
@@ -210,11 +214,13 @@ class ModelRunner:
         if i < n:  # tail: the start of the last block
             c[:, block_table[pos // bs], : n - i] = s[:, i:]
 
-    def export_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
-        """This rank's heads of the first num_tokens of a sequence: [layers, 2, tokens, kvh, hd]."""
+    def export_kv(self, block_table: list[int], num_tokens: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's heads of the first num_tokens of a sequence: [layers, 2, tokens, kvh, hd]
+        (into ``out`` when given: e.g. a slot of the KV transfer's shared memory)."""
         bs, c0 = self.block_size, self.kv_caches[0]
         full, rem = divmod(num_tokens, bs)
-        out = torch.empty(len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4], dtype=c0.dtype)
+        if out is None:
+            out = torch.empty(len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4], dtype=c0.dtype)
         blocks = torch.tensor(block_table[:full], dtype=torch.long)
         for layer, cache in enumerate(self.kv_caches):
             for j in (0, 1):
@@ -224,6 +230,16 @@ class ModelRunner:
                 if rem:
                     out[layer, j, full * bs:] = cache[j, block_table[full], :rem]
         return out
+
+    def _export_buffer(self, request_id: str, num_tokens: int) -> torch.Tensor | None:
+        if self.export_into is None or self.tp_size > 1:
+            return None
+        c0 = self.kv_caches[0]
+        shape = (len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4])
+        try:
+            return self.export_into(request_id, shape, c0.dtype)
+        except Exception:  # noqa: BLE001 - the export still happens, into a fresh tensor
+            return None
 
     def forward(self, step: StepInput, hook: Callable[[int], None] | None) -> torch.Tensor:
         """Final-normed hidden states of the step's tokens (engine.afd overrides this)."""
@@ -253,5 +269,5 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[step.logits_indices])
             if step.prompt_logits_indices.numel():
                 prompt_logits = self.model.compute_logits(hidden[step.prompt_logits_indices])
-        exported = {rid: self.export_kv(table, n) for rid, table, n in step.kv_exports}
+        exported = {rid: self.export_kv(table, n, self._export_buffer(rid, n)) for rid, table, n in step.kv_exports}
         return StepResult(logits=logits, exported=exported, prompt_logits=prompt_logits)

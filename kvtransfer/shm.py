@@ -228,12 +228,7 @@ class ShmArena:
         return True
 
     # -- sender -----------------------------------------------------------------------
-    def put(self, request_id: str, kv: torch.Tensor) -> KVHandle | None:
-        """Copy ``kv`` ([layers, 2, tokens, kv_heads, head_dim]) into a new slot; None if
-        it does not fit now."""
-        t0 = time.perf_counter()
-        kv = kv.detach()
-        payload = kv.numel() * kv.element_size()
+    def _new_slot(self, request_id: str, payload: int) -> _Slot | None:
         length = -(-(HEADER_BYTES + payload) // ALIGN) * ALIGN
         with self._lock:
             if self._closed:
@@ -247,17 +242,48 @@ class ShmArena:
             if off is None:
                 self.full += 1
                 return None
-            gen = secrets.randbits(63) | 1
-            slot = _Slot(request_id, off, length, gen, time.monotonic())
+            slot = _Slot(request_id, off, length, secrets.randbits(63) | 1, time.monotonic())
             self._slots[request_id] = slot
+            return slot
+
+    def _view(self, slot: _Slot, shape: tuple[int, ...], dtype: torch.dtype, payload: int) -> torch.Tensor:
+        start = slot.offset + HEADER_BYTES
+        return self._buf[start: start + payload].view(dtype).view(shape)
+
+    def buffer(self, request_id: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A slot's memory for the request's KV to be gathered into (``ModelRunner.
+        export_into``); ``put`` of that same tensor then publishes it without a copy. None
+        if it does not fit now (the export goes to a fresh tensor)."""
+        payload = math.prod(shape) * dtype.itemsize
+        slot = self._new_slot(request_id, payload)
+        return None if slot is None else self._view(slot, shape, dtype, payload)
+
+    def put(self, request_id: str, kv: torch.Tensor) -> KVHandle | None:
+        """Publish ``kv`` ([layers, 2, tokens, kv_heads, head_dim]): copied into a new slot,
+        or, when it is the request's ``buffer``, as it stands; None if it does not fit."""
+        t0 = time.perf_counter()
+        kv = kv.detach()
+        payload = kv.numel() * kv.element_size()
+        with self._lock:
+            slot = self._slots.get(request_id)
+        in_place = (slot is not None and kv.is_contiguous()
+                    and kv.data_ptr() == self._buf.data_ptr() + slot.offset + HEADER_BYTES
+                    and slot.length >= HEADER_BYTES + payload)
+        if not in_place:
+            slot = self._new_slot(request_id, payload)
+            if slot is None:
+                return None
+        assert slot is not None
+        off, gen = slot.offset, slot.generation
         try:
-            dst = self._buf[off + HEADER_BYTES: off + HEADER_BYTES + payload].view(kv.dtype).view(kv.shape)
+            dst = self._view(slot, tuple(kv.shape), kv.dtype, payload)
             step = piece_tokens(kv.shape, kv.element_size())
             sums = []
             # Piece by piece: the checksum reads what the copy just wrote, from cache.
             for layer, j, a, b in pieces(kv.shape, step):
                 piece = dst[layer, j, a:b]
-                piece.copy_(kv[layer, j, a:b])
+                if not in_place:
+                    piece.copy_(kv[layer, j, a:b])
                 sums.append(checksum(piece))
             HEADER.pack_into(self.mm, off, MAGIC, gen, READY, payload)
         except BaseException:

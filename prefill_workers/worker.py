@@ -96,6 +96,16 @@ class PrefillWorker(EngineWorker):
             logger.warning("%s has no shared-memory KV arena (%s); same-node KV goes through the object store",
                            self.worker_id, e)
             return
+        arena = self.connector.shm.arena
+        if self.engine is not None and hasattr(self.engine, "runner"):
+            # Prompt KV is gathered out of the paged cache straight into an arena slot (the
+            # sender's one copy), except the codec-profiling probe's and when it is full.
+            def export_into(rid: str, shape: tuple[int, ...], dtype: Any) -> Any:
+                if rid == self._probe or self.connector.pick(self._dest.get(rid)) is not self.connector.shm:
+                    return None
+                return arena.buffer(rid, shape, dtype)
+
+            self.engine.runner.export_into = export_into
         logger.info("%s KV arena: %.0f MiB", self.worker_id, size / 2**20)
 
     async def health(self) -> dict[str, Any]:

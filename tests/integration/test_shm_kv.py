@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 
 import httpx
 import pytest
@@ -28,8 +29,15 @@ def case(llama_dir):
     return ps, reference(llama_dir, ps)
 
 
-def prefill_stats(dep) -> dict:
-    return [w for w in workers(dep, "prefill") if w["healthy"]][0]["stats"]
+def prefill_stats(dep, until=None, timeout_s: float = 20.0) -> dict:
+    """The live prefill worker's health stats (as the controller last polled them), once
+    ``until(stats)`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = [w for w in workers(dep, "prefill") if w["healthy"]][0]["stats"]
+        if until is None or until(stats) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
 
 
 def transfers_by_transport(url: str) -> dict[str, float]:
@@ -47,7 +55,7 @@ def test_arena_matches_object_store_and_transformers(ray_session, llama_dir, cas
     for transport in ("auto", "object_store"):
         with serving(manifest_for(llama_dir, kv_transfer={"transport": transport})) as (url, dep):
             outs[transport] = asyncio.run(served(url, ps))
-            stats = prefill_stats(dep)
+            stats = prefill_stats(dep, lambda s: s.get("kv_shm_puts", 0) + s.get("kv_shm_fallbacks", 0) >= len(ps))
             by = transfers_by_transport(url)
             if transport == "auto":
                 assert stats["kv_shm_puts"] >= len(ps) and stats["kv_shm_fallbacks"] == 0
@@ -69,7 +77,7 @@ def test_full_arena_falls_back_and_aborts_release_everything(ray_session, llama_
     body = {"model": "tiny", "temperature": 0, "ignore_eos": True}
     with serving(m) as (url, dep):
         got = asyncio.run(served(url, ps))
-        stats = prefill_stats(dep)
+        stats = prefill_stats(dep, lambda s: s["kv_shm_puts"] + s["kv_shm_fallbacks"] >= len(ps))
         assert stats["kv_shm_puts"] > 0 and stats["kv_shm_fallbacks"] > 0, stats
         assert got == ref
         errors: list[BaseException] = []
@@ -95,7 +103,7 @@ def test_full_arena_falls_back_and_aborts_release_everything(ray_session, llama_
         assert not errors, errors
         assert again == [ref]  # neighbours of the aborted requests: unchanged
         wait_kv_released(dep)  # blocks and arena slots: all back
-        assert prefill_stats(dep)["kv_shm_slots_held"] == 0
+        assert prefill_stats(dep, lambda s: s["kv_shm_slots_held"] == 0)["kv_shm_slots_held"] == 0
 
 
 def test_killed_prefill_worker_leaves_no_arena(ray_session, llama_dir):
@@ -106,7 +114,7 @@ def test_killed_prefill_worker_leaves_no_arena(ray_session, llama_dir):
         dead_pid = prefill_stats(dep)["pid"]
         expected, results = closed_loop_with_kills(url, dep, ["prefill"], prompts_, body)
         wait_kv_released(dep)
-        stats = prefill_stats(dep)
+        stats = prefill_stats(dep, lambda s: s["pid"] != dead_pid and s["kv_shm_puts"] > 0)
         assert stats["pid"] != dead_pid and stats["kv_shm_puts"] > 0  # the replacement serves through its arena
         decode = [w for w in workers(dep, "decode") if w["healthy"]][0]["stats"]
         assert decode["kv_shm_arenas_attached"] == 1  # the dead worker's arena was unmapped

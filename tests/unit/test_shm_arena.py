@@ -208,19 +208,21 @@ def test_reserved_admission_matches_the_engine_alone(tiny_dir, arena):
     # exports each prompt's KV when it samples.
     prefill = _engine(tiny_dir)
     prefill.scheduler.config.prefill_only = True
+    prefill.runner.export_into = arena.buffer  # gathered straight into arena slots
     firsts, kvs = [], []
     for i, p in enumerate(prompts):
         prefill.add_request(f"p{i}", p, SamplingParams(**params))
         out = prefill.step()
         firsts.append(out.new_tokens[f"p{i}"])
         kvs.append(out.exported_kv[f"p{i}"])
+        assert 0 <= kvs[i].data_ptr() - arena._buf.data_ptr() < arena.size
     decode = _engine(tiny_dir)
     conn = get_connector("auto", "127.0.0.1", arena=arena)
 
     async def admit_all():
         for i, p in enumerate(prompts):
-            h = conn.send(f"d{i}", kvs[i])
-            assert h.transport == "shm"
+            h = conn.send(f"p{i}", kvs[i])  # published where it was gathered: no copy
+            assert h.transport == "shm" and h.ref.offset + shm.HEADER_BYTES == kvs[i].data_ptr() - arena._buf.data_ptr()
             item = {"prompt_token_ids": p, "params": params, "output_token_ids": [firsts[i]]}
             got = await receive_and_admit(decode, conn, f"d{i}", item, h, 5, can_reserve=True)
             assert item.get("reserved") is True and got.kv_tokens == len(p)
