@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cluster.worker_base import EngineWorker, current_node_ip
-from engine.engine import StepOutput
+from engine.engine import LLMEngine, StepOutput
 from engine.scheduler import SchedulerConfig
 from kvtransfer.connector import GrpcConnector, KVHandle, get_connector
 from kvtransfer.policy import PolicySpec, TransferPolicy
@@ -97,7 +97,7 @@ class PrefillWorker(EngineWorker):
                            self.worker_id, e)
             return
         arena = self.connector.shm.arena
-        if self.engine is not None and hasattr(self.engine, "runner"):
+        if isinstance(self.engine, LLMEngine):  # splitserve's engine (vLLM's exports its own way)
             # Prompt KV is gathered out of the paged cache straight into an arena slot (the
             # sender's one copy), except the codec-profiling probe's and when it is full.
             def export_into(rid: str, shape: tuple[int, ...], dtype: Any) -> Any:
