@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             res["kv_transfer"] = kv_transfer_ratio(args.kv_mb << 20, args.kv_runs, cfg.num_hidden_layers,
                                                    cfg.num_key_value_heads, cfg.head_dim)
             res["load_average_after_kv"] = os.getloadavg()
+            print(json.dumps({"kv_transfer": res["kv_transfer"]}), file=sys.stderr, flush=True)  # kept if interrupted
         if "stall" in parts:
             from benchmarks.admit_stall import run as admit_stall
 
