@@ -9,7 +9,8 @@ benchmarks/steptrace on PYTHONPATH before Ray starts (``benchmarks.overhead`` se
 
 For each arrival (a step whose batch has more sequences than the step before) the figure
 is the longest of that step and the two before it (the KV is written during those when
-off the engine thread) over the median step of the phase: running sequences should see
+off the engine thread) over the median of the five steps after it (the same batch, the
+arrival included, no admission; arrivals decode 8 tokens): running sequences should see
 no step above 1.2x their median. The same ratio of the engine thread's CPU time per step
 says what the engine thread itself did, whatever else takes the cores.
 """
@@ -38,15 +39,17 @@ def analyse(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]
     ph = [s for s in steps if t0 <= s["t"] < t1 and not s["po"]]
     if len(ph) < 5:
         return {"steps": len(ph)}
-    med = statistics.median(s["dt"] for s in ph)
-    med_cpu = statistics.median(s["cpu"] for s in ph)
     ratios, cpu_ratios = [], []
-    for i in range(1, len(ph)):
+    for i in range(1, len(ph) - 3):
         if len(ph[i]["n"]) > len(ph[i - 1]["n"]):
-            window = ph[max(0, i - 2): i + 1]
-            ratios.append(max(s["dt"] for s in window) / med)
-            cpu_ratios.append(max(s["cpu"] for s in window) / med_cpu)
-    return {"steps": len(ph), "median_step_ms": med * 1e3, "median_step_cpu_ms": med_cpu * 1e3,
+            # The arrival's step and the two before it (off the engine thread, the KV is
+            # written while those run) against the steps right after it, which run the same
+            # batch (the new sequence included) with no admission.
+            window, after = ph[max(0, i - 2): i + 1], ph[i + 1: i + 6]
+            ratios.append(max(s["dt"] for s in window) / statistics.median(s["dt"] for s in after))
+            cpu_ratios.append(max(s["cpu"] for s in window) / statistics.median(s["cpu"] for s in after))
+    return {"steps": len(ph), "median_step_ms": statistics.median(s["dt"] for s in ph) * 1e3,
+            "median_step_cpu_ms": statistics.median(s["cpu"] for s in ph) * 1e3,
             "arrivals": len(ratios), "worst_ratio": max(ratios, default=None),
             "p50_ratio": statistics.median(ratios) if ratios else None,
             "over_1_2": sum(r > 1.2 for r in ratios),
@@ -95,8 +98,8 @@ def run(url: str, decode: Any, decode_pid: int, trace_dir: Path, model: str = "d
                     for _ in range(arrivals):
                         n += 1
                         words = " ".join(f"w{n}_{j}" for j in range(prompt_words))
-                        r = c.post(f"{url}/v1/completions", json={"model": model, "prompt": words,
-                                                                  "max_tokens": 2, "temperature": 0})
+                        r = c.post(f"{url}/v1/completions", json={"model": model, "prompt": words, "max_tokens": 8,
+                                                                  "temperature": 0, "ignore_eos": True})
                         if r.status_code != 200:
                             errors.append(r.text[:200])
                         time.sleep(gap_s)

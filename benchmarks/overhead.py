@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import ModelConfig
 
     manifest = load_manifest(args.manifest)
+    if "stall" in parts:  # arrivals must be admitted, whatever TTFT the loaded machine predicts
+        manifest.server.ttft_admission = False
     model_dir = str(manifest.model_dir())
     cfg = ModelConfig.from_dir(model_dir)
     trace_dir = Path(tempfile.mkdtemp(prefix="splitserve-steps-"))
