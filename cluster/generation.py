@@ -517,9 +517,10 @@ class Generator:
             for held in holding:
                 self.router.unhold(held)
             self._unreserve(req)
-            if handle is not None and handle.transport == "grpc" and kv_from is not None:
-                # However the request ended, the sender need not keep its KV parts (the
-                # receiver releases them after a successful fetch; this covers the rest).
+            if handle is not None and handle.transport in ("grpc", "shm") and kv_from is not None:
+                # However the request ended, the sender need not keep its KV parts or arena
+                # slot (the receiver releases them after a successful fetch; this covers the
+                # rest).
                 try:
                     kv_from.handle.release_kv.remote(handle.request_id)
                 except Exception:  # noqa: BLE001 - the sender may be dead (its parts with it)

@@ -108,8 +108,12 @@ class KVTransferSpec(Strict):
                                     "text: adaptive never chooses an option above it; a pinned cachegen "
                                     "level above it is refused, a pinned kvtc level above it fails the "
                                     "workers' start (its cost is the model's calibration's)")
-    transport: Literal["auto", "object_store", "grpc"] = Field(
-        "auto", description="auto: object store within a node, gRPC stream across nodes")
+    transport: Literal["auto", "shm", "object_store", "grpc"] = Field(
+        "auto", description="auto (= shm): the prefill worker's shared-memory arena within a node (the object "
+                            "store when it is full), gRPC stream across nodes; object_store: never the arena")
+    shm_arena_mb: float | None = Field(None, ge=0, description="Size in MiB of each prefill worker's shared-memory "
+                                     "KV arena (same-node transfers; pre-faulted at start); default: the "
+                                     "prefill pool's KV cache size; 0: no arena")
     rate_limit_gbps: float | None = Field(None, gt=0, description="Pace gRPC sends (emulate a slower link)")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one KV transfer")
     tls_cert_file: str | None = Field(None, description="PEM certificate (subjectAltName DNS:splitserve-kv) of "

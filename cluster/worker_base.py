@@ -349,10 +349,11 @@ class EngineWorker:
                 continue
             try:
                 children = [(cid, SamplingParams(**cp), outs) for cid, cp, outs in req.get("children") or ()]
+                # reserved: the KV is already in blocks reserved for it (decode_workers.admission).
                 self.engine.add_request(rid, req["prompt_token_ids"], SamplingParams(**req["params"]),
                                         output_token_ids=req.get("output_token_ids"),
                                         pending_kv=req.get("kv"), stream_kv=req.get("stream_kv", False),
-                                        children=children)
+                                        children=children, **({"reserved": True} if req.get("reserved") else {}))
             except Exception as e:  # noqa: BLE001 - handed to the request's waiter
                 self._loop.call_soon_threadsafe(self.on_request_error, rid, e)
 

@@ -12,9 +12,11 @@ from typing import Any
 from cluster.channel import ChannelClosedError, Conn
 from cluster.worker_base import EngineWorker, current_node_ip
 from decode_workers.scheduler import decode_scheduler_config
-from engine.engine import StepOutput
+from decode_workers.admission import receive_and_admit
+from engine.engine import LLMEngine, StepOutput
 from engine.scheduler import SchedulerConfig
 from kvtransfer.connector import KVHandle, KVTransferError, get_connector
+from kvtransfer.shm import detach_dead
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class DecodeWorker(EngineWorker):
         self._routes: dict[str, Conn] = {}
         self._first_info: dict[str, dict[str, Any]] = {}
         self._ray_streams = 0  # requests streamed the old way, a Ray object per yield (generate)
+        # Benchmarks only (set_kv_admission): write arriving KV on the engine thread, as
+        # before decode_workers.admission, to measure the stall it caused side by side.
+        self._admit_on_engine_thread = False
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -56,6 +61,18 @@ class DecodeWorker(EngineWorker):
         if early:
             deadline += self.manifest.server.request_timeout_s
         return asyncio.ensure_future(asyncio.to_thread(self.connector.receive_detailed, handle, deadline))
+
+    def _can_reserve(self) -> bool:
+        """Whether arriving KV can be written into reserved blocks off the engine thread
+        (splitserve's engine on one rank; not vLLM's, not tensor-parallel ranks)."""
+        return self.settings.tp_size == 1 and isinstance(self.engine, LLMEngine) and not self._admit_on_engine_thread
+
+    async def set_kv_admission(self, mode: str) -> None:
+        """Benchmarks: "reserved" (the default: KV written into reserved blocks off the
+        engine thread) or "engine_thread" (the engine writes it in before a step)."""
+        if mode not in ("reserved", "engine_thread"):
+            raise ValueError(f"unknown KV admission {mode!r}; allowed: reserved, engine_thread")
+        self._admit_on_engine_thread = mode == "engine_thread"
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -80,6 +97,7 @@ class DecodeWorker(EngineWorker):
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
         self._reap()
+        stats["kv_shm_arenas_attached"] = detach_dead()  # unmaps arenas of prefill workers that died
         stats["kv_in_flight"] = sum(1 for task, _, _, _ in self._prefetch.values() if not task.done())
         stats["kv_transfers_held"] = len(self._prefetch)
         stats["ray_token_streams"] = self._ray_streams
@@ -109,7 +127,7 @@ class DecodeWorker(EngineWorker):
         if ev is not None:
             ev.set()
 
-    async def _kv_task(self, rid: str, handle: KVHandle) -> tuple[asyncio.Future[Any], KVHandle]:
+    async def _kv_task(self, rid: str, handle: KVHandle) -> tuple[asyncio.Future[Any] | None, KVHandle]:
         """The transfer that brings a request's KV, and its handle. A handle without a
         locator was pushed by the prefill worker (``prefetch_kv``), maybe not here yet."""
         if handle.ref is None:
@@ -131,7 +149,9 @@ class DecodeWorker(EngineWorker):
             return task, pushed if pushed is not None else handle
         self._seen[(rid, str(handle.ref))] = time.monotonic()
         entry = self._prefetch.pop(rid, None)
-        task = entry[0] if entry is not None and entry[2] == str(handle.ref) else self._fetch(handle)
+        # Not prefetched: admission receives it (same-node shared memory straight into
+        # reserved blocks where it can).
+        task = entry[0] if entry is not None and entry[2] == str(handle.ref) else None
         return task, handle
 
     async def _admit(self, rid: str, req: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,11 +167,12 @@ class DecodeWorker(EngineWorker):
             task, handle = await self._kv_task(rid, handle)
             kv_timeout = self.manifest.kv_transfer.timeout_s
             try:
-                got = await asyncio.wait_for(asyncio.shield(task), timeout=kv_timeout)
+                # Into reserved blocks off the engine thread where it can (admission.py).
+                got = await receive_and_admit(self.engine, self.connector, rid, item, handle, kv_timeout,
+                                              self._can_reserve(), task)
             except asyncio.TimeoutError:
                 raise KVTransferError(f"KV of {rid} did not land within {kv_timeout}s of its "
                                       "prefill finishing") from None
-            item["kv"] = got.kv
             info.update({"kv_receive_s": time.monotonic() - t0, "kv_bytes": got.nbytes,
                          "kv_tokens": got.kv_tokens, "kv_attempts": got.attempts, "kv_choices": got.choices})
             self.connector.release(handle)
@@ -187,6 +208,8 @@ class DecodeWorker(EngineWorker):
         try:
             item, info = await self._admit(rid, req)
             if conn.closed or rid not in self._routes:  # the ingress went away or aborted
+                if item.get("reserved") and self.engine is not None:
+                    self.engine.release_reservation(rid)
                 return
             for i in ids:
                 self._first_info[i] = info
@@ -228,6 +251,7 @@ class DecodeWorker(EngineWorker):
             self._queues[i] = queue
         open_ids = set(ids)
         finished = False
+        item: dict[str, Any] = {}
         try:
             item, info = await self._admit(rid, req)
             self._submit(rid, item)
@@ -262,6 +286,8 @@ class DecodeWorker(EngineWorker):
                     yield out
             finished = True
         finally:
+            if item.get("reserved") and self.engine is not None:
+                self.engine.release_reservation(rid)  # a no-op once the engine took the request
             for i in ids:
                 self._queues.pop(i, None)
             if not finished:

@@ -7,6 +7,7 @@ parameter, so a tensor-parallel worker can fan a step out to its ranks.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,12 @@ class LLMEngine:
         self.eos_token_ids = list(eos_token_ids or [])
         self.executor: Executor = executor or runner.execute
         self._seqs: dict[str, Sequence] = {}
+        # Sequences whose blocks were reserved (``reserve``) while their KV is written in
+        # off the engine thread; not scheduled until ``add_request(..., reserved=True)``.
+        self._reserved: dict[str, Sequence] = {}
+        # Guards the block manager and scheduler between the engine thread (schedule,
+        # postprocess, abort) and ``reserve`` / ``release_reservation`` from other threads.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: str = "float32", num_blocks: int = 512,
@@ -97,7 +104,7 @@ class LLMEngine:
                     output_token_ids: list[int] | None = None,
                     pending_kv: torch.Tensor | None = None, stream_kv: bool = False,
                     children: list[tuple[str, SamplingParams, list[int] | None]] | None = None,
-                    ) -> Sequence:
+                    reserved: bool = False) -> Sequence:
         """Queue a request. With pending_kv ([layers, 2, tokens, kvh, hd] for the first
         tokens of the prompt), those tokens are not computed: their KV is written in, the
         rest of the prompt (a suffix whose KV was not sent: recompute) and
@@ -109,10 +116,31 @@ class LLMEngine:
         output ids so far or None). They share this sequence's prompt KV: once it is in the
         cache they fork off (shared full blocks, a copied partial block), their first token
         sampled from this sequence's last prompt logits with their own params and seed
-        stream unless given. A prefill-only engine just samples their first tokens."""
+        stream unless given. A prefill-only engine just samples their first tokens.
+
+        With reserved, the sequence made by ``reserve`` (its KV already written into its
+        blocks) joins the queue; prompt_token_ids, params and output_token_ids are those
+        given to ``reserve``."""
         ids = [request_id] + [c[0] for c in children or ()]
         if any(i in self._seqs for i in ids) or len(set(ids)) != len(ids):
             raise ValueError(f"duplicate request id among {ids!r}")
+        if reserved:
+            with self._lock:
+                seq = self._reserved.pop(request_id, None)
+                if seq is None:
+                    raise ValueError(f"no blocks were reserved for {request_id!r}")
+                seq.num_computed_tokens = seq.num_pending_kv_tokens
+                seq.num_pending_kv_tokens = 0
+                seq.children = list(children or [])
+                try:
+                    for _, p, _ in seq.children:
+                        self.scheduler.check_fits(len(seq.prompt_token_ids), p.max_tokens)
+                    self.scheduler.add(seq)
+                except BaseException:
+                    self.bm.free(seq)
+                    raise
+            self._seqs[request_id] = seq
+            return seq
         seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, output_token_ids)
         if pending_kv is not None:
             if pending_kv.shape[2] > len(prompt_token_ids):
@@ -129,11 +157,44 @@ class LLMEngine:
         self._seqs[request_id] = seq
         return seq
 
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                output_token_ids: list[int] | None, num_kv_tokens: int) -> list[int] | None:
+        """Blocks for a request whose first num_kv_tokens tokens of KV arrive from
+        elsewhere, so that the caller can write them in (``runner.write_kv``) from any
+        thread while steps run: no scheduled sequence holds these blocks. Returns the block
+        table, or None when the blocks are not free now. Thread-safe. The caller then calls
+        ``add_request(..., reserved=True)``, or ``release_reservation`` (only once nothing
+        writes into the blocks any more)."""
+        if request_id in self._seqs or request_id in self._reserved:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, output_token_ids)
+        if not 0 < num_kv_tokens <= len(prompt_token_ids):
+            raise ValueError(f"KV covers {num_kv_tokens} tokens, prompt has {len(prompt_token_ids)}")
+        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+        with self._lock:
+            # First come, first served: not ahead of waiting requests that still need blocks.
+            if any(not s.block_table for s in self.scheduler.waiting) or not self.bm.can_allocate(seq, seq.num_tokens):
+                return None
+            self.bm.allocate(seq, seq.num_tokens)
+            seq.num_pending_kv_tokens = num_kv_tokens
+            self._reserved[request_id] = seq
+        return list(seq.block_table)
+
+    def release_reservation(self, request_id: str) -> bool:
+        """Give back the blocks of a reservation not (yet) added. Thread-safe; idempotent."""
+        with self._lock:
+            seq = self._reserved.pop(request_id, None)
+            if seq is None:
+                return False
+            self.bm.free(seq)
+            return True
+
     def abort(self, request_id: str, reason: str = "abort") -> bool:
-        seq = self._seqs.pop(request_id, None)
-        if seq is None:
-            return False
-        self.scheduler.finish(seq, reason)
+        with self._lock:
+            seq = self._seqs.pop(request_id, None)
+            if seq is None:
+                return False
+            self.scheduler.finish(seq, reason)
         self.sampler.forget(request_id)
         return True
 
@@ -143,7 +204,8 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------
     def step(self) -> StepOutput:
-        batch: ScheduledBatch = self.scheduler.schedule()
+        with self._lock:
+            batch: ScheduledBatch = self.scheduler.schedule()
         out = StepOutput(preempted=list(batch.preempted))
         if batch.is_empty and not batch.kv_imports and not batch.block_copies:
             return out
@@ -187,18 +249,19 @@ class LLMEngine:
                     out.prompt_logprobs[c.request_id] = parent_lps[id(parent_of[id(c)])]
         out.exported_kv = result.exported
         out.num_tokens = batch.total_tokens
-        # Forks take the prompt KV before the parent may finish (and free it) below.
-        for parent, child in forks:
-            reason = (self.scheduler.stop_reason(child, child.output_token_ids[-1])
-                      if child.request_id in out.new_tokens else None)
-            if reason is not None:
-                child.status = SeqStatus.FINISHED
-                child.finish_reason = reason
-                out.finished.append(child)
-                continue
-            self.scheduler.fork(parent, child)
-            self._seqs[child.request_id] = child
-        out.finished += self.scheduler.postprocess(batch, sampled)
+        with self._lock:
+            # Forks take the prompt KV before the parent may finish (and free it) below.
+            for parent, child in forks:
+                reason = (self.scheduler.stop_reason(child, child.output_token_ids[-1])
+                          if child.request_id in out.new_tokens else None)
+                if reason is not None:
+                    child.status = SeqStatus.FINISHED
+                    child.finish_reason = reason
+                    out.finished.append(child)
+                    continue
+                self.scheduler.fork(parent, child)
+                self._seqs[child.request_id] = child
+            out.finished += self.scheduler.postprocess(batch, sampled)
         for seq in out.finished:
             self._seqs.pop(seq.request_id, None)
             self.sampler.forget(seq.request_id)

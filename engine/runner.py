@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.attention_metadata import AttentionMetadata
@@ -56,6 +57,13 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> tor
     pos = torch.arange(start, end)
     table = torch.tensor(block_table, dtype=torch.long)
     return table[pos // block_size] * block_size + pos % block_size
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (16-bit floats as int16: numpy has no bfloat16)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.detach().numpy()
 
 
 @dataclass
@@ -156,32 +164,63 @@ class ModelRunner:
         # Layer-wise KV streaming: called (request id, layer, first token, kv [2, n, kvh, hd],
         # a copy) after each layer of a step, for the step's kv_stream entries.
         self.on_layer_kv: Callable[[str, int, int, torch.Tensor], None] | None = None
+        # Where exported KV goes: called (request id, shape, dtype) -> a contiguous tensor
+        # of that shape to gather into, or None for a fresh one (prefill workers hand out
+        # slots of their same-node transfer arena, so the gather is the sender's only copy).
+        self.export_into: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None] | None = None
 
     def _head_slice(self) -> slice:
         lo = self.tp_rank * self.kv_heads_local
         return slice(lo, lo + self.kv_heads_local)
 
     def import_kv(self, block_table: list[int], kv: torch.Tensor) -> None:
-        """kv: [layers, 2, tokens, kv_heads (all ranks), head_dim]. Whole blocks move with
-        one index_copy per layer and K/V; the last partial block separately."""
-        bs, n = self.block_size, kv.shape[2]
-        full, rem = divmod(n, bs)
-        if kv.shape[3] != self.kv_heads_local:
-            kv = kv[:, :, :, self._head_slice()]
-        blocks = torch.tensor(block_table[:full], dtype=torch.long)
-        for layer, cache in enumerate(self.kv_caches):
-            src = kv[layer].to(cache.dtype)
-            for j in (0, 1):
-                if full:
-                    cache[j].index_copy_(0, blocks, src[j, : full * bs].reshape(full, bs, *cache.shape[3:]))
-                if rem:
-                    cache[j, block_table[full], :rem] = src[j, full * bs:]
+        """kv: [layers, 2, tokens, kv_heads (all ranks), head_dim], the first tokens of the
+        sequence whose blocks block_table lists."""
+        for layer in range(len(self.kv_caches)):
+            self.write_kv(block_table, layer, 0, kv[layer])
 
-    def export_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
-        """This rank's heads of the first num_tokens of a sequence: [layers, 2, tokens, kvh, hd]."""
+    def write_kv(self, block_table: list[int], layer: int, first: int, kv: torch.Tensor,
+                 part: int | None = None) -> None:
+        """Write one layer's KV of tokens ``first .. first + n`` (``kv``: ``[2, n, kv_heads
+        (all ranks), head_dim]``; with ``part`` 0 or 1, only the keys or the values,
+        ``[n, kv_heads, head_dim]``) into the blocks of ``block_table``. Safe beside a running
+        step as long as no scheduled sequence holds those blocks (the decode worker admits
+        into reserved blocks off the engine thread).
+
+        Whole blocks move with one numpy fancy assignment per K and V (row copies at memcpy
+        speed, GIL released; torch's index_copy_ runs ~3x slower here), partial blocks at
+        either end by slices."""
+        cache = self.kv_caches[layer]
+        if part is not None:
+            kv, cache = kv.unsqueeze(0), cache[part: part + 1]
+        n, bs = kv.shape[1], self.block_size
+        if n == 0:
+            return
+        if kv.shape[2] != self.kv_heads_local:
+            kv = kv[:, :, self._head_slice()]
+        c, s = _np(cache), _np(kv.to(cache.dtype))
+        pos, i = first, 0
+        if pos % bs:  # head: the rest of a partly written block
+            k = min(n, bs - pos % bs)
+            c[:, block_table[pos // bs], pos % bs: pos % bs + k] = s[:, :k]
+            pos, i = pos + k, k
+        full = (n - i) // bs
+        if full:
+            ids = np.asarray(block_table[pos // bs: pos // bs + full], dtype=np.int64)
+            rows = s[:, i: i + full * bs].reshape(len(s), full, bs, *s.shape[2:])
+            for j in range(len(s)):
+                c[j][ids] = rows[j]
+            pos, i = pos + full * bs, i + full * bs
+        if i < n:  # tail: the start of the last block
+            c[:, block_table[pos // bs], : n - i] = s[:, i:]
+
+    def export_kv(self, block_table: list[int], num_tokens: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's heads of the first num_tokens of a sequence: [layers, 2, tokens, kvh, hd]
+        (into ``out`` when given: e.g. a slot of the KV transfer's shared memory)."""
         bs, c0 = self.block_size, self.kv_caches[0]
         full, rem = divmod(num_tokens, bs)
-        out = torch.empty(len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4], dtype=c0.dtype)
+        if out is None:
+            out = torch.empty(len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4], dtype=c0.dtype)
         blocks = torch.tensor(block_table[:full], dtype=torch.long)
         for layer, cache in enumerate(self.kv_caches):
             for j in (0, 1):
@@ -191,6 +230,16 @@ class ModelRunner:
                 if rem:
                     out[layer, j, full * bs:] = cache[j, block_table[full], :rem]
         return out
+
+    def _export_buffer(self, request_id: str, num_tokens: int) -> torch.Tensor | None:
+        if self.export_into is None or self.tp_size > 1:
+            return None
+        c0 = self.kv_caches[0]
+        shape = (len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4])
+        try:
+            return self.export_into(request_id, shape, c0.dtype)
+        except Exception:  # noqa: BLE001 - the export still happens, into a fresh tensor
+            return None
 
     def forward(self, step: StepInput, hook: Callable[[int], None] | None) -> torch.Tensor:
         """Final-normed hidden states of the step's tokens (engine.afd overrides this)."""
@@ -220,5 +269,5 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[step.logits_indices])
             if step.prompt_logits_indices.numel():
                 prompt_logits = self.model.compute_logits(hidden[step.prompt_logits_indices])
-        exported = {rid: self.export_kv(table, n) for rid, table, n in step.kv_exports}
+        exported = {rid: self.export_kv(table, n, self._export_buffer(rid, n)) for rid, table, n in step.kv_exports}
         return StepResult(logits=logits, exported=exported, prompt_logits=prompt_logits)

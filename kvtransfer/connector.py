@@ -12,14 +12,18 @@ Primitives and who calls them:
 Across nodes the KV streams layer by layer while the prompt is computed
 (``kvtransfer.stream``: ``begin`` before the prefill, ``sender.add`` per layer from the
 engine thread, ``sender.end``), so the receiver can ``receive`` it early (prefetch) and
-start decoding once all layers land. Connectors are chosen per pair of workers by
-``get_connector``; the codec per chunk comes from ``kvtransfer.policy``.
+start decoding once all layers land. Within a node the KV goes through the prefill
+worker's shared-memory arena (``kvtransfer.shm``: one copy in, one scatter out, no
+serialization), or the Ray object store when the arena is full or absent. Connectors are
+chosen per pair of workers by ``get_connector``; the codec per chunk comes from
+``kvtransfer.policy``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -30,7 +34,10 @@ from kvtransfer.base import TORCH_DTYPES, VIEW_DTYPES, KVHandle, KVTransferError
 _TORCH, _VIEW_DTYPES = TORCH_DTYPES, VIEW_DTYPES
 
 __all__ = ["TORCH_DTYPES", "VIEW_DTYPES", "GrpcConnector", "KVConnector", "KVHandle", "KVTransferError",
-           "ObjectStoreConnector", "PairConnector", "get_connector", "kv_to_numpy", "numpy_to_kv"]
+           "ObjectStoreConnector", "PairConnector", "ShmConnector", "get_connector", "kv_to_numpy", "numpy_to_kv"]
+
+# write(layer, 0 for keys / 1 for values, first token, kv [n, kv_heads, head_dim]).
+KVWriter = Callable[[int, int, int, torch.Tensor], None]
 
 
 class KVConnector(Protocol):
@@ -70,6 +77,36 @@ class ObjectStoreConnector:
         if tuple(arr.shape) != tuple(handle.shape):
             raise KVTransferError(f"KV of {handle.request_id} has shape {arr.shape}, expected {handle.shape}")
         return numpy_to_kv(arr, handle.dtype)
+
+    def release(self, handle: KVHandle) -> None:
+        handle.ref = None
+
+
+class ShmConnector:
+    """The prefill worker's shared-memory arena (``kvtransfer.shm``). ``send`` returns None
+    when the arena is full (or there is none): the caller falls back."""
+
+    name = "shm"
+
+    def __init__(self, arena: Any = None) -> None:
+        self.arena = arena  # a kvtransfer.shm.ShmArena on the sender; None on receivers
+        self.fallbacks = 0  # sends that did not fit
+
+    def send(self, request_id: str, kv: torch.Tensor) -> KVHandle | None:  # type: ignore[override]
+        handle = None if self.arena is None else self.arena.put(request_id, kv)
+        if handle is None:
+            self.fallbacks += 1
+        return handle
+
+    def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
+        from kvtransfer.shm import read
+
+        return read(handle, timeout_s)
+
+    def receive_into(self, handle: KVHandle, write: KVWriter, timeout_s: float) -> None:
+        from kvtransfer.shm import read_into
+
+        read_into(handle, write, timeout_s)
 
     def release(self, handle: KVHandle) -> None:
         handle.ref = None
@@ -141,29 +178,43 @@ class GrpcConnector:
         handle.ref = None
 
 
+TRANSPORTS = ("auto", "shm", "object_store", "grpc")
+
+
 class PairConnector:
-    """Chooses the transport per pair of workers: same node -> object store, else gRPC,
-    unless the manifest pins one. Receivers dispatch on the handle's transport."""
+    """Chooses the transport per pair of workers: same node -> the sender's shared-memory
+    arena when it has one and the KV fits (else the object store), other node -> gRPC,
+    unless the manifest pins one (``shm`` behaves as ``auto``; ``object_store`` skips the
+    arena). Receivers dispatch on the handle's transport."""
 
     def __init__(self, transport: str = "auto", node_ip: str = "127.0.0.1",
-                 rate_gbps: float | None = None, policy: Any = None) -> None:
-        if transport not in ("auto", "object_store", "grpc"):
-            raise ValueError(f"unknown KV transport {transport!r}; allowed: auto, object_store, grpc")
+                 rate_gbps: float | None = None, policy: Any = None, arena: Any = None) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown KV transport {transport!r}; allowed: {', '.join(TRANSPORTS)}")
         self.transport = transport
         self.node_ip = node_ip
         self.object_store = ObjectStoreConnector()
         self.grpc = GrpcConnector(node_ip, rate_gbps, policy)
+        self.shm = ShmConnector(arena if transport in ("auto", "shm") else None)
 
     def pick(self, dest_node_ip: str | None) -> KVConnector:
-        if self.transport == "grpc" or (self.transport == "auto" and dest_node_ip not in (None, self.node_ip)):
+        if self.transport == "grpc" or (self.transport in ("auto", "shm")
+                                        and dest_node_ip not in (None, self.node_ip)):
             return self.grpc
+        if self.shm.arena is not None:
+            return self.shm  # type: ignore[return-value]
         return self.object_store
 
     def send(self, request_id: str, kv: torch.Tensor, dest_node_ip: str | None = None) -> KVHandle:
         conn = self.pick(dest_node_ip)
         if conn is self.grpc:
             return self.grpc.send(request_id, kv, dest_node_ip)
-        return conn.send(request_id, kv)
+        if conn is self.shm:
+            handle = self.shm.send(request_id, kv)
+            if handle is not None:
+                return handle
+            # The arena is full: the object store takes it.
+        return self.object_store.send(request_id, kv)
 
     def receive_detailed(self, handle: KVHandle, timeout_s: float) -> Any:
         """A ``kvtransfer.stream.Received`` (kv, kv_tokens, choices, nbytes, attempts)."""
@@ -171,8 +222,25 @@ class PairConnector:
             return self.grpc.receive_detailed(handle, timeout_s)
         from kvtransfer.stream import Received
 
-        kv = self.object_store.receive(handle, timeout_s)
+        conn = self.shm if handle.transport == "shm" else self.object_store
+        kv = conn.receive(handle, timeout_s)
         return Received(kv, kv.shape[2], [], handle.nbytes, 1)  # raw, not chunked
+
+    def receive_into(self, handle: KVHandle, write: KVWriter, timeout_s: float) -> Any:
+        """Hand the KV to ``write`` piece by piece (the scatter into reserved blocks): out
+        of shared memory directly for ``shm`` handles, else after receiving it whole.
+        Returns the ``Received`` record with ``kv`` None (it went to ``write``)."""
+        from kvtransfer.stream import Received
+
+        if handle.transport == "shm":
+            self.shm.receive_into(handle, write, timeout_s)
+            return Received(None, handle.shape[2], [], handle.nbytes, 1)  # type: ignore[arg-type]
+        got = self.receive_detailed(handle, timeout_s)
+        for layer in range(got.kv.shape[0]):
+            for j in (0, 1):
+                write(layer, j, 0, got.kv[layer, j])
+        got.kv = None
+        return got
 
     def receive(self, handle: KVHandle, timeout_s: float) -> torch.Tensor:
         return self.receive_detailed(handle, timeout_s).kv
@@ -182,6 +250,7 @@ class PairConnector:
 
 
 def get_connector(transport: str = "auto", node_ip: str = "127.0.0.1",
-                  rate_gbps: float | None = None, policy: Any = None) -> PairConnector:
-    """Codecs (``policy``) apply to the gRPC (cross-node) path; within a node KV moves raw."""
-    return PairConnector(transport, node_ip, rate_gbps, policy)
+                  rate_gbps: float | None = None, policy: Any = None, arena: Any = None) -> PairConnector:
+    """Codecs (``policy``) apply to the gRPC (cross-node) path; within a node KV moves raw.
+    ``arena``: the sender's ``kvtransfer.shm.ShmArena`` (prefill workers), if any."""
+    return PairConnector(transport, node_ip, rate_gbps, policy, arena)

@@ -4,7 +4,9 @@ transfer layer and returns a handle that the decode worker redeems.
 Across nodes (gRPC) the KV streams layer by layer while the prompt is computed: the
 transfer is opened before the prompt is queued, the decode worker is told to start
 pulling at once (``prefetch_kv``), and each layer's KV goes to the sender as the engine
-writes it. Within a node the finished KV goes through the object store."""
+writes it. Within a node the finished KV goes into this worker's shared-memory arena
+(``kvtransfer.shm``, pre-faulted at start, sized from the manifest), or the object store
+when the arena is full."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 
 from cluster.channel import Conn
 from cluster.worker_base import EngineWorker, current_node_ip
-from engine.engine import StepOutput
+from engine.engine import LLMEngine, StepOutput
 from engine.scheduler import SchedulerConfig
 from kvtransfer.connector import GrpcConnector, KVHandle, KVTransferError, get_connector
 from kvtransfer.policy import PolicySpec, TransferPolicy
@@ -68,6 +70,7 @@ class PrefillWorker(EngineWorker):
         cfg = ModelConfig.from_dir(self.settings.model_dir)
         self._kv_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
         assert self.engine is not None
+        self._start_arena()
         if self.settings.tp_size == 1:
             sender = self.connector.grpc.sender
             self.engine.runner.on_layer_kv = sender.add
@@ -89,6 +92,37 @@ class PrefillWorker(EngineWorker):
         if self.kvtc_costs:  # kvtc's levels cost what the model's calibration measured
             self.policy.set_costs(self.kvtc_costs)  # before the engine starts: a pinned level above the floor fails
 
+    def _start_arena(self) -> None:
+        """The same-node KV arena: kv_transfer.shm_arena_mb, else as large as this pool's KV
+        cache. Without one (0, transport object_store or grpc, or /dev/shm refused) KV
+        within a node goes through the object store."""
+        from kvtransfer.shm import ShmArena, arena_bytes
+
+        kt = self.manifest.kv_transfer
+        if kt.transport not in ("auto", "shm") or kt.shm_arena_mb == 0 or self.connector.shm.arena is not None:
+            return
+        layers, kvh, hd = self._kv_shape
+        size = (int(kt.shm_arena_mb * 2**20) if kt.shm_arena_mb is not None else
+                arena_bytes(layers, kvh, hd, self.manifest.model.dtype,
+                            self.settings.num_blocks * self.settings.block_size))
+        try:
+            self.connector.shm.arena = ShmArena(size, ttl_s=kt.timeout_s + self.manifest.server.request_timeout_s)
+        except (OSError, ValueError) as e:
+            logger.warning("%s has no shared-memory KV arena (%s); same-node KV goes through the object store",
+                           self.worker_id, e)
+            return
+        arena = self.connector.shm.arena
+        if isinstance(self.engine, LLMEngine):  # splitserve's engine (vLLM's exports its own way)
+            # Prompt KV is gathered out of the paged cache straight into an arena slot (the
+            # sender's one copy), except the codec-profiling probe's and when it is full.
+            def export_into(rid: str, shape: tuple[int, ...], dtype: Any) -> Any:
+                if rid == self._probe or self.connector.pick(self._dest.get(rid)) is not self.connector.shm:
+                    return None
+                return arena.buffer(rid, shape, dtype)
+
+            self.engine.runner.export_into = export_into
+        logger.info("%s KV arena: %.0f MiB", self.worker_id, size / 2**20)
+
     async def health(self) -> dict[str, Any]:
         stats = await super().health()
         stats.update(self.policy.profile_status())
@@ -105,6 +139,14 @@ class PrefillWorker(EngineWorker):
             stats["kv_server_authenticated"] = bool(server.token)
             stats["kv_server_tls"] = server.tls
             stats["kv_fetch_refused"] = server.refused
+        arena = self.connector.shm.arena
+        if arena is not None:
+            slots = arena.held()
+            held += slots
+            stats["kv_shm_slots_held"] = slots
+            stats["kv_shm_free_bytes"] = arena.free_bytes()
+            stats["kv_shm_puts"] = arena.puts
+            stats["kv_shm_fallbacks"] = self.connector.shm.fallbacks
         stats["kv_transfers_held"] = held
         return stats
 
@@ -179,6 +221,8 @@ class PrefillWorker(EngineWorker):
             self.connector.grpc.sender.abort(request_id, f"{request_id} was released")
         if server is not None:
             server.discard(request_id)
+        if self.connector.shm.arena is not None:
+            self.connector.shm.arena.release(request_id)  # freed now, or once its reader is out
 
     async def _profile_codecs(self, tokens: int = 512) -> None:
         """Measure the adaptive options on this model's own KV (one internal prefill) and

@@ -1,0 +1,461 @@
+"""Same-node KV at memory speed: a pre-faulted shared-memory arena per prefill worker.
+
+The sender (prefill worker) owns one ``ShmArena``: a tmpfs file created with mode 0600,
+unlinked at once and kept open, so no file is ever left behind, whatever kills the
+process; receivers on the same node open it through ``/proc/<pid>/fd/<fd>`` (same user
+only), checked against the file's inode. Both sides map it once and touch every page
+before serving, so no page fault lands on the transfer path.
+
+Primitives and who calls them:
+- ``ShmArena.put(request_id, kv)`` (sender): allocates a slot, copies the KV in layer by
+  layer with a checksum per layer, publishes the slot; returns a ``KVHandle`` (transport
+  ``"shm"``) or None when the arena is full (the caller falls back to the object store).
+- ``read_into(handle, write, timeout_s)`` (receiver): attaches the arena, takes a shared
+  lock on the slot, checks that the slot still holds this transfer, hands each layer
+  (a view of shared memory) to ``write(layer, kv_layer)`` (the scatter into the paged
+  cache), verifies its checksum, marks the slot done.
+- ``ShmArena.release(request_id)`` / ``sweep()`` (sender): free slots whose transfer is
+  done, released, or older than the transfer TTL.
+
+No wrong KV: a slot is freed only under an exclusive ``lockf`` lock on its first byte; a
+reader holds a shared lock on it while it reads (the kernel drops it if the reader dies),
+so a slot is never reused under a reader. A reader that comes after the slot was freed
+finds a different generation in the slot header and fails the transfer
+(``KVTransferError``: the request is retried or recomputed, never fed stale KV).
+
+Slot header (64 bytes at the slot's start): magic ``SSKVSLT1`` | generation u64 (random,
+per transfer) | state u64 (1 ready, 2 done) | payload bytes u64; the payload follows at
++64. Checksums (one 64-bit wrap-around sum of the payload's words per layer: catches
+stale, reused or torn slots, not adversaries, who cannot open a 0600 file of another
+user) travel in the handle.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import mmap
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtransfer.base import TORCH_DTYPES, KVHandle, KVTransferError
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+FILE_PREFIX = "splitserve-kv-"
+HEADER = struct.Struct("<8sQQQ")
+MAGIC = b"SSKVSLT1"
+HEADER_BYTES = 64
+ALIGN = 4096
+READY, DONE = 1, 2
+PAGE = mmap.PAGESIZE
+
+
+@dataclass
+class ShmRef:
+    # Owner process and its descriptor of the (unlinked) arena file.
+    pid: int
+    fd: int
+    # Identity of the file (checked after opening /proc/<pid>/fd/<fd>: pid reuse).
+    dev: int
+    ino: int
+    # Arena size, slot offset (its header), payload bytes, generation of this transfer.
+    size: int
+    offset: int
+    nbytes: int
+    generation: int
+    # Tokens per checksummed piece, and the checksum of each piece (layer-major order, see
+    # ``pieces``; ``checksum`` of its K and V parts, summed).
+    piece_tokens: int
+    sums: list[int]
+
+    def __str__(self) -> str:  # the decode worker keys prefetches by str(handle.ref)
+        return f"shm:{self.pid}:{self.ino}:{self.offset}:{self.generation:x}"
+
+
+def _word_view(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of contiguous ``t`` as the widest integers that tile them."""
+    b = t.reshape(-1).view(torch.uint8)
+    for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if b.numel() % size == 0:
+            return b.view(dt)
+    return b
+
+
+def checksum(t: torch.Tensor) -> int:
+    """64-bit wrap-around sum of the words of contiguous ``t`` (memory-bandwidth speed)."""
+    return int(_word_view(t).sum(dtype=torch.int64).item()) & 0xFFFFFFFFFFFFFFFF
+
+
+# Bytes per checksummed piece: small enough that the copy and the checksum of a piece
+# share the core's L2 cache, so the checksum costs a cache read, not a memory read.
+PIECE_BYTES = 2 << 20
+
+
+def piece_tokens(shape: tuple[int, ...] | torch.Size, itemsize: int) -> int:
+    per_token = math.prod(shape[3:]) * itemsize
+    return max(1, PIECE_BYTES // max(1, per_token))
+
+
+def pieces(shape: tuple[int, ...] | torch.Size, step: int) -> list[tuple[int, int, int, int]]:
+    """(layer, 0 for K / 1 for V, first token, end token) of every piece, in memory order
+    (each piece is contiguous)."""
+    tokens = shape[2]
+    return [(layer, j, a, min(a + step, tokens)) for layer in range(shape[0]) for j in (0, 1)
+            for a in range(0, tokens, step)]
+
+
+def _prefault(mm: mmap.mmap, write: bool) -> None:
+    """Touch every page so that no later access faults (the point of the arena)."""
+    buf = memoryview(mm)
+    try:
+        t = torch.frombuffer(buf, dtype=torch.uint8)
+        if write:
+            t[::PAGE] = 0
+        else:
+            int(t[::PAGE].sum())
+    finally:
+        del t
+        buf.release()
+
+
+def _sweep_stale_files() -> None:
+    """Files of arenas whose process died between creating and unlinking them."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(FILE_PREFIX):
+            continue
+        try:
+            pid = int(name[len(FILE_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+
+
+@dataclass
+class _Slot:
+    request_id: str
+    offset: int
+    length: int  # bytes reserved (header + payload, rounded up to ALIGN)
+    generation: int
+    created: float
+
+
+class ShmArena:
+    """The sender's arena. Thread-safe (sends run on a pool, releases on the event loop)."""
+
+    def __init__(self, nbytes: int, ttl_s: float = 300.0) -> None:
+        if nbytes < ALIGN:
+            raise ValueError(f"a KV arena needs at least {ALIGN} bytes, got {nbytes}")
+        _sweep_stale_files()
+        self.size = -(-nbytes // ALIGN) * ALIGN
+        self.ttl_s = ttl_s
+        path = os.path.join(SHM_DIR, f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.unlink(path)  # from now on only this process's descriptor keeps it
+            os.posix_fallocate(fd, 0, self.size)  # tmpfs pages now; full /dev/shm fails here, not later
+            self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        _prefault(self.mm, write=True)
+        self.fd = fd
+        st = os.fstat(fd)
+        self.dev, self.ino = st.st_dev, st.st_ino
+        self._buf = torch.frombuffer(memoryview(self.mm), dtype=torch.uint8)
+        self._lock = threading.Lock()
+        self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, length), sorted, coalesced
+        self._slots: dict[str, _Slot] = {}
+        self._closed = False
+        # Counters for health and benchmarks.
+        self.puts = 0
+        self.full = 0
+
+    # -- allocation -------------------------------------------------------------------
+    def _alloc(self, length: int) -> int | None:
+        for i, (off, n) in enumerate(self._free):
+            if n >= length:
+                if n == length:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + length, n - length)
+                return off
+        return None
+
+    def _give_back(self, off: int, length: int) -> None:
+        self._free.append((off, length))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for o, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((o, n))
+        self._free = merged
+
+    def _header(self, off: int) -> tuple[bytes, int, int, int]:
+        return HEADER.unpack_from(self.mm, off)  # type: ignore[return-value]
+
+    def _try_reclaim(self, slot: _Slot) -> bool:
+        """Free slot unless a reader holds it (then it stays, for a later sweep)."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot.offset, os.SEEK_SET)
+        except OSError:
+            return False
+        try:
+            HEADER.pack_into(self.mm, slot.offset, b"\0" * 8, 0, 0, 0)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, slot.offset, os.SEEK_SET)
+        self._give_back(slot.offset, slot.length)
+        return True
+
+    # -- sender -----------------------------------------------------------------------
+    def _new_slot(self, request_id: str, payload: int) -> _Slot | None:
+        length = -(-(HEADER_BYTES + payload) // ALIGN) * ALIGN
+        with self._lock:
+            if self._closed:
+                return None
+            self.sweep_locked()
+            old = self._slots.pop(request_id, None)
+            if old is not None:  # a retried prefill of the same request replaces its slot
+                if not self._try_reclaim(old):
+                    self._slots[f"{request_id}#stale{old.generation:x}"] = old
+            off = self._alloc(length)
+            if off is None:
+                self.full += 1
+                return None
+            slot = _Slot(request_id, off, length, secrets.randbits(63) | 1, time.monotonic())
+            self._slots[request_id] = slot
+            return slot
+
+    def _view(self, slot: _Slot, shape: tuple[int, ...], dtype: torch.dtype, payload: int) -> torch.Tensor:
+        start = slot.offset + HEADER_BYTES
+        return self._buf[start: start + payload].view(dtype).view(shape)
+
+    def buffer(self, request_id: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A slot's memory for the request's KV to be gathered into (``ModelRunner.
+        export_into``); ``put`` of that same tensor then publishes it without a copy. None
+        if it does not fit now (the export goes to a fresh tensor)."""
+        payload = math.prod(shape) * dtype.itemsize
+        slot = self._new_slot(request_id, payload)
+        return None if slot is None else self._view(slot, shape, dtype, payload)
+
+    def put(self, request_id: str, kv: torch.Tensor) -> KVHandle | None:
+        """Publish ``kv`` ([layers, 2, tokens, kv_heads, head_dim]): copied into a new slot,
+        or, when it is the request's ``buffer``, as it stands; None if it does not fit."""
+        t0 = time.perf_counter()
+        kv = kv.detach()
+        payload = kv.numel() * kv.element_size()
+        with self._lock:
+            slot = self._slots.get(request_id)
+        in_place = (slot is not None and kv.is_contiguous()
+                    and kv.data_ptr() == self._buf.data_ptr() + slot.offset + HEADER_BYTES
+                    and slot.length >= HEADER_BYTES + payload)
+        if not in_place:
+            slot = self._new_slot(request_id, payload)
+            if slot is None:
+                return None
+        assert slot is not None
+        off, gen = slot.offset, slot.generation
+        try:
+            dst = self._view(slot, tuple(kv.shape), kv.dtype, payload)
+            step = piece_tokens(kv.shape, kv.element_size())
+            sums = []
+            # Piece by piece: the checksum reads what the copy just wrote, from cache.
+            for layer, j, a, b in pieces(kv.shape, step):
+                piece = dst[layer, j, a:b]
+                if not in_place:
+                    piece.copy_(kv[layer, j, a:b])
+                sums.append(checksum(piece))
+            HEADER.pack_into(self.mm, off, MAGIC, gen, READY, payload)
+        except BaseException:
+            self.release(request_id)
+            raise
+        self.puts += 1
+        ref = ShmRef(os.getpid(), self.fd, self.dev, self.ino, self.size, off, payload, gen, step, sums)
+        return KVHandle(request_id, tuple(kv.shape), str(kv.dtype).removeprefix("torch."), payload, "shm",
+                        ref, time.perf_counter() - t0)
+
+    def release(self, request_id: str) -> None:
+        """The request ended (or its transfer was abandoned): free its slot now, or at a
+        later sweep if a reader is still in it. Idempotent."""
+        with self._lock:
+            slot = self._slots.get(request_id)
+            if slot is not None and self._try_reclaim(slot):
+                del self._slots[request_id]
+
+    def sweep(self) -> None:
+        with self._lock:
+            self.sweep_locked()
+
+    def sweep_locked(self) -> None:
+        now = time.monotonic()
+        for key, slot in list(self._slots.items()):
+            magic, gen, state, _ = self._header(slot.offset)
+            done = magic == MAGIC and gen == slot.generation and state == DONE
+            stale = key != slot.request_id  # replaced by a retry
+            if (done or stale or now - slot.created > self.ttl_s) and self._try_reclaim(slot):
+                del self._slots[key]
+
+    def held(self) -> int:
+        """Slots not yet freed (0 when idle, after a sweep)."""
+        with self._lock:
+            self.sweep_locked()
+            return len(self._slots)
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(n for _, n in self._free)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._slots.clear()
+            del self._buf
+            try:
+                self.mm.close()
+            except BufferError:  # a view is still alive: the mapping goes with the process
+                pass
+            os.close(self.fd)
+
+
+# -- receiver side --------------------------------------------------------------------
+@dataclass
+class _Attached:
+    fd: int
+    owner_fd: int
+    mm: mmap.mmap
+    buf: torch.Tensor
+
+
+_attached: dict[tuple[int, int, int], _Attached] = {}
+_attach_lock = threading.Lock()
+
+
+def _attach(ref: ShmRef) -> _Attached:
+    key = (ref.pid, ref.dev, ref.ino)
+    with _attach_lock:
+        a = _attached.get(key)
+        if a is not None:
+            return a
+        try:
+            fd = os.open(f"/proc/{ref.pid}/fd/{ref.fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KVTransferError(f"KV arena of process {ref.pid} is gone ({e.strerror}): its prefill "
+                                  "worker died") from None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (ref.dev, ref.ino) or st.st_size != ref.size:
+                raise KVTransferError(f"KV arena of process {ref.pid} is gone (descriptor {ref.fd} now "
+                                      "names another file): its prefill worker died")
+            mm = mmap.mmap(fd, ref.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        _prefault(mm, write=False)
+        a = _attached[key] = _Attached(fd, ref.fd, mm, torch.frombuffer(memoryview(mm), dtype=torch.uint8))
+        return a
+
+
+def detach_dead() -> int:
+    """Unmap arenas whose owner process is gone, so that their memory returns (the file
+    was unlinked: the last mapping frees it). Returns how many stay attached."""
+    with _attach_lock:
+        for key, a in list(_attached.items()):
+            pid, dev, ino = key
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{a.owner_fd}")
+                alive = (st.st_dev, st.st_ino) == (dev, ino)
+            except OSError:
+                alive = False
+            if not alive:
+                del _attached[key]
+                a.buf = torch.empty(0, dtype=torch.uint8)
+                try:
+                    a.mm.close()
+                except BufferError:  # a reader still holds a view: unmapped with it
+                    pass
+                os.close(a.fd)
+        return len(_attached)
+
+
+def read_into(handle: KVHandle, write: Callable[[int, int, int, torch.Tensor], None], timeout_s: float) -> None:
+    """Hand the slot's KV piece by piece to ``write(layer, j, first_token, kv)`` (j: 0 key,
+    1 value; ``kv``: ``[n, kv_heads, head_dim]``, a view of shared memory valid only
+    during the call),
+    checking every piece's checksum; then mark the slot done. Raises ``KVTransferError`` if the slot no longer holds this
+    transfer or a checksum fails (``write`` may have seen some layers by then)."""
+    ref: ShmRef = handle.ref
+    if ref is None:
+        raise KVTransferError(f"KV of {handle.request_id} was released before it was read")
+    a = _attach(ref)
+    deadline = time.monotonic() + timeout_s
+    while True:  # the sender holds the lock only for a few microseconds while freeing
+        try:
+            fcntl.lockf(a.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ref.offset, os.SEEK_SET)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise KVTransferError(f"KV slot of {handle.request_id} stayed locked for {timeout_s}s") from None
+            time.sleep(0.001)
+    try:
+        magic, gen, state, nbytes = HEADER.unpack_from(a.mm, ref.offset)
+        if magic != MAGIC or gen != ref.generation or nbytes != ref.nbytes:
+            raise KVTransferError(f"KV slot of {handle.request_id} was freed before it was read "
+                                  "(released, aborted or expired)")
+        dtype = TORCH_DTYPES[handle.dtype]
+        start = ref.offset + HEADER_BYTES
+        kv = a.buf[start: start + nbytes].view(dtype).view(handle.shape)
+        spans = pieces(kv.shape, ref.piece_tokens)
+        if len(ref.sums) != len(spans):
+            raise KVTransferError(f"KV of {handle.request_id}: {len(ref.sums)} checksums for {len(spans)} pieces")
+        for (layer, j, a0, b0), want in zip(spans, ref.sums):
+            # The scatter pulls the piece into cache; the checksum then reads it from there. A
+            # piece that fails was written into blocks that are then never used.
+            piece = kv[layer, j, a0:b0]
+            write(layer, j, a0, piece)
+            if checksum(piece) != want:
+                raise KVTransferError(f"KV of {handle.request_id} layer {layer} {'KV'[j]} tokens {a0}..{b0} "
+                                      "failed its checksum")
+        HEADER.pack_into(a.mm, ref.offset, MAGIC, gen, DONE, nbytes)
+    finally:
+        fcntl.lockf(a.fd, fcntl.LOCK_UN, 1, ref.offset, os.SEEK_SET)
+
+
+def read(handle: KVHandle, timeout_s: float) -> torch.Tensor:
+    """A private copy of the slot's KV (callers that want a tensor, not a scatter)."""
+    out = torch.empty(handle.shape, dtype=TORCH_DTYPES[handle.dtype])
+
+    def write(layer: int, j: int, first: int, kv: torch.Tensor) -> None:
+        out[layer, j, first:first + kv.shape[0]].copy_(kv)
+
+    read_into(handle, write, timeout_s)
+    return out
+
+
+def arena_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int) -> int:
+    """Bytes that hold ``tokens`` tokens of KV (plus a header page per 16 slots)."""
+    itemsize = TORCH_DTYPES[dtype].itemsize
+    per_token = 2 * layers * kv_heads * head_dim * itemsize
+    return int(math.ceil(tokens * per_token * 1.0625)) + 16 * ALIGN
+
