@@ -69,6 +69,32 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class MergedColumnParallelLinear(nn.Module):
+    """Column-parallel linears that read the same input, stored as one weight so that one
+    matmul computes them all (q/k/v, gate/up): this rank's rows of each part, stacked in
+    order. ``parts`` is (out_features, what, units) per part; ``part(i)`` is the view of
+    part i's rows and the Shard of the checkpoint tensor it holds (engine.loader fills it).
+    Each output element is the same dot product as in the separate linears."""
+
+    def __init__(self, in_features: int, parts: list[tuple[int, str, int]], tp: TPContext,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shards: list[Shard] = []
+        self.sizes: list[int] = []
+        for out_features, what, units in parts:
+            start, n = tp.split(out_features // units, what)
+            self.shards.append(Shard((out_features, in_features), 0, start * units, n * units))
+            self.sizes.append(n * units)
+        self.weight = _frozen((sum(self.sizes), in_features), dtype)
+
+    def part(self, i: int) -> tuple[torch.Tensor, Shard]:
+        lo = sum(self.sizes[:i])
+        return self.weight[lo:lo + self.sizes[i]], self.shards[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class RowParallelLinear(nn.Module):
     """y = x W^T, W [out, in] split by input columns; partial sums are all-reduced
     unless the caller defers the reduction (reduce=False), e.g. to sum MoE experts first."""
