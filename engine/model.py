@@ -19,6 +19,7 @@ from torch import nn
 from engine.attention import paged_attention, write_kv
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
+from engine.linear import PackedWeight, linear
 from engine.rope import Rotary, apply_rotary
 from engine.tp import MergedColumnParallelLinear, RowParallelLinear, TPContext
 
@@ -163,6 +164,13 @@ class CausalLM(nn.Module):
         self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings
                                else _frozen(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
         self.rotary = Rotary(cfg)
+        self.lm_head_packed: PackedWeight | None = None
+
+    def pack(self, free: bool = True) -> bool:
+        """Pre-pack the lm_head for oneDNN (engine.linear.pack_model); its plain weight
+        stays (tied: it is the embedding table)."""
+        self.lm_head_packed = PackedWeight(self.lm_head_weight)
+        return True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor],
@@ -183,7 +191,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab] (lm_head is replicated)."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight, self.lm_head_packed).float()
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
