@@ -45,28 +45,44 @@ def _expand(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+def _decode_plan(cache: torch.Tensor, tables: list[list[int]], ctx: list[int],
+                 window: int | None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The decode batch's gather indices (flattened padded block table), blocks per
+    sequence, and key mask [B, 1, 1, L]: the same for every layer of a step."""
+    dev, bs = cache.device, cache.shape[2]
+    nblk = max(-(-c // bs) for c in ctx)
+    flat: list[int] = []
+    for t, c in zip(tables, ctx):
+        used = -(-c // bs)
+        flat.extend(t[:used])
+        flat.extend([0] * (nblk - used))  # padding reads block 0, masked out
+    lens = torch.tensor(ctx, device=dev)
+    k_pos = torch.arange(nblk * bs, device=dev)[None, :]
+    mask = (k_pos < lens[:, None]) & _visible((lens - 1)[:, None], k_pos, window)  # [B, L]
+    return torch.tensor(flat, dtype=torch.long, device=dev), nblk, mask[:, None, None, :]
+
+
 def _decode_batch(q: torch.Tensor, cache: torch.Tensor, tables: list[list[int]], ctx: list[int],
                   scale: float, window: int | None) -> torch.Tensor:
     """q: [B, heads, hd], one query per sequence at position ctx[b] - 1 -> [B, heads, hd]."""
-    dev, bs = cache.device, cache.shape[2]
-    nblk = max(-(-c // bs) for c in ctx)
-    table = torch.zeros(len(ctx), nblk, dtype=torch.long)
-    for b, (t, c) in enumerate(zip(tables, ctx)):
-        used = -(-c // bs)
-        table[b, :used] = torch.tensor(t[:used], dtype=torch.long)
+    return _decode_planned(q, cache, _decode_plan(cache, tables, ctx, window), scale)
+
+
+def _decode_planned(q: torch.Tensor, cache: torch.Tensor, plan: tuple[torch.Tensor, int, torch.Tensor],
+                    scale: float) -> torch.Tensor:
+    """_decode_batch with the step's plan (_decode_plan) already built."""
+    table, nblk, mask = plan
+    b = q.shape[0]
     # [2, B, L, kvh, hd]; padding reads block 0. index_select over the flattened table, not
     # advanced indexing (cache[:, table]): the same bytes, 5x faster on CPU (aten::index
     # took 27% of a SmolLM2 decode step at batch 8; benchmarks/attention_bench.py).
-    kv = cache.index_select(1, table.flatten().to(dev)).view(
-        cache.shape[0], len(ctx), nblk * bs, cache.shape[3], cache.shape[4])
-    lens = torch.tensor(ctx, device=dev)
-    k_pos = torch.arange(kv.shape[2], device=dev)[None, :]
-    mask = (k_pos < lens[:, None]) & _visible((lens - 1)[:, None], k_pos, window)  # [B, L]
+    kv = cache.index_select(1, table).view(cache.shape[0], b, nblk * cache.shape[2], cache.shape[3],
+                                           cache.shape[4])
     # [B, kvh, L, hd]; SDPA maps query head h to KV head h // groups itself (enable_gqa),
     # which skips the copy repeat_interleave makes of the whole gathered context: 1.5x
     # faster per layer at 16 x 1536 on the demo heads, bit-identical outputs.
     k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=q.shape[1] != cache.shape[3])
     return out.squeeze(2)
 
@@ -89,19 +105,39 @@ def _prefill_one(q: torch.Tensor, cache: torch.Tensor, table: list[int], c: int,
     return out[0].transpose(0, 1)
 
 
-def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
-    """q: [T, heads, hd] for the step's tokens, whose K/V are already in ``cache``.
-    Returns the attention output [T, heads, hd]."""
-    out = torch.empty_like(q)
+def _step_plan(meta: AttentionMetadata, cache: torch.Tensor, window: int | None) -> dict[str, object]:
+    """Index tensors and masks of a step, built once (first layer) and kept in meta.plan."""
+    key = (str(cache.device), cache.shape[2], window)
+    plan = meta.plan.get(key)
+    if plan is not None:
+        return plan  # type: ignore[no-any-return]
     starts = [0]
     for n in meta.query_lens:
         starts.append(starts[-1] + n)
     decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
+    plan = {"starts": starts, "decode": None, "rows": None,
+            "all_decode": len(decode) == len(meta.query_lens)}
     if decode:
-        rows = torch.tensor([starts[i] for i in decode], device=q.device)
-        ob = _decode_batch(q.index_select(0, rows), cache, [meta.block_tables[i] for i in decode],
-                           [meta.context_lens[i] for i in decode], scale, sliding_window)
+        plan["decode"] = _decode_plan(cache, [meta.block_tables[i] for i in decode],
+                                      [meta.context_lens[i] for i in decode], window)
+        if not plan["all_decode"]:
+            plan["rows"] = torch.tensor([starts[i] for i in decode], device=cache.device)
+    meta.plan[key] = plan
+    return plan
+
+
+def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """q: [T, heads, hd] for the step's tokens, whose K/V are already in ``cache``.
+    Returns the attention output [T, heads, hd]."""
+    plan = _step_plan(meta, cache, sliding_window)
+    if plan["all_decode"]:  # a pure decode step: one batched call, no scatter
+        return _decode_planned(q, cache, plan["decode"], scale).to(q.dtype)  # type: ignore[arg-type]
+    out = torch.empty_like(q)
+    starts: list[int] = plan["starts"]  # type: ignore[assignment]
+    if plan["decode"] is not None:
+        rows: torch.Tensor = plan["rows"]  # type: ignore[assignment]
+        ob = _decode_planned(q.index_select(0, rows), cache, plan["decode"], scale)  # type: ignore[arg-type]
         out.index_copy_(0, rows, ob.to(out.dtype))
     for i, n in enumerate(meta.query_lens):
         if n <= 1:

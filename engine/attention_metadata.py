@@ -9,7 +9,8 @@ K/V lives at slot ``block_id * block_size + offset``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,6 +27,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     # Tokens per KV block.
     block_size: int
+    # What every layer's attention derives from the fields above (index tensors, masks),
+    # built by the first layer of a forward and reused by the others (engine.attention).
+    plan: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

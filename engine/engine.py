@@ -49,12 +49,14 @@ class StepOutput:
 
 def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size: int,
                  tp_rank: int = 0, tp_size: int = 1, tp_group: object = None) -> ModelRunner:
+    from engine.linear import pack_model
     from engine.loader import load_model
     from engine.model import allocate_kv_cache
 
     tune_malloc()  # once per process: step temporaries stay in the heap (engine/alloc.py)
     torch_dtype = DTYPES[dtype]
     model = load_model(model_dir, torch_dtype, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
+    pack_model(model)  # oneDNN-packed linears on CPU (engine/linear.py; SPLITSERVE_LINEAR=torch: off)
     caches = allocate_kv_cache(model.cfg, num_blocks, block_size, torch_dtype, tp_size=tp_size)
     return ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
 

@@ -63,7 +63,7 @@ def _split(mod: Any) -> tuple[torch.Tensor, Shard]:
 
 def _mlp(mlp: MLP, pre: str, names: tuple[str, str, str]) -> dict[str, tuple[torch.Tensor, Shard]]:
     gate, up, down = names
-    return {f"{pre}{gate}.weight": _split(mlp.gate_proj), f"{pre}{up}.weight": _split(mlp.up_proj),
+    return {f"{pre}{gate}.weight": mlp.gate_up_proj.part(0), f"{pre}{up}.weight": mlp.gate_up_proj.part(1),
             f"{pre}{down}.weight": _split(mlp.down_proj)}
 
 
@@ -77,8 +77,9 @@ def parameter_map(model: CausalLM) -> dict[str, tuple[torch.Tensor, Shard]]:
         pre = f"model.layers.{i}."
         out[pre + "input_layernorm.weight"] = _replicated(layer.input_layernorm.weight)
         out[pre + "post_attention_layernorm.weight"] = _replicated(layer.post_attention_layernorm.weight)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{pre}self_attn.{name}.weight"] = _split(getattr(layer.self_attn, name))
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{pre}self_attn.{name}.weight"] = layer.self_attn.qkv_proj.part(j)
+        out[f"{pre}self_attn.o_proj.weight"] = _split(layer.self_attn.o_proj)
         if isinstance(layer.mlp, MoE):
             out[pre + "block_sparse_moe.gate.weight"] = _replicated(layer.mlp.gate.weight)
             for j, expert in enumerate(layer.mlp.experts):

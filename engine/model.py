@@ -19,8 +19,9 @@ from torch import nn
 from engine.attention import paged_attention, write_kv
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
+from engine.linear import PackedWeight, linear
 from engine.rope import Rotary, apply_rotary
-from engine.tp import ColumnParallelLinear, RowParallelLinear, TPContext
+from engine.tp import MergedColumnParallelLinear, RowParallelLinear, TPContext
 
 
 def _frozen(*shape: int, dtype: torch.dtype, fill: float | None = None) -> nn.Parameter:
@@ -51,17 +52,20 @@ class Attention(nn.Module):
         self.head_dim = hd
         self.scale = hd ** -0.5
         self.sliding_window = cfg.sliding_window
-        self.q_proj = ColumnParallelLinear(cfg.hidden_size, h * hd, tp, dtype, "attention heads", units=hd)
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kvh * hd, tp, dtype, "key-value heads", units=hd)
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kvh * hd, tp, dtype, "key-value heads", units=hd)
+        # q, k and v in one matmul (checkpoint q_proj/k_proj/v_proj are its row blocks).
+        self.qkv_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [(h * hd, "attention heads", hd), (kvh * hd, "key-value heads", hd),
+                              (kvh * hd, "key-value heads", hd)], tp, dtype)
         self.o_proj = RowParallelLinear(h * hd, cfg.hidden_size, tp, dtype, "attention heads", units=hd)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 cache: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        t, h, kvh, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        # Rotate q and k heads together (elementwise: the same values as one by one).
+        qk = apply_rotary(qkv[:, :(h + kvh) * hd].view(t, h + kvh, hd), cos, sin)
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + kvh) * hd:].view(t, kvh, hd)
         write_kv(cache, k, v, meta.slot_mapping)
         o = paged_attention(q, cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.heads * self.head_dim))
@@ -73,12 +77,14 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, tp: TPContext, dtype: torch.dtype,
                  what: str = "MLP intermediate size") -> None:
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(hidden, intermediate, tp, dtype, what)
-        self.up_proj = ColumnParallelLinear(hidden, intermediate, tp, dtype, what)
+        # gate and up in one matmul (checkpoint gate_proj/up_proj are its row blocks).
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [(intermediate, what, 1), (intermediate, what, 1)],
+                                                       tp, dtype)
         self.down_proj = RowParallelLinear(intermediate, hidden, tp, dtype, what)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x), reduce=reduce)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, reduce=reduce)
 
 
 class MoE(nn.Module):
@@ -158,6 +164,13 @@ class CausalLM(nn.Module):
         self.lm_head_weight = (self.embed_tokens.weight if cfg.tie_word_embeddings
                                else _frozen(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
         self.rotary = Rotary(cfg)
+        self.lm_head_packed: PackedWeight | None = None
+
+    def pack(self, free: bool = True) -> bool:
+        """Pre-pack the lm_head for oneDNN (engine.linear.pack_model); its plain weight
+        stays (tied: it is the embedding table)."""
+        self.lm_head_packed = PackedWeight(self.lm_head_weight)
+        return True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor],
@@ -178,7 +191,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab] (lm_head is replicated)."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight, self.lm_head_packed).float()
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ModelLoadError
+from engine.linear import PackedWeight, linear
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,53 @@ class ColumnParallelLinear(nn.Module):
         start, n = tp.split(out_features // units, what)
         self.shard = Shard((out_features, in_features), 0, start * units, n * units)
         self.weight = _frozen((n * units, in_features), dtype)
+        self.packed: PackedWeight | None = None
+
+    def pack(self, free: bool = True) -> bool:
+        """Pre-pack the weight for oneDNN (engine.linear.pack_model); with free, drop the
+        plain copy. Returns True."""
+        self.packed = PackedWeight(self.weight)
+        if free:
+            self.weight = _frozen((0, self.weight.shape[1]), self.weight.dtype)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, self.packed)
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Column-parallel linears that read the same input, stored as one weight so that one
+    matmul computes them all (q/k/v, gate/up): this rank's rows of each part, stacked in
+    order. ``parts`` is (out_features, what, units) per part; ``part(i)`` is the view of
+    part i's rows and the Shard of the checkpoint tensor it holds (engine.loader fills it).
+    Each output element is the same dot product as in the separate linears."""
+
+    def __init__(self, in_features: int, parts: list[tuple[int, str, int]], tp: TPContext,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shards: list[Shard] = []
+        self.sizes: list[int] = []
+        for out_features, what, units in parts:
+            start, n = tp.split(out_features // units, what)
+            self.shards.append(Shard((out_features, in_features), 0, start * units, n * units))
+            self.sizes.append(n * units)
+        self.weight = _frozen((sum(self.sizes), in_features), dtype)
+        self.packed: PackedWeight | None = None
+
+    def part(self, i: int) -> tuple[torch.Tensor, Shard]:
+        lo = sum(self.sizes[:i])
+        return self.weight[lo:lo + self.sizes[i]], self.shards[i]
+
+    def pack(self, free: bool = True) -> bool:
+        """Pre-pack the weight for oneDNN (engine.linear.pack_model); with free, drop the
+        plain copy. Returns True."""
+        self.packed = PackedWeight(self.weight)
+        if free:
+            self.weight = _frozen((0, self.weight.shape[1]), self.weight.dtype)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.packed)
 
 
 class RowParallelLinear(nn.Module):
@@ -80,7 +124,16 @@ class RowParallelLinear(nn.Module):
         start, n = tp.split(in_features // units, what)
         self.shard = Shard((out_features, in_features), 1, start * units, n * units)
         self.weight = _frozen((out_features, n * units), dtype)
+        self.packed: PackedWeight | None = None
+
+    def pack(self, free: bool = True) -> bool:
+        """Pre-pack the weight for oneDNN (engine.linear.pack_model); with free, drop the
+        plain copy. Returns True."""
+        self.packed = PackedWeight(self.weight)
+        if free:
+            self.weight = _frozen((0, self.weight.shape[1]), self.weight.dtype)
+        return True
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, self.packed)
         return self.tp.all_reduce(y) if reduce else y
