@@ -23,6 +23,7 @@ import ray
 from cluster.controller_autoscale import AutoscaleMixin
 from cluster.controller_rollout import RolloutMixin
 from cluster.manifest import Manifest
+from cluster.records import WorkerRecord
 from cluster.revival import RevivingError, adopt, group_name_prefix, worker_actor_name
 from kvtransfer.base import KV_TOKEN_ENV as TOKEN_ENV
 
@@ -49,23 +50,6 @@ def worker_class(pool: str) -> type:
     from decode_workers.worker import ColocatedWorker, DecodeWorker
 
     return ColocatedWorker if pool == "colocated" else DecodeWorker
-
-
-@dataclass
-class WorkerRecord:
-    worker_id: str
-    pool: str
-    slot: int
-    handle: Any
-    node_ip: str | None = None
-    healthy: bool = False
-    misses: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
-    started_at: float = field(default_factory=time.monotonic)
-    # The worker's placement group (placement.groups.WorkerGroup); removed with the worker.
-    group: Any = None
-    # Being drained before removal (scale-down, rollout): routed no new requests.
-    retiring: bool = False
 
 
 class Controller(AutoscaleMixin, RolloutMixin):

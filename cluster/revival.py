@@ -54,7 +54,7 @@ class RevivingError(RuntimeError):
 async def adopt(ctl: Any) -> int:
     """Re-adopt the live workers of ctl's deployment into ctl.workers; returns how many.
     Also cleans up what belongs to no live worker and creates missing replicas."""
-    from cluster.controller import WorkerRecord
+    from cluster.records import WorkerRecord
     from placement.groups import WorkerGroup, worker_bundles
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
