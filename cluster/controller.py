@@ -15,7 +15,6 @@ import itertools
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
