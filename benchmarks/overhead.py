@@ -127,16 +127,17 @@ class _KVSender:
         self.kv = torch.randn(shape)
         self.arena = ShmArena(arena_bytes)
 
-    def send(self, transport: str) -> tuple[Any, float]:
+    def send(self, transport: str) -> tuple[Any, float, float]:
+        """(handle, wall seconds, this thread's CPU seconds)."""
         from kvtransfer.connector import ObjectStoreConnector
 
-        t0 = time.perf_counter()
+        self.arena.release("bench")
+        t0, c0 = time.perf_counter(), time.thread_time()
         if transport == "shm":
-            self.arena.release("bench")
             h = self.arena.put("bench", self.kv)
         else:
             h = ObjectStoreConnector().send("bench", self.kv)
-        return h, time.perf_counter() - t0
+        return h, time.perf_counter() - t0, time.thread_time() - c0
 
 
 @ray.remote(num_cpus=0)
@@ -154,26 +155,28 @@ class _KVReceiver:
                                                          for _ in range(layers)], block_size)
         self.table = torch.randperm(blocks)[: -(-tokens // block_size)].tolist()
 
-    def receive(self, handle: Any) -> float:
+    def receive(self, handle: Any) -> tuple[float, float]:
+        """(wall seconds, this thread's CPU seconds)."""
         from kvtransfer.connector import ObjectStoreConnector, ShmConnector
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if handle.transport == "shm":
             ShmConnector().receive_into(
                 handle, lambda layer, j, first, kv: self.runner.write_kv(self.table, layer, first, kv, j), 60)
         else:
             kv = ObjectStoreConnector().receive(handle, timeout_s=60)
             self.runner.import_kv(self.table, kv)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
 
-    def memcpy(self, nbytes: int) -> float:
-        """A plain copy of the same bytes in this actor (same process, same thread count)."""
+    def memcpy(self, nbytes: int) -> tuple[float, float]:
+        """A plain copy of the same bytes in this actor (same process, same thread count):
+        (wall seconds, CPU seconds)."""
         if not hasattr(self, "_src"):
             self._src = torch.randn(nbytes // 4)
             self._dst = torch.zeros_like(self._src)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._dst.copy_(self._src)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def kv_transfer_ratio(nbytes: int, runs: int, layers: int = 4, kv_heads: int = 2,
@@ -188,31 +191,40 @@ def kv_transfer_ratio(nbytes: int, runs: int, layers: int = 4, kv_heads: int = 2
     dst = torch.zeros_like(src)
     times: dict[str, list[float]] = {"object_store": [], "shm": [], "memcpy": [], "memcpy_actor": []}
     parts: dict[str, list[tuple[float, float]]] = {"object_store": [], "shm": []}
+    # CPU seconds of the sending and receiving threads (a loaded machine takes the core away
+    # mid-copy: wall time then measures the load, CPU time the work).
+    cpu: dict[str, list[float]] = {"object_store": [], "shm": [], "memcpy_actor": []}
     for i in range(runs + 1):  # the first round warms up (attaching the arena, first faults)
         for transport in ("object_store", "shm"):
-            handle, send_s = ray.get(sender.send.remote(transport))
-            recv_s = ray.get(receiver.receive.remote(handle))
+            handle, send_s, send_cpu = ray.get(sender.send.remote(transport))
+            recv_s, recv_cpu = ray.get(receiver.receive.remote(handle))
             if i:
                 times[transport].append(send_s + recv_s)
                 parts[transport].append((send_s, recv_s))
+                cpu[transport].append(send_cpu + recv_cpu)
         t0 = time.perf_counter()
         dst.copy_(src)
-        actor_copy = ray.get(receiver.memcpy.remote(real))
+        actor_copy, actor_cpu = ray.get(receiver.memcpy.remote(real))
         if i:
             times["memcpy"].append(time.perf_counter() - t0)
             times["memcpy_actor"].append(actor_copy)
+            cpu["memcpy_actor"].append(actor_cpu)
     c = statistics.median(times["memcpy"])
     ca = statistics.median(times["memcpy_actor"])
     # Minimums too: on a loaded machine the fastest of the interleaved runs is the closest
     # to the undisturbed cost of each path.
     cm = min(times["memcpy_actor"])
     out: dict[str, Any] = {"bytes": real, "shape": list(shape), "runs": runs, "memcpy_s": c,
-                           "memcpy_gbps": real / c / 1e9, "memcpy_in_actor_s": ca, "memcpy_in_actor_s_min": cm}
+                           "memcpy_gbps": real / c / 1e9, "memcpy_in_actor_s": ca, "memcpy_in_actor_s_min": cm,
+                           "memcpy_in_actor_cpu_s": statistics.median(cpu["memcpy_actor"])}
     for transport in ("object_store", "shm"):
         t = statistics.median(times[transport])
         tm = min(times[transport])
         out[transport] = {"transfer_s": t, "transfer_gbps": real / t / 1e9, "ratio": c / t,
                           "ratio_vs_actor_memcpy": ca / t, "transfer_s_min": tm, "ratio_min_vs_actor_memcpy_min": cm / tm,
+                          "cpu_s_p50": statistics.median(cpu[transport]),
+                          "ratio_cpu_vs_actor_memcpy_cpu": statistics.median(cpu["memcpy_actor"])
+                          / statistics.median(cpu[transport]),
                           "send_s_min": min(p[0] for p in parts[transport]),
                           "receive_s_min": min(p[1] for p in parts[transport]),
                           "send_s_p50": statistics.median(p[0] for p in parts[transport]),
