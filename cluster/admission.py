@@ -15,6 +15,7 @@ seen so far it is the mean).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -58,32 +59,32 @@ class TTFTModel:
 
 
 def queue_refusal(predicted_s: float | None, slo_ttft_ms: float, a: float, b: float,
-                  typical_tokens: int) -> tuple[str, int] | None:
+                  short_tokens: int) -> tuple[str, int] | None:
     """The 429 for a request refused before its body is parsed: the first-token worker's
-    queue plus a typical prompt (the recent requests' mean, ``typical_tokens``; the
+    queue plus a short prompt (the shortest of the recent requests', ``short_tokens``; the
     request's own is not known before tokenizing) already predicts a TTFT over the target.
-    A prompt much shorter than the recent ones may be refused that would just have fit; it
-    gets Retry-After like any other. (message, Retry-After seconds), or None to go on
-    (read, parse, tokenize, then the exact check with its own prompt)."""
+    Only a prompt shorter than every recent one could be refused here that the exact
+    check would admit. (message, Retry-After seconds), or None to go on (parse, tokenize,
+    then the exact check with its own prompt)."""
     slo = slo_ttft_ms / 1000.0
     if predicted_s is None or predicted_s <= slo:
         return None
     retry = min(60, max(1, math.ceil(predicted_s - slo)))
     return (f"predicted time to first token {predicted_s * 1e3:.0f} ms exceeds the {slo_ttft_ms:.0f} ms "
-            f"target with the queue and a typical prompt of {typical_tokens} tokens (measured "
+            f"target with the queue and a prompt of {short_tokens} tokens, the shortest of late (measured "
             f"{a * 1e3:.0f} ms + {b * 1e3:.3f} ms per prompt token queued ahead); refused before "
             f"parsing the request; retry in {retry} s"), retry
 
 
-class PromptMean:
-    """Exponentially weighted mean prompt length (tokens) of the requests read lately."""
+class RecentPrompts:
+    """Prompt lengths (tokens) of the last ``keep`` requests parsed; ``short()`` is the
+    shortest (1 before any), what an unparsed request is assumed to need at least."""
 
-    def __init__(self, weight: float = 0.2) -> None:
-        self.weight = weight
-        self.mean: float | None = None
+    def __init__(self, keep: int = 32) -> None:
+        self.lengths: deque[int] = deque(maxlen=keep)
 
     def observe(self, tokens: int) -> None:
-        self.mean = tokens if self.mean is None else (1 - self.weight) * self.mean + self.weight * tokens
+        self.lengths.append(tokens)
 
-    def typical(self) -> int:
-        return max(1, round(self.mean or 1))
+    def short(self) -> int:
+        return max(1, min(self.lengths, default=1))

@@ -23,7 +23,7 @@ from cluster.controller_autoscale import AutoscaleMixin
 from cluster.controller_rollout import RolloutMixin
 from cluster.manifest import Manifest
 from cluster.records import WorkerRecord
-from cluster.revival import RevivingError, adopt, group_name_prefix, worker_actor_name
+from cluster.revival import RevivingError, adopt, group_name_prefix, remove_leftovers, worker_actor_name
 from kvtransfer.base import KV_TOKEN_ENV as TOKEN_ENV
 
 logger = logging.getLogger(__name__)
@@ -425,13 +425,7 @@ def start_controller(manifest: Manifest, namespace_name: str | None = None) -> A
     except ValueError:
         pass
     # Workers of an earlier life of this deployment that no controller owns any more.
-    prefix = worker_actor_name(namespace_name or manifest.name, "")
-    for n in ray.util.list_named_actors():
-        if isinstance(n, str) and n.startswith(prefix):
-            try:
-                ray.kill(ray.get_actor(n), no_restart=True)
-            except Exception:  # noqa: BLE001 - gone meanwhile
-                pass
+    remove_leftovers(namespace_name or manifest.name)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the node that deploys, where the ingress runs, so that losing a worker node loses

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.admission import PromptMean, queue_refusal
+from cluster.admission import RecentPrompts, queue_refusal
 from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
                             SplitServeError)
 from cluster.generation import Delta, GenRequest, Generator, Usage
@@ -60,7 +60,7 @@ class Ingress:
                             * manifest.kv_cache.block_size)
         self.created = int(time.time())
         self._inflight = 0
-        self.prompt_mean = PromptMean()  # what refuse_early assumes of a request not yet read
+        self.recent_prompts = RecentPrompts()  # what refuse_early assumes of a request not yet parsed
         # Structured output: the grammar engine's tokenizer (built on first use) and the
         # grammars of recent requests, checked once.
         self._gtok: Any = None
@@ -182,20 +182,20 @@ class Ingress:
 
     def refuse_early(self) -> None:
         """Before a request's body is parsed (and again before it is read): 429 if the in-flight limit is reached or the
-        queue plus a typical prompt predicts a TTFT miss (cluster/admission.py). Under a burst most
+        queue plus the shortest recent prompt predicts a TTFT miss (cluster/admission.py). Under a burst most
         refusals end here, costing no parse, tokenization or Ray call."""
         self._check_inflight()
         if not self.m.server.ttft_admission:
             return
         a, b = self.gen.ttft_model.coefficients()
-        typical = self.prompt_mean.typical()
-        refusal = queue_refusal(self.gen.predict_ttft(typical), self.m.slo.ttft_ms, a, b, typical)
+        short = self.recent_prompts.short()
+        refusal = queue_refusal(self.gen.predict_ttft(short), self.m.slo.ttft_ms, a, b, short)
         if refusal is not None:
             self.metrics.rejected.labels("ttft_queue").inc()
             raise OverloadedError(*refusal)
 
     def _admit(self, jobs: list[Job]) -> None:
-        self.prompt_mean.observe(sum(len(job.greq.prompt_token_ids) for job in jobs))
+        self.recent_prompts.observe(sum(len(job.greq.prompt_token_ids) for job in jobs))
         self._check_inflight()
         self.gen.admit([job.greq for job in jobs])
 

@@ -76,8 +76,8 @@ class Metrics:
         self.kv_refetches = Counter("splitserve_kv_transfer_refetches", "KV streams fetched again after a "
                                     "failure (bad checksum, cut)", registry=r)
         self.rejected = Counter("splitserve_admission_rejected", "Requests answered 429 at admission, by "
-                                "reason (ttft: predicted to miss the TTFT target with its prompt; ttft_queue: with the queue and a "
-                                "typical prompt, refused before its body was parsed; inflight: "
+                                "reason (ttft: predicted to miss the TTFT target with its prompt; ttft_queue: with the queue and the "
+                                "shortest recent prompt, refused before its body was parsed; inflight: "
                                 "server.max_waiting_requests)", ["reason"], registry=r)
         self.bodies = Counter("splitserve_ingress_bodies_parsed", "Request bodies the ingress parsed (and "
                               "tokenized); requests refused before are not counted", registry=r)

@@ -47,6 +47,33 @@ def group_name_prefix(deployment: str, worker_id: str = "") -> str:
     return f"splitserve-{deployment}:{worker_id}"
 
 
+def remove_leftovers(deployment: str) -> int:
+    """Kill the deployment's named workers and remove its placement groups (detached: they
+    do not die with the controller). After a controller's shutdown, in case it could not
+    finish (a timeout under load); before a new controller of the same name starts.
+    Returns how many workers were killed."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    n = 0
+    prefix = worker_actor_name(deployment, "")
+    for name in ray.util.list_named_actors():
+        if isinstance(name, str) and name.startswith(prefix):
+            try:
+                ray.kill(ray.get_actor(name), no_restart=True)
+                n += 1
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                pass
+    gprefix = group_name_prefix(deployment)
+    for pg_id, info in ray.util.placement_group_table().items():
+        if str(info.get("name", "")).startswith(gprefix) and info.get("state") != "REMOVED":
+            try:
+                ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+            except Exception:  # noqa: BLE001
+                pass
+    return n
+
+
 class RevivingError(RuntimeError):
     """The controller was restarted and is re-adopting its workers; ask again shortly."""
 

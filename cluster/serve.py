@@ -17,6 +17,7 @@ import ray
 import uvicorn
 
 from cluster.controller import start_controller
+from cluster.revival import remove_leftovers
 from cluster.ingress import Ingress, build_app
 from cluster.manifest import Manifest
 from placement.groups import PlacementGroupError
@@ -49,6 +50,8 @@ class Deployment:
     manifest: Manifest
     controller: Any
     ingress: Ingress
+    # Names the deployment's detached workers and placement groups (default: manifest.name).
+    name: str | None = None
 
     def stop(self, timeout_s: float = 30.0) -> None:
         try:
@@ -56,6 +59,11 @@ class Deployment:
         except Exception as e:  # noqa: BLE001 - best effort, then kill
             logger.warning("controller shutdown failed: %s", e)
         ray.kill(self.controller, no_restart=True)
+        # Workers are detached (they outlive a controller that dies and is revived): any
+        # the shutdown did not reach go now.
+        left = remove_leftovers(self.name or self.manifest.name)
+        if left:
+            logger.warning("killed %d worker(s) the controller's shutdown left", left)
 
 
 def deploy(manifest: Manifest, timeout_s: float = 600.0, name: str | None = None) -> Deployment:
@@ -73,13 +81,14 @@ def deploy(manifest: Manifest, timeout_s: float = 600.0, name: str | None = None
             ray.get(controller.shutdown.remote(), timeout=30)
         finally:
             ray.kill(controller, no_restart=True)
+            remove_leftovers(name or manifest.name)
         cause = getattr(e, "cause", None)
         if isinstance(cause, PlacementGroupError):  # the controller's error, without Ray's wrapping
             raise PlacementGroupError(str(cause)) from None
         raise
     max_len = manifest.model.max_model_len or cfg.max_position_embeddings
     ingress = Ingress(manifest, controller, load_tokenizer(model_dir), max_len)
-    return Deployment(manifest, controller, ingress)
+    return Deployment(manifest, controller, ingress, name)
 
 
 class Server:

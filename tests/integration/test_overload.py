@@ -1,7 +1,7 @@
 """Overload: a burst far beyond capacity gets 200s and early 429s with Retry-After (the
 requests predicted to miss the TTFT target from the queue ahead and the measured prefill
 rate), never a 5xx, and nothing is held afterwards. Refusal is cheap: a request whose
-queue plus a typical prompt predicts a miss is refused before its body is parsed (so before tokenizing
+queue plus the shortest recent prompt predicts a miss is refused before its body is parsed (so before tokenizing
 and any Ray call); the ingress counts the bodies it parsed, and the count
 accounts for every other request exactly. Timings: benchmarks/burst.py."""
 

@@ -45,17 +45,19 @@ def test_queue_refusal_only_over_the_target_and_names_it():
     assert queue_refusal(None, 300, 0.0, 0.001, 50) is None  # nothing queued / unmeasured
     assert queue_refusal(0.3, 300, 0.0, 0.001, 50) is None  # at the target: admitted
     msg, retry = queue_refusal(2.6, 300, 0.1, 0.001, 50)
-    assert retry == 3 and "2600 ms exceeds the 300 ms target" in msg and "typical prompt of 50 tokens" in msg
+    assert retry == 3 and "2600 ms exceeds the 300 ms target" in msg and "prompt of 50 tokens" in msg
     assert "refused before parsing the request" in msg
     assert queue_refusal(500.0, 300, 0.1, 0.001, 50)[1] == 60  # Retry-After capped
 
 
-def test_prompt_mean_follows_recent_prompts():
-    from cluster.admission import PromptMean
+def test_recent_prompts_assume_the_shortest():
+    from cluster.admission import RecentPrompts
 
-    pm = PromptMean(weight=0.5)
-    assert pm.typical() == 1  # nothing seen: assume the least
-    pm.observe(100)
-    assert pm.typical() == 100
-    pm.observe(20)
-    assert pm.typical() == 60
+    rp = RecentPrompts(keep=3)
+    assert rp.short() == 1  # nothing seen: assume the least
+    for n in (100, 20, 60):
+        rp.observe(n)
+    assert rp.short() == 20
+    rp.observe(80)  # 100 and 20 fall out of the window of 3 one by one
+    rp.observe(90)
+    assert rp.short() == 60
