@@ -170,18 +170,18 @@ def cluster_spec(manifest: Any, lats: dict[int, Any]) -> Any:
                        request_overhead_s=REQUEST_OVERHEAD_S, cores=MACHINE_CORES)
 
 
-def at_rate(cfg: Any, rate: float) -> Any:
-    """The bench config of one window: the rate alone, long enough for MIN_REQUESTS."""
-    return dataclasses.replace(cfg, rates=[rate], duration_s=max(cfg.duration_s, MIN_REQUESTS / rate))
+def at_rate(cfg: Any, rate: float, min_requests: int = MIN_REQUESTS) -> Any:
+    """The bench config of one window: the rate alone, long enough for min_requests."""
+    return dataclasses.replace(cfg, rates=[rate], duration_s=max(cfg.duration_s, min_requests / rate))
 
 
-def predict_rate(manifest: Any, lats: dict[int, Any], cfg: Any, rate: float) -> float:
+def predict_rate(manifest: Any, lats: dict[int, Any], cfg: Any, rate: float, min_requests: int = MIN_REQUESTS) -> float:
     """Predicted attainment at `rate` on the very requests the bench sends."""
     from placement.simulator import SimRequest, Simulation
 
     from benchmarks.simulate import _prompt_len
 
-    specs = at_rate(cfg, rate).requests(rate)
+    specs = at_rate(cfg, rate, min_requests).requests(rate)
     sims = [SimRequest(s.arrival_s, _prompt_len(s), s.output_tokens) for s in specs]
     Simulation(cluster_spec(manifest, lats)).run(sims)
     ok = sum(1 for r in sims if math.isfinite(r.finish_s) and r.ttft_s * 1e3 <= cfg.slo.ttft_ms
@@ -189,14 +189,14 @@ def predict_rate(manifest: Any, lats: dict[int, Any], cfg: Any, rate: float) -> 
     return ok / max(1, len(sims))
 
 
-def predict_capacity(manifest: Any, lats: dict[int, Any], cfg: Any) -> float:
+def predict_capacity(manifest: Any, lats: dict[int, Any], cfg: Any, min_requests: int = MIN_REQUESTS) -> float:
     """Goodput by bisection on rate (same workload and seed): sets the ladder."""
     lo, hi = 0.0, 0.25
-    while predict_rate(manifest, lats, cfg, hi) >= cfg.slo.attainment and hi < 64:
+    while predict_rate(manifest, lats, cfg, hi, min_requests) >= cfg.slo.attainment and hi < 64:
         lo, hi = hi, hi * 2
     for _ in range(7):
         mid = (lo + hi) / 2
-        if predict_rate(manifest, lats, cfg, mid) >= cfg.slo.attainment:
+        if predict_rate(manifest, lats, cfg, mid, min_requests) >= cfg.slo.attainment:
             lo = mid
         else:
             hi = mid
@@ -261,17 +261,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       trace=None, seed=args.seed, progress=False, timeout_s=120)
 
     # 2. predictions, ladder.
-    capacity = {n: predict_capacity(m, lats, cfg) for n, m in manifests.items()}
+    capacity = {n: predict_capacity(m, lats, cfg, args.min_requests) for n, m in manifests.items()}
     if min(capacity.values()) <= 0 and not args.rates:
         raise SystemExit(f"plan_rank: a layout meets the SLO {slo} at no rate by the profile ({capacity}); "
                          "give --slo-ttft-ms/--slo-tpot-ms or --rates")
     ladders = {n: ([float(x) for x in args.rates.split(",")] if args.rates
-                   else [round(capacity[n] * f, 3) for f in LADDER]) for n in names}
-    predicted_att = {n: [predict_rate(m, lats, cfg, r) for r in ladders[n]] for n, m in manifests.items()}
+                   else [round(capacity[n] * float(f), 3) for f in args.ladder.split(",")]) for n in names}
+    predicted_att = {n: [predict_rate(m, lats, cfg, r, args.min_requests) for r in ladders[n]]
+                     for n, m in manifests.items()}
     predicted = {n: ladder_goodput(ladders[n], predicted_att[n], slo["attainment"]) for n in names}
     result: dict[str, Any] = {
         "layouts": names, "rates": ladders, "slo": slo, "workload": wl, "duration_s": args.duration,
-        "rounds": args.rounds, "seed": args.seed,
+        "rounds": args.rounds, "seed": args.seed, "min_requests": args.min_requests, "ladder": args.ladder,
         "profiles": {t: {k: v for k, v in p.items() if k != "steps"} for t, p in profiles.items()},
         "predicted_capacity_rps": capacity, "predicted_attainment": predicted_att,
         "predicted_goodput_rps": predicted}
@@ -293,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 load0, t0 = _load(), time.time()
                 with manifest_target(manifests[n], None) as target:
                     for i, rate in enumerate(ladders[n]):
-                        wcfg = at_rate(cfg, rate)
+                        wcfg = at_rate(cfg, rate, args.min_requests)
                         if i:
                             wcfg.warmup = 0
                         col.cfg = wcfg
@@ -396,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", help="one ladder of rates for every layout (default: per layout, fractions of its predicted goodput)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per (layout, rate) window")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--ladder", default=",".join(str(x) for x in LADDER),
+                   help="each layout's rates as fractions of its predicted goodput")
+    p.add_argument("--min-requests", type=int, default=MIN_REQUESTS,
+                   help="a window lasts long enough for this many requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=0.15)
     p.add_argument("--slo-ttft-ms", type=float, help=f"default: {SLO_TTFT_X} x the profiled prefill of the longest prompt")
