@@ -2,13 +2,14 @@
 connection per (attention worker, expert worker) pair (loopback on one node).
 
 Why not the alternatives (benchmarks/afd_bench.py measures them; figures in
-benchmarks/results/afd/README.md): a Ray actor call per layer costs ~10x the round
-trip; torch.distributed point-to-point (gloo here, NCCL on GPUs) is as fast as a socket
-but needs one process group over all M + N workers, which must be torn down and rebuilt
-by every member when one expert worker dies or is replaced; shared memory needs a
-signalling channel anyway and ties the pools to one node. A socket per pair fails alone
-(a dead expert worker is a reset connection, seen at once), reconnects alone, and works
-across nodes.
+benchmarks/results/2026-12-06-afd/README.md): a Ray actor call per layer costs ~10x the
+round trip; torch.distributed point-to-point (gloo here, NCCL on GPUs) is as fast as a
+socket but needs one process group over all M + N workers, which must be torn down and
+rebuilt by every member when one expert worker dies or is replaced; shared memory alone
+needs a signalling channel and its own failure detection and ties the pools to one node,
+so it carries the payloads beside the socket (below), not instead of it. A socket per
+pair fails alone (a dead expert worker is a reset connection, seen at once), reconnects
+alone, and works across nodes.
 
 **Same node: payloads in shared memory.** When an expert worker is on the attention
 worker's node (``cost`` 0), the client creates a segment in /dev/shm (``slots`` regions of
