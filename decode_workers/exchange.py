@@ -2,17 +2,19 @@
 connection per (attention worker, expert worker) pair (loopback on one node).
 
 Why not the alternatives (benchmarks/afd_bench.py measures them; figures in
-benchmarks/results/afd/README.md): a Ray actor call per layer costs ~10x the round
-trip; torch.distributed point-to-point (gloo here, NCCL on GPUs) is as fast as a socket
-but needs one process group over all M + N workers, which must be torn down and rebuilt
-by every member when one expert worker dies or is replaced; shared memory needs a
-signalling channel anyway and ties the pools to one node. A socket per pair fails alone
-(a dead expert worker is a reset connection, seen at once), reconnects alone, and works
-across nodes.
+benchmarks/results/2026-12-06-afd/README.md): a Ray actor call per layer costs ~10x the
+round trip; torch.distributed point-to-point (gloo here, NCCL on GPUs) is as fast as a
+socket but needs one process group over all M + N workers, which must be torn down and
+rebuilt by every member when one expert worker dies or is replaced; shared memory alone
+needs a signalling channel and its own failure detection and ties the pools to one node,
+so it carries the payloads beside the socket (below), not instead of it. A socket per
+pair fails alone (a dead expert worker is a reset connection, seen at once), reconnects
+alone, and works across nodes.
 
 **Same node: payloads in shared memory.** When an expert worker is on the attention
 worker's node (``cost`` 0), the client creates a segment in /dev/shm (``slots`` regions of
-``slot_bytes``), hands its name to the server in a hello message and unlinks it once the
+``slot_bytes``, 4 x 2 MiB by default, reserved at once so that a full /dev/shm means a
+socket-only connection rather than a fault mid-step), hands its name to the server in a hello message and unlinks it once the
 server has mapped it (nothing is left behind if either dies). A request's rows are then
 copied into a free region, the server computes on them there and writes the outputs back
 into the same region; only the headers cross the socket, which stays the doorbell and
@@ -72,7 +74,9 @@ class _Segment:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, slots * slot_bytes)
+                # Reserved now (ENOSPC here, a socket-only connection), not on first touch:
+                # a full /dev/shm (a container's default 64 MiB) would be SIGBUS mid-step.
+                os.posix_fallocate(fd, 0, slots * slot_bytes)
             elif os.fstat(fd).st_size < slots * slot_bytes:
                 raise ValueError(f"{path}: smaller than {slots} x {slot_bytes} bytes")
             self.map = mmap.mmap(fd, slots * slot_bytes)
@@ -260,7 +264,7 @@ class SocketExchange(ExpertExchange):
 
     def __init__(self, placement: Placement, addresses: dict[int, tuple[str, int]] | None = None,
                  timeout_s: float = 30.0, node_ip: str | None = None, shm: bool | None = None,
-                 slots: int = 8, slot_bytes: int = 4 << 20) -> None:
+                 slots: int = 4, slot_bytes: int = 2 << 20) -> None:
         super().__init__(placement)
         self.timeout_s = timeout_s
         self.node_ip = node_ip
@@ -312,6 +316,10 @@ class SocketExchange(ExpertExchange):
         try:
             seg = _Segment(path, self.slots, self.slot_bytes, create=True)
         except OSError as e:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
             logger.warning("expert shard %d: no shared memory (%s); payloads go over the socket", shard, e)
             return
         try:

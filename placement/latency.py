@@ -347,9 +347,14 @@ class AttentionExpert:
     # the pools cannot overlap freely: a step takes at least all their work / cores.
     cores: float | None = None
 
+    def parts(self, batch: int) -> int:
+        """Micro-batches a step of ``batch`` sequences runs in: the batch splits between
+        sequences, so never more parts than sequences (batch 1 runs in lock-step)."""
+        return max(1, min(self.micro_batches, int(batch)))
+
     def stage_times(self, batch: int, total_context: int) -> tuple[float, float, float]:
         """(T_a, T_e, T_c): one micro-batch through one layer on each pool, and one hop."""
-        m, na = max(1, self.micro_batches), max(1, self.n_attention)
+        m, na = self.parts(batch), max(1, self.n_attention)
         seqs = batch / (na * m)
         ctx = total_context / (na * m)
         ta = self.attention.a + self.attention.b * ctx + self.attention.c * seqs
@@ -364,7 +369,7 @@ class AttentionExpert:
         if batch <= 0:
             return 0.0
         ta, te, tc = self.stage_times(batch, total_context)
-        m = max(1, self.micro_batches)
+        m = self.parts(batch)
         step = pingpong_s(ta, te, tc, self.layers, m)
         if self.cores is not None and self.cores < max(1, self.n_attention) + max(1, self.n_expert):
             # Shared cores: every worker's work (hops counted on both sides) over the cores.
@@ -376,7 +381,7 @@ class AttentionExpert:
         """MegaScale-Infer's estimate when the pools overlap: (T_a + T_e + 2 T_c) +
         max(T_a, T_e) * (m * layers - 1)."""
         ta, te, tc = self.stage_times(batch, total_context)
-        m = max(1, self.micro_batches)
+        m = self.parts(batch)
         return (ta + te + 2 * tc) + max(ta, te) * (m * self.layers - 1)
 
 

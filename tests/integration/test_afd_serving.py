@@ -52,7 +52,8 @@ def test_afd_serving_equals_transformers(ray_session, mixtral_dir, expected, att
         assert all(s["shm_connections"] >= 1 for s in expert_stats)
         att = [ray.get(w["handle"].health.remote()) for w in pools["attention"]]
         routed = sum(sum(map(sum, s["expert_load"])) for s in att)
-        assert all(s["expert_shards_shm"] for s in att)
+        # (an attention worker the router gave no request has opened no connection)
+        assert all(s["expert_shards_shm"] for s in att if sum(map(sum, s["expert_load"])))
         assert routed == sum(s["rows"] for s in expert_stats)
         # /metrics shows the expert load per worker once the ingress has the new stats.
         import time

@@ -165,3 +165,24 @@ def test_killed_server_is_seen_at_once_while_waiting(shm):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_no_shared_memory_means_socket_only(model_dir, monkeypatch, tmp_path):
+    """A segment that cannot be created (here: no such directory; in a container, a full
+    /dev/shm) leaves that connection on the socket alone, with the same outputs."""
+    import decode_workers.exchange as exchange
+
+    monkeypatch.setattr(exchange, "SHM_DIR", str(tmp_path / "missing"))
+    cfg = ModelConfig.from_dir(model_dir)
+    pl = even_placement(cfg.num_hidden_layers, cfg.num_local_experts, 2)
+    server = ExpertServer(ExpertShard.load_from(model_dir, torch.float32, shard_experts(pl, 0)))
+    try:
+        ex = SocketExchange(pl, {0: tuple(server.address)}, timeout_s=10, shm=True)
+        x = torch.randn(3, cfg.hidden_size)
+        ex.send(0, 1, ExpertRequest(0, x, [(0, 2), (1, 1)]))
+        y = ex.recv(0, 1)
+        want = server.shard.run(ExpertRequest(0, x, [(0, 2), (1, 1)]))
+        assert torch.equal(y, want) and not ex.uses_shm(0) and server.shm_connections == 0
+        ex.close()
+    finally:
+        server.stop()

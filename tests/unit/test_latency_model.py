@@ -203,6 +203,8 @@ def test_attention_expert_fit_and_shared_cores() -> None:
     ta, te, tc = shared.stage_times(16, 16 * 128)
     assert shared.step_s(16, 2048) == max(free.step_s(16, 2048), 2 * 8 * (ta + 2 * te + 2 * tc) / 2)
     assert shared.step_s(16, 2048) > free.step_s(16, 2048)
+    # Batch 1 cannot split: 2 micro-batches run it in lock-step.
+    assert free.step_s(1, 128) == AttentionExpert(fit.attention, fit.expert, fit.comm, 8, 2, 1, 2, 1).step_s(1, 128)
     # Enough cores for every worker: no change.
     assert AttentionExpert(fit.attention, fit.expert, fit.comm, 8, 2, 1, 2, 2, cores=3).step_s(16, 2048) == \
         free.step_s(16, 2048)
