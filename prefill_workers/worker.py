@@ -123,8 +123,12 @@ class PrefillWorker(EngineWorker):
         import ray
 
         rid = req["request_id"]
-        decode = self._handles.get(req.get("decode_worker") or "")
-        if decode is not None:
+        # Requests that end at their first token (max_tokens 1) never reach a decode worker.
+        decodes = any(int(p.get("max_tokens") or 2) > 1
+                      for p in [req["params"]] + [c[1] for c in req.get("children") or ()])
+        decode = self._handles.get(req.get("decode_worker") or "") if decodes else None
+        early = decode is not None or not decodes
+        if early:
             self._early[rid] = conn
         try:
             res = await self.prefill(req)
@@ -132,9 +136,10 @@ class PrefillWorker(EngineWorker):
             res = RuntimeError(f"prefill of {rid} was aborted")
         except Exception as e:  # noqa: BLE001 - handed to the ingress (or the decode worker)
             res = e
-        replied = self._early.pop(rid, None) is None and decode is not None
+        replied = self._early.pop(rid, None) is None and early
         if replied:  # the ingress has its result: the KV, or why it failed, goes to decode
-            assert decode is not None
+            if decode is None:
+                return
             if isinstance(res, BaseException):
                 decode.prefetch_failed.remote(rid, f"{type(res).__name__}: {res}")
             else:
@@ -147,6 +152,8 @@ class PrefillWorker(EngineWorker):
         if isinstance(handle.ref, ray.ObjectRef):
             if decode is not None:
                 decode.prefetch_kv.remote(handle)
+            elif not decodes:
+                pass
             else:
                 self._sweep_held()
                 self._held[rid] = (handle, time.monotonic())
