@@ -54,6 +54,7 @@ class PrefillWorker(EngineWorker):
         # Channel requests whose result goes to the ingress as soon as the engine finishes
         # (request id -> its channel); the KV follows to the decode worker.
         self._early: dict[str, Conn] = {}
+        self._kv_taken = 0  # handles the ingress took with take_kv
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -101,6 +102,7 @@ class PrefillWorker(EngineWorker):
             stats["kv_server_tls"] = server.tls
             stats["kv_fetch_refused"] = server.refused
         stats["kv_transfers_held"] = held
+        stats["kv_taken_by_ingress"] = self._kv_taken
         return stats
 
     async def cluster_state(self, state: dict[str, Any]) -> None:
@@ -171,6 +173,7 @@ class PrefillWorker(EngineWorker):
         entry = self._held.pop(request_id, None)
         if entry is None:
             raise KVTransferError(f"{self.worker_id} holds no KV of {request_id}")
+        self._kv_taken += 1
         return entry[0]
 
     async def release_kv(self, request_id: str) -> None:
