@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = {b: engine_decode_step_s(model_dir, args.tokens, b) for b in streams}
         tpots: dict[str, dict[int, list[float]]] = {p: {b: [] for b in streams} for p in paths}
         overs: dict[str, dict[str, list[float]]] = {p: {} for p in paths}
+        for pool in paths.values():  # warm-up: first requests of each path (channels open)
+            gen.channels = pool
+            served_tpot_s(url, 8, max(streams))
         loads: list[float] = [load_avg()]
         # Interleaved A B A B: the machine is shared and its load drifts.
         for _ in range(args.rounds):
