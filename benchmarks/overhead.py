@@ -244,8 +244,11 @@ def _paths(dep: Any, url: str, args: Any, streams: list[int], model_dir: str, pa
     steps = {b: engine_decode_step_s(model_dir, args.tokens, b) for b in streams} if "tpot" in parts else {}
     tpots: dict[str, dict[int, list[float]]] = {p: {b: [] for b in steps} for p in paths}
     overs: dict[str, dict[str, list[float]]] = {p: {} for p in paths}
-    loads: list[float] = [load_avg()]
     try:
+        for pool in paths.values():  # warm-up: first requests of each path (channels open)
+            gen.channels = pool
+            served_tpot_s(url, 8, max(streams))
+        loads: list[float] = [load_avg()]
         for _ in range(args.rounds):
             for name, pool in paths.items():
                 gen.channels = pool
@@ -301,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                          "vs arena vs memcpy), stall (admit stall: engine thread vs reserved blocks)")
     ap.add_argument("--kv-runs", type=int, default=7, help="interleaved rounds of the KV figure")
     ap.add_argument("--stall-rounds", type=int, default=2, help="A/B rounds of the admit-stall figure")
+    ap.add_argument("--skip-kv", action="store_true", help="leave out the KV transfer figure (= --parts without kv)")
     args = ap.parse_args(argv)
     streams = [int(x) for x in args.streams.split(",")]
-    parts = set(args.parts.split(","))
+    parts = set(args.parts.split(",")) - ({"kv"} if args.skip_kv else set())
     if parts - {"tpot", "dispatch", "kv", "stall"}:
         ap.error(f"--parts: unknown {sorted(parts - {'tpot', 'dispatch', 'kv', 'stall'})}; "
                  "allowed: tpot, dispatch, kv, stall")

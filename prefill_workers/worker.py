@@ -56,6 +56,7 @@ class PrefillWorker(EngineWorker):
         # Channel requests whose result goes to the ingress as soon as the engine finishes
         # (request id -> its channel); the KV follows to the decode worker.
         self._early: dict[str, Conn] = {}
+        self._kv_taken = 0  # handles the ingress took with take_kv
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return prefill_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -148,6 +149,7 @@ class PrefillWorker(EngineWorker):
             stats["kv_shm_puts"] = arena.puts
             stats["kv_shm_fallbacks"] = self.connector.shm.fallbacks
         stats["kv_transfers_held"] = held
+        stats["kv_taken_by_ingress"] = self._kv_taken
         return stats
 
     async def cluster_state(self, state: dict[str, Any]) -> None:
@@ -170,8 +172,12 @@ class PrefillWorker(EngineWorker):
         import ray
 
         rid = req["request_id"]
-        decode = self._handles.get(req.get("decode_worker") or "")
-        if decode is not None:
+        # Requests that end at their first token (max_tokens 1) never reach a decode worker.
+        decodes = any(int(p.get("max_tokens") or 2) > 1
+                      for p in [req["params"]] + [c[1] for c in req.get("children") or ()])
+        decode = self._handles.get(req.get("decode_worker") or "") if decodes else None
+        early = decode is not None or not decodes
+        if early:
             self._early[rid] = conn
         try:
             res = await self.prefill(req)
@@ -179,9 +185,10 @@ class PrefillWorker(EngineWorker):
             res = RuntimeError(f"prefill of {rid} was aborted")
         except Exception as e:  # noqa: BLE001 - handed to the ingress (or the decode worker)
             res = e
-        replied = self._early.pop(rid, None) is None and decode is not None
+        replied = self._early.pop(rid, None) is None and early
         if replied:  # the ingress has its result: the KV, or why it failed, goes to decode
-            assert decode is not None
+            if decode is None:
+                return
             if isinstance(res, BaseException):
                 decode.prefetch_failed.remote(rid, f"{type(res).__name__}: {res}")
             else:
@@ -194,6 +201,8 @@ class PrefillWorker(EngineWorker):
         if isinstance(handle.ref, ray.ObjectRef):
             if decode is not None:
                 decode.prefetch_kv.remote(handle)
+            elif not decodes:
+                pass
             else:
                 self._sweep_held()
                 self._held[rid] = (handle, time.monotonic())
@@ -211,6 +220,7 @@ class PrefillWorker(EngineWorker):
         entry = self._held.pop(request_id, None)
         if entry is None:
             raise KVTransferError(f"{self.worker_id} holds no KV of {request_id}")
+        self._kv_taken += 1
         return entry[0]
 
     async def release_kv(self, request_id: str) -> None:

@@ -88,3 +88,22 @@ def test_wrong_token_is_refused(served):
     assert asyncio.run(attempt()) == b""  # closed without an answer
     out = client.completions.create(model="tiny", prompt=[3, 4], max_tokens=3, temperature=0)
     assert out.choices[0].finish_reason == "length"
+
+
+def test_prefill_worker_without_decode_handles_hands_kv_through_ingress(served):
+    """A prefill worker that does not know the decode worker yet (no controller snapshot)
+    keeps the object-store KV for the ingress (take_kv), which sends it to the decode worker
+    as a Ray argument (channel_submit); the text is the same."""
+    url, dep, mode, client = served
+    if mode != "disaggregated":
+        pytest.skip("no prefill worker")
+    kw = dict(model="tiny", prompt=[21, 22, 23, 24, 25], max_tokens=10, temperature=0,
+              extra_body={"ignore_eos": True, "return_token_ids": True})
+    want = client.completions.create(**kw).choices[0].token_ids
+    pw = next(iter(dep.ingress.router.pools["prefill"].values()))
+    ray.get(pw.handle.cluster_state.remote({"pools": {}}), timeout=30)
+    taken = _health(pw)["kv_taken_by_ingress"]
+    got = client.completions.create(**kw).choices[0].token_ids
+    assert got == want
+    assert _health(pw)["kv_taken_by_ingress"] == taken + 1
+    assert _health(_worker(dep, mode))["kv_transfers_held"] == 0
