@@ -18,7 +18,12 @@ TOKENS = 24
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
 def served(request, ray_session, llama_dir):
-    with serving(manifest_for(llama_dir, mode=request.param)) as (url, dep):
+    # KV through the object store (not the same-node arena, the default): what the
+    # prefill worker pushes to the decode worker (prefetch_kv) or holds for the ingress
+    # (take_kv) is an ObjectRef; the arena's handles travel in the channel as they are
+    # (tests/integration/test_shm_kv.py).
+    kv = {"codec": "none", "transport": "object_store"}
+    with serving(manifest_for(llama_dir, mode=request.param, kv_transfer=kv)) as (url, dep):
         yield url, dep, request.param, openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=60, max_retries=0)
 
 
