@@ -88,7 +88,9 @@ class Controller(AutoscaleMixin, RolloutMixin):
         # Names this deployment's detached workers and placement groups (cluster/revival.py).
         self.deployment = deployment or self.manifest.name
         # Restarted by Ray after its process died: re-adopt the workers on the first call.
-        self._revived = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        ctx = ray.get_runtime_context()
+        # Built outside an actor (unit tests of its logic): nothing to re-adopt.
+        self._revived = ctx.get_actor_id() is not None and bool(ctx.was_current_actor_reconstructed)
         self._adoption: asyncio.Task[int] | None = None
         if self._revived:
             self.version = int(time.time())  # above any version of the previous life
