@@ -112,10 +112,13 @@ def splitserve_server(layout: str, dtype: str) -> Iterator[str]:
     from benchmarks.targets import manifest_target
     from cluster.manifest import load_manifest
 
+    from benchmarks.targets import ray_session
+
     m = load_manifest(MANIFESTS[layout])
     if dtype != m.model.dtype:
         m = m.model_copy(update={"model": m.model.model_copy(update={"dtype": dtype})})
-    with manifest_target(m, None) as t:
+    # A Ray session per target: nothing of Ray runs while vLLM is measured.
+    with ray_session(None, 2), manifest_target(m, None) as t:
         yield t.url
 
 
@@ -176,26 +179,37 @@ def main() -> int:
         return 2
     streams = [int(s) for s in args.streams.split(",")]
 
-    from benchmarks.targets import ray_session
     from models.builtin import builtin_model_dir
 
     model_dir = str(builtin_model_dir("smollm2-135m-instruct"))
     log = Path(args.out or "/tmp") / "vllm-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
-    session = ray_session(None, 2) if any(t != "vllm" for t in targets) else contextlib.nullcontext()
-    with session:
+    if True:
         for rnd in range(args.rounds):
             for target in targets:
                 server = (vllm_server(model_dir, args.dtype, log, args.start_timeout) if target == "vllm"
                           else splitserve_server(target, args.dtype))
-                with server as url:
+                try:
+                    ctx_url = server.__enter__()
+                except Exception as e:  # noqa: BLE001 - a target that cannot start: record, go on
+                    print(f"{target}: failed to start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    runs.extend({"target": target, "round": rnd, "streams": n, "requests": 0, "ok": 0,
+                                 "start_error": f"{type(e).__name__}: {e}"[:300]} for n in streams)
+                    continue
+                try:
+                    url = ctx_url
                     for n in streams:
-                        res = asyncio.run(closed_loop(url, n, args.requests_per_stream, args.max_tokens,
-                                                      seed=1000 * rnd + n, timeout_s=args.timeout))
+                        try:
+                            res = asyncio.run(closed_loop(url, n, args.requests_per_stream, args.max_tokens,
+                                                          seed=1000 * rnd + n, timeout_s=args.timeout))
+                        except Exception as e:  # noqa: BLE001 - e.g. the preflight failed: record it
+                            res = {"streams": n, "requests": 0, "ok": 0, "error": f"{type(e).__name__}: {e}"[:300]}
                         res.update(target=target, round=rnd)
                         runs.append(res)
                         print(json.dumps(res), file=sys.stderr, flush=True)
+                finally:
+                    server.__exit__(None, None, None)
     summary: dict[str, Any] = {"dtype": args.dtype, "max_tokens": args.max_tokens, "rounds": args.rounds,
                                "requests_per_stream": args.requests_per_stream, "cases": {}}
     for n in streams:
@@ -210,7 +224,8 @@ def main() -> int:
             for t in targets:
                 if t != "vllm" and case[t]["tokens_per_s"]:
                     case[t]["tokens_per_s_vs_vllm"] = case[t]["tokens_per_s"] / v["tokens_per_s"]
-                    case[t]["tpot_vs_vllm"] = case[t]["tpot_p50_ms"] / v["tpot_p50_ms"]
+                    if case[t]["tpot_p50_ms"] and v["tpot_p50_ms"]:
+                        case[t]["tpot_vs_vllm"] = case[t]["tpot_p50_ms"] / v["tpot_p50_ms"]
         summary["cases"][f"{n}_streams"] = case
     if args.out:
         Path(args.out, "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
