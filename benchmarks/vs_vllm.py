@@ -86,12 +86,12 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float)
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: str, dtype: str, log: Path, timeout_s: float) -> Iterator[str]:
+def vllm_server(model_dir: str, dtype: str, log: Path, timeout_s: float, eager: bool = False) -> Iterator[str]:
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", "demo", "--dtype", dtype, "--max-model-len", "2048",
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port)] + (["--enforce-eager"] if eager else [])
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -108,7 +108,7 @@ def vllm_server(model_dir: str, dtype: str, log: Path, timeout_s: float) -> Iter
 
 
 @contextlib.contextmanager
-def splitserve_server(layout: str, dtype: str) -> Iterator[str]:
+def splitserve_server(layout: str, dtype: str, ttft_slo_ms: float | None = None) -> Iterator[str]:
     from benchmarks.targets import manifest_target
     from cluster.manifest import load_manifest
 
@@ -117,6 +117,10 @@ def splitserve_server(layout: str, dtype: str) -> Iterator[str]:
     m = load_manifest(MANIFESTS[layout])
     if dtype != m.model.dtype:
         m = m.model_copy(update={"model": m.model.model_copy(update={"dtype": dtype})})
+    if ttft_slo_ms is not None:
+        # The demo manifests' TTFT SLO (1 s) makes admission refuse (429) a closed-loop
+        # client's queued requests; vLLM's server refuses nothing. Same footing: a loose SLO.
+        m = m.model_copy(update={"slo": m.slo.model_copy(update={"ttft_ms": ttft_slo_ms})})
     # A Ray session per target: nothing of Ray runs while vLLM is measured.
     with ray_session(None, 2), manifest_target(m, None) as t:
         yield t.url
@@ -170,6 +174,11 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to come up")
     p.add_argument("--out", default=None, help="write runs and summary JSON here")
+    p.add_argument("--ttft-slo-ms", type=float, default=600_000.0,
+                   help="splitserve manifests' slo.ttft_ms for the run (admission refuses requests predicted "
+                        "to miss it; the demo's 1000 ms refuses a closed loop's queue)")
+    p.add_argument("--vllm-eager", action="store_true",
+                   help="run vLLM with --enforce-eager (no torch.compile warm-up; as 2026-12-06-vllm did)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     targets = [t for t in args.targets.split(",") if t]
@@ -188,8 +197,8 @@ def main() -> int:
     if True:
         for rnd in range(args.rounds):
             for target in targets:
-                server = (vllm_server(model_dir, args.dtype, log, args.start_timeout) if target == "vllm"
-                          else splitserve_server(target, args.dtype))
+                server = (vllm_server(model_dir, args.dtype, log, args.start_timeout, args.vllm_eager) if target == "vllm"
+                          else splitserve_server(target, args.dtype, args.ttft_slo_ms))
                 try:
                     ctx_url = server.__enter__()
                 except Exception as e:  # noqa: BLE001 - a target that cannot start: record, go on
