@@ -86,12 +86,12 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float)
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: str, dtype: str, log: Path, timeout_s: float) -> Iterator[str]:
+def vllm_server(model_dir: str, dtype: str, log: Path, timeout_s: float, eager: bool = False) -> Iterator[str]:
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", "demo", "--dtype", dtype, "--max-model-len", "2048",
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port)] + (["--enforce-eager"] if eager else [])
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -108,14 +108,21 @@ def vllm_server(model_dir: str, dtype: str, log: Path, timeout_s: float) -> Iter
 
 
 @contextlib.contextmanager
-def splitserve_server(layout: str, dtype: str) -> Iterator[str]:
+def splitserve_server(layout: str, dtype: str, ttft_slo_ms: float | None = None) -> Iterator[str]:
     from benchmarks.targets import manifest_target
     from cluster.manifest import load_manifest
+
+    from benchmarks.targets import ray_session
 
     m = load_manifest(MANIFESTS[layout])
     if dtype != m.model.dtype:
         m = m.model_copy(update={"model": m.model.model_copy(update={"dtype": dtype})})
-    with manifest_target(m, None) as t:
+    if ttft_slo_ms is not None:
+        # The demo manifests' TTFT SLO (1 s) makes admission refuse (429) a closed-loop
+        # client's queued requests; vLLM's server refuses nothing. Same footing: a loose SLO.
+        m = m.model_copy(update={"slo": m.slo.model_copy(update={"ttft_ms": ttft_slo_ms})})
+    # A Ray session per target: nothing of Ray runs while vLLM is measured.
+    with ray_session(None, 2), manifest_target(m, None) as t:
         yield t.url
 
 
@@ -167,6 +174,11 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to come up")
     p.add_argument("--out", default=None, help="write runs and summary JSON here")
+    p.add_argument("--ttft-slo-ms", type=float, default=600_000.0,
+                   help="splitserve manifests' slo.ttft_ms for the run (admission refuses requests predicted "
+                        "to miss it; the demo's 1000 ms refuses a closed loop's queue)")
+    p.add_argument("--vllm-eager", action="store_true",
+                   help="run vLLM with --enforce-eager (no torch.compile warm-up; as 2026-12-06-vllm did)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     targets = [t for t in args.targets.split(",") if t]
@@ -176,26 +188,37 @@ def main() -> int:
         return 2
     streams = [int(s) for s in args.streams.split(",")]
 
-    from benchmarks.targets import ray_session
     from models.builtin import builtin_model_dir
 
     model_dir = str(builtin_model_dir("smollm2-135m-instruct"))
     log = Path(args.out or "/tmp") / "vllm-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
-    session = ray_session(None, 2) if any(t != "vllm" for t in targets) else contextlib.nullcontext()
-    with session:
+    if True:
         for rnd in range(args.rounds):
             for target in targets:
-                server = (vllm_server(model_dir, args.dtype, log, args.start_timeout) if target == "vllm"
-                          else splitserve_server(target, args.dtype))
-                with server as url:
+                server = (vllm_server(model_dir, args.dtype, log, args.start_timeout, args.vllm_eager) if target == "vllm"
+                          else splitserve_server(target, args.dtype, args.ttft_slo_ms))
+                try:
+                    ctx_url = server.__enter__()
+                except Exception as e:  # noqa: BLE001 - a target that cannot start: record, go on
+                    print(f"{target}: failed to start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    runs.extend({"target": target, "round": rnd, "streams": n, "requests": 0, "ok": 0,
+                                 "start_error": f"{type(e).__name__}: {e}"[:300]} for n in streams)
+                    continue
+                try:
+                    url = ctx_url
                     for n in streams:
-                        res = asyncio.run(closed_loop(url, n, args.requests_per_stream, args.max_tokens,
-                                                      seed=1000 * rnd + n, timeout_s=args.timeout))
+                        try:
+                            res = asyncio.run(closed_loop(url, n, args.requests_per_stream, args.max_tokens,
+                                                          seed=1000 * rnd + n, timeout_s=args.timeout))
+                        except Exception as e:  # noqa: BLE001 - e.g. the preflight failed: record it
+                            res = {"streams": n, "requests": 0, "ok": 0, "error": f"{type(e).__name__}: {e}"[:300]}
                         res.update(target=target, round=rnd)
                         runs.append(res)
                         print(json.dumps(res), file=sys.stderr, flush=True)
+                finally:
+                    server.__exit__(None, None, None)
     summary: dict[str, Any] = {"dtype": args.dtype, "max_tokens": args.max_tokens, "rounds": args.rounds,
                                "requests_per_stream": args.requests_per_stream, "cases": {}}
     for n in streams:
@@ -210,7 +233,8 @@ def main() -> int:
             for t in targets:
                 if t != "vllm" and case[t]["tokens_per_s"]:
                     case[t]["tokens_per_s_vs_vllm"] = case[t]["tokens_per_s"] / v["tokens_per_s"]
-                    case[t]["tpot_vs_vllm"] = case[t]["tpot_p50_ms"] / v["tpot_p50_ms"]
+                    if case[t]["tpot_p50_ms"] and v["tpot_p50_ms"]:
+                        case[t]["tpot_vs_vllm"] = case[t]["tpot_p50_ms"] / v["tpot_p50_ms"]
         summary["cases"][f"{n}_streams"] = case
     if args.out:
         Path(args.out, "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
