@@ -76,7 +76,12 @@ def code(codec: Any, kv: torch.Tensor, chunk: int) -> tuple[int, torch.Tensor]:
     """(coded bytes, decoded KV): token chunks coded independently, like transfers."""
     n, parts = 0, []
     for a in range(0, kv.shape[2], chunk if chunk > 0 else kv.shape[2]):
-        data = codec.encode(kv[:, :, a:a + chunk] if chunk > 0 else kv)
+        c = codec
+        if getattr(codec, "name", "") == "kvtc":  # keys before RoPE: the chunk's position
+            from kvtransfer.codec import get_codec
+
+            c = get_codec("kvtc", level=codec.level, calibration=codec.calibration, first_token=a)
+        data = c.encode(kv[:, :, a:a + chunk] if chunk > 0 else kv)
         n += len(data)
         parts.append(codec.decode(data))
     return n, torch.cat(parts, dim=2)

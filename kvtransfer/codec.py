@@ -22,10 +22,12 @@ Codecs (one module each under ``kvtransfer/codecs/``; the header, ``KVCodec`` an
 - ``int8``: symmetric int8, keys per channel, values per token (KIVI), fp16 scales.
 - ``cachegen``: CacheGen (SIGCOMM 2024): anchor/delta tokens, layer-dependent
   quantisation, range coding with per-(layer, channel) tables; ``level`` 0..5.
-- ``kvtc``: KVTC-style transform coding (PCA per layer and K/V calibrated once per model,
-  a common step over the components, CacheGen's coder); ``get_codec("kvtc", level=L,
-  model=MODEL_DIR)`` calibrates on first use and caches the calibration beside the model;
-  each level's perplexity cost measured at calibration is stored with it (``level`` 0..7).
+- ``kvtc``: KVTC-style transform coding (keys before RoPE, PCA per layer and K/V
+  calibrated once per model, a step per (layer, K/V) by measured sensitivity, CacheGen's
+  coder); ``get_codec("kvtc", level=L, model=MODEL_DIR)`` calibrates on first use and
+  caches the calibration beside the model; each level's perplexity cost measured at
+  calibration is stored with it (``level`` 0..7). Option ``first_token``: the position of
+  the slice's first token (chunks of a prompt).
 
 Calibration. ``calibrate(name, samples)`` computes per-model side information once
 (``lossless``: the head table; ``cachegen``: probability tables and a PCA basis), passed

@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 import threading
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +50,10 @@ DEFAULT_LEVEL = 2
 # Windows of the sensitivity probe (one score per (layer, K/V) and window: the bulk of
 # the calibration's time; 1 window halves what 2 took, the weights are clipped anyway).
 SENS_WINDOWS = 1
+# Continuation tokens the sensitivity probe scores (a score costs a forward pass of
+# them over the context: 16 instead of 64 cut the probe 4x; the KL of 15 positions ranks
+# the 2 x layers tensors well enough for step weights clipped to 0.5-2x).
+SENS_CONT = 16
 # Stream options after cachegen's: the position of the first token (keys before RoPE).
 _POS = struct.Struct("<I")
 # Calibrations this process has loaded, by fingerprint: a codec built without one (e.g.
@@ -179,14 +183,23 @@ def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: in
     decode(encode(KV)) in place of the exact KV."""
     from kvtransfer import kvprobe
 
-    from engine.config import ModelConfig
-    from engine.rope import inv_frequencies
-
     probe = kvprobe.Probe(model_dir, ctx + cont)
     wins = kvprobe.windows(probe.tok, "calib", windows, ctx, cont)
     kvs = []
     for _, ids in wins:
         kvs.append((probe.context_kv(ids[:ctx])[0], ids[ctx:]))
+    return calibrate_from_kv(probe, kvs, measure, sensitivity, rope)
+
+
+def calibrate_from_kv(probe: Any, kvs: list[tuple[torch.Tensor, list[int]]], measure: bool = True,
+                      sensitivity: bool = True, rope: bool = True) -> KVTCCalibration:
+    """calibrate_model's work after the prefills: kvs holds (context KV, continuation
+    token ids) of each calibration window (``kvprobe.Probe.context_kv``)."""
+    from engine.config import ModelConfig
+    from engine.rope import inv_frequencies
+    from kvtransfer import kvprobe
+
+    model_dir = probe.model_dir
     cfg = ModelConfig.from_dir(model_dir)
     inv_freq = inv_frequencies(cfg).numpy() if rope else None
     cal = calibrate_kv([kv for kv, _ in kvs], inv_freq=inv_freq)
@@ -195,6 +208,7 @@ def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: in
         L = cal.layers
         kl_t = np.zeros((L, 2))
         for kv, cont_ids in kvs[:SENS_WINDOWS]:
+            cont_ids = cont_ids[:SENS_CONT]
             ref = probe.score(kv, cont_ids, keep_logprobs=True)
             for layer in range(L):
                 codec = KVTCCodec(level=PROBE_LEVEL, calibration=cal, first_layer=layer, total_layers=L)

@@ -192,3 +192,36 @@ def test_pinned_policy_and_long_prompts_cap_the_chunk_count():
     pol = TransferPolicy(PolicySpec("cachegen", level=2, chunk_tokens=64))
     plan = pol.planner("a", "b", 1024)(64 * 200)
     assert set(plan.choices) == {"cachegen:2"} and len(plan.choices) <= 64
+
+
+def test_kvtc_chunks_stream_with_their_positions(server):
+    """kvtc in a transfer: each chunk is coded with its position (keys before RoPE) by
+    the calibration the worker loaded, and the receiver decodes it with no side
+    information but that calibration (registered in its process)."""
+    import numpy as np
+
+    from kvtransfer.codec import get_codec
+    from kvtransfer.codecs import kvtc
+    from kvtransfer.codecs.kvtc_calib import calibrate_kv, rope_keys
+
+    inv = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    g = torch.Generator().manual_seed(3)
+    pre = 2 * torch.randn(2, 1, 2, 16, generator=g) + 0.1 * torch.randn(2, 64, 2, 16, generator=g)
+    kv = torch.stack([rope_keys(pre, 0, inv, 1), torch.randn(2, 64, 2, 16, generator=g)], dim=1)
+    cal = kvtc.register(calibrate_kv(kv, inv_freq=inv), current=True)
+    try:
+        plan = StreamPlan(["kvtc:2", "none", "kvtc:2", "kvtc:5"], 16)
+        _send(server, kv, plan)
+        got = receive_stream(gt_handle(server, kv), 10)
+        assert got.kv_tokens == 64 and got.choices == plan.choices
+        assert torch.equal(got.kv[:, :, 16:32], kv[:, :, 16:32])
+        for chunk in (0, 2):  # what a codec at that position gives, piece by piece
+            a = 16 * chunk
+            coders = [get_codec("kvtc", level=2, calibration=cal, first_layer=layer, total_layers=2, first_token=a)
+                      for layer in range(2)]
+            want = torch.cat([c.decode(c.encode(kv[layer:layer + 1, :, a:a + 16])) for layer, c in enumerate(coders)])
+            assert torch.allclose(got.kv[:, :, a:a + 16], want, atol=1e-6)
+        err = (got.kv[:, :, 48:] - kv[:, :, 48:]).norm() / kv[:, :, 48:].norm()
+        assert 0 < err < 0.1
+    finally:
+        kvtc._CURRENT.clear()
