@@ -156,6 +156,9 @@ class _Slot:
     length: int  # bytes reserved (header + payload, rounded up to ALIGN)
     generation: int
     created: float
+    # The request ended (release) while a reader was still in the slot: freed at the first
+    # sweep that finds it unlocked, whether or not that reader marked it done.
+    released: bool = False
 
 
 class ShmArena:
@@ -299,8 +302,11 @@ class ShmArena:
         later sweep if a reader is still in it. Idempotent."""
         with self._lock:
             slot = self._slots.get(request_id)
-            if slot is not None and self._try_reclaim(slot):
-                del self._slots[request_id]
+            if slot is not None:
+                if self._try_reclaim(slot):
+                    del self._slots[request_id]
+                else:
+                    slot.released = True
 
     def sweep(self) -> None:
         with self._lock:
@@ -312,7 +318,7 @@ class ShmArena:
             magic, gen, state, _ = self._header(slot.offset)
             done = magic == MAGIC and gen == slot.generation and state == DONE
             stale = key != slot.request_id  # replaced by a retry
-            if (done or stale or now - slot.created > self.ttl_s) and self._try_reclaim(slot):
+            if (done or stale or slot.released or now - slot.created > self.ttl_s) and self._try_reclaim(slot):
                 del self._slots[key]
 
     def held(self) -> int:
