@@ -54,17 +54,11 @@ def _frozen(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
-    """y = x W^T, W [out, in] split by output rows; `units` rows form one indivisible
-    unit (head_dim for attention projections), so tp must divide out // units."""
+class _PackableLinear(nn.Module):
+    """A linear layer whose weight may be pre-packed for oneDNN (engine.linear)."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, what: str,
-                 units: int = 1) -> None:
-        super().__init__()
-        start, n = tp.split(out_features // units, what)
-        self.shard = Shard((out_features, in_features), 0, start * units, n * units)
-        self.weight = _frozen((n * units, in_features), dtype)
-        self.packed: PackedWeight | None = None
+    weight: torch.Tensor
+    packed: PackedWeight | None
 
     def pack(self, free: bool = True) -> bool:
         """Pre-pack the weight for oneDNN (engine.linear.pack_model); with free, drop the
@@ -78,7 +72,21 @@ class ColumnParallelLinear(nn.Module):
         return linear(x, self.weight, self.packed)
 
 
-class MergedColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_PackableLinear):
+    """y = x W^T, W [out, in] split by output rows; `units` rows form one indivisible
+    unit (head_dim for attention projections), so tp must divide out // units."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPContext, dtype: torch.dtype, what: str,
+                 units: int = 1) -> None:
+        super().__init__()
+        start, n = tp.split(out_features // units, what)
+        self.shard = Shard((out_features, in_features), 0, start * units, n * units)
+        self.weight = _frozen((n * units, in_features), dtype)
+        self.packed: PackedWeight | None = None
+
+
+
+class MergedColumnParallelLinear(_PackableLinear):
     """Column-parallel linears that read the same input, stored as one weight so that one
     matmul computes them all (q/k/v, gate/up): this rank's rows of each part, stacked in
     order. ``parts`` is (out_features, what, units) per part; ``part(i)`` is the view of
@@ -101,19 +109,9 @@ class MergedColumnParallelLinear(nn.Module):
         lo = sum(self.sizes[:i])
         return self.weight[lo:lo + self.sizes[i]], self.shards[i]
 
-    def pack(self, free: bool = True) -> bool:
-        """Pre-pack the weight for oneDNN (engine.linear.pack_model); with free, drop the
-        plain copy. Returns True."""
-        self.packed = PackedWeight(self.weight)
-        if free:
-            self.weight = _frozen((0, self.weight.shape[1]), self.weight.dtype)
-        return True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_PackableLinear):
     """y = x W^T, W [out, in] split by input columns; partial sums are all-reduced
     unless the caller defers the reduction (reduce=False), e.g. to sum MoE experts first."""
 
@@ -125,14 +123,6 @@ class RowParallelLinear(nn.Module):
         self.shard = Shard((out_features, in_features), 1, start * units, n * units)
         self.weight = _frozen((out_features, n * units), dtype)
         self.packed: PackedWeight | None = None
-
-    def pack(self, free: bool = True) -> bool:
-        """Pre-pack the weight for oneDNN (engine.linear.pack_model); with free, drop the
-        plain copy. Returns True."""
-        self.packed = PackedWeight(self.weight)
-        if free:
-            self.weight = _frozen((0, self.weight.shape[1]), self.weight.dtype)
-        return True
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         y = linear(x, self.weight, self.packed)
