@@ -21,6 +21,7 @@ import ray
 
 from cluster.controller_autoscale import AutoscaleMixin
 from cluster.controller_rollout import RolloutMixin
+from cluster.liveness import HEALTH_TIMEOUT_S, Liveness
 from cluster.manifest import Manifest
 from cluster.records import WorkerRecord
 from cluster.revival import RevivingError, adopt, group_name_prefix, remove_leftovers, worker_actor_name
@@ -29,8 +30,6 @@ from kvtransfer.base import KV_TOKEN_ENV as TOKEN_ENV
 logger = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "splitserve-controller"
-HEALTH_TIMEOUT_S = 5.0
-MISSES_BEFORE_REPLACE = 3
 # An ingress that has not asked for the state this long is gone (its holds no longer count).
 REPORT_STALE_S = 10.0
 # How long a worker's placement group may take to be placed (hardware.placement_timeout_s).
@@ -190,24 +189,58 @@ class Controller(AutoscaleMixin, RolloutMixin):
             logger.exception("re-adopting workers failed; starting over with new ones")
             n = 0
         self.version += 1
-        await self._publish()
+        # Loops first: _publish runs inside this (adoption) task, and once raised here
+        # (get_state's RevivingError) the revived controller was left without health checks:
+        # its adopted workers' stats stayed as adoption found them (mid-load: an arena slot
+        # or KV blocks "held" forever), and only ingresses' failure reports replaced workers.
         self._start_loops()
+        await self._publish()
         return n
 
     # -- health -----------------------------------------------------------------------
     async def _check(self, rec: WorkerRecord) -> None:
-        try:
-            rec.stats = await asyncio.wait_for(rec.handle.health.remote(), timeout=HEALTH_TIMEOUT_S)
+        """Ask the worker's health (one call in flight per worker; a late answer counts)
+        and replace it if it is dead or hung, not if it is only slow (cluster/liveness.py)."""
+        live = rec.liveness
+        if live is None:
+            live = rec.liveness = Liveness()
+            live.observe(rec.stats)
+        call = live.call
+        if call is None:
+            call = asyncio.ensure_future(self._health_call(rec.handle))
+            call.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even if unawaited
+            live.sent(call, time.monotonic())
+        await asyncio.wait({call}, timeout=HEALTH_TIMEOUT_S)
+        if call.done():
+            if live.call is not call:  # a concurrent check (report_failure) took this answer
+                return
+            live.call = None
+            exc = None if call.cancelled() else call.exception()
+            if isinstance(exc, ray.exceptions.RayError):
+                await self._replace(rec, type(exc).__name__)
+                return
+            if exc is not None or call.cancelled():
+                logger.warning("health check of %s failed: %r", rec.worker_id, exc)
+                rec.misses += 1
+                return
+            rec.stats = call.result()
+            live.answered(time.monotonic(), rec.stats)
             rec.misses = 0
             if not rec.healthy:
                 rec.healthy = True
                 self.version += 1
-        except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
-            rec.misses += 1
-            if rec.misses >= MISSES_BEFORE_REPLACE:
-                await self._replace(rec, f"{rec.misses} health checks timed out")
-        except ray.exceptions.RayError as e:
-            await self._replace(rec, f"{type(e).__name__}")
+            return
+        rec.misses += 1
+        verdict, why = live.verdict(time.monotonic())
+        if verdict in ("dead", "hung"):
+            await self._replace(rec, why)
+        elif verdict == "slow" and not live.slow_reported:
+            live.slow_reported = True
+            logger.warning("%s is slow, not replaced: %s", rec.worker_id, why)
+
+    @staticmethod
+    async def _health_call(handle: Any) -> dict[str, Any]:
+        return await handle.health.remote()  # type: ignore[no-any-return]
 
     async def _replace(self, rec: WorkerRecord, why: str) -> None:
         key = (rec.pool, rec.slot)
@@ -217,6 +250,8 @@ class Controller(AutoscaleMixin, RolloutMixin):
         if self._stopping or key in self._replacing or rec.worker_id not in self.workers:
             return
         self._replacing.add(key)
+        if rec.liveness is not None and rec.liveness.call is not None:
+            rec.liveness.call.cancel()
         logger.warning("replacing %s: %s", rec.worker_id, why)
         self.workers.pop(rec.worker_id, None)
         self.version += 1
@@ -252,7 +287,7 @@ class Controller(AutoscaleMixin, RolloutMixin):
         """Send every worker the current snapshot (workers that reach other pools' workers
         directly, like attention workers their expert workers, take their addresses from it)."""
         version = self.version
-        state = self.get_state()
+        state = self._snapshot()  # not get_state: it refuses while the adoption (maybe this caller) runs
         calls = []
         for rec in list(self.workers.values()):
             method = getattr(rec.handle, "cluster_state", None)
@@ -380,11 +415,19 @@ class Controller(AutoscaleMixin, RolloutMixin):
             self._reports[reporter] = (time.monotonic(), -1 if version is None else version, dict(held or {}))
             if refused is not None:
                 self.refused_reports[reporter] = (int(refused[0]), int(refused[1]))
+        return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         pools: dict[str, list[dict[str, Any]]] = {name: [] for name in self.manifest.pools}
         for rec in self.workers.values():
             stats = {**rec.stats, "draining": True} if rec.retiring else rec.stats
             pools.setdefault(rec.pool, []).append({"worker_id": rec.worker_id, "handle": rec.handle,
                                     "healthy": rec.healthy, "node_ip": rec.node_ip,
+                                    # Health answers' times (s) and the longest silence.
+                                    "health_rtt_s": list(rec.liveness.rtts) if rec.liveness else [],
+                                    "health_silence_s": rec.liveness.longest_silence_s if rec.liveness else 0.0,
+                                    # Health answers this controller got from it (its stats' freshness).
+                                    "health_checks": rec.liveness.answers if rec.liveness else 0,
                                     "stats": stats,
                                     "placement_group": rec.group.id_hex if rec.group is not None else None,
                                     "planned_node": rec.group.node_ip if rec.group is not None else None})

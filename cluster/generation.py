@@ -401,6 +401,9 @@ class Generator:
                 res, kv_from = await self._prefill(req, {**base, "decode_node_ip": w.node_ip,
                                                 "decode_worker": w.worker_id, "decode_actor": w.handle},
                                                    pw, deadline)
+                # Held from here: released at the end however the request ends (even at its
+                # first token, or when the client leaves during the first yield).
+                handle = res["kv"]
                 usage.first_token_at = time.monotonic()
                 ttft = usage.first_token_at - t0
                 usage.worker_s = res["queue_s"] + res["prefill_s"]
@@ -425,7 +428,6 @@ class Generator:
                 if not going:
                     outcome = "ok"
                     return
-                handle = res["kv"]
                 # Prompt logprobs come from where the prompt is computed: not again here.
                 # The first choice still going holds the KV; the others fork it.
                 lead = going[0]

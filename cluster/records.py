@@ -23,3 +23,5 @@ class WorkerRecord:
     group: Any = None
     # Being drained before removal (scale-down, rollout): routed no new requests.
     retiring: bool = False
+    # The controller's liveness view (cluster.liveness.Liveness), made at the first check.
+    liveness: Any = None

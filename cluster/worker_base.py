@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cluster.channel import ChannelServer, Conn
+from cluster.liveness import process_identity
 from cluster.manifest import Manifest, PoolSpec
 from engine.engine import LLMEngine, StepOutput, build_runner
 from engine.runner import StepInput, StepResult
@@ -131,6 +132,7 @@ class EngineWorker:
         self._work = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._engine_tid: int | None = None
         self._stopping = False
         self._draining = False
         self._steps = 0
@@ -300,6 +302,10 @@ class EngineWorker:
                                  "slow_steps": self._slow_steps,
                                  "pid": os.getpid(), "last_error": self._last_error,
                                  "node_ip": current_node_ip(), "placement_group": _current_pg_hex()}
+        # Where the controller can watch this process (cluster.liveness): host, pid, start
+        # time, and the threads whose progress means it is alive though slow.
+        stats.update(process_identity())
+        stats["engine_tid"] = self._engine_tid
         if self._channel is not None:
             stats.update(self._channel.stats())
         if self.engine is not None:
@@ -360,6 +366,7 @@ class EngineWorker:
     def _engine_thread(self) -> None:
         assert self.engine is not None and self._loop is not None
         engine, loop = self.engine, self._loop
+        self._engine_tid = threading.get_native_id()
         while not self._stopping:
             self._work.clear()
             self._apply_pending()

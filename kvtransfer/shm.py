@@ -17,6 +17,20 @@ Primitives and who calls them:
 - ``ShmArena.release(request_id)`` / ``sweep()`` (sender): free slots whose transfer is
   done, released, or older than the transfer TTL.
 
+Slot lifetime (every way a slot can be held has a bound):
+- reserved and being written (``buffer`` then ``put``, or ``put`` alone): by the sender's
+  own thread; a ``release`` meanwhile is deferred to the end of the write, which then frees
+  the slot instead of publishing it (``put`` raises ``KVTransferError``). A reservation
+  whose ``put`` never comes is given back by ``discard`` (the prefill attempt ended), else
+  at the TTL.
+- published, not yet read: until a reader marks it done, the request is released, or the
+  TTL. A ``release`` that comes before the ``put`` (the request ended while its KV was
+  still being published) is remembered for a TTL, so the late ``put`` publishes nothing.
+- under a reader's lock: until the reader is done, fails or dies (the kernel drops a dead
+  process's locks); a reader checks its own deadline between pieces, so it holds the lock
+  at most its timeout plus one piece's write. A slot still locked past its TTL is logged
+  with the pid of the process that holds it.
+
 No wrong KV: a slot is freed only under an exclusive ``lockf`` lock on its first byte; a
 reader holds a shared lock on it while it reads (the kernel drops it if the reader dies),
 so a slot is never reused under a reader. A reader that comes after the slot was freed
@@ -149,6 +163,21 @@ def _sweep_stale_files() -> None:
                 pass
 
 
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
+
+
+def _lock_holder(fd: int, offset: int) -> int | None:
+    """The pid of a process holding a lock on byte ``offset`` of ``fd``'s file that would
+    conflict with an exclusive lock (None: unlocked). Locks of this process never
+    conflict with its own, so they are not seen."""
+    try:
+        res = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    except OSError:
+        return None
+    l_type, _, _, _, pid = _FLOCK.unpack(res)
+    return None if l_type == fcntl.F_UNLCK else pid
+
+
 @dataclass
 class _Slot:
     request_id: str
@@ -156,9 +185,15 @@ class _Slot:
     length: int  # bytes reserved (header + payload, rounded up to ALIGN)
     generation: int
     created: float
-    # The request ended (release) while a reader was still in the slot: freed at the first
-    # sweep that finds it unlocked, whether or not that reader marked it done.
+    # The request ended (release) while a reader was still in the slot, or while the
+    # sender was still writing it: freed at the first sweep that finds it unlocked (or by
+    # the writer at the end of its write), whether or not a reader marked it done.
     released: bool = False
+    # Reserved and being written by the sender (buffer/put): not published, not freed under
+    # the writer (only at the TTL).
+    writing: bool = True
+    # Past its TTL and still locked: the holder was logged once.
+    reported: bool = False
 
 
 class ShmArena:
@@ -187,6 +222,9 @@ class ShmArena:
         self._lock = threading.Lock()
         self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, length), sorted, coalesced
         self._slots: dict[str, _Slot] = {}
+        # Requests released (ended) -> when: a put that comes after its request's release
+        # publishes nothing (kept for a TTL).
+        self._ended: dict[str, float] = {}
         self._closed = False
         # Counters for health and benchmarks.
         self.puts = 0
@@ -234,7 +272,7 @@ class ShmArena:
     def _new_slot(self, request_id: str, payload: int) -> _Slot | None:
         length = -(-(HEADER_BYTES + payload) // ALIGN) * ALIGN
         with self._lock:
-            if self._closed:
+            if self._closed or request_id in self._ended:
                 return None
             self.sweep_locked()
             old = self._slots.pop(request_id, None)
@@ -269,12 +307,21 @@ class ShmArena:
         payload = kv.numel() * kv.element_size()
         with self._lock:
             slot = self._slots.get(request_id)
-        in_place = (slot is not None and kv.is_contiguous()
-                    and kv.data_ptr() == self._buf.data_ptr() + slot.offset + HEADER_BYTES
-                    and slot.length >= HEADER_BYTES + payload)
+            if slot is not None and slot.writing and slot.released:  # released while reserved
+                slot.writing = False
+                if self._try_reclaim(slot):
+                    del self._slots[request_id]
+                raise KVTransferError(f"KV of {request_id} was released while it was being published "
+                                      "(its request ended)")
+            self._check_not_ended(request_id)
+            in_place = (slot is not None and slot.writing and not slot.released and kv.is_contiguous()
+                        and kv.data_ptr() == self._buf.data_ptr() + slot.offset + HEADER_BYTES
+                        and slot.length >= HEADER_BYTES + payload)
         if not in_place:
             slot = self._new_slot(request_id, payload)
             if slot is None:
+                with self._lock:
+                    self._check_not_ended(request_id)
                 return None
         assert slot is not None
         off, gen = slot.offset, slot.generation
@@ -288,25 +335,66 @@ class ShmArena:
                 if not in_place:
                     piece.copy_(kv[layer, j, a:b])
                 sums.append(checksum(piece))
-            HEADER.pack_into(self.mm, off, MAGIC, gen, READY, payload)
+            self._publish(request_id, slot, payload)
         except BaseException:
-            self.release(request_id)
+            self.discard(request_id, gen)
             raise
         self.puts += 1
         ref = ShmRef(os.getpid(), self.fd, self.dev, self.ino, self.size, off, payload, gen, step, sums)
         return KVHandle(request_id, tuple(kv.shape), str(kv.dtype).removeprefix("torch."), payload, "shm",
                         ref, time.perf_counter() - t0)
 
+    def _check_not_ended(self, request_id: str) -> None:
+        if request_id in self._ended:
+            raise KVTransferError(f"KV of {request_id} was released before it was published "
+                                  "(its request ended)")
+
+    def _publish(self, request_id: str, slot: _Slot, payload: int) -> None:
+        """End of the sender's write: the slot becomes readable, unless its request was
+        released (or the slot expired) meanwhile; then it is freed, never published."""
+        with self._lock:
+            current = self._slots.get(request_id) is slot
+            if not current or slot.released:
+                slot.writing, slot.released = False, True  # a replaced one: the sweep frees it
+                if current and self._try_reclaim(slot):
+                    del self._slots[request_id]
+                raise KVTransferError(f"KV of {request_id} was released while it was being published "
+                                      "(its request ended)")
+            HEADER.pack_into(self.mm, slot.offset, MAGIC, slot.generation, READY, payload)
+            slot.writing = False
+
     def release(self, request_id: str) -> None:
         """The request ended (or its transfer was abandoned): free its slot now, or at a
-        later sweep if a reader is still in it. Idempotent."""
+        later sweep if a reader is still in it, or at the end of its write if the sender
+        is still writing it; a put that comes later publishes nothing. Idempotent."""
+        with self._lock:
+            self._ended[request_id] = time.monotonic()
+            slot = self._slots.get(request_id)
+            if slot is None:
+                return
+            if slot.writing:  # the writer frees it when its write ends (_publish)
+                slot.released = True
+            elif self._try_reclaim(slot):
+                del self._slots[request_id]
+            else:
+                slot.released = True
+
+    def discard(self, request_id: str, generation: int | None = None, reserved_only: bool = False) -> None:
+        """The sender gives up a slot it reserved or published (the prefill attempt ended
+        without handing the KV on: aborted, failed, or its receiver died); unlike
+        ``release``, the request may still come again (a retried prefill). With
+        ``generation``, only that transfer's slot; with ``reserved_only``, only a slot not
+        yet published."""
         with self._lock:
             slot = self._slots.get(request_id)
-            if slot is not None:
-                if self._try_reclaim(slot):
-                    del self._slots[request_id]
-                else:
-                    slot.released = True
+            if (slot is None or (generation is not None and slot.generation != generation)
+                    or (reserved_only and not slot.writing)):
+                return
+            slot.writing = False
+            if self._try_reclaim(slot):
+                del self._slots[request_id]
+            else:
+                slot.released = True
 
     def sweep(self) -> None:
         with self._lock:
@@ -315,11 +403,37 @@ class ShmArena:
     def sweep_locked(self) -> None:
         now = time.monotonic()
         for key, slot in list(self._slots.items()):
+            expired = now - slot.created > self.ttl_s
+            if slot.writing and not expired:
+                continue  # the sender is still writing it
             magic, gen, state, _ = self._header(slot.offset)
             done = magic == MAGIC and gen == slot.generation and state == DONE
             stale = key != slot.request_id  # replaced by a retry
-            if (done or stale or slot.released or now - slot.created > self.ttl_s) and self._try_reclaim(slot):
-                del self._slots[key]
+            if done or stale or slot.released or expired:
+                if self._try_reclaim(slot):
+                    del self._slots[key]
+                elif expired and not slot.reported:
+                    slot.reported = True
+                    logger.warning("KV arena slot of %s is still locked %.0f s after it was made (TTL %.0f s): "
+                                   "held by process %s", slot.request_id, now - slot.created, self.ttl_s,
+                                   _lock_holder(self.fd, slot.offset))
+        for rid in [r for r, t in self._ended.items() if now - t > self.ttl_s]:
+            del self._ended[rid]
+
+    def slots(self) -> list[dict[str, Any]]:
+        """What each held slot is (debugging, tests): request, age, state in its header,
+        whether released or being written, and the pid holding its lock (None: unlocked)."""
+        now = time.monotonic()
+        with self._lock:
+            out = []
+            for key, slot in self._slots.items():
+                magic, gen, state, _ = self._header(slot.offset)
+                out.append({"key": key, "request_id": slot.request_id, "age_s": now - slot.created,
+                            "state": {READY: "ready", DONE: "done"}.get(state, "empty")
+                            if magic == MAGIC and gen == slot.generation else "empty",
+                            "released": slot.released, "writing": slot.writing,
+                            "locked_by": _lock_holder(self.fd, slot.offset)})
+            return out
 
     def held(self) -> int:
         """Slots not yet freed (0 when idle, after a sweep)."""
@@ -438,6 +552,9 @@ def read_into(handle: KVHandle, write: Callable[[int, int, int, torch.Tensor], N
         for (layer, j, a0, b0), want in zip(spans, ref.sums):
             # The scatter pulls the piece into cache; the checksum then reads it from there. A
             # piece that fails was written into blocks that are then never used.
+            if time.monotonic() > deadline:  # a reader holds the slot no longer than its deadline
+                raise KVTransferError(f"KV of {handle.request_id} missed its {timeout_s}s deadline while "
+                                      "being read")
             piece = kv[layer, j, a0:b0]
             write(layer, j, a0, piece)
             if checksum(piece) != want:

@@ -187,12 +187,14 @@ class PrefillWorker(EngineWorker):
             res = e
         replied = self._early.pop(rid, None) is None and early
         if replied:  # the ingress has its result: the KV, or why it failed, goes to decode
-            if decode is None:
+            if decode is None:  # ends at its first token: no one reads the KV
+                if not isinstance(res, BaseException):
+                    self._drop_kv(res["kv"])
                 return
             if isinstance(res, BaseException):
                 decode.prefetch_failed.remote(rid, f"{type(res).__name__}: {res}")
             else:
-                decode.prefetch_kv.remote(res["kv"])
+                asyncio.ensure_future(self._push_kv(decode, res["kv"]))
             return
         if isinstance(res, BaseException):
             conn.send({"request_id": rid, "error": res})
@@ -210,6 +212,26 @@ class PrefillWorker(EngineWorker):
             res["kv"] = dataclasses.replace(handle, ref=None)
         conn.send({"request_id": rid, "result": res})
 
+    def _drop_kv(self, handle: KVHandle) -> None:
+        """Free what this worker published of a transfer no one will read (no arena slot
+        is then held until its TTL)."""
+        arena = self.connector.shm.arena
+        if arena is not None and handle.transport == "shm" and handle.ref is not None:
+            arena.discard(handle.request_id, handle.ref.generation)
+
+    async def _push_kv(self, decode: Any, handle: KVHandle) -> None:
+        """Hand a published transfer to its decode worker (``prefetch_kv``). If that worker
+        is gone, no one reads the KV (the ingress resumes the request elsewhere from the
+        prompt): its arena slot is freed now rather than at its TTL."""
+        try:
+            await asyncio.wait_for(decode.prefetch_kv.remote(handle), timeout=self.manifest.kv_transfer.timeout_s)
+        except asyncio.TimeoutError:
+            pass  # slow, not gone: read, released by the ingress, or freed at the TTL
+        except Exception as e:  # noqa: BLE001 - the decode worker died
+            logger.info("%s: decode worker gone before it took the KV of %s (%s); freeing it", self.worker_id,
+                        handle.request_id, type(e).__name__)
+            self._drop_kv(handle)
+
     def _sweep_held(self) -> None:
         horizon = time.monotonic() - self.manifest.kv_transfer.timeout_s - self.manifest.server.request_timeout_s
         for rid in [r for r, (_, t) in self._held.items() if t < horizon]:
@@ -222,6 +244,11 @@ class PrefillWorker(EngineWorker):
             raise KVTransferError(f"{self.worker_id} holds no KV of {request_id}")
         self._kv_taken += 1
         return entry[0]
+
+    async def kv_arena_slots(self) -> list[dict[str, Any]]:
+        """The arena's held slots (kvtransfer.shm.ShmArena.slots): debugging, tests."""
+        arena = self.connector.shm.arena
+        return [] if arena is None else arena.slots()
 
     async def release_kv(self, request_id: str) -> None:
         """Drop what this worker holds of a request's KV transfer: the request ended (done,
@@ -326,6 +353,10 @@ class PrefillWorker(EngineWorker):
             rid = seq.request_id
             fut = self._futures.get(rid)
             if fut is None or fut.done():
+                # The prefill call already ended (aborted, timed out): an arena slot the KV
+                # was gathered into goes back now, not at its TTL.
+                if rid in out.exported_kv and self.connector.shm.arena is not None:
+                    self.connector.shm.arena.discard(rid, reserved_only=True)
                 continue
             arrival = self._arrivals.get(rid, now)
             first = seq.first_scheduled_time or now
@@ -368,21 +399,22 @@ class PrefillWorker(EngineWorker):
                 self._sender, self.connector.send, rid, kv, self._dest.get(rid))
             send.add_done_callback(lambda f, fut=fut, result=result: self._sent(fut, result, f))
 
+    def _sent(self, fut: asyncio.Future[dict[str, Any]], result: dict[str, Any], send: asyncio.Future[Any]) -> None:
+        if fut.done():  # the prefill call ended meanwhile (aborted, timed out): no one takes the KV
+            if not send.cancelled() and send.exception() is None:
+                self._drop_kv(send.result())
+            return
+        if send.exception() is not None:
+            fut.set_exception(send.exception())  # type: ignore[arg-type]
+        else:
+            fut.set_result({**result, "kv": send.result()})
+
     async def inject_kv_fault(self, kind: str, count: int = 1) -> None:
         """Drills and tests: the next `count` gRPC KV streams from this worker are
         corrupted ("corrupt") or cut ("cut")."""
         if kind not in ("corrupt", "cut"):
             raise ValueError(f"unknown fault {kind!r}; allowed: corrupt, cut")
         self.connector.grpc._kv_server().fault = (kind, count)
-
-    @staticmethod
-    def _sent(fut: asyncio.Future[dict[str, Any]], result: dict[str, Any], send: asyncio.Future[Any]) -> None:
-        if fut.done():
-            return
-        if send.exception() is not None:
-            fut.set_exception(send.exception())  # type: ignore[arg-type]
-        else:
-            fut.set_result({**result, "kv": send.result()})
 
     def on_request_error(self, request_id: str, error: Exception) -> None:
         fut = self._futures.get(request_id)

@@ -32,10 +32,9 @@ def state_when_back(dep, timeout_s: float = 90.0) -> dict:
 def test_controller_killed_is_revived_and_loses_nothing(ray_session, llama_dir):
     body = {"model": "tiny", "max_tokens": 12, "temperature": 0}
     prompts = [" ".join(f"c{i}_{j}" for j in range(10 + 3 * i)) for i in range(4)]
-    # KV through the object store: with the same-node arena, about one run in three ended
-    # with one arena slot still held after the decode worker's SIGKILL (an open bug of the
-    # arena under revival, in the session 8 note); this test is about the controller.
-    with serving(manifest_for(llama_dir, kv_transfer={"transport": "object_store"})) as (url, dep):
+    # KV through the same-node arena (the default): in session 8 about one run in three
+    # ended with an arena slot still held after the decode worker's SIGKILL.
+    with serving(manifest_for(llama_dir)) as (url, dep):
         with httpx.Client(timeout=60) as http:
             expected = {p: http.post(f"{url}/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"]
                         for p in prompts}
@@ -64,6 +63,17 @@ def test_controller_killed_is_revived_and_loses_nothing(ray_session, llama_dir):
         os.kill(ctl_pid, signal.SIGKILL)
         after = state_when_back(dep)
         back_at = time.monotonic()
+        # The revived controller health-checks the workers it adopted (it once never started
+        # its health loop: their stats stayed as adoption found them, mid-load, so KV looked
+        # held forever).
+        checks = {w["worker_id"]: w["health_checks"] for ws in after["pools"].values() for w in ws}
+        deadline = time.monotonic() + 30
+        while True:
+            now = {w["worker_id"]: w["health_checks"] for ws in state_when_back(dep)["pools"].values() for w in ws}
+            if all(now.get(k, 0) > v + 1 for k, v in checks.items()):
+                break
+            assert time.monotonic() < deadline, f"adopted workers not health-checked: {checks} -> {now}"
+            time.sleep(0.3)
         time.sleep(1.0)
         # The revived controller is in charge: a worker killed now is replaced by it.
         victim = next(w for w in after["pools"]["decode"])
@@ -85,4 +95,9 @@ def test_controller_killed_is_revived_and_loses_nothing(ray_session, llama_dir):
         during = [r for r in results if killed_at <= r[0] <= back_at]
         print(f"controller back {back_at - killed_at:.1f}s after SIGKILL; {len(results)} requests, "
               f"{len(during)} completed while it was down or re-adopting, all unchanged")
-        wait_kv_released(dep)
+        try:
+            wait_kv_released(dep)
+        except AssertionError as e:  # say which arena slots are held, and by whom
+            slots = {w["worker_id"]: ray.get(w["handle"].kv_arena_slots.remote(), timeout=10)
+                     for w in state_when_back(dep)["pools"]["prefill"]}
+            raise AssertionError(f"{e}; arena slots: {slots}") from None

@@ -129,6 +129,7 @@ def test_slot_is_not_freed_while_another_process_reads_it(arena):
         assert p.stdout.readline().strip() == "reading"
         arena.release("r")  # the request ended, but a reader is inside: the slot stays
         assert arena.held() == 1
+        assert [s["locked_by"] for s in arena.slots()] == [p.pid]  # who holds it, for diagnosis
         other = arena.put("other", torch.zeros_like(kv))
         assert other is not None and other.ref.offset != h.ref.offset  # not on the reader's bytes
         p.stdin.write("\n")
@@ -139,6 +140,81 @@ def test_slot_is_not_freed_while_another_process_reads_it(arena):
         p.wait(timeout=10)
     arena.release("other")
     assert arena.held() == 0  # the finished reader let the sweep free it
+
+
+def test_release_before_put_publishes_nothing(arena):
+    """The request ended (the ingress released its KV) before the prefill worker's sender
+    thread published it: the late put holds no slot (it used to hold one until the TTL)."""
+    kv = torch.randn(2, 2, 64, 2, 16)
+    arena.release("r")
+    with pytest.raises(KVTransferError, match="released before it was published"):
+        arena.put("r", kv)
+    assert arena.buffer("r", tuple(kv.shape), kv.dtype) is None  # no reservation either
+    assert arena.held() == 0 and arena.free_bytes() == arena.size
+    assert arena.put("r2", kv) is not None  # other requests are unaffected
+
+
+def test_release_while_the_sender_writes_defers_to_the_writer(arena):
+    """A release between the engine's gather into a slot and its publication: the slot is
+    not freed under the writer (its bytes are not given to another request meanwhile),
+    then the put frees it instead of publishing it."""
+    kv = torch.randn(2, 2, 64, 2, 16)
+    buf = arena.buffer("r", tuple(kv.shape), kv.dtype)
+    assert buf is not None
+    buf.copy_(kv)  # the engine's export
+    arena.release("r")
+    assert arena.held() == 1  # still the writer's
+    other = arena.put("other", torch.randn(2, 2, 64, 2, 16))
+    assert other is not None
+    slot_r = next(s for s in arena.slots() if s["request_id"] == "r")
+    assert slot_r["writing"] and slot_r["released"]
+    assert other.ref.offset + shm.HEADER_BYTES != buf.data_ptr() - arena._buf.data_ptr()
+    with pytest.raises(KVTransferError, match="released"):
+        arena.put("r", buf)
+    arena.release("other")
+    assert arena.held() == 0 and arena.free_bytes() == arena.size
+
+
+def test_discarded_reservation_is_given_back(arena):
+    kv = torch.randn(2, 2, 64, 2, 16)
+    assert arena.buffer("r", tuple(kv.shape), kv.dtype) is not None
+    arena.discard("r")  # the prefill attempt ended without a put
+    assert arena.held() == 0 and arena.free_bytes() == arena.size
+    h = arena.put("r", kv)  # a retried prefill of the same request still publishes
+    assert h is not None
+    arena.discard("r", generation=h.ref.generation ^ 2)  # another transfer's: not this one
+    assert arena.held() == 1
+    arena.discard("r", generation=h.ref.generation)
+    assert arena.held() == 0
+
+
+def test_reservation_expires_at_its_ttl():
+    a = shm.ShmArena(1 << 20, ttl_s=0.2)
+    try:
+        assert a.buffer("r", (1, 2, 8, 2, 4), torch.float32) is not None
+        assert a.held() == 1
+        import time
+
+        time.sleep(0.3)
+        assert a.held() == 0  # a reservation whose put never came
+    finally:
+        a.close()
+
+
+def test_reader_past_its_deadline_lets_go(arena, monkeypatch):
+    monkeypatch.setattr(shm, "PIECE_BYTES", 4096)
+    kv = torch.randn(3, 2, 200, 2, 16)
+    h = arena.put("r", kv)
+    import time
+
+    def slow(layer, j, first, piece):
+        time.sleep(0.2)
+
+    with pytest.raises(KVTransferError, match="deadline"):
+        shm.read_into(h, slow, timeout_s=0.3)
+    assert arena.slots()[0]["state"] == "ready"  # not marked done: it was not read
+    arena.release("r")
+    assert arena.held() == 0
 
 
 _OWNER = r"""
