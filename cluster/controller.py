@@ -426,6 +426,7 @@ class Controller(AutoscaleMixin, RolloutMixin):
                                     # Health answers' times (s) and the longest silence.
                                     "health_rtt_s": list(rec.liveness.rtts) if rec.liveness else [],
                                     "health_silence_s": rec.liveness.longest_silence_s if rec.liveness else 0.0,
+                                    "health_late_s": rec.liveness.longest_late_s if rec.liveness else 0.0,
                                     # Health answers this controller got from it (its stats' freshness).
                                     "health_checks": rec.liveness.answers if rec.liveness else 0,
                                     "stats": stats,

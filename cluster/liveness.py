@@ -128,6 +128,11 @@ class Liveness:
     # The longest it went without answering (a late answer's time, or a silence seen).
     longest_silence_s: float = 0.0
     answers: int = 0  # health answers received
+    # The longest run of time it answered nothing within HEALTH_TIMEOUT_S (consecutive
+    # late answers, plus a silence seen): the old fixed policy replaced a worker once this
+    # reached 3 x 5 s.
+    longest_late_s: float = 0.0
+    _late_run_s: float = 0.0
 
     def observe(self, stats: dict[str, Any]) -> None:
         """Take the process identity from a health answer (only on this host)."""
@@ -143,6 +148,9 @@ class Liveness:
     def answered(self, now: float, stats: dict[str, Any]) -> None:
         self.rtts.append(now - self.sent_at)
         self.answers += 1
+        rtt = now - self.sent_at
+        self._late_run_s = self._late_run_s + rtt if rtt > HEALTH_TIMEOUT_S else 0.0
+        self.longest_late_s = max(self.longest_late_s, self._late_run_s)
         self.longest_silence_s = max(self.longest_silence_s, now - self.sent_at)
         self.call = None
         self.slow_reported = False
@@ -158,6 +166,8 @@ class Liveness:
         """("ok" | "slow" | "hung" | "dead", why) while a health call is unanswered."""
         silent = now - self.sent_at
         self.longest_silence_s = max(self.longest_silence_s, silent)
+        if silent > HEALTH_TIMEOUT_S:
+            self.longest_late_s = max(self.longest_late_s, self._late_run_s + silent)
         s = self.sample()
         if s is not None and not s.exists:
             return "dead", f"its process {self.pid} is gone"

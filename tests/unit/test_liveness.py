@@ -127,3 +127,14 @@ def test_other_host_is_judged_by_the_window_alone(procs):
     time.sleep(0.5)
     verdict, why = live.verdict(time.monotonic())
     assert verdict == "hung" and "not on this host" in why
+
+
+def test_late_answers_in_a_row_add_up():
+    live = Liveness()
+    for rtt in (7.0, 8.0, 0.1, 6.0):
+        live.sent(None, 100.0)  # type: ignore[arg-type]
+        live.answered(100.0 + rtt, {})
+    assert live.longest_late_s == pytest.approx(15.0)  # 7 + 8; the fast answer ended the run
+    live.sent(None, 200.0)  # type: ignore[arg-type]
+    live.verdict(212.0)  # silent 12 s after the late 6 s answer
+    assert live.longest_late_s == pytest.approx(18.0)
