@@ -58,7 +58,7 @@ def _expert_process(model_dir: str, experts: list[list[int]], conn: Any) -> None
 
     torch.set_num_threads(1)
     from decode_workers.exchange import ExpertServer
-    from engine.afd import ExpertShard
+    from engine.experts import ExpertShard
 
     server = ExpertServer(ExpertShard.load_from(model_dir, torch.float32, experts))
     conn.send(server.address)
@@ -114,7 +114,8 @@ def bench_steps(batches: list[int], context: int, steps: int, shards: int, shm: 
 
     torch.set_num_threads(1)
     from decode_workers.exchange import SocketExchange
-    from engine.afd import build_attention_runner, even_placement, shard_experts
+    from engine.afd import build_attention_runner
+    from engine.experts import even_placement, shard_experts
     from engine.config import ModelConfig
     from engine.engine import build_runner
 

@@ -49,7 +49,7 @@ def bench_socket(reps: int, shm: bool = False) -> dict[int, float]:
     import torch
 
     from decode_workers.exchange import SocketExchange
-    from engine.afd import ExpertRequest
+    from engine.experts import ExpertRequest
 
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()

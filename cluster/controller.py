@@ -341,7 +341,7 @@ class Controller(AutoscaleMixin, RolloutMixin):
         worker loads its new experts."""
         from cluster.errors import ManifestError
         from cluster.manifest import afd_problems
-        from engine.afd import shard_experts
+        from engine.experts import shard_experts
 
         if not self.manifest.afd:
             raise ManifestError([("pools", "no attention/expert pools in this deployment")])

@@ -440,7 +440,7 @@ def _shape_of(m: Manifest) -> tuple[str, int, int, str]:
 
 def read_expert_placement(m: Manifest) -> list[list[list[int]]]:
     """The expert pool's placement: per layer, per expert worker, the expert ids it holds."""
-    from engine.afd import even_placement
+    from engine.experts import even_placement
 
     _, layers, experts, _ = _shape_of(m)
     pool = m.pools["expert"]  # type: ignore[index]
@@ -458,7 +458,7 @@ def afd_problems(m: Manifest) -> list[tuple[str, str]]:
     """Attention/expert pools against the model: MoE only, tp 1, a placement that fits."""
     import json
 
-    from engine.afd import placement_problems
+    from engine.experts import placement_problems
 
     arch, layers, experts, source = _shape_of(m)
     if experts == 0:

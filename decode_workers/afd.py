@@ -109,7 +109,7 @@ class ExpertWorker:
         import asyncio
 
         from decode_workers.exchange import ExpertServer
-        from engine.afd import ExpertShard, shard_experts
+        from engine.experts import ExpertShard, shard_experts
         from engine.engine import DTYPES
 
         placement = read_expert_placement(self.manifest)

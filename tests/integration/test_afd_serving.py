@@ -81,7 +81,8 @@ def test_afd_serving_with_placement_from_place_experts(ray_session, mixtral_dir,
 
     import numpy as np
 
-    from engine.afd import even_placement, local_afd_runner
+    from engine.afd import local_afd_runner
+    from engine.experts import even_placement
     from engine.config import ModelConfig
     from engine.engine import LLMEngine
     from engine.scheduler import SchedulerConfig
@@ -242,7 +243,7 @@ def test_replacement_from_metrics_applied_with_splitserve_apply(ray_session, mix
 
     from cluster.cli import main as cli
     from cluster.ops import apply_manifest, inline_expert_placement
-    from engine.afd import even_placement, shard_experts
+    from engine.experts import even_placement, shard_experts
 
     ps, ref = expected
     m = afd_manifest(mixtral_dir)
