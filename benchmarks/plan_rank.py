@@ -62,22 +62,24 @@ SLO_TTFT_X = 4.0
 # Layouts that fit this machine's 2 CPUs (DEFAULT_LAYOUTS run unless --layouts names others:
 # colocated-1x2cpu needs a two-thread profile, which on an oversubscribed machine is not
 # the speed its worker gets while serving; see the results README).
+def _colocated(replicas: int, num_cpus: int) -> dict[str, Any]:
+    return {"mode": "colocated", "pools": {"colocated": {
+        "replicas": replicas, "num_cpus": num_cpus, "max_num_batched_tokens": 512, "max_num_seqs": 64,
+        "num_kv_blocks": 512}}}
+
+
+def _disaggregated(max_num_seqs: int) -> dict[str, Any]:
+    return {"mode": "disaggregated", "pools": {
+        "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
+        "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": max_num_seqs, "num_kv_blocks": 512}}}
+
+
 LAYOUTS: dict[str, dict[str, Any]] = {
-    "colocated-1x2cpu": {"mode": "colocated", "pools": {
-        "colocated": {"replicas": 1, "num_cpus": 2, "max_num_batched_tokens": 512, "max_num_seqs": 64,
-                      "num_kv_blocks": 512}}},
-    "1p1d": {"mode": "disaggregated", "pools": {
-        "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
-        "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": 64, "num_kv_blocks": 512}}},
-    "colocated-1x1cpu": {"mode": "colocated", "pools": {
-        "colocated": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "max_num_seqs": 64,
-                      "num_kv_blocks": 512}}},
-    "1p1d-seqs2": {"mode": "disaggregated", "pools": {
-        "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
-        "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": 2, "num_kv_blocks": 512}}},
-    "colocated-2x1cpu": {"mode": "colocated", "pools": {
-        "colocated": {"replicas": 2, "num_cpus": 1, "max_num_batched_tokens": 512, "max_num_seqs": 64,
-                      "num_kv_blocks": 512}}},
+    "colocated-1x2cpu": _colocated(1, 2),
+    "1p1d": _disaggregated(64),
+    "colocated-1x1cpu": _colocated(1, 1),
+    "1p1d-seqs2": _disaggregated(2),
+    "colocated-2x1cpu": _colocated(2, 1),
 }
 DEFAULT_LAYOUTS = ("1p1d", "colocated-1x1cpu", "colocated-2x1cpu")
 # A window lasts --duration seconds, longer where that would hold fewer requests than this.
