@@ -340,7 +340,7 @@ class Controller(AutoscaleMixin, RolloutMixin):
         controller hands to new workers carries the placement inline, so a replaced expert
         worker loads its new experts."""
         from cluster.errors import ManifestError
-        from cluster.manifest import afd_problems
+        from cluster.manifest_checks import afd_problems
         from engine.experts import shard_experts
 
         if not self.manifest.afd:
