@@ -27,6 +27,7 @@ compare the order and the goodput ratios, not absolute latencies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -35,6 +36,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,23 +64,28 @@ SLO_TTFT_X = 4.0
 # Layouts that fit this machine's 2 CPUs (DEFAULT_LAYOUTS run unless --layouts names others:
 # colocated-1x2cpu needs a two-thread profile, which on an oversubscribed machine is not
 # the speed its worker gets while serving; see the results README).
+def _colocated(replicas: int, num_cpus: int) -> dict[str, Any]:
+    return {"mode": "colocated", "pools": {"colocated": {
+        "replicas": replicas, "num_cpus": num_cpus, "max_num_batched_tokens": 512, "max_num_seqs": 64,
+        "num_kv_blocks": 512}}}
+
+
+def _disaggregated(max_num_seqs: int) -> dict[str, Any]:
+    return {"mode": "disaggregated", "pools": {
+        "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
+        "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": max_num_seqs, "num_kv_blocks": 512}}}
+
+
 LAYOUTS: dict[str, dict[str, Any]] = {
-    "colocated-1x2cpu": {"mode": "colocated", "pools": {
-        "colocated": {"replicas": 1, "num_cpus": 2, "max_num_batched_tokens": 512, "max_num_seqs": 64,
-                      "num_kv_blocks": 512}}},
-    "1p1d": {"mode": "disaggregated", "pools": {
-        "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
-        "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": 64, "num_kv_blocks": 512}}},
-    "colocated-1x1cpu": {"mode": "colocated", "pools": {
-        "colocated": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "max_num_seqs": 64,
-                      "num_kv_blocks": 512}}},
-    "1p1d-seqs2": {"mode": "disaggregated", "pools": {
-        "prefill": {"replicas": 1, "num_cpus": 1, "max_num_batched_tokens": 512, "num_kv_blocks": 256},
-        "decode": {"replicas": 1, "num_cpus": 1, "max_num_seqs": 2, "num_kv_blocks": 512}}},
-    "colocated-2x1cpu": {"mode": "colocated", "pools": {
-        "colocated": {"replicas": 2, "num_cpus": 1, "max_num_batched_tokens": 512, "max_num_seqs": 64,
-                      "num_kv_blocks": 512}}},
+    "colocated-1x2cpu": _colocated(1, 2),
+    "1p1d": _disaggregated(64),
+    "colocated-1x1cpu": _colocated(1, 1),
+    "1p1d-seqs2": _disaggregated(2),
+    "colocated-2x1cpu": _colocated(2, 1),
 }
+# The serving stack's CPU per request is measured at this rate for this long (host_probe).
+HOST_PROBE_RATE = 1.0
+HOST_PROBE_S = 20.0
 DEFAULT_LAYOUTS = ("1p1d", "colocated-1x1cpu", "colocated-2x1cpu")
 # A window lasts --duration seconds, longer where that would hold fewer requests than this.
 MIN_REQUESTS = 25
@@ -155,7 +162,7 @@ def profile_via_cli(manifest_path: Path, threads: int, out: Path, refresh: bool 
     return prof
 
 
-def cluster_spec(manifest: Any, lats: dict[int, Any]) -> Any:
+def cluster_spec(manifest: Any, lats: dict[int, Any], host_cores: float = 0.0) -> Any:
     from placement.catalogue import ModelShape
     from placement.simulator import ClusterSpec, Instance
 
@@ -167,7 +174,7 @@ def cluster_spec(manifest: Any, lats: dict[int, Any]) -> Any:
                                  max_batched_tokens=pool.max_num_batched_tokens, max_num_seqs=pool.max_num_seqs,
                                  kv_capacity_tokens=pool.num_kv_blocks * manifest.kv_cache.block_size))
     return ClusterSpec(inst, kv_bytes_per_token=shape.kv_bytes_per_token, link_bps=lambda a, b: 1.3e9,
-                       request_overhead_s=REQUEST_OVERHEAD_S, cores=MACHINE_CORES)
+                       request_overhead_s=REQUEST_OVERHEAD_S, cores=MACHINE_CORES, host_cores=host_cores)
 
 
 def at_rate(cfg: Any, rate: float, min_requests: int = MIN_REQUESTS) -> Any:
@@ -175,7 +182,8 @@ def at_rate(cfg: Any, rate: float, min_requests: int = MIN_REQUESTS) -> Any:
     return dataclasses.replace(cfg, rates=[rate], duration_s=max(cfg.duration_s, min_requests / rate))
 
 
-def predict_rate(manifest: Any, lats: dict[int, Any], cfg: Any, rate: float, min_requests: int = MIN_REQUESTS) -> float:
+def predict_rate(manifest: Any, lats: dict[int, Any], cfg: Any, rate: float, min_requests: int = MIN_REQUESTS,
+                 host_s: float = 0.0) -> float:
     """Predicted attainment at `rate` on the very requests the bench sends."""
     from placement.simulator import SimRequest, Simulation
 
@@ -183,24 +191,70 @@ def predict_rate(manifest: Any, lats: dict[int, Any], cfg: Any, rate: float, min
 
     specs = at_rate(cfg, rate, min_requests).requests(rate)
     sims = [SimRequest(s.arrival_s, _prompt_len(s), s.output_tokens) for s in specs]
-    Simulation(cluster_spec(manifest, lats)).run(sims)
+    # The serving stack's own CPU (host_probe) takes rate x host_s of the shared cores.
+    Simulation(cluster_spec(manifest, lats, host_cores=rate * host_s)).run(sims)
     ok = sum(1 for r in sims if math.isfinite(r.finish_s) and r.ttft_s * 1e3 <= cfg.slo.ttft_ms
              and r.tpot_s * 1e3 <= cfg.slo.tpot_ms)
     return ok / max(1, len(sims))
 
 
-def predict_capacity(manifest: Any, lats: dict[int, Any], cfg: Any, min_requests: int = MIN_REQUESTS) -> float:
+def predict_capacity(manifest: Any, lats: dict[int, Any], cfg: Any, min_requests: int = MIN_REQUESTS,
+                     host_s: float = 0.0) -> float:
     """Goodput by bisection on rate (same workload and seed): sets the ladder."""
     lo, hi = 0.0, 0.25
-    while predict_rate(manifest, lats, cfg, hi, min_requests) >= cfg.slo.attainment and hi < 64:
+    while predict_rate(manifest, lats, cfg, hi, min_requests, host_s) >= cfg.slo.attainment and hi < 64:
         lo, hi = hi, hi * 2
     for _ in range(7):
         mid = (lo + hi) / 2
-        if predict_rate(manifest, lats, cfg, mid, min_requests) >= cfg.slo.attainment:
+        if predict_rate(manifest, lats, cfg, mid, min_requests, host_s) >= cfg.slo.attainment:
             lo = mid
         else:
             hi = mid
     return lo
+
+
+# ---- the serving stack's own CPU ---------------------------------------------------------
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of the engine workers (Ray actor processes of a *Worker class) and
+    of the rest of the serving stack on this machine: this process (ingress and load
+    generator) and Ray's own processes (controller, raylet, GCS, ...)."""
+    import psutil
+
+    out = {"workers": 0.0, "host": 0.0}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            t = proc.info["cpu_times"]
+        except (psutil.Error, TypeError):
+            continue
+        if t is None:
+            continue
+        if cmd.startswith("ray::") and "Worker" in cmd:
+            out["workers"] += t.user + t.system
+        elif proc.pid == os.getpid() or "ray" in cmd:
+            out["host"] += t.user + t.system
+    return out
+
+
+def host_probe(manifest: Any, cfg: Any, rate: float = HOST_PROBE_RATE, seconds: float = HOST_PROBE_S) -> dict[str, Any]:
+    """CPU seconds per request of everything but the engine workers, serving the workload
+    at a low rate: the ingress (HTTP, tokenizer, streaming), the load generator and Ray's
+    processes share this machine's cores with the workers, and the engine profile does not
+    see them. Measured once, before the predictions, on one layout."""
+    from benchmarks.runner import Collector, bench_target
+    from benchmarks.targets import manifest_target
+
+    pcfg = dataclasses.replace(cfg, rates=[rate], duration_s=seconds)
+    with manifest_target(manifest, None) as target, tempfile.TemporaryDirectory() as tmp:
+        col = Collector(Path(tmp), "host-probe", pcfg)
+        c0, t0 = _cpu_seconds(), time.monotonic()
+        bench_target(target, pcfg, col)
+        c1, elapsed = _cpu_seconds(), time.monotonic() - t0
+    n = max(1, len(col.records))
+    return {"layout": manifest.name, "rate": rate, "requests": len(col.records), "seconds": round(elapsed, 1),
+            "host_cpu_s_per_request": (c1["host"] - c0["host"]) / n,
+            "worker_cpu_s_per_request": (c1["workers"] - c0["workers"]) / n, "load": _load()}
 
 
 # ---- measurement ------------------------------------------------------------------------
@@ -260,21 +314,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       workload=Workload("rank", LengthRange(*wl["prompt_tokens"]), LengthRange(*wl["output_tokens"])),
                       trace=None, seed=args.seed, progress=False, timeout_s=120)
 
-    # 2. predictions, ladder.
-    capacity = {n: predict_capacity(m, lats, cfg, args.min_requests) for n, m in manifests.items()}
+    with contextlib.ExitStack() as stack:
+        if not args.predict_only:
+            from benchmarks.targets import ray_session
+
+            stack.enter_context(ray_session(None, 2))
+        return _predict_and_measure(args, out, names, manifests, lats, cfg, slo, wl, profiles)
+
+
+def _predict_and_measure(args: argparse.Namespace, out: Path, names: list[str], manifests: dict[str, Any],
+                         lats: dict[int, Any], cfg: Any, slo: dict[str, Any], wl: dict[str, Any],
+                         profiles: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    # 2. the serving stack's own CPU (given, or probed on the first layout), predictions, ladder.
+    if args.host_cpu_ms is not None:
+        probe: dict[str, Any] = {"given": True, "host_cpu_s_per_request": args.host_cpu_ms / 1e3}
+    elif args.predict_only:
+        probe = {"given": True, "host_cpu_s_per_request": 0.0}
+    else:
+        probe = host_probe(manifests[names[0]], cfg)
+    host_s = float(probe["host_cpu_s_per_request"])
+    print(f"serving stack CPU: {1e3 * host_s:.1f} ms per request ({probe})", file=sys.stderr)
+    capacity = {n: predict_capacity(m, lats, cfg, args.min_requests, host_s) for n, m in manifests.items()}
     if min(capacity.values()) <= 0 and not args.rates:
         raise SystemExit(f"plan_rank: a layout meets the SLO {slo} at no rate by the profile ({capacity}); "
                          "give --slo-ttft-ms/--slo-tpot-ms or --rates")
     ladders = {n: ([float(x) for x in args.rates.split(",")] if args.rates
                    else [round(capacity[n] * float(f), 3) for f in args.ladder.split(",")]) for n in names}
-    predicted_att = {n: [predict_rate(m, lats, cfg, r, args.min_requests) for r in ladders[n]]
+    predicted_att = {n: [predict_rate(m, lats, cfg, r, args.min_requests, host_s) for r in ladders[n]]
                      for n, m in manifests.items()}
     predicted = {n: ladder_goodput(ladders[n], predicted_att[n], slo["attainment"]) for n in names}
     result: dict[str, Any] = {
         "layouts": names, "rates": ladders, "slo": slo, "workload": wl, "duration_s": args.duration,
         "rounds": args.rounds, "seed": args.seed, "min_requests": args.min_requests, "ladder": args.ladder,
         "profiles": {t: {k: v for k, v in p.items() if k != "steps"} for t, p in profiles.items()},
-        "predicted_capacity_rps": capacity, "predicted_attainment": predicted_att,
+        "host_probe": probe, "predicted_capacity_rps": capacity, "predicted_attainment": predicted_att,
         "predicted_goodput_rps": predicted}
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.predict_only:
@@ -282,29 +355,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. measurement, interleaved.
     from benchmarks.runner import Collector, bench_target
-    from benchmarks.targets import manifest_target, ray_session
+    from benchmarks.targets import manifest_target
 
     records: dict[str, list[Any]] = {n: [] for n in names}
     windows: list[dict[str, Any]] = []
-    with ray_session(None, 2):
-        for rnd in range(args.rounds):
-            order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate the start each round
-            for n in order:
-                col = Collector(out / "measured" / f"round{rnd}" / n, n, cfg)
-                load0, t0 = _load(), time.time()
-                with manifest_target(manifests[n], None) as target:
-                    for i, rate in enumerate(ladders[n]):
-                        wcfg = at_rate(cfg, rate, args.min_requests)
-                        if i:
-                            wcfg.warmup = 0
-                        col.cfg = wcfg
-                        bench_target(target, wcfg, col)
-                records[n].extend(col.records)
-                att = measured_attainment(col.records, cfg.slo)
-                windows.append({"round": rnd, "layout": n, "start": t0, "seconds": round(time.time() - t0, 1),
-                                "load_before": load0, "load_after": _load(),
-                                "attainment": {str(r): v["attainment"] for r, v in att.items()}})
-                (out / "windows.json").write_text(json.dumps(windows, indent=2) + "\n")
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate the start each round
+        for n in order:
+            col = Collector(out / "measured" / f"round{rnd}" / n, n, cfg)
+            load0, t0 = _load(), time.time()
+            with manifest_target(manifests[n], None) as target:
+                for i, rate in enumerate(ladders[n]):
+                    wcfg = at_rate(cfg, rate, args.min_requests)
+                    if i:
+                        wcfg.warmup = 0
+                    col.cfg = wcfg
+                    bench_target(target, wcfg, col)
+            records[n].extend(col.records)
+            att = measured_attainment(col.records, cfg.slo)
+            windows.append({"round": rnd, "layout": n, "start": t0, "seconds": round(time.time() - t0, 1),
+                            "load_before": load0, "load_after": _load(),
+                            "attainment": {str(r): v["attainment"] for r, v in att.items()}})
+            (out / "windows.json").write_text(json.dumps(windows, indent=2) + "\n")
     result["windows"] = windows
     result = analyse(out, result, args.tol)
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -406,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ttft-ms", type=float, help=f"default: {SLO_TTFT_X} x the profiled prefill of the longest prompt")
     p.add_argument("--slo-tpot-ms", type=float, help=f"default: {SLO_TPOT_X} x the profiled single-stream decode step")
     p.add_argument("--refresh-profile", action="store_true")
+    p.add_argument("--host-cpu-ms", type=float, help="the serving stack's CPU per request (ingress, load generator, "
+                   "Ray's processes) instead of probing it; --predict-only uses 0 unless given")
     p.add_argument("--predict-only", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--analyse", action="store_true",

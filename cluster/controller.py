@@ -375,8 +375,8 @@ class Controller(AutoscaleMixin, RolloutMixin):
         controller hands to new workers carries the placement inline, so a replaced expert
         worker loads its new experts."""
         from cluster.errors import ManifestError
-        from cluster.manifest import afd_problems
-        from engine.afd import shard_experts
+        from cluster.manifest_checks import afd_problems
+        from engine.experts import shard_experts
 
         if not self.manifest.afd:
             raise ManifestError([("pools", "no attention/expert pools in this deployment")])

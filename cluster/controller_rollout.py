@@ -43,7 +43,7 @@ class RolloutMixin:
                 return {"ok": False, "problems": [list(x) for x in plan.restart], "changed": plan.changed}
             experts = None
             if plan.placement:  # re-placed live, before any pool rolls
-                from cluster.manifest import afd_problems, read_expert_placement
+                from cluster.manifest_checks import afd_problems, read_expert_placement
 
                 bad = afd_problems(new)
                 if bad:

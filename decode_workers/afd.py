@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from cluster.manifest import Manifest, read_expert_placement
+from cluster.manifest import Manifest
+from cluster.manifest_checks import read_expert_placement
 from cluster.worker_base import current_node_ip, slot_of
 from decode_workers.worker import DecodeWorker
 
@@ -109,7 +110,7 @@ class ExpertWorker:
         import asyncio
 
         from decode_workers.exchange import ExpertServer
-        from engine.afd import ExpertShard, shard_experts
+        from engine.experts import ExpertShard, shard_experts
         from engine.engine import DTYPES
 
         placement = read_expert_placement(self.manifest)

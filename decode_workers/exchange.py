@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from cluster.errors import WorkerFailedError
-from engine.afd import ExpertExchange, ExpertRequest, ExpertShard, Placement
+from engine.experts import ExpertExchange, ExpertRequest, ExpertShard, Placement
 
 logger = logging.getLogger(__name__)
 

@@ -131,6 +131,11 @@ class ClusterSpec:
     # while k instances (itself included) are busy runs max(1, k / cores) times longer:
     # workers of one CPU machine, or of GPUs whose host threads are oversubscribed.
     cores: float | None = None
+    # With cores: cores' worth of other work on the same cores the whole time (the ingress,
+    # the load generator, Ray's own processes: their CPU per request times the rate). It
+    # counts as busy instances do: a step starting while k instances are busy runs
+    # max(1, (k + host_cores) / cores) times longer.
+    host_cores: float = 0.0
     # Instead of cores, per instance kind: a step that starts while any other instance is
     # busy runs this many times longer (measured on the served system: a long prefill step
     # loses more to a busy neighbour than a short decode step does).
@@ -192,7 +197,7 @@ class Simulation:
                 t *= self.spec.shared_slowdown.get(inst.kind, 1.0)
         elif self.spec.cores:
             k = sum(1 for i in self.spec.instances if i.busy)
-            t *= max(1.0, k / self.spec.cores)
+            t *= max(1.0, (k + self.spec.host_cores) / self.spec.cores)
         inst.busy_s += t
         if pp == 1:
             def fin() -> None:

@@ -88,3 +88,53 @@ def wait_healthy(url: str, timeout_s: float = 180.0) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"{url} not healthy within {timeout_s}s")
+
+
+def start_serve_cli(manifest: str, port: int, root: Path, timeout_s: float = 240.0):  # type: ignore[no-untyped-def]
+    """`splitserve serve MANIFEST` in a subprocess joined to this session's Ray; returns the
+    process once it printed "ready" (fails with its last output if it did not in time)."""
+    import os
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    import ray as _ray
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "serve", manifest, "--port", str(port),
+         "--address", _ray.get_runtime_context().gcs_address],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+        except queue.Empty:
+            if proc.poll() is not None and lines.empty():
+                break
+            continue
+        seen.append(line)
+        if "ready" in line:
+            return proc
+    proc.kill()
+    proc.wait(timeout=30)
+    raise AssertionError(f"`serve {manifest}` printed no 'ready' within {timeout_s:.0f} s:\n" + "".join(seen[-30:]))
+
+
+def stream_killing(client, greedy: dict, kill, after: int = 5) -> str:  # type: ignore[no-untyped-def]
+    """Stream ``greedy`` (kwargs of completions.create, temperature 0), call ``kill()`` once
+    ``after`` chunks have arrived, and return the whole streamed text; asserts the stream
+    went on past the kill and equals the same request unfaulted (asked first)."""
+    want = client.completions.create(**greedy).choices[0].text
+    got, text = 0, []
+    for chunk in client.completions.create(stream=True, **greedy):
+        text.append(chunk.choices[0].text)
+        got += 1
+        if got == after:
+            kill()
+    assert got > after and "".join(text) == want, (got, "".join(text), want)
+    return want

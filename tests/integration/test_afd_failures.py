@@ -13,7 +13,7 @@ import openai
 import pytest
 import ray
 
-from .conftest import wait_healthy
+from .conftest import stream_killing, wait_healthy
 from .test_afd_serving import afd_manifest
 from .conftest import serving
 from .test_failures import workers
@@ -88,15 +88,8 @@ def test_attention_worker_death_mid_stream(ray_session, mixtral_dir):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=120, max_retries=0)
         greedy = {"model": "tiny", "prompt": "import os", "max_tokens": 300, "temperature": 0,
                   "extra_body": {"ignore_eos": True}}
-        want = client.completions.create(**greedy).choices[0].text
         victim = workers(dep, "attention")[0]
-        got, text = 0, []
-        for chunk in client.completions.create(stream=True, **greedy):
-            text.append(chunk.choices[0].text)
-            got += 1
-            if got == 5:
-                ray.kill(victim["handle"], no_restart=True)
-        assert got > 5 and "".join(text) == want
+        want = stream_killing(client, greedy, lambda: ray.kill(victim["handle"], no_restart=True))
         deadline = time.monotonic() + 90
         while not [w for w in workers(dep, "attention") if w["healthy"] and w["worker_id"] != victim["worker_id"]]:
             assert time.monotonic() < deadline, "attention worker not replaced within 90 s"

@@ -81,7 +81,8 @@ def test_afd_serving_with_placement_from_place_experts(ray_session, mixtral_dir,
 
     import numpy as np
 
-    from engine.afd import even_placement, local_afd_runner
+    from engine.afd import local_afd_runner
+    from engine.experts import even_placement
     from engine.config import ModelConfig
     from engine.engine import LLMEngine
     from engine.scheduler import SchedulerConfig
@@ -115,10 +116,8 @@ def test_serve_cli_demo_afd(ray_session, mixtral_dir):
     """`splitserve serve deploy/manifests/demo-afd.yaml` as an operator runs it: the openai
     client, streaming and not; greedy tokens equal the engine alone; one actor per worker,
     class names naming their roles; Ctrl-C stops them."""
-    import os
     import signal
     import subprocess
-    import sys
 
     import openai
     import ray
@@ -127,28 +126,13 @@ def test_serve_cli_demo_afd(ray_session, mixtral_dir):
     from engine.scheduler import SchedulerConfig
     from engine.sequence import SamplingParams
 
+    from .conftest import start_serve_cli
     from .test_cli_serve import ROOT, free_port
 
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", "deploy/manifests/demo-afd.yaml", "--port", str(port),
-         "--address", ray.get_runtime_context().gcs_address],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
+    proc = start_serve_cli("deploy/manifests/demo-afd.yaml", port, ROOT)
     handles: list = []
     try:
-        import time
-
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "ready" in line:
-                break
-        assert any("ready" in x for x in lines), "".join(lines[-30:])
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=60, max_retries=0)
         ps = [[11, 12, 13, 14, 15, 16, 17], [40, 41, 42]]
         eng = LLMEngine.from_model_dir(mixtral_dir, num_blocks=64, block_size=16,
@@ -242,7 +226,7 @@ def test_replacement_from_metrics_applied_with_splitserve_apply(ray_session, mix
 
     from cluster.cli import main as cli
     from cluster.ops import apply_manifest, inline_expert_placement
-    from engine.afd import even_placement, shard_experts
+    from engine.experts import even_placement, shard_experts
 
     ps, ref = expected
     m = afd_manifest(mixtral_dir)

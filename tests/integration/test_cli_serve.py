@@ -5,12 +5,9 @@ started."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import openai
@@ -19,6 +16,7 @@ import ray
 from engine.tokenizer import Tokenizer
 
 from ..real_model import CHAT_MAX_NEW, CONVERSATIONS, hf_chat_greedy
+from .conftest import start_serve_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,24 +34,8 @@ def test_ray_nodes_are_on_loopback(ray_session):
 
 def test_serve_cli_end_to_end(ray_session, smollm2_dir):
     port = free_port()
-    address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", "deploy/manifests/demo.yaml", "--port", str(port),
-         "--address", address],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
+    proc = start_serve_cli("deploy/manifests/demo.yaml", port, ROOT)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "ready" in line:
-                break
-        assert any("ready" in x for x in lines), "".join(lines[-30:])
-
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120,
                                max_retries=0)
         r = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=8,

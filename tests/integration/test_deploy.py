@@ -31,15 +31,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 4) -> Iterator[str]:
+def ray_head(num_cpus: int = 4, port: int | None = None, extra_args: tuple[str, ...] = (),
+             env: dict[str, str] | None = None, prefix: str = "ssr-") -> Iterator[str]:
     """A Ray head of its own (own port and temp dir) on 127.0.0.1; `--block` so that ending
     this one process stops exactly its Ray, never another on the machine."""
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="ssr-", dir="/tmp")
+    port = port or free_port()
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
                              f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={tmp}"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             f"--temp-dir={tmp}", *extra_args],
+                            env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
         while True:

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .test_deploy import ENV, RAY, free_port, stop_leftovers
+from .test_deploy import ENV, free_port, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,28 +40,8 @@ def fake_head(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     cfg = tmp_path / "fake.yaml"
     cfg.write_text(yaml.safe_dump(fake_cluster_config(port)))
-    tmp = tempfile.mkdtemp(prefix="ssf-", dir="/tmp")
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={tmp}", f"--autoscaling-config={cfg}"],
-                            env={**ENV, "RAY_FAKE_CLUSTER": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "fake ray head did not start"
-            time.sleep(0.5)
-        time.sleep(3)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        time.sleep(2)
-        stop_leftovers(tmp)
+    with ray_head(2, port, (f"--autoscaling-config={cfg}",), {**ENV, "RAY_FAKE_CLUSTER": "1"}, "ssf-") as address:
+        yield address
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import ray  # noqa: E402
 
 from models.builtin import builtin_model_dir  # noqa: E402
 
-from .conftest import manifest_for, serving, wait_healthy  # noqa: E402
+from .conftest import manifest_for, serving, stream_killing, wait_healthy  # noqa: E402
 from .test_serving_equivalence import LENGTHS, MAX_NEW, engine_alone, prompts, served  # noqa: E402
 
 BLOCK = 32
@@ -205,15 +205,8 @@ def test_vllm_decode_killed_mid_stream(failing):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=180, max_retries=0)
     greedy = {"model": "tiny", "prompt": list(range(5, 60)), "max_tokens": 200, "temperature": 0,
               "extra_body": {"ignore_eos": True}}
-    want = client.completions.create(**greedy).choices[0].text
     victim = _workers(dep, "decode")[0]
-    got, text = 0, []
-    for chunk in client.completions.create(stream=True, **greedy):
-        text.append(chunk.choices[0].text)
-        got += 1
-        if got == 5:
-            ray.kill(victim["handle"], no_restart=True)
-    assert got > 5 and "".join(text) == want
+    want = stream_killing(client, greedy, lambda: ray.kill(victim["handle"], no_restart=True))
     new_id = wait_replaced(dep, "decode", victim["worker_id"], timeout_s=180)
     wait_healthy(url)
     assert client.completions.create(**greedy).choices[0].text == want

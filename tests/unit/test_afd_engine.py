@@ -8,15 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.afd import (
-    ExpertRequest,
-    ExpertShard,
-    even_placement,
-    local_afd_runner,
-    placement_problems,
-    shard_experts,
-    split_micro_batches,
-)
+from engine.afd import local_afd_runner, split_micro_batches
+from engine.experts import ExpertRequest, ExpertShard, even_placement, placement_problems, shard_experts
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.engine import LLMEngine
@@ -156,7 +149,8 @@ def test_placement_checks_and_shard_refuses_experts_it_lacks(model_dir, cfg):
     with pytest.raises(KeyError, match="expert 5 is not held here"):
         shard.run(ExpertRequest(0, torch.zeros(2, cfg.hidden_size), [(5, 2)]))
     with pytest.raises(ValueError, match="dense"):
-        from engine.afd import build_attention_runner, LocalExchange
+        from engine.afd import build_attention_runner
+        from engine.experts import LocalExchange
 
         build_attention_runner(str(builtin_model_dir("tiny-llama")), "float32", 8, 4,
                                LocalExchange([[[0]]], [ExpertShard([{}])]), 1)

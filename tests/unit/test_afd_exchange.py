@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from decode_workers.exchange import ExchangeError, ExpertServer, SocketExchange
-from engine.afd import ExpertRequest, ExpertShard, build_attention_runner, even_placement, local_afd_runner, shard_experts
+from engine.afd import build_attention_runner, local_afd_runner
+from engine.experts import ExpertRequest, ExpertShard, even_placement, shard_experts
 from engine.config import ModelConfig
 from engine.engine import LLMEngine
 from engine.scheduler import SchedulerConfig

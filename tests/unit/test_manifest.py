@@ -90,7 +90,7 @@ def test_demo_afd_manifest_is_valid_and_fits_two_cores():
     assert m.pools["expert"].replicas == 2 and m.pools["attention"].replicas == 1
     assert m.pools["expert"].placement == "even" and m.pools["expert"].micro_batches == 2
     assert sum(p.replicas * p.num_cpus for p in m.pools.values()) <= 2
-    from cluster.manifest import read_expert_placement
+    from cluster.manifest_checks import read_expert_placement
 
     layout = read_expert_placement(m)
     assert len(layout) == 4 and layout[0] == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -135,7 +135,7 @@ def test_afd_placement_must_match_the_model(tmp_path):
     assert lines[0].startswith("pools.expert.placement: cannot read")
     ok = load_manifest(write(tmp_path, {**AFD, "pools": {**AFD["pools"],
                                                          "expert": {"replicas": 3, "placement": "three.json"}}}))
-    from cluster.manifest import read_expert_placement
+    from cluster.manifest_checks import read_expert_placement
 
     assert read_expert_placement(ok)[0] == [[0, 1, 2], [3, 4, 5], [6, 7, 0]]
 

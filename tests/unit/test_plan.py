@@ -61,7 +61,8 @@ def test_attention_expert_layout_is_written_as_servable_pools(tmp_path):
     """A disaggregated/ae layout (2 groups of 1 attention + 2 expert workers on 2 nodes)
     becomes pools attention and expert that validate, each expert replicated once per
     group and each group's workers on its node; the kind counts as servable."""
-    from cluster.manifest import parse_manifest, read_expert_placement
+    from cluster.manifest import parse_manifest
+    from cluster.manifest_checks import read_expert_placement
     from placement.catalogue import gpu
     from placement.layout import Layout
     from placement.plan import Plan, planned_manifest

@@ -196,6 +196,24 @@ def test_shared_cores_slow_concurrent_instances():
     assert abs(ttft(1.0) - 2 * ttft(None)) < 1e-9  # two busy instances on one core
 
 
+def test_host_cores_take_their_share_of_the_shared_cores():
+    """The serving stack's own CPU (host_cores) counts as busy instances do: two busy
+    workers and half a core of ingress on two cores run 1.25x longer; alone, a worker still
+    has a core to itself."""
+    def ttft(host: float, busy_neighbour: bool) -> float:
+        spec = ClusterSpec([Instance("prefill", LM), Instance("decode", LM)], link_bps=lambda a, b: 1e12,
+                           cores=2.0, host_cores=host)
+        reqs = [SimRequest(0.0, 10, 400)] if busy_neighbour else []  # keeps the decode instance busy
+        late = SimRequest(0.5, 100, 1)
+        Simulation(spec).run(reqs + [late])
+        return late.ttft_s
+
+    alone = 0.01 + 100 * 1e-4
+    assert abs(ttft(0.5, False) - alone) < 1e-9
+    assert abs(ttft(0.5, True) - 1.25 * alone) < 1e-9
+    assert abs(ttft(0.0, True) - alone) < 1e-9
+
+
 def test_shared_slowdown_per_kind():
     """A prefill step that starts beside a busy decode instance runs 1.8x longer; the
     decode instance's own steps 1.2x (it is busy whenever the prefill is, here)."""
