@@ -64,8 +64,9 @@ async def receive_and_admit(engine: Any, connector: PairConnector, request_id: s
             if table is not None:
                 runner = engine.runner
 
-                def write(layer: int, j: int, first: int, kv: Any) -> None:
-                    runner.write_kv(table, layer, first, kv, j)
+                def write(layer: int, j: int, first: int, kv: Any) -> int | None:
+                    # The checksum comes out of the scatter's own loop where it can.
+                    return runner.write_kv(table, layer, first, kv, j, checksum=True)  # type: ignore[no-any-return]
 
                 got = await _write_off_thread(engine, request_id,
                                               lambda: connector.receive_into(handle, write, timeout_s))

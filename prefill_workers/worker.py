@@ -122,6 +122,7 @@ class PrefillWorker(EngineWorker):
                 return arena.buffer(rid, shape, dtype)
 
             self.engine.runner.export_into = export_into
+            self.engine.runner.export_sums = arena.set_sums  # checksums computed in the gather
         logger.info("%s KV arena: %.0f MiB", self.worker_id, size / 2**20)
 
     async def health(self) -> dict[str, Any]:
