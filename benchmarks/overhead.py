@@ -202,20 +202,24 @@ class _KVReceiver:
         self.runner = ModelRunner(torch.nn.Identity(), [torch.zeros(2, blocks, block_size, kvh, hd)
                                                          for _ in range(layers)], block_size)
         self.table = torch.randperm(blocks)[: -(-tokens // block_size)].tolist()
+        # As a fresh worker's block manager hands them out (ascending): long contiguous runs.
+        self.fresh = list(range(-(-tokens // block_size)))
 
-    def receive(self, handle: Any, kernels: bool = True) -> tuple[float, float]:
-        """(wall seconds, this thread's CPU seconds); ``kernels``: with engine.kvcopy."""
+    def receive(self, handle: Any, kernels: bool = True, fresh: bool = False) -> tuple[float, float]:
+        """(wall seconds, this thread's CPU seconds); ``kernels``: with engine.kvcopy;
+        ``fresh``: into ascending blocks instead of shuffled ones."""
         from kvtransfer.connector import ObjectStoreConnector, ShmConnector
 
+        table = self.fresh if fresh else self.table
         with _kernels(kernels):
             t0, c0 = time.perf_counter(), time.thread_time()
             if handle.transport == "shm":
                 ShmConnector().receive_into(
-                    handle, lambda layer, j, first, kv: self.runner.write_kv(self.table, layer, first, kv, j,
+                    handle, lambda layer, j, first, kv: self.runner.write_kv(table, layer, first, kv, j,
                                                                              checksum=True), 60)
             else:
                 kv = ObjectStoreConnector().receive(handle, timeout_s=60)
-                self.runner.import_kv(self.table, kv)
+                self.runner.import_kv(table, kv)
             return time.perf_counter() - t0, time.thread_time() - c0
 
     def memcpy(self, nbytes: int) -> tuple[float, float]:
@@ -239,7 +243,9 @@ def kv_transfer_ratio(nbytes: int, runs: int, layers: int = 4, kv_heads: int = 2
     sender, receiver = _KVSender.remote(shape, 2 * real + (1 << 20)), _KVReceiver.remote(shape)
     src = torch.randn(real // 4)
     dst = torch.zeros_like(src)
-    kinds = ("object_store", "shm", "shm_plain")
+    # shm_plain: the arena without engine.kvcopy (session 8); shm_fresh: the arena into
+    # ascending blocks (a fresh block manager) rather than shuffled ones (the other kinds).
+    kinds = ("object_store", "shm", "shm_plain", "shm_fresh")
     times: dict[str, list[float]] = {**{k: [] for k in kinds}, "memcpy": [], "memcpy_actor": []}
     parts: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     # CPU seconds of the sending and receiving threads (a loaded machine takes the core away
@@ -248,7 +254,8 @@ def kv_transfer_ratio(nbytes: int, runs: int, layers: int = 4, kv_heads: int = 2
     for i in range(runs + 1):  # the first round warms up (attaching the arena, first faults)
         for transport in kinds:
             handle, send_s, send_cpu = ray.get(sender.send.remote(transport))
-            recv_s, recv_cpu = ray.get(receiver.receive.remote(handle, transport != "shm_plain"))
+            recv_s, recv_cpu = ray.get(receiver.receive.remote(handle, transport != "shm_plain",
+                                                               transport == "shm_fresh"))
             if i:
                 times[transport].append(send_s + recv_s)
                 parts[transport].append((send_s, recv_s))
@@ -337,6 +344,10 @@ def _paths(dep: Any, url: str, args: Any, streams: list[int], model_dir: str, pa
                 "prefill_call_publish_p50_ms": p50_ms(o["publish"]),
                 "prefill_call_out_p50_ms": p50_ms(o["rpc_out"]),
                 "dispatch_p50_ms": p50_ms([a + b for a, b in zip(o["ingress"], o["rpc"])]),
+                # Per request: the prefill call beyond its way in, publish and way back (the
+                # ingress's routing and bookkeeping between dispatch and the call).
+                "prefill_call_rest_p50_ms": p50_ms([r - i - p - b for r, i, p, b in
+                                                    zip(o["rpc"], o["rpc_in"], o["publish"], o["rpc_out"])]),
                 "client_e2e_minus_worker_p50_ms": p50_ms(o["outside"]),
             })
         if steps and trace is not None:
