@@ -201,9 +201,10 @@ class _KVReceiver:
         blocks = -(-tokens // block_size) + 8
         self.runner = ModelRunner(torch.nn.Identity(), [torch.zeros(2, blocks, block_size, kvh, hd)
                                                          for _ in range(layers)], block_size)
-        self.table = torch.randperm(blocks)[: -(-tokens // block_size)].tolist()
+        # numpy tables, as decode_workers.admission passes them.
+        self.table = torch.randperm(blocks)[: -(-tokens // block_size)].numpy().astype("int64")
         # As a fresh worker's block manager hands them out (ascending): long contiguous runs.
-        self.fresh = list(range(-(-tokens // block_size)))
+        self.fresh = torch.arange(-(-tokens // block_size)).numpy().astype("int64")
 
     def receive(self, handle: Any, kernels: bool = True, fresh: bool = False) -> tuple[float, float]:
         """(wall seconds, this thread's CPU seconds); ``kernels``: with engine.kvcopy;

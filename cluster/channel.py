@@ -81,6 +81,11 @@ class Conn:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what is queued now instead of at the end of this event-loop turn (a reply
+        that should leave before other work of this turn starts)."""
+        self._flush()
+
     def _flush(self) -> None:
         self._scheduled = False
         if self.closed or not self._buf or self._draining:

@@ -56,3 +56,26 @@ def gather_sum(out: Any, cache: Any, table: Any, bs: int) -> Any:  # pragma: no 
             out[t, k] = v
             s += v
     return s
+
+
+@_jit
+def copy_rows_sum(dst: Any, src: Any, sums: Any) -> None:  # pragma: no cover - compiled
+    # dst, src: [rows, words]; sums[r]: the wrap-around sum of row r's words.
+    rows, w = src.shape
+    for r in range(rows):
+        s = np.uint64(0)
+        for k in range(w):
+            v = src[r, k]
+            dst[r, k] = v
+            s += v
+        sums[r] = s
+
+
+@_jit
+def rows_sum(src: Any, sums: Any) -> None:  # pragma: no cover - compiled
+    rows, w = src.shape
+    for r in range(rows):
+        s = np.uint64(0)
+        for k in range(w):
+            s += src[r, k]
+        sums[r] = s

@@ -40,6 +40,9 @@ def _build() -> Any:
     k.word_sum(a.reshape(-1))
     k.scatter_sum(a, b[:2], tbl, 0, 2)
     k.gather_sum(b[:2], a, tbl, 2)
+    sums = np.zeros(4, dtype=np.uint64)
+    k.copy_rows_sum(a, b, sums)
+    k.rows_sum(a, sums)
     return k
 
 
@@ -103,3 +106,19 @@ def gather_sum(out: np.ndarray, cache: np.ndarray, table: np.ndarray, block_size
     the sum of the words moved."""
     _check_rows(cache, out, table, 0, out.shape[0], block_size)
     return int(_get().gather_sum(out, cache, table, block_size))
+
+
+def copy_rows_sum(dst: np.ndarray, src: np.ndarray) -> list[int]:
+    """dst[:] = src ([rows, words] uint64, same shape) in one pass; each row's word sum."""
+    if dst.shape != src.shape or dst.ndim != 2:
+        raise ValueError(f"copy of {src.shape} words into {dst.shape}")
+    sums = np.empty(src.shape[0], dtype=np.uint64)
+    _get().copy_rows_sum(dst, src, sums)
+    return [int(x) for x in sums]
+
+
+def rows_sum(src: np.ndarray) -> list[int]:
+    """Each row's word sum of ``src`` ([rows, words] uint64)."""
+    sums = np.empty(src.shape[0], dtype=np.uint64)
+    _get().rows_sum(src, sums)
+    return [int(x) for x in sums]

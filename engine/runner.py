@@ -233,22 +233,32 @@ class ModelRunner:
                 or not kvcopy.available()):
             return None
         parts = [(part, kv)] if part is not None else [(0, kv[0]), (1, kv[1])]
-        rows = cache.shape[1] * cache.shape[2]
         srcs, dsts = [], []
         for j, src in parts:
             if not src.is_contiguous():
                 return None
             s = kvcopy.words(_np(src), src.shape[0])
-            c = kvcopy.words(_np(cache[j]), rows)
+            c = self._cache_words(cache, j)
             if s is None or c is None:
                 return None
             srcs.append(s)
             dsts.append(c)
+        # A numpy table (admission converts its block list once) is used as it is.
         table = np.asarray(block_table, dtype=np.int64)
         total = 0
         for s, c in zip(srcs, dsts):
             total += kvcopy.scatter_sum(c, s, table, first, self.block_size)
         return total & 0xFFFFFFFFFFFFFFFF
+
+    def _cache_words(self, cache: torch.Tensor, j: int) -> np.ndarray | None:
+        """cache[j] as kvcopy's [blocks * block_size, words] uint64 view (made once per
+        cache tensor and part)."""
+        memo = self.__dict__.setdefault("_words_memo", {})
+        key = (cache.data_ptr(), j)
+        got = memo.get(key)
+        if got is None or got[0] is not cache:
+            got = memo[key] = (cache, kvcopy.words(_np(cache[j]), cache.shape[1] * cache.shape[2]))
+        return got[1]
 
     def export_kv(self, block_table: list[int], num_tokens: int, out: torch.Tensor | None = None,
                   sums: list[int] | None = None) -> torch.Tensor:

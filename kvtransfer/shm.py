@@ -312,13 +312,10 @@ class ShmArena:
             if in_place and slot.sums is not None and len(slot.sums) == rows:
                 step, sums = max(1, kv.shape[2]), list(slot.sums)
             elif fused:
-                # One piece per (layer, K/V) row; the sum comes out of the copy (or one
-                # read of the buffer in place) at memory speed.
-                step, sums = kv.shape[2], []
-                for layer in range(kv.shape[0]):
-                    for j in (0, 1):
-                        d = _words1(dst[layer, j])
-                        sums.append(kvcopy.word_sum(d) if in_place else kvcopy.copy_sum(d, _words1(kv[layer, j])))
+                # One piece per (layer, K/V) row; the sums come out of the copy (or one
+                # read of the buffer in place) at memory speed, all rows in one call.
+                step, d = kv.shape[2], _words1(dst).reshape(rows, -1)
+                sums = kvcopy.rows_sum(d) if in_place else kvcopy.copy_rows_sum(d, _words1(kv).reshape(rows, -1))
             else:
                 step = piece_tokens(kv.shape, kv.element_size())
                 sums = []

@@ -363,6 +363,9 @@ class PrefillWorker(EngineWorker):
                                 getattr(self.connector.pick(self._dest.get(rid)), "name", "object_store"), None)
                 conn.send({"request_id": rid, "result": {
                     **result, "kv": stub, "received_at": self._arrivals.get(rid, now), "replied_at": now}})
+                # On the socket before the KV publish below starts a thread that competes
+                # with this loop for the GIL.
+                conn.flush()
             # Publishing the KV (a copy into the object store, or encoding for gRPC) runs
             # off the event loop and off the engine thread, beside the next prefill step.
             send = asyncio.get_running_loop().run_in_executor(

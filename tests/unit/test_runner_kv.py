@@ -40,19 +40,21 @@ def test_import_takes_this_ranks_heads(kernels):
     assert torch.equal(r1.export_kv([0, 1], 6), full[:, :, :, 2:4])
 
 
+@pytest.mark.parametrize("as_array", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_any_offset_and_sums(kernels, dtype):
+def test_write_kv_any_offset_and_sums(kernels, dtype, as_array):
     """Pieces starting mid-block land where the slot-by-slot reference puts them, whichever
     copy ran; with the kernels, write_kv(checksum=True) returns the words' sum."""
     from kvtransfer.shm import checksum
 
     src = torch.randn(2, 23, 3, 8).to(dtype)  # [K/V, tokens, kv heads, head dim]
     table = [5, 0, 9, 3, 7, 1]
+    given = np.asarray(table, dtype=np.int64) if as_array else table  # admission passes numpy
     r = ModelRunner(torch.nn.Identity(), [torch.zeros(2, 10, 4, 3, 8, dtype=dtype)], 4)
     ref = torch.zeros(2, 10, 4, 3, 8, dtype=dtype)
     for first, end in ((0, 3), (3, 4), (4, 13), (13, 23)):  # uneven pieces, both parts
         for j in (0, 1):
-            got = r.write_kv(table, 0, first, src[j, first:end], j, checksum=True)
+            got = r.write_kv(given, 0, first, src[j, first:end], j, checksum=True)
             want = checksum(src[j, first:end].contiguous())
             assert got == (want if kernels == "fused" else None)
     for t in range(23):
@@ -92,3 +94,7 @@ def test_kernels_match_numpy():
     flat = np.empty(src.size, dtype=np.uint64)
     assert kvcopy.copy_sum(flat, src.reshape(-1)) == want and np.array_equal(flat, src.reshape(-1))
     assert kvcopy.word_sum(flat) == want
+    rows = np.zeros_like(src)
+    per_row = [int(r.sum(dtype=np.uint64)) for r in src]
+    assert kvcopy.copy_rows_sum(rows, src) == per_row and np.array_equal(rows, src)
+    assert kvcopy.rows_sum(rows) == per_row
