@@ -72,14 +72,35 @@ def _one_stream(url: str, body: dict[str, Any]) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def served_tpot_s(url: str, tokens: int, streams: int = 1) -> float:
-    """Median TPOT of `streams` concurrent streamed requests (closed loop, one round)."""
+def _tpot_round(url: str, tokens: int, streams: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     bodies = [{"model": "demo", "prompt": _prompt(i), "max_tokens": tokens, "stream": True,
                "ignore_eos": True, "temperature": 0, "return_token_ids": True} for i in range(streams)]
     with ThreadPoolExecutor(streams) as pool:
         return statistics.median(pool.map(lambda b: _one_stream(url, b), bodies))
+
+
+# The HTTP clients run in a process of their own (as a real client does): in the driver,
+# which also runs the ingress (cluster.serve.Server, a thread), their JSON parsing would
+# share the ingress's GIL (sessions 8 and before did that).
+_CLIENT: Any = None
+
+
+def _client() -> Any:
+    global _CLIENT
+    if _CLIENT is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _CLIENT = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _CLIENT
+
+
+def served_tpot_s(url: str, tokens: int, streams: int = 1) -> float:
+    """Median TPOT of `streams` concurrent streamed requests (closed loop, one round), from
+    a client process."""
+    return float(_client().submit(_tpot_round, url, tokens, streams).result(timeout=600))
 
 
 def load_avg() -> float:
@@ -89,6 +110,11 @@ def load_avg() -> float:
 
 
 def ingress_overhead_s(url: str, n: int) -> dict[str, list[float]]:
+    """ingress_overhead_in_process in the client process."""
+    return _client().submit(ingress_overhead_in_process, url, n).result(timeout=600)  # type: ignore[no-any-return]
+
+
+def ingress_overhead_in_process(url: str, n: int) -> dict[str, list[float]]:
     """Per single-token request, from the server's Server-Timing header and the client's
     clock: "ingress" is the ingress process's own code (validation, routing, response);
     "rpc" the Ray round trip to the prefill worker beyond its own time; "outside" the
@@ -115,6 +141,26 @@ def ingress_overhead_s(url: str, n: int) -> dict[str, list[float]]:
     return out
 
 
+class _kernels:
+    """Turn engine.kvcopy's fused loops off for a block (as where numba is missing)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        from engine import kvcopy
+
+        kvcopy.available()  # compiled before any timing
+        self.saved = kvcopy._kernels
+        if not self.on:
+            kvcopy._kernels = False
+
+    def __exit__(self, *exc: Any) -> None:
+        from engine import kvcopy
+
+        kvcopy._kernels = self.saved
+
+
 @ray.remote(num_cpus=0)
 class _KVSender:
     """A prefill worker's side: its arena (pre-faulted at start, as a worker's) and the
@@ -128,16 +174,18 @@ class _KVSender:
         self.arena = ShmArena(arena_bytes)
 
     def send(self, transport: str) -> tuple[Any, float, float]:
-        """(handle, wall seconds, this thread's CPU seconds)."""
+        """(handle, wall seconds, this thread's CPU seconds). "shm_plain": the arena without
+        engine.kvcopy's fused loops (session 8's copies and separate checksums)."""
         from kvtransfer.connector import ObjectStoreConnector
 
         self.arena.release("bench")
-        t0, c0 = time.perf_counter(), time.thread_time()
-        if transport == "shm":
-            h = self.arena.put("bench", self.kv)
-        else:
-            h = ObjectStoreConnector().send("bench", self.kv)
-        return h, time.perf_counter() - t0, time.thread_time() - c0
+        with _kernels(transport != "shm_plain"):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            if transport.startswith("shm"):
+                h = self.arena.put("bench", self.kv)
+            else:
+                h = ObjectStoreConnector().send("bench", self.kv)
+            return h, time.perf_counter() - t0, time.thread_time() - c0
 
 
 @ray.remote(num_cpus=0)
@@ -153,20 +201,27 @@ class _KVReceiver:
         blocks = -(-tokens // block_size) + 8
         self.runner = ModelRunner(torch.nn.Identity(), [torch.zeros(2, blocks, block_size, kvh, hd)
                                                          for _ in range(layers)], block_size)
-        self.table = torch.randperm(blocks)[: -(-tokens // block_size)].tolist()
+        # numpy tables, as decode_workers.admission passes them.
+        self.table = torch.randperm(blocks)[: -(-tokens // block_size)].numpy().astype("int64")
+        # As a fresh worker's block manager hands them out (ascending): long contiguous runs.
+        self.fresh = torch.arange(-(-tokens // block_size)).numpy().astype("int64")
 
-    def receive(self, handle: Any) -> tuple[float, float]:
-        """(wall seconds, this thread's CPU seconds)."""
+    def receive(self, handle: Any, kernels: bool = True, fresh: bool = False) -> tuple[float, float]:
+        """(wall seconds, this thread's CPU seconds); ``kernels``: with engine.kvcopy;
+        ``fresh``: into ascending blocks instead of shuffled ones."""
         from kvtransfer.connector import ObjectStoreConnector, ShmConnector
 
-        t0, c0 = time.perf_counter(), time.thread_time()
-        if handle.transport == "shm":
-            ShmConnector().receive_into(
-                handle, lambda layer, j, first, kv: self.runner.write_kv(self.table, layer, first, kv, j), 60)
-        else:
-            kv = ObjectStoreConnector().receive(handle, timeout_s=60)
-            self.runner.import_kv(self.table, kv)
-        return time.perf_counter() - t0, time.thread_time() - c0
+        table = self.fresh if fresh else self.table
+        with _kernels(kernels):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            if handle.transport == "shm":
+                ShmConnector().receive_into(
+                    handle, lambda layer, j, first, kv: self.runner.write_kv(table, layer, first, kv, j,
+                                                                             checksum=True), 60)
+            else:
+                kv = ObjectStoreConnector().receive(handle, timeout_s=60)
+                self.runner.import_kv(table, kv)
+            return time.perf_counter() - t0, time.thread_time() - c0
 
     def memcpy(self, nbytes: int) -> tuple[float, float]:
         """A plain copy of the same bytes in this actor (same process, same thread count):
@@ -189,15 +244,19 @@ def kv_transfer_ratio(nbytes: int, runs: int, layers: int = 4, kv_heads: int = 2
     sender, receiver = _KVSender.remote(shape, 2 * real + (1 << 20)), _KVReceiver.remote(shape)
     src = torch.randn(real // 4)
     dst = torch.zeros_like(src)
-    times: dict[str, list[float]] = {"object_store": [], "shm": [], "memcpy": [], "memcpy_actor": []}
-    parts: dict[str, list[tuple[float, float]]] = {"object_store": [], "shm": []}
+    # shm_plain: the arena without engine.kvcopy (session 8); shm_fresh: the arena into
+    # ascending blocks (a fresh block manager) rather than shuffled ones (the other kinds).
+    kinds = ("object_store", "shm", "shm_plain", "shm_fresh")
+    times: dict[str, list[float]] = {**{k: [] for k in kinds}, "memcpy": [], "memcpy_actor": []}
+    parts: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     # CPU seconds of the sending and receiving threads (a loaded machine takes the core away
     # mid-copy: wall time then measures the load, CPU time the work).
-    cpu: dict[str, list[float]] = {"object_store": [], "shm": [], "memcpy_actor": []}
+    cpu: dict[str, list[float]] = {**{k: [] for k in kinds}, "memcpy_actor": []}
     for i in range(runs + 1):  # the first round warms up (attaching the arena, first faults)
-        for transport in ("object_store", "shm"):
+        for transport in kinds:
             handle, send_s, send_cpu = ray.get(sender.send.remote(transport))
-            recv_s, recv_cpu = ray.get(receiver.receive.remote(handle))
+            recv_s, recv_cpu = ray.get(receiver.receive.remote(handle, transport != "shm_plain",
+                                                               transport == "shm_fresh"))
             if i:
                 times[transport].append(send_s + recv_s)
                 parts[transport].append((send_s, recv_s))
@@ -217,7 +276,7 @@ def kv_transfer_ratio(nbytes: int, runs: int, layers: int = 4, kv_heads: int = 2
     out: dict[str, Any] = {"bytes": real, "shape": list(shape), "runs": runs, "memcpy_s": c,
                            "memcpy_gbps": real / c / 1e9, "memcpy_in_actor_s": ca, "memcpy_in_actor_s_min": cm,
                            "memcpy_in_actor_cpu_s": statistics.median(cpu["memcpy_actor"])}
-    for transport in ("object_store", "shm"):
+    for transport in kinds:
         t = statistics.median(times[transport])
         tm = min(times[transport])
         out[transport] = {"transfer_s": t, "transfer_gbps": real / t / 1e9, "ratio": c / t,
@@ -234,7 +293,8 @@ def kv_transfer_ratio(nbytes: int, runs: int, layers: int = 4, kv_heads: int = 2
     return out
 
 
-def _paths(dep: Any, url: str, args: Any, streams: list[int], model_dir: str, parts: set[str]) -> dict[str, Any]:
+def _paths(dep: Any, url: str, args: Any, streams: list[int], model_dir: str, parts: set[str],
+           trace: tuple[Any, int] | None = None) -> dict[str, Any]:
     """Served TPOT / engine step and dispatch for the ingress's two paths to the workers,
     interleaved A B A B (the machine is shared and its load drifts): its channels and Ray
     calls (the path SPLITSERVE_CHANNEL=0 keeps)."""
@@ -243,6 +303,7 @@ def _paths(dep: Any, url: str, args: Any, streams: list[int], model_dir: str, pa
     paths = {"channel": channels, "ray": None}
     steps = {b: engine_decode_step_s(model_dir, args.tokens, b) for b in streams} if "tpot" in parts else {}
     tpots: dict[str, dict[int, list[float]]] = {p: {b: [] for b in steps} for p in paths}
+    windows: dict[str, dict[int, list[tuple[float, float]]]] = {p: {b: [] for b in steps} for p in paths}
     overs: dict[str, dict[str, list[float]]] = {p: {} for p in paths}
     try:
         for pool in paths.values():  # warm-up: first requests of each path (channels open)
@@ -253,7 +314,9 @@ def _paths(dep: Any, url: str, args: Any, streams: list[int], model_dir: str, pa
             for name, pool in paths.items():
                 gen.channels = pool
                 for b in steps:
+                    t0 = time.time()
                     tpots[name][b].append(served_tpot_s(url, args.tokens, b))
+                    windows[name][b].append((t0, time.time()))
                 if "dispatch" in parts:
                     for k, v in ingress_overhead_s(url, max(5, args.requests // args.rounds)).items():
                         overs[name].setdefault(k, []).extend(v)
@@ -282,10 +345,41 @@ def _paths(dep: Any, url: str, args: Any, streams: list[int], model_dir: str, pa
                 "prefill_call_publish_p50_ms": p50_ms(o["publish"]),
                 "prefill_call_out_p50_ms": p50_ms(o["rpc_out"]),
                 "dispatch_p50_ms": p50_ms([a + b for a, b in zip(o["ingress"], o["rpc"])]),
+                # Per request: the prefill call beyond its way in, publish and way back (the
+                # ingress's routing and bookkeeping between dispatch and the call).
+                "prefill_call_rest_p50_ms": p50_ms([r - i - p - b for r, i, p, b in
+                                                    zip(o["rpc"], o["rpc_in"], o["publish"], o["rpc_out"])]),
                 "client_e2e_minus_worker_p50_ms": p50_ms(o["outside"]),
             })
+        if steps and trace is not None:
+            fig["decode_worker_steps"] = {b: _worker_steps(trace, windows[name][b], b) for b in steps}
         out["paths"][name] = fig
     return out
+
+
+def _worker_steps(trace: tuple[Any, int], windows: list[tuple[float, float]], batch: int) -> dict[str, Any]:
+    """The decode worker's own steps (benchmarks/steptrace) at a batch of ``batch`` during
+    the served runs: median step (wall, engine-thread CPU) and median period from one
+    step's start to the next (the step plus what the engine thread did or waited for
+    between steps)."""
+    from benchmarks.admit_stall import _steps
+
+    trace_dir, pid = trace
+    steps = [s for s in _steps(trace_dir, pid) if not s["po"]]
+    dts, cpus, periods = [], [], []
+    for a, b in windows:
+        ph = [s for s in steps if a <= s["t"] < b]
+        for i, s in enumerate(ph):
+            if len(s["n"]) == batch and all(n == 1 for n in s["n"]):
+                dts.append(s["dt"])
+                cpus.append(s["cpu"])
+                if i + 1 < len(ph) and len(ph[i + 1]["n"]) == batch:
+                    periods.append(ph[i + 1]["t"] - s["t"])
+    if not dts:
+        return {"steps": 0}
+    return {"steps": len(dts), "step_ms": statistics.median(dts) * 1e3,
+            "step_cpu_ms": statistics.median(cpus) * 1e3,
+            "period_ms": statistics.median(periods) * 1e3 if periods else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(manifest.model_dir())
     cfg = ModelConfig.from_dir(model_dir)
     trace_dir = Path(tempfile.mkdtemp(prefix="splitserve-steps-"))
-    if "stall" in parts:  # step times of every worker (benchmarks/steptrace), before Ray starts
+    if parts & {"stall", "tpot"}:  # step times of every worker (benchmarks/steptrace), before Ray starts
         here = Path(__file__).resolve().parent
         os.environ["SPLITSERVE_STEPTRACE_DIR"] = str(trace_dir)
         os.environ["PYTHONPATH"] = os.pathsep.join([str(here / "steptrace"), str(here.parent),
@@ -337,9 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(dep) if dep is not None else None
     try:
         url = server.start() if server is not None else ""
+        decode_pid = None
+        if dep is not None:
+            state = ray.get(dep.controller.get_state.remote(), timeout=10)
+            decode = [w for w in state["pools"]["decode"] if w["healthy"]][0]
+            decode_pid = decode["stats"]["pid"]
         if parts & {"tpot", "dispatch"}:
             assert dep is not None
-            res.update(_paths(dep, url, args, streams, model_dir, parts))
+            res.update(_paths(dep, url, args, streams, model_dir, parts,
+                              (trace_dir, decode_pid) if "tpot" in parts else None))
         if "kv" in parts:
             res["kv_transfer"] = kv_transfer_ratio(args.kv_mb << 20, args.kv_runs, cfg.num_hidden_layers,
                                                    cfg.num_key_value_heads, cfg.head_dim)
@@ -354,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             res["admit_stall"] = admit_stall(url, decode["handle"], decode["stats"]["pid"], trace_dir,
                                              model=manifest.model.name or "demo", rounds=args.stall_rounds)
     finally:
+        if _CLIENT is not None:
+            _CLIENT.shutdown()
         if server is not None:
             server.stop()
         if dep is not None:

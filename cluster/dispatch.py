@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from cluster.channel import ChannelPool
+from cluster.channel import ChannelPool, Mailbox
 from cluster.router import WorkerView
 
 
@@ -25,12 +25,12 @@ async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dic
     payload = {k: v for k, v in payload.items() if k != "decode_actor"}  # the worker resolves decode_worker
     rid = payload["request_id"]
     ch = await channels.get(w.worker_id, w.handle)
-    q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    q = Mailbox()
     ch.register(rid, q)
     ok = False
     try:
         await ch.send({"op": "prefill", "request_id": rid, "req": payload}, timeout_s)
-        msg = await asyncio.wait_for(q.get(), timeout=timeout_s)
+        msg = await q.get(timeout_s)
         ok = True
     finally:
         ch.unregister(rid)
@@ -88,7 +88,7 @@ async def _channel_stream(channels: ChannelPool, w: WorkerView, payload: dict[st
     ids = [payload["request_id"]] + [c[0] for c in payload.get("children") or ()]
     open_ids = set(ids)
     ch = await channels.get(w.worker_id, w.handle)
-    q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    q = Mailbox()
     for rid in ids:
         ch.register(rid, q)
     done = False
@@ -99,7 +99,7 @@ async def _channel_stream(channels: ChannelPool, w: WorkerView, payload: dict[st
         else:
             await ch.send({"op": "decode", "request_id": payload["request_id"], "req": payload}, timeout)
         while True:
-            msg = await asyncio.wait_for(q.get(), timeout=timeout)
+            msg = await q.get(timeout)
             if "error" in msg:
                 raise msg["error"]
             if msg.get("finish_reason") is not None:

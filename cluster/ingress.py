@@ -335,6 +335,19 @@ class Ingress:
 
         tasks: list[asyncio.Task[None]] = []
         try:
+            if len(jobs) == 1:  # one prompt (the usual case): its deltas straight, no pump task
+                job = jobs[0]
+                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, firsts[0])], None))
+                try:
+                    async for d in job.rest():
+                        yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, d)], None))
+                except SplitServeError as e:
+                    yield _sse(e.to_openai())
+                    return
+                if include_usage:
+                    yield _sse(self._body(kind, rid, req, [], _usage(jobs)))
+                yield b"data: [DONE]\n\n"
+                return
             for job, first in zip(jobs, firsts):
                 yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, first)], None))
                 tasks.append(asyncio.get_running_loop().create_task(pump(job)))

@@ -169,6 +169,11 @@ class EngineWorker:
             logger.info("%s %s started (vLLM engine)", self.role, self.worker_id)
             return await self.health()
         runner = await self.build_runner()
+        # The KV copy kernels (engine.kvcopy), compiled or loaded from numba's cache now
+        # rather than on the first request's transfer.
+        from engine import kvcopy
+
+        await asyncio.to_thread(kvcopy.available)
         executor = self._tp_execute if self._tp_ranks else None
         self.engine = LLMEngine(runner, self.scheduler_config(max_len), s.num_blocks,
                                 eos_token_ids=cfg.eos_token_ids, executor=executor,

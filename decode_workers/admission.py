@@ -23,6 +23,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from kvtransfer.connector import KVHandle, PairConnector
 
 logger = logging.getLogger(__name__)
@@ -63,9 +65,11 @@ async def receive_and_admit(engine: Any, connector: PairConnector, request_id: s
             table = _reserve(engine, request_id, item, handle.shape[2])
             if table is not None:
                 runner = engine.runner
+                blocks = np.asarray(table, dtype=np.int64)  # once, not per piece
 
-                def write(layer: int, j: int, first: int, kv: Any) -> None:
-                    runner.write_kv(table, layer, first, kv, j)
+                def write(layer: int, j: int, first: int, kv: Any) -> int | None:
+                    # The checksum comes out of the scatter's own loop where it can.
+                    return runner.write_kv(blocks, layer, first, kv, j, checksum=True)  # type: ignore[no-any-return]
 
                 got = await _write_off_thread(engine, request_id,
                                               lambda: connector.receive_into(handle, write, timeout_s))

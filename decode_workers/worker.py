@@ -21,6 +21,8 @@ from kvtransfer.shm import detach_dead
 logger = logging.getLogger(__name__)
 
 _END = "end"
+# A pushed arena handle (prefetch_kv): the slot is read at admission, not prefetched.
+_ARENA_AT_ADMISSION = object()
 # Seconds a finished prefetch waits for its request before it is dropped.
 PREFETCH_KEEP_S = 10.0
 
@@ -48,6 +50,8 @@ class DecodeWorker(EngineWorker):
         # Benchmarks only (set_kv_admission): write arriving KV on the engine thread, as
         # before decode_workers.admission, to measure the stall it caused side by side.
         self._admit_on_engine_thread = False
+        # Pushed arena handles whose slot admission reads straight into reserved blocks.
+        self._arena_deferred = 0
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return decode_scheduler_config(self.pool.max_num_batched_tokens, self.pool.max_num_seqs,
@@ -101,6 +105,7 @@ class DecodeWorker(EngineWorker):
         stats["kv_in_flight"] = sum(1 for task, _, _, _ in self._prefetch.values() if not task.done())
         stats["kv_transfers_held"] = len(self._prefetch)
         stats["ray_token_streams"] = self._ray_streams
+        stats["kv_arena_read_at_admission"] = self._arena_deferred
         return stats
 
     async def prefetch_kv(self, handle: KVHandle) -> None:
@@ -111,8 +116,16 @@ class DecodeWorker(EngineWorker):
         key = (handle.request_id, str(handle.ref))
         if key not in self._seen:  # a retried prefill elsewhere replaces an older transfer
             self._seen[key] = time.monotonic()
-            self._prefetch[handle.request_id] = (self._fetch(handle, early=True), time.monotonic(),
-                                                 str(handle.ref), handle)
+            if handle.transport == "shm":
+                # Same-node arena: nothing to pull early. Admission reads the slot straight
+                # into the request's reserved blocks (one copy on this side, GIL released),
+                # not into a private tensor first and then into blocks.
+                task: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                task.set_result(_ARENA_AT_ADMISSION)
+                self._arena_deferred += 1
+            else:
+                task = self._fetch(handle, early=True)
+            self._prefetch[handle.request_id] = (task, time.monotonic(), str(handle.ref), handle)
             ev = self._kv_waiters.pop(handle.request_id, None)
             if ev is not None:
                 ev.set()
@@ -146,6 +159,9 @@ class DecodeWorker(EngineWorker):
                     pass
             self._kv_waiters.pop(rid, None)
             task, _, _, pushed = self._prefetch.pop(rid)
+            if (task.done() and not task.cancelled() and task.exception() is None
+                    and task.result() is _ARENA_AT_ADMISSION):
+                return None, pushed  # read by admission, straight into reserved blocks
             return task, pushed if pushed is not None else handle
         self._seen[(rid, str(handle.ref))] = time.monotonic()
         entry = self._prefetch.pop(rid, None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine import kvcopy
 from engine.attention_metadata import AttentionMetadata
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -168,6 +169,9 @@ class ModelRunner:
         # of that shape to gather into, or None for a fresh one (prefill workers hand out
         # slots of their same-node transfer arena, so the gather is the sender's only copy).
         self.export_into: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor | None] | None = None
+        # Given the per-(layer, K/V) word sums of an export into such a tensor, computed in
+        # the gather (engine.kvcopy): the arena then publishes the slot without reading it again.
+        self.export_sums: Callable[[str, list[int]], None] | None = None
 
     def _head_slice(self) -> slice:
         lo = self.tp_rank * self.kv_heads_local
@@ -180,22 +184,28 @@ class ModelRunner:
             self.write_kv(block_table, layer, 0, kv[layer])
 
     def write_kv(self, block_table: list[int], layer: int, first: int, kv: torch.Tensor,
-                 part: int | None = None) -> None:
+                 part: int | None = None, checksum: bool = False) -> int | None:
         """Write one layer's KV of tokens ``first .. first + n`` (``kv``: ``[2, n, kv_heads
         (all ranks), head_dim]``; with ``part`` 0 or 1, only the keys or the values,
         ``[n, kv_heads, head_dim]``) into the blocks of ``block_table``. Safe beside a running
         step as long as no scheduled sequence holds those blocks (the decode worker admits
         into reserved blocks off the engine thread).
 
-        Whole blocks move with one numpy fancy assignment per K and V (row copies at memcpy
-        speed, GIL released; torch's index_copy_ runs ~3x slower here), partial blocks at
-        either end by slices."""
+        With numba (engine.kvcopy): one fused loop per K and V moves every token's row and
+        sums its 64-bit words (GIL released); returns that sum when ``checksum`` (the
+        same-node transfer's checksum, computed in the copy), else None. Otherwise whole
+        blocks move with one numpy fancy assignment per K and V, partial blocks at either
+        end by slices, and None is returned."""
         cache = self.kv_caches[layer]
+        n = kv.shape[1] if part is None else kv.shape[0]
+        if n == 0:
+            return 0 if checksum else None
+        fused = self._write_fused(block_table, cache, first, kv, part)
+        if fused is not None:
+            return fused if checksum else None
         if part is not None:
             kv, cache = kv.unsqueeze(0), cache[part: part + 1]
-        n, bs = kv.shape[1], self.block_size
-        if n == 0:
-            return
+        bs = self.block_size
         if kv.shape[2] != self.kv_heads_local:
             kv = kv[:, :, self._head_slice()]
         c, s = _np(cache), _np(kv.to(cache.dtype))
@@ -213,14 +223,56 @@ class ModelRunner:
             pos, i = pos + full * bs, i + full * bs
         if i < n:  # tail: the start of the last block
             c[:, block_table[pos // bs], : n - i] = s[:, i:]
+        return None
 
-    def export_kv(self, block_table: list[int], num_tokens: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _write_fused(self, block_table: list[int], cache: torch.Tensor, first: int, kv: torch.Tensor,
+                     part: int | None) -> int | None:
+        """write_kv through engine.kvcopy's scatter: the words' sum, or None where it does
+        not apply (no numba, another dtype, heads of several ranks, not contiguous)."""
+        if (kv.dtype != cache.dtype or kv.shape[-2] != self.kv_heads_local or not cache.is_contiguous()
+                or not kvcopy.available()):
+            return None
+        parts = [(part, kv)] if part is not None else [(0, kv[0]), (1, kv[1])]
+        srcs, dsts = [], []
+        for j, src in parts:
+            if not src.is_contiguous():
+                return None
+            s = kvcopy.words(_np(src), src.shape[0])
+            c = self._cache_words(cache, j)
+            if s is None or c is None:
+                return None
+            srcs.append(s)
+            dsts.append(c)
+        # A numpy table (admission converts its block list once) is used as it is.
+        table = np.asarray(block_table, dtype=np.int64)
+        total = 0
+        for s, c in zip(srcs, dsts):
+            total += kvcopy.scatter_sum(c, s, table, first, self.block_size)
+        return total & 0xFFFFFFFFFFFFFFFF
+
+    def _cache_words(self, cache: torch.Tensor, j: int) -> np.ndarray | None:
+        """cache[j] as kvcopy's [blocks * block_size, words] uint64 view (made once per
+        cache tensor and part)."""
+        memo = self.__dict__.setdefault("_words_memo", {})
+        key = (cache.data_ptr(), j)
+        got = memo.get(key)
+        if got is None or got[0] is not cache:
+            got = memo[key] = (cache, kvcopy.words(_np(cache[j]), cache.shape[1] * cache.shape[2]))
+        return got[1]
+
+    def export_kv(self, block_table: list[int], num_tokens: int, out: torch.Tensor | None = None,
+                  sums: list[int] | None = None) -> torch.Tensor:
         """This rank's heads of the first num_tokens of a sequence: [layers, 2, tokens, kvh, hd]
-        (into ``out`` when given: e.g. a slot of the KV transfer's shared memory)."""
+        (into ``out`` when given: e.g. a slot of the KV transfer's shared memory). With
+        ``sums`` (a list) and numba (engine.kvcopy), the gather also sums each (layer, K or
+        V) row's 64-bit words in the same pass and appends them, layer-major; ``sums``
+        stays empty where that does not apply."""
         bs, c0 = self.block_size, self.kv_caches[0]
         full, rem = divmod(num_tokens, bs)
         if out is None:
             out = torch.empty(len(self.kv_caches), 2, num_tokens, c0.shape[3], c0.shape[4], dtype=c0.dtype)
+        if num_tokens and self._export_fused(block_table, num_tokens, out, sums):
+            return out
         blocks = torch.tensor(block_table[:full], dtype=torch.long)
         for layer, cache in enumerate(self.kv_caches):
             for j in (0, 1):
@@ -230,6 +282,26 @@ class ModelRunner:
                 if rem:
                     out[layer, j, full * bs:] = cache[j, block_table[full], :rem]
         return out
+
+    def _export_fused(self, block_table: list[int], num_tokens: int, out: torch.Tensor,
+                      sums: list[int] | None) -> bool:
+        c0 = self.kv_caches[0]
+        if (not out.is_contiguous() or out.dtype != c0.dtype or not c0.is_contiguous()
+                or not kvcopy.available()):
+            return False
+        rows = c0.shape[1] * c0.shape[2]
+        table = np.asarray(block_table[: -(-num_tokens // self.block_size)], dtype=np.int64)
+        got = []
+        for layer, cache in enumerate(self.kv_caches):
+            for j in (0, 1):
+                o = kvcopy.words(_np(out[layer, j]), num_tokens)
+                c = kvcopy.words(_np(cache[j]), rows)
+                if o is None or c is None:
+                    return False  # nothing written yet for layer 0; same shapes for every layer
+                got.append(kvcopy.gather_sum(o, c, table, self.block_size))
+        if sums is not None:
+            sums.extend(got)
+        return True
 
     def _export_buffer(self, request_id: str, num_tokens: int) -> torch.Tensor | None:
         if self.export_into is None or self.tp_size > 1:
@@ -269,5 +341,11 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[step.logits_indices])
             if step.prompt_logits_indices.numel():
                 prompt_logits = self.model.compute_logits(hidden[step.prompt_logits_indices])
-        exported = {rid: self.export_kv(table, n, self._export_buffer(rid, n)) for rid, table, n in step.kv_exports}
+        exported = {}
+        for rid, table, n in step.kv_exports:
+            buf = self._export_buffer(rid, n)
+            sums: list[int] | None = [] if buf is not None and self.export_sums is not None else None
+            exported[rid] = self.export_kv(table, n, buf, sums)
+            if sums and self.export_sums is not None:
+                self.export_sums(rid, sums)
         return StepResult(logits=logits, exported=exported, prompt_logits=prompt_logits)

@@ -37,7 +37,7 @@ __all__ = ["TORCH_DTYPES", "VIEW_DTYPES", "GrpcConnector", "KVConnector", "KVHan
            "ObjectStoreConnector", "PairConnector", "ShmConnector", "get_connector", "kv_to_numpy", "numpy_to_kv"]
 
 # write(layer, 0 for keys / 1 for values, first token, kv [n, kv_heads, head_dim]).
-KVWriter = Callable[[int, int, int, torch.Tensor], None]
+KVWriter = Callable[[int, int, int, torch.Tensor], "int | None"]
 
 
 class KVConnector(Protocol):

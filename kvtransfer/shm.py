@@ -59,8 +59,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from engine import kvcopy
 from kvtransfer.base import TORCH_DTYPES, KVHandle, KVTransferError
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,16 @@ def _word_view(t: torch.Tensor) -> torch.Tensor:
 def checksum(t: torch.Tensor) -> int:
     """64-bit wrap-around sum of the words of contiguous ``t`` (memory-bandwidth speed)."""
     return int(_word_view(t).sum(dtype=torch.int64).item()) & 0xFFFFFFFFFFFFFFFF
+
+
+def _fused_ok(kv: torch.Tensor) -> bool:
+    """Whether engine.kvcopy's word loops apply: contiguous rows of whole 64-bit words."""
+    return kv.is_contiguous() and kv[0, 0].numel() * kv.element_size() % 8 == 0
+
+
+def _words1(t: torch.Tensor) -> Any:
+    """A contiguous tensor's bytes as a 1-D numpy uint64 array (a view)."""
+    return t.reshape(-1).view(torch.uint8).numpy().view(np.uint64)
 
 
 # Bytes per checksummed piece: small enough that the copy and the checksum of a piece
@@ -194,6 +206,9 @@ class _Slot:
     writing: bool = True
     # Past its TTL and still locked: the holder was logged once.
     reported: bool = False
+    # Word sums of each (layer, K/V) row, computed while the KV was gathered into the slot
+    # (``set_sums``): ``put`` of the slot's own tensor then publishes without reading it.
+    sums: list[int] | None = None
 
 
 class ShmArena:
@@ -299,9 +314,21 @@ class ShmArena:
         slot = self._new_slot(request_id, payload)
         return None if slot is None else self._view(slot, shape, dtype, payload)
 
+    def set_sums(self, request_id: str, sums: list[int]) -> None:
+        """The per-(layer, K/V) row sums of what was just gathered into the request's
+        ``buffer`` (computed in the gather's loop, ``engine.kvcopy``)."""
+        with self._lock:
+            slot = self._slots.get(request_id)
+            if slot is not None:
+                slot.sums = list(sums)
+
     def put(self, request_id: str, kv: torch.Tensor) -> KVHandle | None:
         """Publish ``kv`` ([layers, 2, tokens, kv_heads, head_dim]): copied into a new slot,
-        or, when it is the request's ``buffer``, as it stands; None if it does not fit."""
+        or, when it is the request's ``buffer``, as it stands; None if it does not fit.
+
+        Checksums: with numba (``engine.kvcopy``), one per (layer, K/V) row, summed in the
+        copy's own loop (or in the gather that filled the buffer, ``set_sums``); without,
+        one per piece of ``PIECE_BYTES``, summed right after the piece's copy."""
         t0 = time.perf_counter()
         kv = kv.detach()
         payload = kv.numel() * kv.element_size()
@@ -327,14 +354,24 @@ class ShmArena:
         off, gen = slot.offset, slot.generation
         try:
             dst = self._view(slot, tuple(kv.shape), kv.dtype, payload)
-            step = piece_tokens(kv.shape, kv.element_size())
-            sums = []
-            # Piece by piece: the checksum reads what the copy just wrote, from cache.
-            for layer, j, a, b in pieces(kv.shape, step):
-                piece = dst[layer, j, a:b]
-                if not in_place:
-                    piece.copy_(kv[layer, j, a:b])
-                sums.append(checksum(piece))
+            rows = 2 * kv.shape[0]
+            fused = kv.shape[2] > 0 and _fused_ok(kv) and kvcopy.available()
+            if in_place and slot.sums is not None and len(slot.sums) == rows:
+                step, sums = max(1, kv.shape[2]), list(slot.sums)
+            elif fused:
+                # One piece per (layer, K/V) row; the sums come out of the copy (or one
+                # read of the buffer in place) at memory speed, all rows in one call.
+                step, d = kv.shape[2], _words1(dst).reshape(rows, -1)
+                sums = kvcopy.rows_sum(d) if in_place else kvcopy.copy_rows_sum(d, _words1(kv).reshape(rows, -1))
+            else:
+                step = piece_tokens(kv.shape, kv.element_size())
+                sums = []
+                # Piece by piece: the checksum reads what the copy just wrote, from cache.
+                for layer, j, a, b in pieces(kv.shape, step):
+                    piece = dst[layer, j, a:b]
+                    if not in_place:
+                        piece.copy_(kv[layer, j, a:b])
+                    sums.append(checksum(piece))
             self._publish(request_id, slot, payload)
         except BaseException:
             self.discard(request_id, gen)
@@ -519,10 +556,12 @@ def detach_dead() -> int:
         return len(_attached)
 
 
-def read_into(handle: KVHandle, write: Callable[[int, int, int, torch.Tensor], None], timeout_s: float) -> None:
+def read_into(handle: KVHandle, write: Callable[[int, int, int, torch.Tensor], int | None],
+              timeout_s: float) -> None:
     """Hand the slot's KV piece by piece to ``write(layer, j, first_token, kv)`` (j: 0 key,
     1 value; ``kv``: ``[n, kv_heads, head_dim]``, a view of shared memory valid only
-    during the call),
+    during the call; ``write`` returns the piece's ``checksum`` if it computed it while
+    copying, else None),
     checking every piece's checksum; then mark the slot done. Raises ``KVTransferError`` if the slot no longer holds this
     transfer or a checksum fails (``write`` may have seen some layers by then)."""
     ref: ShmRef = handle.ref
@@ -550,14 +589,15 @@ def read_into(handle: KVHandle, write: Callable[[int, int, int, torch.Tensor], N
         if len(ref.sums) != len(spans):
             raise KVTransferError(f"KV of {handle.request_id}: {len(ref.sums)} checksums for {len(spans)} pieces")
         for (layer, j, a0, b0), want in zip(spans, ref.sums):
-            # The scatter pulls the piece into cache; the checksum then reads it from there. A
-            # piece that fails was written into blocks that are then never used.
+            # A writer that sums the words it copies (ModelRunner.write_kv with numba) returns
+            # the sum; else the scatter pulls the piece into cache and the checksum reads it
+            # from there. A piece that fails was written into blocks that are then never used.
             if time.monotonic() > deadline:  # a reader holds the slot no longer than its deadline
                 raise KVTransferError(f"KV of {handle.request_id} missed its {timeout_s}s deadline while "
                                       "being read")
             piece = kv[layer, j, a0:b0]
-            write(layer, j, a0, piece)
-            if checksum(piece) != want:
+            got = write(layer, j, a0, piece)
+            if (got if got is not None else checksum(piece)) != want:
                 raise KVTransferError(f"KV of {handle.request_id} layer {layer} {'KV'[j]} tokens {a0}..{b0} "
                                       "failed its checksum")
         HEADER.pack_into(a.mm, ref.offset, MAGIC, gen, DONE, nbytes)
@@ -569,8 +609,14 @@ def read(handle: KVHandle, timeout_s: float) -> torch.Tensor:
     """A private copy of the slot's KV (callers that want a tensor, not a scatter)."""
     out = torch.empty(handle.shape, dtype=TORCH_DTYPES[handle.dtype])
 
-    def write(layer: int, j: int, first: int, kv: torch.Tensor) -> None:
-        out[layer, j, first:first + kv.shape[0]].copy_(kv)
+    fused = out.numel() > 0 and _fused_ok(out) and kvcopy.available()
+
+    def write(layer: int, j: int, first: int, kv: torch.Tensor) -> int | None:
+        dst = out[layer, j, first:first + kv.shape[0]]
+        if fused and kv.is_contiguous():
+            return kvcopy.copy_sum(_words1(dst), _words1(kv))
+        dst.copy_(kv)
+        return None
 
     read_into(handle, write, timeout_s)
     return out

@@ -122,6 +122,7 @@ class PrefillWorker(EngineWorker):
                 return arena.buffer(rid, shape, dtype)
 
             self.engine.runner.export_into = export_into
+            self.engine.runner.export_sums = arena.set_sums  # checksums computed in the gather
         logger.info("%s KV arena: %.0f MiB", self.worker_id, size / 2**20)
 
     async def health(self) -> dict[str, Any]:
@@ -393,6 +394,9 @@ class PrefillWorker(EngineWorker):
                                 getattr(self.connector.pick(self._dest.get(rid)), "name", "object_store"), None)
                 conn.send({"request_id": rid, "result": {
                     **result, "kv": stub, "received_at": self._arrivals.get(rid, now), "replied_at": now}})
+                # On the socket before the KV publish below starts a thread that competes
+                # with this loop for the GIL.
+                conn.flush()
             # Publishing the KV (a copy into the object store, or encoding for gRPC) runs
             # off the event loop and off the engine thread, beside the next prefill step.
             send = asyncio.get_running_loop().run_in_executor(

@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+import ray
 
 from kvtransfer.shm import FILE_PREFIX, SHM_DIR
 
@@ -60,6 +61,11 @@ def test_arena_matches_object_store_and_transformers(ray_session, llama_dir, cas
             if transport == "auto":
                 assert stats["kv_shm_puts"] >= len(ps) and stats["kv_shm_fallbacks"] == 0
                 assert by.get("shm", 0) >= len(ps) and not by.get("object_store"), by
+                # Pushed arena handles are read at admission, straight into reserved blocks
+                # (no private copy first).
+                decode = [w for w in workers(dep, "decode") if w["healthy"]][0]["handle"]
+                dstats = ray.get(decode.health.remote(), timeout=30)
+                assert dstats["kv_arena_read_at_admission"] >= len(ps), dstats
             else:
                 assert "kv_shm_puts" not in stats  # no arena when the object store is pinned
                 assert by.get("object_store", 0) >= len(ps) and not by.get("shm"), by

@@ -36,9 +36,17 @@ def arena():
     a.close()
 
 
+def _no_kernels(monkeypatch):
+    """As where numba is not installed: engine.kvcopy's kernels unavailable."""
+    from engine import kvcopy
+
+    monkeypatch.setattr(kvcopy, "_kernels", False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_is_bit_exact(arena, dtype, monkeypatch):
     monkeypatch.setattr(shm, "PIECE_BYTES", 4096)  # several pieces per layer, uneven last ones
+    _no_kernels(monkeypatch)
     kv = torch.randn(3, 2, 1000, 2, 16).to(dtype)
     h = arena.put("r", kv)
     assert h is not None and h.transport == "shm" and h.nbytes == kv.numel() * kv.element_size()
@@ -48,6 +56,32 @@ def test_round_trip_is_bit_exact(arena, dtype, monkeypatch):
                                               kv.view(torch.int16 if dtype != torch.float32 else torch.int32))
     # The reader marked it done: the next sweep frees it.
     assert arena.held() == 0 and arena.free_bytes() == arena.size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sender,reader", [("fused", "fused"), ("fused", "plain"), ("plain", "fused")])
+def test_fused_checksums_round_trip_either_way(arena, dtype, sender, reader, monkeypatch):
+    """With numba (engine.kvcopy) the sum of each (layer, K/V) row is taken in the copy's own
+    loop; a reader with or without the kernels checks the same sums, bit-exact."""
+    from engine import kvcopy
+
+    if not kvcopy.available():
+        pytest.skip("numba is not installed here")
+    monkeypatch.setattr(shm, "PIECE_BYTES", 4096)
+    kv = torch.randn(3, 2, 1000, 2, 16).to(dtype)
+    with monkeypatch.context() as m:
+        if sender == "plain":
+            _no_kernels(m)
+        h = arena.put("r", kv)
+    assert len(h.ref.sums) == (3 * 2 if sender == "fused" else len(shm.pieces(kv.shape, h.ref.piece_tokens)))
+    with monkeypatch.context() as m:
+        if reader == "plain":
+            _no_kernels(m)
+        got = shm.read(h, timeout_s=5)
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+    # The sums are checksum()'s of the same pieces.
+    spans = shm.pieces(kv.shape, h.ref.piece_tokens)
+    assert h.ref.sums == [shm.checksum(kv[layer, j, a:b].contiguous()) for layer, j, a, b in spans]
 
 
 def test_file_is_private_and_never_left_behind(arena):
@@ -93,13 +127,25 @@ def test_released_slot_is_never_read(arena):
     assert shm.read(h2, timeout_s=2).shape == kv.shape  # the new owner's KV is intact
 
 
-def test_corrupted_slot_fails_its_checksum(arena):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_corrupted_slot_fails_its_checksum(arena, kernels, monkeypatch):
+    from engine.runner import ModelRunner
+
+    if not kernels:
+        _no_kernels(monkeypatch)
     kv = torch.randn(2, 2, 300, 2, 16)
     h = arena.put("r", kv)
     pos = h.ref.offset + shm.HEADER_BYTES + h.nbytes // 2
     arena.mm[pos] = arena.mm[pos] ^ 0x40
     with pytest.raises(KVTransferError, match="checksum"):
         shm.read(h, timeout_s=2)
+    # And scattered into a paged cache, the sum taken in the scatter's loop.
+    h = arena.put("r2", kv)
+    arena.mm[h.ref.offset + shm.HEADER_BYTES + 8] ^= 0x01
+    runner = ModelRunner(torch.nn.Identity(), [torch.zeros(2, 40, 16, 2, 16) for _ in range(2)], 16)
+    table = list(range(39, 19, -1))
+    with pytest.raises(KVTransferError, match="layer 0 K .*checksum"):
+        shm.read_into(h, lambda layer, j, first, x: runner.write_kv(table, layer, first, x, j, checksum=True), 2)
 
 
 _READER = r"""
@@ -271,8 +317,13 @@ def _run(engine, max_steps=500):
     raise AssertionError("did not finish")
 
 
-def test_reserved_admission_matches_the_engine_alone(tiny_dir, arena):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_reserved_admission_matches_the_engine_alone(tiny_dir, arena, kernels, monkeypatch):
     from decode_workers.admission import receive_and_admit
+    from engine import kvcopy
+
+    if not kernels:
+        _no_kernels(monkeypatch)
     from engine.sequence import SamplingParams
 
     params = {"temperature": 0, "max_tokens": 10, "ignore_eos": True}
@@ -285,6 +336,7 @@ def test_reserved_admission_matches_the_engine_alone(tiny_dir, arena):
     prefill = _engine(tiny_dir)
     prefill.scheduler.config.prefill_only = True
     prefill.runner.export_into = arena.buffer  # gathered straight into arena slots
+    prefill.runner.export_sums = arena.set_sums  # with the checksums summed in the gather
     firsts, kvs = [], []
     for i, p in enumerate(prompts):
         prefill.add_request(f"p{i}", p, SamplingParams(**params))
@@ -299,6 +351,8 @@ def test_reserved_admission_matches_the_engine_alone(tiny_dir, arena):
         for i, p in enumerate(prompts):
             h = conn.send(f"p{i}", kvs[i])  # published where it was gathered: no copy
             assert h.transport == "shm" and h.ref.offset + shm.HEADER_BYTES == kvs[i].data_ptr() - arena._buf.data_ptr()
+            if kvcopy.available():  # one sum per (layer, K/V), from the gather
+                assert len(h.ref.sums) == 2 * kvs[i].shape[0] and h.ref.piece_tokens == len(p)
             item = {"prompt_token_ids": p, "params": params, "output_token_ids": [firsts[i]]}
             got = await receive_and_admit(decode, conn, f"d{i}", item, h, 5, can_reserve=True)
             assert item.get("reserved") is True and got.kv_tokens == len(p)
