@@ -10,7 +10,7 @@ Primitives and who calls them:
 - ``ShmArena.put(request_id, kv)`` (sender): allocates a slot, copies the KV in layer by
   layer with a checksum per layer, publishes the slot; returns a ``KVHandle`` (transport
   ``"shm"``) or None when the arena is full (the caller falls back to the object store).
-- ``read_into(handle, write, timeout_s)`` (receiver): attaches the arena, takes a shared
+- ``read_into(handle, write, timeout_s)`` (receiver, ``kvtransfer.shm_read``): attaches the arena, takes a shared
   lock on the slot, checks that the slot still holds this transfer, hands each layer
   (a view of shared memory) to ``write(layer, kv_layer)`` (the scatter into the paged
   cache), verifies its checksum, marks the slot done.
@@ -52,142 +52,39 @@ import math
 import mmap
 import os
 import secrets
-import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine import kvcopy
-from kvtransfer.base import TORCH_DTYPES, KVHandle, KVTransferError
+from kvtransfer.base import KVHandle, KVTransferError
 
 logger = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
-FILE_PREFIX = "splitserve-kv-"
-HEADER = struct.Struct("<8sQQQ")
-MAGIC = b"SSKVSLT1"
-HEADER_BYTES = 64
-ALIGN = 4096
-READY, DONE = 1, 2
-PAGE = mmap.PAGESIZE
-
-
-@dataclass
-class ShmRef:
-    # Owner process and its descriptor of the (unlinked) arena file.
-    pid: int
-    fd: int
-    # Identity of the file (checked after opening /proc/<pid>/fd/<fd>: pid reuse).
-    dev: int
-    ino: int
-    # Arena size, slot offset (its header), payload bytes, generation of this transfer.
-    size: int
-    offset: int
-    nbytes: int
-    generation: int
-    # Tokens per checksummed piece, and the checksum of each piece (layer-major order, see
-    # ``pieces``; ``checksum`` of its K and V parts, summed).
-    piece_tokens: int
-    sums: list[int]
-
-    def __str__(self) -> str:  # the decode worker keys prefetches by str(handle.ref)
-        return f"shm:{self.pid}:{self.ino}:{self.offset}:{self.generation:x}"
-
-
-def _word_view(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of contiguous ``t`` as the widest integers that tile them."""
-    b = t.reshape(-1).view(torch.uint8)
-    for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if b.numel() % size == 0:
-            return b.view(dt)
-    return b
-
-
-def checksum(t: torch.Tensor) -> int:
-    """64-bit wrap-around sum of the words of contiguous ``t`` (memory-bandwidth speed)."""
-    return int(_word_view(t).sum(dtype=torch.int64).item()) & 0xFFFFFFFFFFFFFFFF
-
-
-def _fused_ok(kv: torch.Tensor) -> bool:
-    """Whether engine.kvcopy's word loops apply: contiguous rows of whole 64-bit words."""
-    return kv.is_contiguous() and kv[0, 0].numel() * kv.element_size() % 8 == 0
-
-
-def _words1(t: torch.Tensor) -> Any:
-    """A contiguous tensor's bytes as a 1-D numpy uint64 array (a view)."""
-    return t.reshape(-1).view(torch.uint8).numpy().view(np.uint64)
-
-
-# Bytes per checksummed piece: small enough that the copy and the checksum of a piece
-# share the core's L2 cache, so the checksum costs a cache read, not a memory read.
-PIECE_BYTES = 2 << 20
-
-
-def piece_tokens(shape: tuple[int, ...] | torch.Size, itemsize: int) -> int:
-    per_token = math.prod(shape[3:]) * itemsize
-    return max(1, PIECE_BYTES // max(1, per_token))
-
-
-def pieces(shape: tuple[int, ...] | torch.Size, step: int) -> list[tuple[int, int, int, int]]:
-    """(layer, 0 for K / 1 for V, first token, end token) of every piece, in memory order
-    (each piece is contiguous)."""
-    tokens = shape[2]
-    return [(layer, j, a, min(a + step, tokens)) for layer in range(shape[0]) for j in (0, 1)
-            for a in range(0, tokens, step)]
-
-
-def _prefault(mm: mmap.mmap, write: bool) -> None:
-    """Touch every page so that no later access faults (the point of the arena)."""
-    buf = memoryview(mm)
-    try:
-        t = torch.frombuffer(buf, dtype=torch.uint8)
-        if write:
-            t[::PAGE] = 0
-        else:
-            int(t[::PAGE].sum())
-    finally:
-        del t
-        buf.release()
-
-
-def _sweep_stale_files() -> None:
-    """Files of arenas whose process died between creating and unlinking them."""
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(FILE_PREFIX):
-            continue
-        try:
-            pid = int(name[len(FILE_PREFIX):].split("-")[0])
-        except ValueError:
-            continue
-        if not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
-
-
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
-
-
-def _lock_holder(fd: int, offset: int) -> int | None:
-    """The pid of a process holding a lock on byte ``offset`` of ``fd``'s file that would
-    conflict with an exclusive lock (None: unlocked). Locks of this process never
-    conflict with its own, so they are not seen."""
-    try:
-        res = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-    except OSError:
-        return None
-    l_type, _, _, _, pid = _FLOCK.unpack(res)
-    return None if l_type == fcntl.F_UNLCK else pid
+from kvtransfer.shm_layout import (  # noqa: F401
+    ALIGN,
+    DONE,
+    FILE_PREFIX,
+    HEADER,
+    HEADER_BYTES,
+    MAGIC,
+    READY,
+    SHM_DIR,
+    ShmRef,
+    _fused_ok,
+    _lock_holder,
+    _prefault,
+    _sweep_stale_files,
+    _words1,
+    arena_bytes,
+    checksum,
+    piece_tokens,
+    pieces,
+)
+from kvtransfer.shm_read import _attached, detach_dead, read, read_into  # noqa: F401
 
 
 @dataclass
@@ -328,7 +225,7 @@ class ShmArena:
 
         Checksums: with numba (``engine.kvcopy``), one per (layer, K/V) row, summed in the
         copy's own loop (or in the gather that filled the buffer, ``set_sums``); without,
-        one per piece of ``PIECE_BYTES``, summed right after the piece's copy."""
+        one per piece of ``shm_layout.PIECE_BYTES``, summed right after the piece's copy."""
         t0 = time.perf_counter()
         kv = kv.detach()
         payload = kv.numel() * kv.element_size()
@@ -494,137 +391,3 @@ class ShmArena:
             except BufferError:  # a view is still alive: the mapping goes with the process
                 pass
             os.close(self.fd)
-
-
-# -- receiver side --------------------------------------------------------------------
-@dataclass
-class _Attached:
-    fd: int
-    owner_fd: int
-    mm: mmap.mmap
-    buf: torch.Tensor
-
-
-_attached: dict[tuple[int, int, int], _Attached] = {}
-_attach_lock = threading.Lock()
-
-
-def _attach(ref: ShmRef) -> _Attached:
-    key = (ref.pid, ref.dev, ref.ino)
-    with _attach_lock:
-        a = _attached.get(key)
-        if a is not None:
-            return a
-        try:
-            fd = os.open(f"/proc/{ref.pid}/fd/{ref.fd}", os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise KVTransferError(f"KV arena of process {ref.pid} is gone ({e.strerror}): its prefill "
-                                  "worker died") from None
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (ref.dev, ref.ino) or st.st_size != ref.size:
-                raise KVTransferError(f"KV arena of process {ref.pid} is gone (descriptor {ref.fd} now "
-                                      "names another file): its prefill worker died")
-            mm = mmap.mmap(fd, ref.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        except BaseException:
-            os.close(fd)
-            raise
-        _prefault(mm, write=False)
-        a = _attached[key] = _Attached(fd, ref.fd, mm, torch.frombuffer(memoryview(mm), dtype=torch.uint8))
-        return a
-
-
-def detach_dead() -> int:
-    """Unmap arenas whose owner process is gone, so that their memory returns (the file
-    was unlinked: the last mapping frees it). Returns how many stay attached."""
-    with _attach_lock:
-        for key, a in list(_attached.items()):
-            pid, dev, ino = key
-            try:
-                st = os.stat(f"/proc/{pid}/fd/{a.owner_fd}")
-                alive = (st.st_dev, st.st_ino) == (dev, ino)
-            except OSError:
-                alive = False
-            if not alive:
-                del _attached[key]
-                a.buf = torch.empty(0, dtype=torch.uint8)
-                try:
-                    a.mm.close()
-                except BufferError:  # a reader still holds a view: unmapped with it
-                    pass
-                os.close(a.fd)
-        return len(_attached)
-
-
-def read_into(handle: KVHandle, write: Callable[[int, int, int, torch.Tensor], int | None],
-              timeout_s: float) -> None:
-    """Hand the slot's KV piece by piece to ``write(layer, j, first_token, kv)`` (j: 0 key,
-    1 value; ``kv``: ``[n, kv_heads, head_dim]``, a view of shared memory valid only
-    during the call; ``write`` returns the piece's ``checksum`` if it computed it while
-    copying, else None),
-    checking every piece's checksum; then mark the slot done. Raises ``KVTransferError`` if the slot no longer holds this
-    transfer or a checksum fails (``write`` may have seen some layers by then)."""
-    ref: ShmRef = handle.ref
-    if ref is None:
-        raise KVTransferError(f"KV of {handle.request_id} was released before it was read")
-    a = _attach(ref)
-    deadline = time.monotonic() + timeout_s
-    while True:  # the sender holds the lock only for a few microseconds while freeing
-        try:
-            fcntl.lockf(a.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ref.offset, os.SEEK_SET)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise KVTransferError(f"KV slot of {handle.request_id} stayed locked for {timeout_s}s") from None
-            time.sleep(0.001)
-    try:
-        magic, gen, state, nbytes = HEADER.unpack_from(a.mm, ref.offset)
-        if magic != MAGIC or gen != ref.generation or nbytes != ref.nbytes:
-            raise KVTransferError(f"KV slot of {handle.request_id} was freed before it was read "
-                                  "(released, aborted or expired)")
-        dtype = TORCH_DTYPES[handle.dtype]
-        start = ref.offset + HEADER_BYTES
-        kv = a.buf[start: start + nbytes].view(dtype).view(handle.shape)
-        spans = pieces(kv.shape, ref.piece_tokens)
-        if len(ref.sums) != len(spans):
-            raise KVTransferError(f"KV of {handle.request_id}: {len(ref.sums)} checksums for {len(spans)} pieces")
-        for (layer, j, a0, b0), want in zip(spans, ref.sums):
-            # A writer that sums the words it copies (ModelRunner.write_kv with numba) returns
-            # the sum; else the scatter pulls the piece into cache and the checksum reads it
-            # from there. A piece that fails was written into blocks that are then never used.
-            if time.monotonic() > deadline:  # a reader holds the slot no longer than its deadline
-                raise KVTransferError(f"KV of {handle.request_id} missed its {timeout_s}s deadline while "
-                                      "being read")
-            piece = kv[layer, j, a0:b0]
-            got = write(layer, j, a0, piece)
-            if (got if got is not None else checksum(piece)) != want:
-                raise KVTransferError(f"KV of {handle.request_id} layer {layer} {'KV'[j]} tokens {a0}..{b0} "
-                                      "failed its checksum")
-        HEADER.pack_into(a.mm, ref.offset, MAGIC, gen, DONE, nbytes)
-    finally:
-        fcntl.lockf(a.fd, fcntl.LOCK_UN, 1, ref.offset, os.SEEK_SET)
-
-
-def read(handle: KVHandle, timeout_s: float) -> torch.Tensor:
-    """A private copy of the slot's KV (callers that want a tensor, not a scatter)."""
-    out = torch.empty(handle.shape, dtype=TORCH_DTYPES[handle.dtype])
-
-    fused = out.numel() > 0 and _fused_ok(out) and kvcopy.available()
-
-    def write(layer: int, j: int, first: int, kv: torch.Tensor) -> int | None:
-        dst = out[layer, j, first:first + kv.shape[0]]
-        if fused and kv.is_contiguous():
-            return kvcopy.copy_sum(_words1(dst), _words1(kv))
-        dst.copy_(kv)
-        return None
-
-    read_into(handle, write, timeout_s)
-    return out
-
-
-def arena_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int) -> int:
-    """Bytes that hold ``tokens`` tokens of KV (plus a header page per 16 slots)."""
-    itemsize = TORCH_DTYPES[dtype].itemsize
-    per_token = 2 * layers * kv_heads * head_dim * itemsize
-    return int(math.ceil(tokens * per_token * 1.0625)) + 16 * ALIGN
-

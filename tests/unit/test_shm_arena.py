@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtransfer import shm
+from kvtransfer import shm, shm_layout
 from kvtransfer.base import KVTransferError
 from kvtransfer.connector import get_connector
 
@@ -45,7 +45,7 @@ def _no_kernels(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_is_bit_exact(arena, dtype, monkeypatch):
-    monkeypatch.setattr(shm, "PIECE_BYTES", 4096)  # several pieces per layer, uneven last ones
+    monkeypatch.setattr(shm_layout, "PIECE_BYTES", 4096)  # several pieces per layer, uneven last ones
     _no_kernels(monkeypatch)
     kv = torch.randn(3, 2, 1000, 2, 16).to(dtype)
     h = arena.put("r", kv)
@@ -67,7 +67,7 @@ def test_fused_checksums_round_trip_either_way(arena, dtype, sender, reader, mon
 
     if not kvcopy.available():
         pytest.skip("numba is not installed here")
-    monkeypatch.setattr(shm, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(shm_layout, "PIECE_BYTES", 4096)
     kv = torch.randn(3, 2, 1000, 2, 16).to(dtype)
     with monkeypatch.context() as m:
         if sender == "plain":
@@ -248,7 +248,7 @@ def test_reservation_expires_at_its_ttl():
 
 
 def test_reader_past_its_deadline_lets_go(arena, monkeypatch):
-    monkeypatch.setattr(shm, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(shm_layout, "PIECE_BYTES", 4096)
     kv = torch.randn(3, 2, 200, 2, 16)
     h = arena.put("r", kv)
     import time
