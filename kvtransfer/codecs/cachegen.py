@@ -7,7 +7,7 @@
 2. Layer-wise sensitivity: one uniform step per (layer, K/V), a fraction of that layer's
    RMS; the fraction (``LEVEL_STEPS[level]``) is scaled from ``SHALLOW`` (first layer)
    to ``DEEP`` (last layer), i.e. shallow layers get more bins.
-3. Arithmetic (range) coding (``constriction``) with per-(layer, channel) probability
+3. Arithmetic coding (rANS, ``rangecoding``) with per-(layer, channel) probability
    tables: every (layer, channel) row picks one of 24 tables by its spread (the choice is
    shipped, 5 bits a row). The tables' counts are either computed from the chunk and
    shipped in the stream (default: the stream is self-describing) or calibrated once per
@@ -26,8 +26,8 @@ tables, of the coded part ``symbol >> SPLIT_BITS[bucket]``; empty when calibrate
 of the symbols of wide buckets, packed per stream) and ``words`` (the ANS-coded symbols,
 two per coded symbol where the alphabet allows).
 
-Speed: decoding is bound by the ANS coder (about 10 ns a call plus 2 ns per bit of the
-coded alphabet), so symbols are coded in pairs and wide buckets keep low bits raw; the
+Speed: the entropy coder is rANS with a lookup-table decoder (``rangecoding``, numba);
+symbols are coded in pairs (half the coder steps) and wide buckets keep low bits raw; the
 rest of decoding is a pair lookup table, in-place row placement and one token-major
 reconstruction pass.
 
@@ -39,7 +39,6 @@ not carry its positions, so this codec does not).
 
 from __future__ import annotations
 
-import functools
 import struct
 import zlib
 from typing import ClassVar
@@ -48,9 +47,9 @@ import numpy as np
 import torch
 
 from kvtransfer.codecs.base import KVCodec, Payload
-from kvtransfer.codecs import bitpack, rangecoding
+from kvtransfer.codecs import bitpack, kernels, rangecoding
 from kvtransfer.codecs import cachegen_quant as cq
-from kvtransfer.codecs.cachegen_tables import (ROLES, TABLE_SAMPLE, CacheGenTables, LevelTables, merge_counts, pca_basis,
+from kvtransfer.codecs.cachegen_tables import (ROLES, CacheGenTables, LevelTables, merge_counts, pca_basis,
                                                raw_counts)
 from kvtransfer.codecs.none import UINT, bits_of, tensor_from_bits
 
@@ -67,6 +66,9 @@ SHALLOW, DEEP = 0.75, 1.25
 # level, group, flags, exact head, exact tail, tables fingerprint, first layer
 _OPTS = struct.Struct("<BBBxHHIH")
 _CALIBRATED, _PCA = 1, 2
+# The words are rANS (``rangecoding``, this build's coder); streams of builds that coded
+# with constriction's ANS lack the flag and are refused by name.
+_RANS = 4
 # Alphabets up to this size are coded two symbols at a time (alphabet <= 4096).
 PAIR_MAX = 64
 _SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "low", "words")
@@ -76,19 +78,6 @@ _SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "low", "w
 # shrink to <= 25 symbols, so they pair: ANS decoding costs per call and per bit of
 # alphabet, and this about halves it at levels 0-1.
 SPLIT_BITS = np.array([max(0, (b - 8) // 2) if b >= 11 else 0 for b in range(cq.NUM_BUCKETS)], np.int64)
-
-
-@functools.lru_cache(maxsize=512)
-def _pair_values(k: int, r: int, radius: int) -> np.ndarray:
-    """Pair symbol a * k + b -> its two centred values ((a << r) - radius, (b << r) -
-    radius), as int32 pairs packed in one int64 (one gather decodes both)."""
-    a, b = np.divmod(np.arange(k * k, dtype=np.int64), k)
-    out = np.empty((k * k, 2), np.int32)
-    out[:, 0] = (a << r) - radius
-    out[:, 1] = (b << r) - radius
-    lut: np.ndarray = out.view(np.int64).reshape(-1)
-    lut.flags.writeable = False
-    return lut
 
 
 def coded_counts(c: np.ndarray, r: int) -> np.ndarray:
@@ -220,36 +209,41 @@ class CacheGenCodec(KVCodec):
         exact = [bits_of(kv[:, :, :head].contiguous()), bits_of(kv[:, :, T - tail:].contiguous())]
         rows = self._rows(q)
         level = self.tables.levels[self.level] if self.tables is not None else None
-        buckets = [cq.buckets_of(r) for r in rows]
-        streams = [cq.to_streams(r, b) for r, b in zip(rows, buckets)]
+        buckets = [cq.buckets_of(r, sums) for r, sums in zip(rows, (q.sum_a, q.sum_d, None))]
         arrays: list[np.ndarray] = []
         tables: list[np.ndarray] = []
         shipped: list[np.ndarray] = []
         table_of: list[int] = []
         low: list[np.ndarray] = []
-        for role, s in enumerate(streams):
-            for b, sym in zip(s.buckets, s.symbols):
-                r = int(SPLIT_BITS[b])
+        role_escapes: list[np.ndarray] = []
+        for role, (rw, bk) in enumerate(zip(rows, buckets)):
+            counts = np.bincount(bk, minlength=cq.NUM_BUCKETS)
+            used = np.flatnonzero(counts)
+            split = SPLIT_BITS[used]
+            full = 2 * cq.RADIUS[used].astype(np.int64) + 2
+            ks = -(-full // (1 << split))
+            paired = ks <= PAIR_MAX
+            coded, lows, hists, esc = kernels.symbolize(rw, np.argsort(bk, kind="stable"), counts[used],
+                                                        cq.RADIUS[used], split, ks, paired)
+            role_escapes.append(esc)
+            for i, b in enumerate(used):
+                r = int(split[i])
                 if r:
-                    low.append(bitpack.pack((sym & ((1 << r) - 1)).astype(np.uint8), r))
-                    sym = sym >> r
+                    low.append(bitpack.pack(lows[i], r))
                 if level is not None:
-                    c = coded_counts(level.table(role, b), r)
-                else:
-                    k = -(-(2 * int(cq.RADIUS[b]) + 2) // (1 << r))
-                    c = rangecoding.normalize(np.bincount(sym[::max(1, len(sym) // TABLE_SAMPLE)], minlength=k)[:k])
+                    c = coded_counts(level.table(role, int(b)), r)
+                else:  # shipped: the histogram of this chunk's coded symbols
+                    c = rangecoding.normalize(hists[i])
                     shipped.append(c)
-                k = len(c)
-                paired = k <= PAIR_MAX
-                arrays.append(rangecoding.pair(sym, k) if paired else sym)
+                arrays.append(coded[i])
                 table_of.append(len(tables))
-                tables.append(rangecoding.pair_table(c) if paired else c)
+                tables.append(rangecoding.pair_table(c) if paired[i] else c)
         words = rangecoding.encode(arrays, table_of, tables)
         shipped_b = bitpack.pack(np.concatenate(buckets), 5)
         shipped_t = b"" if level is not None else zlib.compress(b"".join(t.tobytes() for t in shipped), 6)
-        flags = (_CALIBRATED if level is not None else 0) | (_PCA if self._pca() else 0)
+        flags = (_CALIBRATED if level is not None else 0) | (_PCA if self._pca() else 0) | _RANS
         fp = self._stream_fingerprint()
-        escapes = np.concatenate([np.array([len(s.escapes) for s in streams], np.int32), *[s.escapes for s in streams]])
+        escapes = np.concatenate([np.array([len(e) for e in role_escapes], np.int32), *role_escapes])
         parts: list[Payload] = [b"".join(e.tobytes() for e in exact), q.delta, np.packbits(q.mode.reshape(-1)),
                                 shipped_b, shipped_t, escapes, b"".join(x.tobytes() for x in low), words]
         return _OPTS.pack(self.level, self.group, flags, head, tail, fp, self.first_layer), _sections(parts)
@@ -281,6 +275,11 @@ class CacheGenCodec(KVCodec):
         C, Tm = H * D, T - head - tail
         if level >= self._levels() or group < 1 or Tm < 0:
             raise ValueError(f"bad cachegen options: level {level}, group {group}, exact {head}+{tail} of {T}")
+        if not flags & _RANS:
+            from kvtransfer.codecs.base import CodecError
+
+            raise CodecError(f"{self.name} stream was entropy-coded by an older build (constriction ANS); this "
+                             "build codes and decodes rANS streams only")
         tables = None
         if flags & _CALIBRATED:
             if self.tables is None or self.tables.fingerprint != fp:
@@ -343,38 +342,41 @@ class CacheGenCodec(KVCodec):
         if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):
             raise ValueError("escape counts do not match the escaped values")
         bounds = len(ROLES) + np.concatenate([[0], np.cumsum(n_esc)])
-        values, pos = [], 0
-        for s, (k, n, r), b in zip(rangecoding.decode(words, lens, table_of, tabs), ks,
-                                   [b for role in range(len(ROLES)) for b in cq.used_buckets(buckets[role])]):
-            radius = int(cq.RADIUS[b])
-            if k:  # centred values straight from the pair symbols
-                v = np.take(_pair_values(k, r, radius), s).view(np.int32)[:n]
-            else:
-                v = (s << r) - np.int32(radius)
+        flat, seg = rangecoding.decode_flat(words, lens, table_of, tabs)
+        lows, pos = [], 0
+        for k, n, r in ks:
             if r:
                 size = bitpack.packed_size(n, r)
                 if pos + size > len(low):
                     raise ValueError(f"low-bits section is {len(low)} bytes, the streams need more")
-                v += bitpack.unpack(low[pos:pos + size], r, n)
+                lows.append(bitpack.unpack(low[pos:pos + size], r, n))
                 pos += size
-            values.append(v)
+            else:
+                lows.append(np.zeros(0, np.uint8))
         if pos != len(low):
             raise ValueError(f"low-bits section is {len(low)} bytes, the streams need {pos}")
-        rows = []
+        rows, si = [], 0
         for role in range(len(ROLES)):
-            k = len(cq.used_buckets(buckets[role]))
-            rows.append(cq.rows_from_values(values[:k], buckets[role], sizes[role],
-                                            escapes[bounds[role]:bounds[role + 1]]))
-            values = values[k:]
+            bk = buckets[role]
+            per_bucket = np.bincount(bk, minlength=cq.NUM_BUCKETS)
+            used = np.flatnonzero(per_bucket)
+            nu = len(used)
+            rows.append(kernels.desymbolize(flat, seg[si:si + nu + 1], lows[si:si + nu], np.argsort(bk, kind="stable"),
+                                            per_bucket[used], cq.RADIUS[used], SPLIT_BITS[used],
+                                            np.array([k for k, _, _ in ks[si:si + nu]], np.int64),
+                                            escapes[bounds[role]:bounds[role + 1]], len(bk), sizes[role]))
+            si += nu
         mid = cq.reconstruct_tokens(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
                                     rows[1].reshape(L, 2, C, -1), Tm, group)
         mid = self._inverse(mid, shape[:2] + (Tm,) + shape[3:], tables, flags, first_layer)
         if head == tail == 0:
             return mid.to(dtype)
         n_head = L * 2 * head * H * D
-        parts = [tensor_from_bits(exact[:n_head], dtype, (L, 2, head, H, D)), mid.to(dtype),
-                 tensor_from_bits(exact[n_head:], dtype, (L, 2, tail, H, D))]
-        return torch.cat(parts, dim=2)
+        out = torch.empty(shape, dtype=dtype)  # the exact tokens and the cast of the rest, one pass each
+        out[:, :, :head] = tensor_from_bits(exact[:n_head], dtype, (L, 2, head, H, D))
+        out[:, :, head:T - tail] = mid
+        out[:, :, T - tail:] = tensor_from_bits(exact[n_head:], dtype, (L, 2, tail, H, D))
+        return out
 
 
 def describe(data: bytes | memoryview) -> dict[str, int]:
