@@ -103,9 +103,10 @@ def layer_steps(level: int, layers: int, first_layer: int = 0, total_layers: int
 
 
 def steps_for(z: torch.Tensor, level: int, first_layer: int = 0, total_layers: int | None = None) -> np.ndarray:
-    """The quantiser step delta [L, 2] of channel-major z [L, 2, C, T]."""
+    """The quantiser step delta [L, 2] of coded channels z [L, 2, T, C] (one pass: a norm)."""
     L = z.shape[0]
-    rms = z.pow(2).mean(dim=(2, 3)).sqrt().numpy() if z.shape[3] else np.zeros((L, 2), np.float32)
+    n = z.shape[2] * z.shape[3]
+    rms = (torch.linalg.vector_norm(z, dim=(2, 3)) / n ** 0.5).numpy() if n else np.zeros((L, 2), np.float32)
     if not np.isfinite(rms).all():  # NaN/inf, or squares past fp32 range: look again in fp64
         rms = z.double().pow(2).mean(dim=(2, 3)).sqrt().numpy()
         if not np.isfinite(rms).all():
@@ -168,13 +169,14 @@ class CacheGenCodec(KVCodec):
 
     @staticmethod
     def _to_channels(x: torch.Tensor, pca: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """[L, 2, T, H, D] -> channel-major [L, 2, H*D, T] (PCA coordinates with pca)."""
+        """[L, 2, T, H, D] -> the coded channels, token-major float32 [L, 2, T, H*D] (PCA
+        coordinates with pca)."""
         if pca is not None:
             x = torch.einsum("lkthd,lkhde->lkthe", x.float() - pca[0][:, :, None], pca[1])
         L, _, T, H, D = x.shape
-        out = torch.empty(L, 2, H, D, T, dtype=torch.float32)
-        out.copy_(x.permute(0, 1, 3, 4, 2))  # transpose and cast in one pass
-        return out.view(L, 2, H * D, T)
+        out = torch.empty(L, 2, T, H, D, dtype=torch.float32)
+        out.copy_(x)  # cast in one pass
+        return out.view(L, 2, T, H * D)
 
     @staticmethod
     def _from_channels(z: torch.Tensor, shape: tuple[int, ...],

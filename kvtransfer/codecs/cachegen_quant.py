@@ -85,8 +85,8 @@ def _groups(z: torch.Tensor, group: int) -> list[torch.Tensor]:
 
 
 def quantize(z: torch.Tensor, delta: np.ndarray, group: int) -> Quantized:
-    """z: float32 [L, 2, C, T]; delta: float32 [L, 2] (positive). One pass per row
-    (``kernels.quantize``); equals ``quantize_reference``."""
+    """z: float32 [L, 2, T, C] token-major (as KV is stored); delta: float32 [L, 2]
+    (positive). ``kernels.quantize``; equals ``quantize_reference`` of z transposed."""
     from kvtransfer.codecs import kernels
 
     zc = z.detach().contiguous()

@@ -2,8 +2,8 @@
 where numpy and torch took several, single-threaded (a codec runs on one core).
 
 - ``quantize``: CacheGen's quantiser (``cachegen_quant.quantize_reference`` is the
-  readable torch version it equals) over channel-major rows, with each row's sum of |q|
-  for the table buckets;
+  readable torch version it equals) reading token-major KV (vectorised over channels),
+  writing channel-major symbol rows, with each row's sum of |q| for the table buckets;
 - ``reconstruct``: its inverse straight into token-major float32 (the same float32
   arithmetic as the encoder: every value within step / 2 of its input);
 - ``rope``: RoPE on the keys of token-major KV in place (kvtc codes keys before RoPE);
@@ -26,73 +26,97 @@ _L = 1 << 31  # the rANS state's lower bound (rans64)
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize_rows(z, delta, per, group, ref, mode, qa, qd, sa, sd):  # pragma: no cover - jitted
-    R, T = z.shape
+def quantize_tokens(z, delta, group, ref, mode, qa, qd, sa, sd):  # pragma: no cover - jitted
+    # z: float32 [LK, T, C] token-major; rows r = lk * C + c of ref/mode/qa/qd/sa/sd
+    LK, T, C = z.shape
+    A = qa.shape[1]
     qmax = np.float32(_QMAX)
-    for r in range(R):
-        d = delta[r // per]
-        inv = np.float32(1.0) / d
-        row = z[r]
-        s = 0.0
-        for t in range(T):
-            s += row[t]
-        if not np.isfinite(s):
-            return r + 1
-        m = np.float32(s / T) if T else np.float32(0.0)
-        rq = min(max(np.rint(m * inv), -qmax), qmax)
-        ref[r] = np.int32(rq)
-        ref_x = np.float32(np.float32(rq) * d)
-        # anchors, and the residual energies of both modes
-        e_delta = 0.0
-        e_ref = 0.0
-        g = 0
-        a_sum = 0
-        for t0 in range(0, T, group):
-            q = min(max(np.rint((row[t0] - ref_x) * inv), -qmax), qmax)
-            qa[r, g] = np.int32(q)
-            a_sum += abs(np.int64(q))
-            a_hat = np.float32(ref_x + np.float32(np.float32(q) * d))
-            for t in range(t0 + 1, min(t0 + group, T)):
-                u = row[t] - a_hat
-                w = row[t] - ref_x
-                e_delta += u * u
-                e_ref += w * w
-            g += 1
-        delta_mode = e_delta < e_ref
-        mode[r] = delta_mode
-        sa[r] = a_sum
-        j = 0
-        d_sum = 0
-        g = 0
-        for t0 in range(0, T, group):
-            base = np.float32(ref_x + np.float32(np.float32(qa[r, g]) * d)) if delta_mode else ref_x
-            for t in range(t0 + 1, min(t0 + group, T)):
-                q = min(max(np.rint((row[t] - base) * inv), -qmax), qmax)
-                qd[r, j] = np.int32(q)
-                d_sum += abs(np.int64(q))
-                j += 1
-            g += 1
-        sd[r] = d_sum
-    return 0
-
-@numba.njit(cache=True, nogil=True)
-def reconstruct_rows(delta, per, ref, mode, qa, qd, group, out):  # pragma: no cover - jitted
-    # out: float32 [LK, T, C] token-major; rows r = lk * C + c
-    LK, T, C = out.shape
+    s = np.empty(C, np.float64)
+    refx = np.empty(C, np.float32)
+    ahat = np.empty((max(A, 1), C), np.float32)
+    base = np.empty(C, np.float32)
+    ed = np.empty(C, np.float64)
+    er = np.empty(C, np.float64)
+    asum = np.empty(C, np.int64)
+    dsum = np.empty(C, np.int64)
+    dm = np.empty(C, np.bool_)
     for lk in range(LK):
         d = delta[lk]
+        inv = np.float32(1.0) / d
+        r0 = lk * C
+        s[:] = 0.0
+        for t in range(T):
+            for c in range(C):
+                s[c] += z[lk, t, c]
+        for c in range(C):
+            if not np.isfinite(s[c]):
+                return 1
+            m = np.float32(s[c] / T) if T else np.float32(0.0)
+            rq = min(max(np.rint(m * inv), -qmax), qmax)
+            ref[r0 + c] = np.int32(rq)
+            refx[c] = np.float32(np.float32(rq) * d)
+        ed[:] = 0.0
+        er[:] = 0.0
+        asum[:] = 0
+        g = 0
+        for t0 in range(0, T, group):
+            for c in range(C):
+                q = min(max(np.rint((z[lk, t0, c] - refx[c]) * inv), -qmax), qmax)
+                qa[r0 + c, g] = np.int32(q)
+                asum[c] += abs(np.int64(q))
+                ahat[g, c] = np.float32(refx[c] + np.float32(np.float32(q) * d))
+            for t in range(t0 + 1, min(t0 + group, T)):
+                for c in range(C):
+                    u = z[lk, t, c] - ahat[g, c]
+                    w = z[lk, t, c] - refx[c]
+                    ed[c] += u * u
+                    er[c] += w * w
+            g += 1
+        for c in range(C):
+            dm[c] = ed[c] < er[c]
+            mode[r0 + c] = dm[c]
+            sa[r0 + c] = asum[c]
+        dsum[:] = 0
+        j = 0
+        g = 0
+        for t0 in range(0, T, group):
+            for c in range(C):
+                base[c] = ahat[g, c] if dm[c] else refx[c]
+            for t in range(t0 + 1, min(t0 + group, T)):
+                for c in range(C):
+                    q = min(max(np.rint((z[lk, t, c] - base[c]) * inv), -qmax), qmax)
+                    qd[r0 + c, j] = np.int32(q)
+                    dsum[c] += abs(np.int64(q))
+                j += 1
+            g += 1
+        for c in range(C):
+            sd[r0 + c] = dsum[c]
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def reconstruct_rows(delta, ref, mode, qa, qd, group, out):  # pragma: no cover - jitted
+    # out: float32 [LK, T, C] token-major; rows r = lk * C + c; inner loops over channels
+    LK, T, C = out.shape
+    refx = np.empty(C, np.float32)
+    base = np.empty(C, np.float32)
+    for lk in range(LK):
+        d = delta[lk]
+        r0 = lk * C
+        for c in range(C):
+            refx[c] = np.float32(np.float32(ref[r0 + c]) * d)
         for t0 in range(0, T, group):
             g = t0 // group
-            j0 = g * (group - 1)
+            j0 = g * (group - 1) - 1
             for c in range(C):
-                r = lk * C + c
-                ref_x = np.float32(np.float32(ref[r]) * d)
-                a_hat = np.float32(np.float32(np.float32(qa[r, g]) * d) + ref_x)
+                a_hat = np.float32(np.float32(np.float32(qa[r0 + c, g]) * d) + refx[c])
                 out[lk, t0, c] = a_hat
-                base = a_hat if mode[r] else ref_x
-                for i in range(1, min(group, T - t0)):
-                    out[lk, t0 + i, c] = np.float32(np.float32(np.float32(qd[r, j0 + i - 1]) * d) + base)
+                base[c] = a_hat if mode[r0 + c] else refx[c]
+            for i in range(1, min(group, T - t0)):
+                for c in range(C):
+                    out[lk, t0 + i, c] = np.float32(np.float32(np.float32(qd[r0 + c, j0 + i]) * d) + base[c])
     return 0
+
 
 @numba.njit(cache=True, nogil=True)
 def rope_rows(x, cos, sin):  # pragma: no cover - jitted
@@ -116,6 +140,8 @@ def symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart
                    escapes):  # pragma: no cover - jitted
     n = rows.shape[1]
     ne = 0
+    # 4 interleaved histograms: a run of one symbol (zeros) is not one long add-to-memory chain
+    sub = np.zeros((4, int(np.max(ks)) if len(ks) else 1), np.int64)
     for i in range(len(radius)):
         rad = radius[i]
         r = split[i]
@@ -127,6 +153,8 @@ def symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart
         pr = paired[i]
         half = False
         prev = 0
+        sub[:, :k] = 0
+        q = 0
         for oi in range(bstart[i], bstart[i + 1]):
             row = rows[order[oi]]
             for j in range(n):
@@ -141,7 +169,8 @@ def symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart
                     low[lo] = sym & mask
                     lo += 1
                     sym >>= r
-                hist[h + sym] += 1
+                sub[q & 3, sym] += 1
+                q += 1
                 if pr:
                     if half:
                         coded[c] = prev * k + sym
@@ -155,7 +184,10 @@ def symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart
                     c += 1
         if pr and half:
             coded[c] = prev * k
+        for s in range(k):
+            hist[h + s] = sub[0, s] + sub[1, s] + sub[2, s] + sub[3, s]
     return ne
+
 
 @numba.njit(cache=True, nogil=True)
 def desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp, escapes,
@@ -169,34 +201,53 @@ def desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp
         c0 = cstart[i]
         l0 = lstart[i]
         esc = 2 * rad + 1
-        idx = 0
-        for oi in range(bstart[i], bstart[i + 1]):
-            orow = order[oi]
-            for j in range(n):
-                if k:
-                    pv = flat[c0 + (idx >> 1)]
-                    hi = pv // k if (idx & 1) == 0 else pv % k
-                else:
-                    hi = flat[c0 + idx]
-                sym = np.int64(hi) << r
-                if r:
-                    sym += low[l0 + idx]
-                if sym == esc:
-                    if e >= len(escapes):
-                        return -1
-                    out[orow, j] = escapes[e]
-                    e += 1
-                else:
-                    out[orow, j] = sym - rad
-                idx += 1
+        total = (bstart[i + 1] - bstart[i]) * n
+        if total == 0:
+            continue
+        # the bucket's values in stream order: first symbol of a pair a = p // k, second p % k
+        # (tables of both, no division per symbol)
+        first = np.empty(max(k, 1) * max(k, 1), np.int64)
+        second = np.empty(max(k, 1) * max(k, 1), np.int64)
+        if k:
+            for a in range(k):
+                for b in range(k):
+                    first[a * k + b] = a
+                    second[a * k + b] = b
+        oi = bstart[i]
+        orow = order[oi]
+        j = 0
+        for idx in range(total):
+            if k:
+                pv = flat[c0 + (idx >> 1)]
+                hi = first[pv] if (idx & 1) == 0 else second[pv]
+            else:
+                hi = np.int64(flat[c0 + idx])
+            sym = hi << r
+            if r:
+                sym += low[l0 + idx]
+            if sym == esc:
+                if e >= len(escapes):
+                    return -1
+                out[orow, j] = escapes[e]
+                e += 1
+            else:
+                out[orow, j] = sym - rad
+            j += 1
+            if j == n:
+                j = 0
+                oi += 1
+                if oi < bstart[i + 1]:
+                    orow = order[oi]
     return e
 
 
 @numba.njit(cache=True, nogil=True)
 def rans_encode(syms, starts, seg_table, freq, cum, bits, off, ksizes, out):  # pragma: no cover - jitted
+    # two interleaved states (symbol i on state i % 2): the decoder's two dependency chains overlap
     lo = np.uint64(_L)
     word = np.uint64(0xFFFFFFFF)
-    x = lo
+    x0 = lo
+    x1 = lo
     p = len(out)
     for i in range(len(starts) - 2, -1, -1):
         t = seg_table[i]
@@ -209,21 +260,31 @@ def rans_encode(syms, starts, seg_table, freq, cum, bits, off, ksizes, out):  # 
             if s < 0 or s >= k:
                 return -1
             f = np.uint64(freq[o + s])
-            if x >= lim * f:
-                p -= 1
-                out[p] = np.uint32(x & word)
-                x = x >> np.uint64(32)
-            x = ((x // f) << sb) + (x % f) + np.uint64(cum[o + s])
-    p -= 2
-    out[p] = np.uint32(x & word)
-    out[p + 1] = np.uint32(x >> np.uint64(32))
+            c = np.uint64(cum[o + s])
+            if j & 1:
+                if x1 >= lim * f:
+                    p -= 1
+                    out[p] = np.uint32(x1 & word)
+                    x1 = x1 >> np.uint64(32)
+                x1 = ((x1 // f) << sb) + (x1 % f) + c
+            else:
+                if x0 >= lim * f:
+                    p -= 1
+                    out[p] = np.uint32(x0 & word)
+                    x0 = x0 >> np.uint64(32)
+                x0 = ((x0 // f) << sb) + (x0 % f) + c
+    p -= 4
+    out[p] = np.uint32(x0 & word)
+    out[p + 1] = np.uint32(x0 >> np.uint64(32))
+    out[p + 2] = np.uint32(x1 & word)
+    out[p + 3] = np.uint32(x1 >> np.uint64(32))
     return p
 
 
 @numba.njit(cache=True, nogil=True)
 def rans_decode(words, lens, seg_table, freq, cum, bits, off, lut_off, out):  # pragma: no cover - jitted
     n = len(words)
-    if n < 2:
+    if n < 4:
         return 1
     lo = np.uint64(_L)
     ntab = len(bits)
@@ -233,8 +294,9 @@ def rans_decode(words, lens, seg_table, freq, cum, bits, off, lut_off, out):  # 
         for s in range(off[t + 1] - off[t]):
             c = base + np.int64(cum[off[t] + s])
             lut[c:c + np.int64(freq[off[t] + s])] = s
-    x = np.uint64(words[0]) | (np.uint64(words[1]) << np.uint64(32))
-    p = 2
+    x0 = np.uint64(words[0]) | (np.uint64(words[1]) << np.uint64(32))
+    x1 = np.uint64(words[2]) | (np.uint64(words[3]) << np.uint64(32))
+    p = 4
     k = 0
     for i in range(len(lens)):
         t = seg_table[i]
@@ -243,25 +305,36 @@ def rans_decode(words, lens, seg_table, freq, cum, bits, off, lut_off, out):  # 
         mask = (np.uint64(1) << sb) - np.uint64(1)
         base = lut_off[t]
         for _ in range(lens[i]):
-            slot = x & mask
-            s = lut[base + np.int64(slot)]
+            if k & 1:
+                slot = x1 & mask
+                s = lut[base + np.int64(slot)]
+                x1 = np.uint64(freq[o + s]) * (x1 >> sb) + slot - np.uint64(cum[o + s])
+                if x1 < lo:
+                    if p >= n:
+                        return 2
+                    x1 = (x1 << np.uint64(32)) | np.uint64(words[p])
+                    p += 1
+            else:
+                slot = x0 & mask
+                s = lut[base + np.int64(slot)]
+                x0 = np.uint64(freq[o + s]) * (x0 >> sb) + slot - np.uint64(cum[o + s])
+                if x0 < lo:
+                    if p >= n:
+                        return 2
+                    x0 = (x0 << np.uint64(32)) | np.uint64(words[p])
+                    p += 1
             out[k] = s
             k += 1
-            x = np.uint64(freq[o + s]) * (x >> sb) + slot - np.uint64(cum[o + s])
-            if x < lo:
-                if p >= n:
-                    return 2
-                x = (x << np.uint64(32)) | np.uint64(words[p])
-                p += 1
-    if p != n or x != lo:
+    if p != n or x0 != lo or x1 != lo:
         return 3
     return 0
 
 
 def quantize(z: np.ndarray, delta: np.ndarray, group: int) -> tuple[np.ndarray, ...]:
-    """z float32 [L, 2, C, T] (contiguous), delta float32 [L, 2] -> (ref [L, 2, C], mode,
-    qa [L, 2, C, A], qd [L, 2, C, T - A], sum |qa| per row, sum |qd| per row)."""
-    L, _, C, T = z.shape
+    """z float32 [L, 2, T, C] token-major (contiguous), delta float32 [L, 2] -> (ref [L, 2,
+    C], mode, qa [L, 2, C, A], qd [L, 2, C, T - A] channel-major, sum |qa| per row, sum |qd|
+    per row); rows are (layer, K/V, channel)."""
+    L, _, T, C = z.shape
     A = -(-T // group)
     R = L * 2 * C
     ref = np.empty(R, np.int32)
@@ -270,8 +343,8 @@ def quantize(z: np.ndarray, delta: np.ndarray, group: int) -> tuple[np.ndarray, 
     qd = np.empty((R, T - A), np.int32)
     sa = np.empty(R, np.int64)
     sd = np.empty(R, np.int64)
-    err = quantize_rows(z.reshape(R, T), np.ascontiguousarray(delta, np.float32).reshape(-1), C, group,
-                             ref, mode, qa, qd, sa, sd)
+    err = quantize_tokens(z.reshape(L * 2, T, C), np.ascontiguousarray(delta, np.float32).reshape(-1), group,
+                          ref, mode, qa, qd, sa, sd)
     if err:
         raise ValueError("the codec codes finite KV only; this tensor holds NaN or inf (use 'lossless')")
     return (ref.reshape(L, 2, C), mode.reshape(L, 2, C), qa.reshape(L, 2, C, A), qd.reshape(L, 2, C, T - A),
@@ -339,8 +412,8 @@ def reconstruct(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa: np.nda
     L, _, C = ref.shape
     out = np.empty((L * 2, tokens, C), np.float32)
     R = L * 2 * C
-    reconstruct_rows(np.ascontiguousarray(delta, np.float32).reshape(-1), C, ref.reshape(R),
-                          mode.reshape(R), qa.reshape(R, -1), qd.reshape(R, -1), group, out)
+    reconstruct_rows(np.ascontiguousarray(delta, np.float32).reshape(-1), ref.reshape(R), mode.reshape(R),
+                     qa.reshape(R, qa.shape[-1]), qd.reshape(R, qd.shape[-1]), group, out)
     return torch.from_numpy(out).view(L, 2, tokens, C)
 
 

@@ -84,10 +84,10 @@ def current() -> KVTCCalibration:
 
 
 def _matrices(cal: KVTCCalibration, first_layer: int, layers: int) -> tuple[torch.Tensor, ...]:
-    """Of layers first_layer.. (computed once per calibration): basis^T [L * 2, C, C] and
-    -basis^T mean [L * 2, C, 1] (encode: z = basis^T x - basis^T mean in one batched
-    multiply-add), basis^T as the right operand [L * 2, C, C] and the mean [L * 2, 1, C]
-    (decode: x = z basis^T + mean)."""
+    """Of layers first_layer.. (computed once per calibration): the basis [L * 2, C, C] and
+    -mean basis [L * 2, 1, C] (encode, token-major rows: z = x basis - mean basis in one
+    batched multiply-add), basis^T [L * 2, C, C] and the mean [L * 2, 1, C] (decode:
+    x = z basis^T + mean)."""
     cache = cal.__dict__.setdefault("_matrices", {})
     key = (first_layer, layers)
     got = cache.get(key)
@@ -96,7 +96,7 @@ def _matrices(cal: KVTCCalibration, first_layer: int, layers: int) -> tuple[torc
         basis = torch.from_numpy(cal.basis[sl]).reshape(layers * 2, *cal.basis.shape[2:])
         mean = torch.from_numpy(cal.mean[sl]).reshape(layers * 2, 1, -1)
         bt = basis.transpose(1, 2).contiguous()
-        got = cache[key] = (bt, -torch.bmm(bt, mean.transpose(1, 2)), bt, mean.contiguous())
+        got = cache[key] = (basis.contiguous(), -torch.bmm(mean, basis), bt, mean.contiguous())
     return got
 
 
@@ -150,11 +150,11 @@ class KVTCCodec(CacheGenCodec):
         x.copy_(kv[:, :, head:T - tail])  # a fresh float32 copy: RoPE is undone in place
         if len(cal.inv_freq) and Tm:  # keys before RoPE
             kernels.rope_(x[:, 0].numpy(), self.first_token + head, cal.inv_freq, -1)
-        bt, bmu, _, _ = _matrices(cal, self.first_layer, L)
-        # [L * 2, C, T] channel-major coordinates: basis^T x - basis^T mean (NaN or inf in x
-        # reaches z; the quantiser refuses it)
-        z = torch.baddbmm(bmu, bt, x.view(L * 2, Tm, C).transpose(1, 2))
-        return cq.quantize(z.view(L, 2, C, Tm), cal.steps(self.level, self.first_layer, L), self.group), head, tail
+        b, bias, _, _ = _matrices(cal, self.first_layer, L)
+        # [L * 2, T, C] token-major coordinates: x basis - mean basis (NaN or inf in x reaches
+        # z; the quantiser refuses it)
+        z = torch.baddbmm(bias, x.view(L * 2, Tm, C), b)
+        return cq.quantize(z.view(L, 2, Tm, C), cal.steps(self.level, self.first_layer, L), self.group), head, tail
 
     def _inverse(self, mid: torch.Tensor, shape: tuple[int, ...], tables: CacheGenTables | None, flags: int,
                  first_layer: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Entropy coding of symbol streams with explicit probability tables: rANS (asymmetric
 numeral systems, J. Duda 2013; the 64-bit-state, 32-bit-word variant of F. Giesen's
-ryg_rans), compiled with numba, with a lookup-table decoder.
+ryg_rans; two interleaved states), compiled with numba, with a lookup-table decoder.
 
 A stream is a list of symbol arrays, each coded with one table (counts or probabilities
 over its alphabet); several arrays may share a table. Encoder and decoder quantise each
@@ -114,7 +114,7 @@ def encode(arrays: Sequence[np.ndarray], table_of: Sequence[int], tables: Sequen
     np.cumsum(lens, out=starts[1:])
     syms = (np.concatenate([np.asarray(a, np.int32) for a in arrays]) if len(arrays) > 1 else
             np.ascontiguousarray(arrays[0], np.int32) if arrays else np.zeros(0, np.int32))
-    out = np.empty(len(syms) + 2, np.uint32)
+    out = np.empty(len(syms) + 4, np.uint32)
     p = _rans()[0](syms, starts, seg_table, freq, cum, bits, off, sizes, out)
     if p < 0:
         raise ValueError("a symbol is outside its table's alphabet")

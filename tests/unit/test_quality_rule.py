@@ -19,7 +19,7 @@ def _stats(d, kl, windows=1):
 def test_cost_is_mean_plus_interval_and_never_below_kl():
     rng = np.random.default_rng(0)
     d = 0.002 + 0.1 * rng.standard_normal(500)
-    c = quality.level_cost(_stats(d, kl=0.001))
+    c = quality.level_cost(_stats(d, kl=-1.0))  # KL below the mean: the mean is the centre
     m, s, n = d.mean(), d.std(ddof=1), len(d)
     assert c == pytest.approx(math.expm1(m + quality.Z * s * math.sqrt(1 / n + 1 / quality.N_REF)))
     assert c > math.expm1(m)  # an upper bound, not the estimate
@@ -28,9 +28,9 @@ def test_cost_is_mean_plus_interval_and_never_below_kl():
     assert c_kl == pytest.approx(math.expm1(0.05 + quality.Z * s * math.sqrt(1 / n + 1 / quality.N_REF)))
     # the same per-token spread over more calibration tokens: a tighter bound
     d4 = np.tile(d, 4)
-    assert quality.level_cost(_stats(d4, kl=0.001, windows=4)) < c
+    assert quality.level_cost(_stats(d4, kl=-1.0, windows=4)) < c
     # windows are pooled: splitting the same tokens differently changes nothing
-    assert quality.level_cost(_stats(d, 0.001, windows=5)) == pytest.approx(c)
+    assert quality.level_cost(_stats(d, -1.0, windows=5)) == pytest.approx(c)
     assert quality.level_cost(np.zeros((1, 4))) == float("inf")  # no tokens
 
 
