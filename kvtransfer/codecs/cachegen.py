@@ -55,10 +55,11 @@ from kvtransfer.codecs.none import UINT, bits_of, tensor_from_bits
 
 # Step as a fraction of the layer's RMS, by level (0 finest .. 5 coarsest).
 # Relative L2 error is about step / sqrt(12) (0.03 at level 0, 0.23 at level 3). The
-# default, level 1, is the strongest within 1% perplexity on a real model's KV
-# (SmolLM2-135M: +0.4% at 4.2x vs fp16; level 2 +3-5%, level 3 +17-22%:
-# benchmarks/results/2026-12-06-kv-quality); level 3 was the default while the figures
-# came from a toy model.
+# default, level 1, cost +1.2% perplexity (KL 0.013) on SmolLM2-135M's calibration texts
+# and -0.8..+0.4% on held-out windows (4.2x vs fp16; level 0 +0.6%, 3.3x; level 3 +10-22%:
+# benchmarks/results/2026-12-06-kv-quality); the adaptive controller and a pinned codec
+# without a level go by the stored costs (``kvtransfer.adaptive.QUALITY_LOSS``), not by
+# this default.
 LEVEL_STEPS = (0.1, 0.2, 0.4, 0.8, 1.2, 1.6)
 DEFAULT_LEVEL = 1
 # Step multiplier of the first and of the last layer (linear in between).
