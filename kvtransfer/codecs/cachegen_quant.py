@@ -190,37 +190,6 @@ def reconstruct_tokens_reference(delta: np.ndarray, ref: np.ndarray, mode: np.nd
     return out
 
 
-def rows_from_values(values: list[np.ndarray], bucket: np.ndarray, n: int, escapes: np.ndarray) -> np.ndarray:
-    """Inverse of to_streams from the centred values (symbol - radius; radius + 1 marks
-    an escape) of each used bucket, in stream order, and this role's escaped values: rows
-    int32 [R, n]. Each bucket's rows are written in place, no concatenation."""
-    counts = np.bincount(bucket, minlength=NUM_BUCKETS)
-    used = np.flatnonzero(counts)
-    if len(values) != len(used):
-        raise ValueError(f"{len(values)} symbol streams for {len(used)} used table buckets")
-    out = np.empty((len(bucket), n), np.int32)
-    order = np.argsort(bucket, kind="stable")
-    pos = e = 0
-    for b, v in zip(used, values):
-        cnt = int(counts[b])
-        v = v.reshape(cnt, n)
-        if len(escapes):
-            flat = v.reshape(-1)
-            esc = np.flatnonzero(flat == RADIUS[b] + 1)
-            if e + len(esc) > len(escapes):
-                raise ValueError(f"more escape symbols than the {len(escapes)} escaped values")
-            flat[esc] = escapes[e:e + len(esc)]
-            e += len(esc)
-        if cnt == len(bucket):
-            out[...] = v
-        else:
-            out[order[pos:pos + cnt]] = v
-        pos += cnt
-    if e != len(escapes):
-        raise ValueError(f"{e} escape symbols but {len(escapes)} escaped values")
-    return out
-
-
 def buckets_of(rows: np.ndarray, sums: np.ndarray | None = None) -> np.ndarray:
     """Table bucket (uint8) of each row of symbols [R, n] by its mean |q| (sums: each
     row's sum of |q|, when known)."""
