@@ -23,9 +23,11 @@ KV in place of the exact one:
 - speed: encode and decode MB/s of fp16-equivalent KV per core (CPU time of one thread,
   ``torch.set_num_threads(1)``, median of ``--repeats``) on the first window's KV.
 
-``kvtc`` levels also show the perplexity cost the calibration measured and stored
-(``calib_ppl_pct``, on the calibration texts). The plot draws size vs perplexity change
-beside CacheGen's and KVTC's published size claims (``benchmarks.codec_curve.PUBLISHED``).
+Lossy levels also show the quality cost the adaptive controller uses (``stored_cost_pct``:
+the kvtc calibration's stored costs by ``kvtransfer.quality``'s rule, for kvtc and
+cachegen levels; a level is admitted at the default floor when it is <= 1%).
+``--first-window`` and ``--merge`` split a long run into short ones and pool them. The plot
+draws size vs perplexity change beside CacheGen's and KVTC's published size claims (``benchmarks.codec_curve.PUBLISHED``).
 """
 
 from __future__ import annotations
@@ -102,28 +104,26 @@ def speed(codec: Any, kv: torch.Tensor, repeats: int) -> tuple[float, float]:
 
 
 def run(model_dir: Path, labels: list[str], dtypes: list[str], windows: int, ctx: int, cont: int, gen: int,
-        chunk: int, repeats: int, speed_tokens: int, log: Any = None) -> dict[str, Any]:
+        chunk: int, repeats: int, speed_tokens: int, log: Any = None, first_window: int = 0) -> dict[str, Any]:
     from kvtransfer import kvprobe
 
     probe = kvprobe.Probe(model_dir, ctx + max(cont, gen))
-    wins = kvprobe.windows(probe.tok, "eval", windows, ctx, cont)
+    wins = kvprobe.windows(probe.tok, "eval", first_window + windows, ctx, cont)[first_window:]
     codecs = {lb: make_codec(lb, model_dir) for lb in labels}
     acc: dict[str, dict[str, Row]] = {d: {lb: {"nll": 0.0, "kl": [], "agree": [], "bytes": 0, "first_diff": []}
-                                         for lb in ["exact", *labels]} for d in dtypes}
-    fp16_bytes = 0
-    nll0 = {d: 0.0 for d in dtypes}
-    ntok = 0
+                                         for lb in labels} for d in dtypes}
+    raw: dict[str, Any] = {"fp16_bytes": 0, "ntok": 0, "nll0": {d: 0.0 for d in dtypes}, "acc": acc}
     spd: dict[str, dict[str, tuple[float, float]]] = {d: {} for d in dtypes}
     for wi, (wlabel, ids) in enumerate(wins):
         t0 = time.time()
         kv32, first = probe.context_kv(ids[:ctx])
-        fp16_bytes += kv32.numel() * 2
-        ntok += cont - 1
+        raw["fp16_bytes"] += kv32.numel() * 2
+        raw["ntok"] += cont - 1
         for d in dtypes:
             kv = kv32.to(getattr(torch, d))
             ref = probe.score(kv, ids[ctx:], keep_logprobs=True)
             g0 = probe.greedy(kv, first, gen) if gen else []
-            nll0[d] += ref.nll
+            raw["nll0"][d] += ref.nll
             for lb, codec in codecs.items():
                 nbytes, out = code(codec, kv, chunk)
                 s = probe.score(out, ids[ctx:], keep_logprobs=True)
@@ -141,27 +141,75 @@ def run(model_dir: Path, labels: list[str], dtypes: list[str], windows: int, ctx
         if log:
             log(f"window {wi + 1}/{len(wins)} {wlabel}: {time.time() - t0:.0f}s")
     out: dict[str, Any] = {"model_dir": str(model_dir), "windows": [w for w, _ in wins], "ctx": ctx, "cont": cont,
-                           "gen": gen, "chunk_tokens": chunk, "rows": {}}
-    for d in dtypes:
+                           "gen": gen, "chunk_tokens": chunk, "raw": raw,
+                           "speed": {d: {lb: list(v) for lb, v in spd[d].items()} for d in dtypes},
+                           "stored_cost": stored_costs(labels, codecs)}
+    return finish(out)
+
+
+def stored_costs(labels: list[str], codecs: dict[str, Any]) -> dict[str, float]:
+    """The quality cost the adaptive controller uses for each lossy label (fraction): the
+    kvtc calibration's stored costs (``KVTCCalibration.costs()``: kvtc and cachegen levels,
+    one rule), else ``kvtransfer.adaptive.QUALITY_LOSS``."""
+    from kvtransfer.adaptive import expected_quality_loss, parse_label
+
+    cal = next((c.calibration for lb, c in codecs.items() if lb.startswith("kvtc")), None)
+    measured = cal.costs() if cal is not None else None
+    return {lb: expected_quality_loss(*parse_label(lb), measured) for lb in labels
+            if lb not in ("none", "lossless")}
+
+
+def finish(res: dict[str, Any]) -> dict[str, Any]:
+    """Rows (ratios, ppl, KL, agreement, speed) and targets from the pooled sums in res["raw"]."""
+    raw = res["raw"]
+    ntok, fp16_bytes = raw["ntok"], raw["fp16_bytes"]
+    res["rows"] = {}
+    for d, acc_d in raw["acc"].items():
         rows: dict[str, Row] = {}
-        int8 = acc[d].get("int8", {}).get("bytes") or None
-        for lb in labels:
-            a = acc[d][lb]
+        int8 = acc_d.get("int8", {}).get("bytes") or None
+        nll0 = raw["nll0"][d]
+        for lb, a in acc_d.items():
             r: Row = {"ratio_vs_fp16": fp16_bytes / a["bytes"],
                       "ratio_vs_int8": (int8 / a["bytes"]) if int8 else None,
-                      "ppl_pct": 100 * (math.exp((a["nll"] - nll0[d]) / ntok) - 1),
+                      "ppl_pct": 100 * (math.exp((a["nll"] - nll0) / ntok) - 1),
                       "kl": statistics.fmean(a["kl"]), "greedy_agree": statistics.fmean(a["agree"])}
-            if gen:
+            if a["first_diff"]:
                 r["gen_first_diff"] = statistics.fmean(a["first_diff"])
-            if lb in spd[d]:
-                r["encode_MBps"], r["decode_MBps"] = spd[d][lb]
-            if lb.startswith("kvtc:"):
-                r["calib_ppl_pct"] = float(codecs[lb].calibration.ppl_cost_pct[int(lb.split(":")[1])])
+            if lb in res.get("speed", {}).get(d, {}):
+                r["encode_MBps"], r["decode_MBps"] = res["speed"][d][lb]
+            if lb in res.get("stored_cost", {}):
+                r["stored_cost_pct"] = 100 * res["stored_cost"][lb]
             rows[lb] = r
-        out["rows"][d] = rows
-        out[f"ppl_exact_{d}"] = math.exp(nll0[d] / ntok)
-    out["targets"] = targets(out)
-    return out
+        res["rows"][d] = rows
+        res[f"ppl_exact_{d}"] = math.exp(nll0 / ntok)
+    res["targets"] = targets(res)
+    return res
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the sums of runs over different windows (same model, codecs, dtypes, ctx):
+    ``--first-window`` splits one long run into several short ones."""
+    out = json.loads(json.dumps(parts[0]))
+    raw = out["raw"]
+    for p in parts[1:]:
+        if (p["ctx"], p["cont"], p["chunk_tokens"]) != (out["ctx"], out["cont"], out["chunk_tokens"]):
+            raise ValueError("runs to merge differ in ctx, cont or chunk tokens")
+        out["windows"] += p["windows"]
+        r = p["raw"]
+        raw["fp16_bytes"] += r["fp16_bytes"]
+        raw["ntok"] += r["ntok"]
+        for d, acc_d in r["acc"].items():
+            raw["nll0"][d] += r["nll0"][d]
+            for lb, a in acc_d.items():
+                b = raw["acc"][d][lb]
+                b["nll"] += a["nll"]
+                b["bytes"] += a["bytes"]
+                for k in ("kl", "agree", "first_diff"):
+                    b[k] += a[k]
+        for d, sp in p.get("speed", {}).items():
+            for lb, v in sp.items():
+                out.setdefault("speed", {}).setdefault(d, {}).setdefault(lb, v)
+    return finish(out)
 
 
 def targets(res: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +224,11 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
                     key=lambda k: lossy[k]["ratio_vs_fp16"])
         out[d] = {"within_2pct": best2, "within_2pct_ratio_vs_int8": lossy[best2]["ratio_vs_int8"] if best2 else None,
                   "within_1pct": best1, "within_1pct_ratio_vs_fp16": lossy[best1]["ratio_vs_fp16"] if best1 else None}
+        # the quality floor of the adaptive controller (default 1%): the levels its stored
+        # costs admit, and whether any of them measured above the floor on these windows
+        admitted = {k: r["ppl_pct"] for k, r in rows.items() if r.get("stored_cost_pct", 0.0) <= 1.0}
+        out[d]["admitted_at_1pct"] = admitted
+        out[d]["admitted_above_1pct"] = [k for k, v in admitted.items() if v > 1.0]
     return out
 
 
@@ -184,12 +237,12 @@ def table(res: dict[str, Any]) -> str:
     for d, rows in res["rows"].items():
         lines.append(f"\n{d} KV (exact ppl {res[f'ppl_exact_{d}']:.3f}; {len(res['windows'])} windows of "
                      f"{res['ctx']}+{res['cont']} tokens)\n")
-        lines.append("| codec | x fp16 | x int8 | ppl | KL | greedy agree | enc MB/s | dec MB/s | calib ppl |")
+        lines.append("| codec | x fp16 | x int8 | ppl | KL | greedy agree | enc MB/s | dec MB/s | stored cost |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for lb, r in rows.items():
             i8 = f"{r['ratio_vs_int8']:.2f}" if r.get("ratio_vs_int8") else "-"
             sp = (f"{r['encode_MBps']:.0f} | {r['decode_MBps']:.0f}" if "encode_MBps" in r else "- | -")
-            cal = f"{r['calib_ppl_pct']:+.2f}%" if r.get("calib_ppl_pct") is not None else ""
+            cal = f"{r['stored_cost_pct']:.2f}%" if r.get("stored_cost_pct") is not None else ""
             lines.append(f"| {lb} | {r['ratio_vs_fp16']:.2f} | {i8} | {r['ppl_pct']:+.2f}% | {r['kl']:.4f} | "
                          f"{r['greedy_agree']:.3f} | {sp} | {cal} |")
     return "\n".join(lines)
@@ -241,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", help="model (default: built-in smollm2-135m-instruct)")
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--first-window", type=int, default=0,
+                    help="skip the first N evaluation windows (split a long run; --merge pools the parts)")
+    ap.add_argument("--merge", metavar="A.json,B.json", help="pool runs over different windows (no model run)")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--cont", type=int, default=64)
     ap.add_argument("--gen", type=int, default=0, help="free-running greedy tokens compared (slow; 0: skip)")
@@ -261,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = builtin_model_dir("smollm2-135m-instruct")
     quiet = args.json == "-"
-    res = run(model_dir, parse_codecs(args.codecs), args.dtypes.split(","), args.windows, args.ctx, args.cont,
-              args.gen, args.chunk_tokens, args.repeats, args.speed_tokens,
-              log=None if quiet else (lambda m: print(m, flush=True)))
+    if args.merge:
+        res = merge([json.loads(Path(p).read_text()) for p in args.merge.split(",")])
+    else:
+        res = run(model_dir, parse_codecs(args.codecs), args.dtypes.split(","), args.windows, args.ctx, args.cont,
+                  args.gen, args.chunk_tokens, args.repeats, args.speed_tokens,
+                  log=None if quiet else (lambda m: print(m, flush=True)), first_window=args.first_window)
     if args.plot:
         res["plot"] = str(plot(res, args.plot))
     if args.json:

@@ -188,9 +188,19 @@ class EngineWorker:
         """With kv_transfer using kvtc (pinned or as adaptive's lossy codec), the model's
         kvtc calibration, shared by senders and receivers: loaded from beside the model,
         or computed once (file-locked: workers starting together compute it once) and
-        cached. ``kvtc_costs``: its measured per-level quality costs."""
+        cached. ``kvtc_costs``: its measured per-level quality costs (kvtc's and cachegen's
+        levels, ``kvtransfer.quality``'s rule); a manifest using cachegen takes them from the
+        model's calibration when one is cached (never computed for it), else the built-in
+        ``QUALITY_LOSS``."""
         kt = self.manifest.kv_transfer
-        if (kt.adaptive_lossy if kt.codec == "adaptive" else kt.codec) != "kvtc":
+        lossy = kt.adaptive_lossy if kt.codec == "adaptive" else kt.codec
+        if lossy == "cachegen":  # its levels' costs by the same rule, when the model's calibration exists
+            from kvtransfer.codecs import kvtc
+
+            found = await asyncio.to_thread(kvtc.cached, self.settings.model_dir)
+            self.kvtc_costs = found.costs() if found is not None else {}
+            return
+        if lossy != "kvtc":
             return
         from kvtransfer.codecs import kvtc
 

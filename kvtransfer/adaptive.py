@@ -238,17 +238,19 @@ def rank(name: str, level: int | None) -> int:
     return {"none": 0, "lossless": 0, "int8": 1}.get(name, 2 + (level or 0))
 
 
-# Expected perplexity increase (fraction) of each lossy option, measured on SmolLM2-135M-
-# Instruct's KV (benchmarks/kv_quality.py: held-out prose and code, 2K-token contexts;
-# benchmarks/results/2026-12-06-kv-quality). A level whose cost was not measured is
-# never within a quality floor (inf).
-# Each figure is the larger of two runs (issue 19's 437-token context; the baseline of
-# that results README, bf16 and fp16): single runs are noisy (a few hundred scored tokens,
-# +-1.5%). A finer level never costs more than a coarser one: cachegen:0 (KL 0.0039, a
-# finer step everywhere) measured +2.7% in one run, below level 1's KL 0.014 -> noise; it
-# takes level 1's cost (the monotone envelope in KL order).
-QUALITY_LOSS = {"none": 0.0, "lossless": 0.0, "int8": 0.0,
-                "cachegen:0": 0.0039, "cachegen:1": 0.0039, "cachegen:2": 0.049, "cachegen:3": 0.221,
+# Expected perplexity increase (fraction) of each lossy option when the model has no kvtc
+# calibration (whose stored costs, ``KVTCCalibration.costs()``, come first): the costs of
+# SmolLM2-135M-Instruct's calibration by the one rule of ``kvtransfer.quality`` (an upper
+# bound: the larger of the mean perplexity change and the KL on 8 calibration windows of
+# 2048+64 tokens, plus a one-sided 95% interval of what a 512-token evaluation measures;
+# monotone in the level), ``python -m kvtransfer.codecs.kvtc MODEL_DIR --remeasure``,
+# session 9 (benchmarks/results/2026-12-06-kv-quality). Measured means on those texts:
+# int8 +0.01%, cachegen:0 +0.57% (KL 0.004), cachegen:1 +1.18% (KL 0.013): no cachegen
+# level is within the default 1% floor by the rule. cachegen:4-5: never within any floor
+# tried (+78% / +276% measured). A level whose cost was not measured is never within a
+# quality floor (inf).
+QUALITY_LOSS = {"none": 0.0, "lossless": 0.0, "int8": 0.0025,
+                "cachegen:0": 0.0159, "cachegen:1": 0.0334, "cachegen:2": 0.0906, "cachegen:3": 0.2393,
                 "cachegen:4": 0.782, "cachegen:5": 2.76}
 
 

@@ -86,6 +86,7 @@ class Scored:
     tokens: int
     argmax: list[int]  # greedy (teacher-forced) choice at every scored position
     logprobs: torch.Tensor | None = field(default=None, repr=False)  # [tokens, vocab], log-softmax
+    token_nll: torch.Tensor | None = field(default=None, repr=False)  # [tokens - 1]: NLL of each scored token
 
 
 class Probe:
@@ -131,8 +132,9 @@ class Probe:
         ctx = kv.shape[2]
         self.runner.import_kv(self.table, kv.float())
         logp = torch.log_softmax(self.forward(cont, ctx), dim=-1)
-        nll = -float(logp[:-1].gather(1, torch.tensor(cont[1:])[:, None]).sum())
-        return Scored(nll, len(cont) - 1, logp.argmax(dim=-1).tolist(), logp if keep_logprobs else None)
+        tok = -logp[:-1].gather(1, torch.tensor(cont[1:])[:, None])[:, 0]
+        return Scored(float(tok.sum()), len(cont) - 1, logp.argmax(dim=-1).tolist(), logp if keep_logprobs else None,
+                      tok)
 
     @torch.no_grad()
     def greedy(self, kv: torch.Tensor, first: int, n: int) -> list[int]:
@@ -145,11 +147,16 @@ class Probe:
         return out
 
 
-def kl(ref: Scored, other: Scored) -> float:
-    """Mean KL(ref || other) of the next-token distributions over the scored positions."""
+def kl_tokens(ref: Scored, other: Scored) -> torch.Tensor:
+    """KL(ref || other) of the next-token distribution at each scored position."""
     assert ref.logprobs is not None and other.logprobs is not None
     p = ref.logprobs[:-1]
-    return float((p.exp() * (p - other.logprobs[:-1])).sum(dim=-1).mean())
+    return (p.exp() * (p - other.logprobs[:-1])).sum(dim=-1)
+
+
+def kl(ref: Scored, other: Scored) -> float:
+    """Mean KL(ref || other) of the next-token distributions over the scored positions."""
+    return float(kl_tokens(ref, other).mean())
 
 
 def ppl_change_pct(nll: float, nll0: float, tokens: int) -> float:

@@ -23,14 +23,15 @@ ADAPTIVE_BASE = ["none", "lossless", "int8"]
 MAX_CHUNKS = 32
 # Until a worker has profiled the codecs on its model's KV (it does so before serving):
 # size vs 16-bit KV and single-core MB/s each way, from benchmarks.codec_bench on the
-# trained tiny Llama's bf16 KV (session 1 figures); kvtc from benchmarks.kv_quality on
-# SmolLM2-135M's bf16 KV (benchmarks/results/2026-12-06-kv-quality, kvtc v2).
+# trained tiny Llama's bf16 KV (session 1 figures); kvtc sizes from benchmarks.kv_quality on
+# SmolLM2-135M's bf16 KV (benchmarks/results/2026-12-06-kv-quality, session 9; speeds: the
+# order of benchmarks.codec_speed's per-layer figures).
 DEFAULT_PROFILE = {"none": (1.0, 5e9, 5e9), "lossless": (0.75, 0.9e9, 1.2e9), "int8": (0.53, 0.46e9, 1.6e9),
                    "cachegen:0": (0.35, 1.6e8, 0.8e8), "cachegen:1": (0.27, 1.6e8, 0.86e8),
                    "cachegen:2": (0.21, 1.7e8, 1.0e8), "cachegen:3": (0.15, 1.7e8, 1.1e8),
                    "cachegen:4": (0.12, 1.7e8, 1.2e8), "cachegen:5": (0.094, 1.7e8, 1.3e8),
-                   **{f"kvtc:{lv}": (1 / x, 0.9e8, 0.8e8)
-                      for lv, x in enumerate((3.06, 3.45, 3.86, 4.31, 4.79, 5.43, 6.35, 7.56))}}
+                   **{f"kvtc:{lv}": (1 / x, 1.2e8, 1.2e8)
+                      for lv, x in enumerate((3.21, 3.64, 4.09, 4.58, 5.12, 5.84, 6.88, 8.27))}}
 
 
 @dataclass

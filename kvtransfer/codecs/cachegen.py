@@ -7,7 +7,7 @@
 2. Layer-wise sensitivity: one uniform step per (layer, K/V), a fraction of that layer's
    RMS; the fraction (``LEVEL_STEPS[level]``) is scaled from ``SHALLOW`` (first layer)
    to ``DEEP`` (last layer), i.e. shallow layers get more bins.
-3. Arithmetic (range) coding (``constriction``) with per-(layer, channel) probability
+3. Arithmetic coding (rANS, ``rangecoding``) with per-(layer, channel) probability
    tables: every (layer, channel) row picks one of 24 tables by its spread (the choice is
    shipped, 5 bits a row). The tables' counts are either computed from the chunk and
    shipped in the stream (default: the stream is self-describing) or calibrated once per
@@ -26,8 +26,8 @@ tables, of the coded part ``symbol >> SPLIT_BITS[bucket]``; empty when calibrate
 of the symbols of wide buckets, packed per stream) and ``words`` (the ANS-coded symbols,
 two per coded symbol where the alphabet allows).
 
-Speed: decoding is bound by the ANS coder (about 10 ns a call plus 2 ns per bit of the
-coded alphabet), so symbols are coded in pairs and wide buckets keep low bits raw; the
+Speed: the entropy coder is rANS with a lookup-table decoder (``rangecoding``, numba);
+symbols are coded in pairs (half the coder steps) and wide buckets keep low bits raw; the
 rest of decoding is a pair lookup table, in-place row placement and one token-major
 reconstruction pass.
 
@@ -39,7 +39,6 @@ not carry its positions, so this codec does not).
 
 from __future__ import annotations
 
-import functools
 import struct
 import zlib
 from typing import ClassVar
@@ -48,18 +47,19 @@ import numpy as np
 import torch
 
 from kvtransfer.codecs.base import KVCodec, Payload
-from kvtransfer.codecs import bitpack, rangecoding
+from kvtransfer.codecs import bitpack, kernels, rangecoding
 from kvtransfer.codecs import cachegen_quant as cq
-from kvtransfer.codecs.cachegen_tables import (ROLES, TABLE_SAMPLE, CacheGenTables, LevelTables, merge_counts, pca_basis,
+from kvtransfer.codecs.cachegen_tables import (ROLES, CacheGenTables, LevelTables, merge_counts, pca_basis,
                                                raw_counts)
 from kvtransfer.codecs.none import UINT, bits_of, tensor_from_bits
 
 # Step as a fraction of the layer's RMS, by level (0 finest .. 5 coarsest).
 # Relative L2 error is about step / sqrt(12) (0.03 at level 0, 0.23 at level 3). The
-# default, level 1, is the strongest within 1% perplexity on a real model's KV
-# (SmolLM2-135M: +0.4% at 4.2x vs fp16; level 2 +3-5%, level 3 +17-22%:
-# benchmarks/results/2026-12-06-kv-quality); level 3 was the default while the figures
-# came from a toy model.
+# default, level 1, cost +1.2% perplexity (KL 0.013) on SmolLM2-135M's calibration texts
+# and -0.8..+0.4% on held-out windows (4.2x vs fp16; level 0 +0.6%, 3.3x; level 3 +10-22%:
+# benchmarks/results/2026-12-06-kv-quality); the adaptive controller and a pinned codec
+# without a level go by the stored costs (``kvtransfer.adaptive.QUALITY_LOSS``), not by
+# this default.
 LEVEL_STEPS = (0.1, 0.2, 0.4, 0.8, 1.2, 1.6)
 DEFAULT_LEVEL = 1
 # Step multiplier of the first and of the last layer (linear in between).
@@ -67,6 +67,9 @@ SHALLOW, DEEP = 0.75, 1.25
 # level, group, flags, exact head, exact tail, tables fingerprint, first layer
 _OPTS = struct.Struct("<BBBxHHIH")
 _CALIBRATED, _PCA = 1, 2
+# The words are rANS (``rangecoding``, this build's coder); streams of builds that coded
+# with constriction's ANS lack the flag and are refused by name.
+_RANS = 4
 # Alphabets up to this size are coded two symbols at a time (alphabet <= 4096).
 PAIR_MAX = 64
 _SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "low", "words")
@@ -76,19 +79,6 @@ _SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "low", "w
 # shrink to <= 25 symbols, so they pair: ANS decoding costs per call and per bit of
 # alphabet, and this about halves it at levels 0-1.
 SPLIT_BITS = np.array([max(0, (b - 8) // 2) if b >= 11 else 0 for b in range(cq.NUM_BUCKETS)], np.int64)
-
-
-@functools.lru_cache(maxsize=512)
-def _pair_values(k: int, r: int, radius: int) -> np.ndarray:
-    """Pair symbol a * k + b -> its two centred values ((a << r) - radius, (b << r) -
-    radius), as int32 pairs packed in one int64 (one gather decodes both)."""
-    a, b = np.divmod(np.arange(k * k, dtype=np.int64), k)
-    out = np.empty((k * k, 2), np.int32)
-    out[:, 0] = (a << r) - radius
-    out[:, 1] = (b << r) - radius
-    lut: np.ndarray = out.view(np.int64).reshape(-1)
-    lut.flags.writeable = False
-    return lut
 
 
 def coded_counts(c: np.ndarray, r: int) -> np.ndarray:
@@ -114,9 +104,10 @@ def layer_steps(level: int, layers: int, first_layer: int = 0, total_layers: int
 
 
 def steps_for(z: torch.Tensor, level: int, first_layer: int = 0, total_layers: int | None = None) -> np.ndarray:
-    """The quantiser step delta [L, 2] of channel-major z [L, 2, C, T]."""
+    """The quantiser step delta [L, 2] of coded channels z [L, 2, T, C] (one pass: a norm)."""
     L = z.shape[0]
-    rms = z.pow(2).mean(dim=(2, 3)).sqrt().numpy() if z.shape[3] else np.zeros((L, 2), np.float32)
+    n = z.shape[2] * z.shape[3]
+    rms = (torch.linalg.vector_norm(z, dim=(2, 3)) / n ** 0.5).numpy() if n else np.zeros((L, 2), np.float32)
     if not np.isfinite(rms).all():  # NaN/inf, or squares past fp32 range: look again in fp64
         rms = z.double().pow(2).mean(dim=(2, 3)).sqrt().numpy()
         if not np.isfinite(rms).all():
@@ -179,13 +170,14 @@ class CacheGenCodec(KVCodec):
 
     @staticmethod
     def _to_channels(x: torch.Tensor, pca: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """[L, 2, T, H, D] -> channel-major [L, 2, H*D, T] (PCA coordinates with pca)."""
+        """[L, 2, T, H, D] -> the coded channels, token-major float32 [L, 2, T, H*D] (PCA
+        coordinates with pca)."""
         if pca is not None:
             x = torch.einsum("lkthd,lkhde->lkthe", x.float() - pca[0][:, :, None], pca[1])
         L, _, T, H, D = x.shape
-        out = torch.empty(L, 2, H, D, T, dtype=torch.float32)
-        out.copy_(x.permute(0, 1, 3, 4, 2))  # transpose and cast in one pass
-        return out.view(L, 2, H * D, T)
+        out = torch.empty(L, 2, T, H, D, dtype=torch.float32)
+        out.copy_(x)  # cast in one pass
+        return out.view(L, 2, T, H * D)
 
     @staticmethod
     def _from_channels(z: torch.Tensor, shape: tuple[int, ...],
@@ -220,36 +212,41 @@ class CacheGenCodec(KVCodec):
         exact = [bits_of(kv[:, :, :head].contiguous()), bits_of(kv[:, :, T - tail:].contiguous())]
         rows = self._rows(q)
         level = self.tables.levels[self.level] if self.tables is not None else None
-        buckets = [cq.buckets_of(r) for r in rows]
-        streams = [cq.to_streams(r, b) for r, b in zip(rows, buckets)]
+        buckets = [cq.buckets_of(r, sums) for r, sums in zip(rows, (q.sum_a, q.sum_d, None))]
         arrays: list[np.ndarray] = []
         tables: list[np.ndarray] = []
         shipped: list[np.ndarray] = []
         table_of: list[int] = []
         low: list[np.ndarray] = []
-        for role, s in enumerate(streams):
-            for b, sym in zip(s.buckets, s.symbols):
-                r = int(SPLIT_BITS[b])
+        role_escapes: list[np.ndarray] = []
+        for role, (rw, bk) in enumerate(zip(rows, buckets)):
+            counts = np.bincount(bk, minlength=cq.NUM_BUCKETS)
+            used = np.flatnonzero(counts)
+            split = SPLIT_BITS[used]
+            full = 2 * cq.RADIUS[used].astype(np.int64) + 2
+            ks = -(-full // (1 << split))
+            paired = ks <= PAIR_MAX
+            coded, lows, hists, esc = kernels.symbolize(rw, np.argsort(bk, kind="stable"), counts[used],
+                                                        cq.RADIUS[used], split, ks, paired)
+            role_escapes.append(esc)
+            for i, b in enumerate(used):
+                r = int(split[i])
                 if r:
-                    low.append(bitpack.pack((sym & ((1 << r) - 1)).astype(np.uint8), r))
-                    sym = sym >> r
+                    low.append(bitpack.pack(lows[i], r))
                 if level is not None:
-                    c = coded_counts(level.table(role, b), r)
-                else:
-                    k = -(-(2 * int(cq.RADIUS[b]) + 2) // (1 << r))
-                    c = rangecoding.normalize(np.bincount(sym[::max(1, len(sym) // TABLE_SAMPLE)], minlength=k)[:k])
+                    c = coded_counts(level.table(role, int(b)), r)
+                else:  # shipped: the histogram of this chunk's coded symbols
+                    c = rangecoding.normalize(hists[i])
                     shipped.append(c)
-                k = len(c)
-                paired = k <= PAIR_MAX
-                arrays.append(rangecoding.pair(sym, k) if paired else sym)
+                arrays.append(coded[i])
                 table_of.append(len(tables))
-                tables.append(rangecoding.pair_table(c) if paired else c)
+                tables.append(rangecoding.pair_table(c) if paired[i] else c)
         words = rangecoding.encode(arrays, table_of, tables)
         shipped_b = bitpack.pack(np.concatenate(buckets), 5)
         shipped_t = b"" if level is not None else zlib.compress(b"".join(t.tobytes() for t in shipped), 6)
-        flags = (_CALIBRATED if level is not None else 0) | (_PCA if self._pca() else 0)
+        flags = (_CALIBRATED if level is not None else 0) | (_PCA if self._pca() else 0) | _RANS
         fp = self._stream_fingerprint()
-        escapes = np.concatenate([np.array([len(s.escapes) for s in streams], np.int32), *[s.escapes for s in streams]])
+        escapes = np.concatenate([np.array([len(e) for e in role_escapes], np.int32), *role_escapes])
         parts: list[Payload] = [b"".join(e.tobytes() for e in exact), q.delta, np.packbits(q.mode.reshape(-1)),
                                 shipped_b, shipped_t, escapes, b"".join(x.tobytes() for x in low), words]
         return _OPTS.pack(self.level, self.group, flags, head, tail, fp, self.first_layer), _sections(parts)
@@ -281,6 +278,11 @@ class CacheGenCodec(KVCodec):
         C, Tm = H * D, T - head - tail
         if level >= self._levels() or group < 1 or Tm < 0:
             raise ValueError(f"bad cachegen options: level {level}, group {group}, exact {head}+{tail} of {T}")
+        if not flags & _RANS:
+            from kvtransfer.codecs.base import CodecError
+
+            raise CodecError(f"{self.name} stream was entropy-coded by an older build (constriction ANS); this "
+                             "build codes and decodes rANS streams only")
         tables = None
         if flags & _CALIBRATED:
             if self.tables is None or self.tables.fingerprint != fp:
@@ -343,38 +345,41 @@ class CacheGenCodec(KVCodec):
         if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):
             raise ValueError("escape counts do not match the escaped values")
         bounds = len(ROLES) + np.concatenate([[0], np.cumsum(n_esc)])
-        values, pos = [], 0
-        for s, (k, n, r), b in zip(rangecoding.decode(words, lens, table_of, tabs), ks,
-                                   [b for role in range(len(ROLES)) for b in cq.used_buckets(buckets[role])]):
-            radius = int(cq.RADIUS[b])
-            if k:  # centred values straight from the pair symbols
-                v = np.take(_pair_values(k, r, radius), s).view(np.int32)[:n]
-            else:
-                v = (s << r) - np.int32(radius)
+        flat, seg = rangecoding.decode_flat(words, lens, table_of, tabs)
+        lows, pos = [], 0
+        for k, n, r in ks:
             if r:
                 size = bitpack.packed_size(n, r)
                 if pos + size > len(low):
                     raise ValueError(f"low-bits section is {len(low)} bytes, the streams need more")
-                v += bitpack.unpack(low[pos:pos + size], r, n)
+                lows.append(bitpack.unpack(low[pos:pos + size], r, n))
                 pos += size
-            values.append(v)
+            else:
+                lows.append(np.zeros(0, np.uint8))
         if pos != len(low):
             raise ValueError(f"low-bits section is {len(low)} bytes, the streams need {pos}")
-        rows = []
+        rows, si = [], 0
         for role in range(len(ROLES)):
-            k = len(cq.used_buckets(buckets[role]))
-            rows.append(cq.rows_from_values(values[:k], buckets[role], sizes[role],
-                                            escapes[bounds[role]:bounds[role + 1]]))
-            values = values[k:]
+            bk = buckets[role]
+            per_bucket = np.bincount(bk, minlength=cq.NUM_BUCKETS)
+            used = np.flatnonzero(per_bucket)
+            nu = len(used)
+            rows.append(kernels.desymbolize(flat, seg[si:si + nu + 1], lows[si:si + nu], np.argsort(bk, kind="stable"),
+                                            per_bucket[used], cq.RADIUS[used], SPLIT_BITS[used],
+                                            np.array([k for k, _, _ in ks[si:si + nu]], np.int64),
+                                            escapes[bounds[role]:bounds[role + 1]], len(bk), sizes[role]))
+            si += nu
         mid = cq.reconstruct_tokens(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
                                     rows[1].reshape(L, 2, C, -1), Tm, group)
         mid = self._inverse(mid, shape[:2] + (Tm,) + shape[3:], tables, flags, first_layer)
         if head == tail == 0:
             return mid.to(dtype)
         n_head = L * 2 * head * H * D
-        parts = [tensor_from_bits(exact[:n_head], dtype, (L, 2, head, H, D)), mid.to(dtype),
-                 tensor_from_bits(exact[n_head:], dtype, (L, 2, tail, H, D))]
-        return torch.cat(parts, dim=2)
+        out = torch.empty(shape, dtype=dtype)  # the exact tokens and the cast of the rest, one pass each
+        out[:, :, :head] = tensor_from_bits(exact[:n_head], dtype, (L, 2, head, H, D))
+        out[:, :, head:T - tail] = mid
+        out[:, :, T - tail:] = tensor_from_bits(exact[n_head:], dtype, (L, 2, tail, H, D))
+        return out
 
 
 def describe(data: bytes | memoryview) -> dict[str, int]:

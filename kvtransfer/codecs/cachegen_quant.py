@@ -54,6 +54,10 @@ class Quantized:
     qa: np.ndarray
     # Symbols of the other tokens, int32 [L, 2, C, N].
     qd: np.ndarray
+    # Sum of |qa| and of |qd| per row (L * 2 * C rows), when the quantiser counted them
+    # (the table buckets follow from them without another pass).
+    sum_a: np.ndarray | None = None
+    sum_d: np.ndarray | None = None
 
 
 def token_layout(tokens: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,7 +85,18 @@ def _groups(z: torch.Tensor, group: int) -> list[torch.Tensor]:
 
 
 def quantize(z: torch.Tensor, delta: np.ndarray, group: int) -> Quantized:
-    """z: float32 [L, 2, C, T]; delta: float32 [L, 2] (positive)."""
+    """z: float32 [L, 2, T, C] token-major (as KV is stored); delta: float32 [L, 2]
+    (positive). ``kernels.quantize``; equals ``quantize_reference`` of z transposed."""
+    from kvtransfer.codecs import kernels
+
+    zc = z.detach().contiguous()
+    ref, mode, qa, qd, sa, sd = kernels.quantize(zc.numpy(), np.ascontiguousarray(delta, np.float32), group)
+    return Quantized(np.ascontiguousarray(delta, np.float32), ref, mode, qa, qd, sa, sd)
+
+
+def quantize_reference(z: torch.Tensor, delta: np.ndarray, group: int) -> Quantized:
+    """z: float32 [L, 2, C, T]; delta: float32 [L, 2] (positive): the quantiser in torch
+    (readable; ``quantize`` is the fast one, tests compare them)."""
     L, _, C, T = z.shape
     d = torch.from_numpy(delta)[:, :, None, None]
     inv = 1 / d
@@ -134,6 +149,15 @@ def reconstruct(q: Quantized, tokens: int, group: int) -> torch.Tensor:
 
 def reconstruct_tokens(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa: np.ndarray, qd: np.ndarray,
                        tokens: int, group: int) -> torch.Tensor:
+    """Inverse of quantize, token-major: float32 [L, 2, T, C], in one pass
+    (``kernels.reconstruct``; equals ``reconstruct_tokens_reference``)."""
+    from kvtransfer.codecs import kernels
+
+    return kernels.reconstruct(delta, ref, mode, qa, qd, tokens, group)
+
+
+def reconstruct_tokens_reference(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa: np.ndarray,
+                                 qd: np.ndarray, tokens: int, group: int) -> torch.Tensor:
     """Inverse of quantize, token-major: float32 [L, 2, T, C] (what ``reconstruct`` gives,
     transposed). The arithmetic is the encoder's (a^ = ref * d + qa * d, x = base + q * d,
     unfused), so every value is within delta / 2 of the input, whatever the slicing."""
@@ -166,42 +190,12 @@ def reconstruct_tokens(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa:
     return out
 
 
-def rows_from_values(values: list[np.ndarray], bucket: np.ndarray, n: int, escapes: np.ndarray) -> np.ndarray:
-    """Inverse of to_streams from the centred values (symbol - radius; radius + 1 marks
-    an escape) of each used bucket, in stream order, and this role's escaped values: rows
-    int32 [R, n]. Each bucket's rows are written in place, no concatenation."""
-    counts = np.bincount(bucket, minlength=NUM_BUCKETS)
-    used = np.flatnonzero(counts)
-    if len(values) != len(used):
-        raise ValueError(f"{len(values)} symbol streams for {len(used)} used table buckets")
-    out = np.empty((len(bucket), n), np.int32)
-    order = np.argsort(bucket, kind="stable")
-    pos = e = 0
-    for b, v in zip(used, values):
-        cnt = int(counts[b])
-        v = v.reshape(cnt, n)
-        if len(escapes):
-            flat = v.reshape(-1)
-            esc = np.flatnonzero(flat == RADIUS[b] + 1)
-            if e + len(esc) > len(escapes):
-                raise ValueError(f"more escape symbols than the {len(escapes)} escaped values")
-            flat[esc] = escapes[e:e + len(esc)]
-            e += len(esc)
-        if cnt == len(bucket):
-            out[...] = v
-        else:
-            out[order[pos:pos + cnt]] = v
-        pos += cnt
-    if e != len(escapes):
-        raise ValueError(f"{e} escape symbols but {len(escapes)} escaped values")
-    return out
-
-
-def buckets_of(rows: np.ndarray) -> np.ndarray:
-    """Table bucket (uint8) of each row of symbols [R, n] by its mean |q|."""
+def buckets_of(rows: np.ndarray, sums: np.ndarray | None = None) -> np.ndarray:
+    """Table bucket (uint8) of each row of symbols [R, n] by its mean |q| (sums: each
+    row's sum of |q|, when known)."""
     if rows.shape[1] == 0:
         return np.zeros(rows.shape[0], np.uint8)
-    spread = np.abs(rows).mean(axis=1)
+    spread = sums / rows.shape[1] if sums is not None else np.abs(rows).mean(axis=1)
     with np.errstate(divide="ignore"):
         b = np.floor(2 * np.log2(spread)) + OFFSET
     return np.clip(np.nan_to_num(b, neginf=0), 0, NUM_BUCKETS - 1).astype(np.uint8)

@@ -39,12 +39,13 @@ import numpy as np
 import torch
 
 from kvtransfer.codecs import cachegen_quant as cq
+from kvtransfer.codecs import kernels
 from kvtransfer.codecs.base import CodecError, Payload
 from kvtransfer.codecs.cachegen import _OPTS, CacheGenCodec
 from kvtransfer.codecs.cachegen_tables import CacheGenTables
-from kvtransfer.codecs.kvtc_calib import (CALIB_CONT, CALIB_CTX, CALIB_WINDOWS, LEVEL_F, PROBE_LEVEL, KVTCCalibration,
-                                          cache_path, calibrate_kv, model_fingerprint, rope_keys,
-                                          sensitivity_weights)
+from kvtransfer.codecs.kvtc_calib import (CALIB_CONT, CALIB_CTX, CALIB_WINDOWS, LEVEL_F, MEASURE_CONT, MEASURE_CTX,
+                                          MEASURE_LABELS, MEASURE_WINDOWS, PROBE_LEVEL, KVTCCalibration, cache_path,
+                                          calibrate_kv, model_fingerprint, sensitivity_weights)
 
 DEFAULT_LEVEL = 2
 # Windows of the sensitivity probe (one score per (layer, K/V) and window: the bulk of
@@ -80,6 +81,23 @@ def current() -> KVTCCalibration:
         raise ValueError("kvtc: this process has no model calibration loaded (a worker loads it at start when "
                          "kv_transfer uses kvtc: kvtc.load_or_calibrate(MODEL_DIR))")
     return _CURRENT[0]
+
+
+def _matrices(cal: KVTCCalibration, first_layer: int, layers: int) -> tuple[torch.Tensor, ...]:
+    """Of layers first_layer.. (computed once per calibration): the basis [L * 2, C, C] and
+    -mean basis [L * 2, 1, C] (encode, token-major rows: z = x basis - mean basis in one
+    batched multiply-add), basis^T [L * 2, C, C] and the mean [L * 2, 1, C] (decode:
+    x = z basis^T + mean)."""
+    cache = cal.__dict__.setdefault("_matrices", {})
+    key = (first_layer, layers)
+    got = cache.get(key)
+    if got is None:
+        sl = slice(first_layer, first_layer + layers)
+        basis = torch.from_numpy(cal.basis[sl]).reshape(layers * 2, *cal.basis.shape[2:])
+        mean = torch.from_numpy(cal.mean[sl]).reshape(layers * 2, 1, -1)
+        bt = basis.transpose(1, 2).contiguous()
+        got = cache[key] = (basis.contiguous(), -torch.bmm(mean, basis), bt, mean.contiguous())
+    return got
 
 
 class KVTCCodec(CacheGenCodec):
@@ -127,28 +145,25 @@ class KVTCCodec(CacheGenCodec):
         cal.check_shape(tuple(kv.shape), self.first_layer)
         head = min(self.exact_head, T)
         tail = min(self.exact_tail, T - head)
-        sl = slice(self.first_layer, self.first_layer + L)
-        x = kv[:, :, head:T - tail].float()
-        if len(cal.inv_freq):  # keys before RoPE
-            x = torch.stack([rope_keys(x[:, 0], self.first_token + head, cal.inv_freq, -1), x[:, 1]], dim=1)
-        x = x.reshape(L, 2, T - head - tail, H * D)
-        mean, basis = torch.from_numpy(cal.mean[sl]), torch.from_numpy(cal.basis[sl])
-        # [L, 2, C, T] channel-major coordinates: basis^T (x - mean)
-        z = torch.matmul(basis.transpose(-1, -2), (x - mean[:, :, None]).transpose(-1, -2)).contiguous()
-        # NaN or inf anywhere in x reaches z (amax propagates NaN); one pass over z
-        if z.numel() and not bool(torch.isfinite(z.abs().amax())):
-            raise ValueError("kvtc codes finite KV only; this tensor holds NaN or inf (use 'lossless')")
-        return cq.quantize(z, cal.steps(self.level, self.first_layer, L), self.group), head, tail
+        Tm, C = T - head - tail, H * D
+        x = torch.empty(L, 2, Tm, H, D, dtype=torch.float32)
+        x.copy_(kv[:, :, head:T - tail])  # a fresh float32 copy: RoPE is undone in place
+        if len(cal.inv_freq) and Tm:  # keys before RoPE
+            kernels.rope_(x[:, 0].numpy(), self.first_token + head, cal.inv_freq, -1)
+        b, bias, _, _ = _matrices(cal, self.first_layer, L)
+        # [L * 2, T, C] token-major coordinates: x basis - mean basis (NaN or inf in x reaches
+        # z; the quantiser refuses it)
+        z = torch.baddbmm(bias, x.view(L * 2, Tm, C), b)
+        return cq.quantize(z.view(L, 2, Tm, C), cal.steps(self.level, self.first_layer, L), self.group), head, tail
 
     def _inverse(self, mid: torch.Tensor, shape: tuple[int, ...], tables: CacheGenTables | None, flags: int,
                  first_layer: int) -> torch.Tensor:
         L, _, Tm, H, D = shape
         cal = self.calibration
-        sl = slice(first_layer, first_layer + L)
-        mean, basis = torch.from_numpy(cal.mean[sl]), torch.from_numpy(cal.basis[sl])
-        out = torch.matmul(mid, basis.transpose(-1, -2)).add_(mean[:, :, None]).view(L, 2, Tm, H, D)
-        if len(cal.inv_freq):  # RoPE back onto the keys
-            out[:, 0] = rope_keys(out[:, 0], self._pos0.value, cal.inv_freq, 1)
+        _, _, b, mean = _matrices(cal, first_layer, L)
+        out = torch.baddbmm(mean, mid.view(L * 2, Tm, H * D), b).view(L, 2, Tm, H, D)
+        if len(cal.inv_freq) and Tm:  # RoPE back onto the keys
+            kernels.rope_(out[:, 0].numpy(), self._pos0.value, cal.inv_freq, 1)
         return out
 
     def _encode(self, kv: torch.Tensor) -> tuple[bytes, Payload]:
@@ -176,25 +191,95 @@ class KVTCCodec(CacheGenCodec):
 
 def calibrate_model(model_dir: str | Path, windows: int = CALIB_WINDOWS, ctx: int = CALIB_CTX,
                     cont: int = CALIB_CONT, measure: bool = True, sensitivity: bool = True,
-                    rope: bool = True) -> KVTCCalibration:
+                    rope: bool = True, measure_windows: int = MEASURE_WINDOWS, measure_ctx: int = MEASURE_CTX,
+                    measure_cont: int = MEASURE_CONT) -> KVTCCalibration:
     """Run the model on the calibration texts: the transform (rope: keys before RoPE),
     (sensitivity) the step of each (layer, K/V) from its measured sensitivity on
-    SENS_WINDOWS windows, then (measure) every level's perplexity change and KL with
-    decode(encode(KV)) in place of the exact KV."""
+    SENS_WINDOWS windows (both on ``windows`` windows of ctx + cont tokens), then
+    (measure) the quality stats of every label of MEASURE_LABELS on ``measure_windows``
+    windows of measure_ctx + measure_cont tokens (``measure_costs``)."""
     from kvtransfer import kvprobe
 
-    probe = kvprobe.Probe(model_dir, ctx + cont)
-    wins = kvprobe.windows(probe.tok, "calib", windows, ctx, cont)
-    kvs = []
-    for _, ids in wins:
-        kvs.append((probe.context_kv(ids[:ctx])[0], ids[ctx:]))
-    return calibrate_from_kv(probe, kvs, measure, sensitivity, rope)
+    probe = kvprobe.Probe(model_dir, max(ctx + cont, measure_ctx + measure_cont))
+    kvs = [(probe.context_kv(ids[:ctx])[0], ids[ctx:])
+           for _, ids in kvprobe.windows(probe.tok, "calib", windows, ctx, cont)]
+    cal = calibrate_from_kv(probe, kvs, False, sensitivity, rope)
+    if measure:
+        measure_costs(probe, measure_kvs(probe, measure_windows, measure_ctx, measure_cont), cal)
+    return cal
+
+
+def measure_kvs(probe: Any, windows: int = MEASURE_WINDOWS, ctx: int = MEASURE_CTX,
+                cont: int = MEASURE_CONT) -> list[tuple[torch.Tensor, list[int]]]:
+    """(context KV, continuation ids) of the measurement windows (calibration texts)."""
+    from kvtransfer import kvprobe
+
+    return [(probe.context_kv(ids[:ctx])[0], ids[ctx:])
+            for _, ids in kvprobe.windows(probe.tok, "calib", windows, ctx, cont)]
+
+
+# Tokens per independently coded chunk when measuring (as transfers code them).
+MEASURE_CHUNK = 512
+
+
+def code_like_transfers(label: str, cal: KVTCCalibration, kv: torch.Tensor,
+                        chunk: int = MEASURE_CHUNK) -> torch.Tensor:
+    """decode(encode(kv)) with the codec of label ("kvtc:L" with cal, "cachegen:L", "int8"),
+    token chunks coded independently at their positions."""
+    name, _, lv = label.partition(":")
+    parts = []
+    for a in range(0, kv.shape[2], chunk):
+        if name == "kvtc":
+            c: CacheGenCodec = KVTCCodec(level=int(lv), calibration=cal, first_token=a)
+        elif name == "cachegen":
+            c = CacheGenCodec(level=int(lv))
+        elif name == "int8":
+            from kvtransfer.codecs.int8 import Int8Codec
+
+            c = Int8Codec()  # type: ignore[assignment]
+        else:
+            raise ValueError(f"measure_costs measures int8, kvtc and cachegen levels, not {label!r}")
+        parts.append(c.decode(c.encode(kv[:, :, a:a + chunk])))
+    return torch.cat(parts, dim=2)
+
+
+def measure_costs(probe: Any, kvs: list[tuple[torch.Tensor, list[int]]], cal: KVTCCalibration,
+                  labels: tuple[str, ...] = MEASURE_LABELS, log: Any = None) -> KVTCCalibration:
+    """Per label and window, the quality stats (``kvtransfer.quality.window_stats``) of
+    the continuation scored with decode(encode(KV)) in place of the exact bf16 KV; stored
+    in cal (``q_labels``, ``q_stats``: ``cal.costs()`` applies the rule), and the means
+    of the kvtc levels in ``ppl_cost_pct`` and ``kl``."""
+    import time
+
+    from kvtransfer import kvprobe, quality
+
+    stats = np.zeros((len(labels), len(kvs), len(quality.FIELDS)))
+    for w, (kv, cont_ids) in enumerate(kvs):
+        t0 = time.monotonic()
+        x = kv.to(torch.bfloat16)
+        ref = probe.score(x, cont_ids, keep_logprobs=True)
+        for i, lb in enumerate(labels):
+            s = probe.score(code_like_transfers(lb, cal, x), cont_ids, keep_logprobs=True)
+            assert s.token_nll is not None and ref.token_nll is not None
+            stats[i, w] = quality.window_stats((s.token_nll - ref.token_nll).numpy(),
+                                               kvprobe.kl_tokens(ref, s).numpy())
+        if log:
+            log(f"measured window {w + 1}/{len(kvs)} in {time.monotonic() - t0:.0f}s")
+    cal.q_labels, cal.q_stats = list(labels), stats
+    ppl, kl = np.full(len(LEVEL_F), np.nan), np.full(len(LEVEL_F), np.nan)
+    for lb, st in zip(labels, stats):
+        if lb.startswith("kvtc:"):
+            dsum, _, n, klsum = st.sum(axis=0)
+            ppl[int(lb[5:])], kl[int(lb[5:])] = 100 * np.expm1(dsum / n), klsum / n
+    cal.ppl_cost_pct, cal.kl = ppl, kl
+    return cal
 
 
 def calibrate_from_kv(probe: Any, kvs: list[tuple[torch.Tensor, list[int]]], measure: bool = True,
                       sensitivity: bool = True, rope: bool = True) -> KVTCCalibration:
     """calibrate_model's work after the prefills: kvs holds (context KV, continuation
-    token ids) of each calibration window (``kvprobe.Probe.context_kv``)."""
+    token ids) of each calibration window (``kvprobe.Probe.context_kv``); measure: the
+    quality stats on these same windows (``calibrate_model`` measures on its own)."""
     from engine.config import ModelConfig
     from engine.rope import inv_frequencies
     from kvtransfer import kvprobe
@@ -220,19 +305,20 @@ def calibrate_from_kv(probe: Any, kvs: list[tuple[torch.Tensor, list[int]]], mea
         cal.weight = sensitivity_weights(kl_t)
         cal.__dict__.pop("fingerprint", None)  # the steps changed
     if measure:
-        nll = np.zeros(len(LEVEL_F))
-        kls = np.zeros(len(LEVEL_F))
-        nll0, n = 0.0, 0
-        for kv, cont_ids in kvs:
-            ref = probe.score(kv, cont_ids, keep_logprobs=True)
-            nll0, n = nll0 + ref.nll, n + ref.tokens
-            for lv in range(len(LEVEL_F)):
-                codec = KVTCCodec(level=lv, calibration=cal)
-                s = probe.score(codec.decode(codec.encode(kv.to(torch.bfloat16))), cont_ids, keep_logprobs=True)
-                nll[lv] += s.nll
-                kls[lv] += kvprobe.kl(ref, s) / len(kvs)
-        cal.ppl_cost_pct = np.array([kvprobe.ppl_change_pct(v, nll0, n) for v in nll])
-        cal.kl = kls
+        measure_costs(probe, kvs, cal)
+    return cal
+
+
+def remeasure(model_dir: str | Path, windows: int = MEASURE_WINDOWS, ctx: int = MEASURE_CTX,
+              cont: int = MEASURE_CONT, log: Any = None) -> KVTCCalibration:
+    """Measure the quality stats of the model's cached calibration again (its transform
+    and steps, hence its fingerprint and every stream, unchanged) and save them with it."""
+    from kvtransfer import kvprobe
+
+    cal = load_or_calibrate(model_dir)
+    probe = kvprobe.Probe(model_dir, ctx + cont)
+    measure_costs(probe, measure_kvs(probe, windows, ctx, cont), cal, log=log)
+    cal.save(cache_path(model_dir))
     return cal
 
 
@@ -249,6 +335,13 @@ def _cached(path: Path, fp: str) -> KVTCCalibration | None:
     except (ValueError, KeyError, OSError):
         return None  # stale (another version) or damaged: recompute
     return cal if cal.model_fingerprint == fp else None
+
+
+def cached(model_dir: str | Path) -> KVTCCalibration | None:
+    """The model's calibration if one is cached (beside the model or under the cache
+    root) for these weights, else None: never computes one."""
+    fp = model_fingerprint(model_dir)
+    return _cached(cache_path(model_dir, fp), fp)
 
 
 def load_or_calibrate(model_dir: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> KVTCCalibration:
@@ -298,13 +391,28 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("model_dir")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="measure the cached calibration's quality stats again (transform unchanged)")
+    ap.add_argument("--windows", type=int, default=MEASURE_WINDOWS, help="measurement windows (--remeasure)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
-    cal = load_or_calibrate(args.model_dir)
+    if args.remeasure:
+        cal = remeasure(args.model_dir, args.windows, log=lambda m: print(m, flush=True))
+    else:
+        cal = load_or_calibrate(args.model_dir)
     print(f"kvtc calibration {cal.fingerprint:#010x} of {args.model_dir} ({time.monotonic() - t0:.0f} s): "
           f"{cache_path(args.model_dir)}")
-    for lv, (label, cost) in enumerate(cal.costs().items()):
-        print(f"  {label}: ppl {cal.ppl_cost_pct[lv]:+.2f}%  KL {cal.kl[lv]:.4f}  expected cost {100 * cost:.2f}%")
+    from kvtransfer import quality
+
+    for label, cost in cal.costs().items():
+        line = f"  {label}: cost {100 * cost:.2f}%"
+        if label in cal.q_labels:
+            dsum, dsq, n, klsum = cal.q_stats[cal.q_labels.index(label)].sum(axis=0)
+            m = dsum / n
+            sd = np.sqrt(max(0, dsq / n - m * m))
+            line += (f"  (ppl {100 * np.expm1(m):+.2f}%  KL {klsum / n:.4f}  sd/token {sd:.3f}"
+                     f"  tokens {int(n)}; rule Z={quality.Z} N_REF={quality.N_REF})")
+        print(line)
     return 0
 
 

@@ -26,11 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvtransfer import quality
+
 VERSION = 3
 # Quantiser step as a fraction of the (layer, K/V) component RMS, by level (0 finest).
 LEVEL_F = (0.08, 0.12, 0.17, 0.23, 0.3, 0.4, 0.55, 0.75)
-# Calibration windows: context and scored continuation tokens.
+# Calibration windows of the transform and the sensitivity probe: context and scored
+# continuation tokens.
 CALIB_WINDOWS, CALIB_CTX, CALIB_CONT = 3, 1024, 64
+# Windows on which every level's quality cost is measured (kvtransfer.quality's rule):
+# as long as the held-out benchmark's contexts (2048) and more of them than the transform
+# needs (8 x 63 scored tokens: the rule's interval shrinks with sqrt(tokens)).
+MEASURE_WINDOWS, MEASURE_CTX, MEASURE_CONT = 8, 2048, 64
+# Labels whose cost the calibration measures: int8, every kvtc level and cachegen's usable ones
+# (cachegen 4-5 cost +78% / +276% on SmolLM2: never within a floor; unmeasured = inf).
+MEASURE_LABELS = (("int8",) + tuple(f"kvtc:{lv}" for lv in range(len(LEVEL_F)))
+                  + tuple(f"cachegen:{lv}" for lv in range(4)))
 # Sensitivity probe: each (layer, K/V) alone quantised at this level's step; its mean KL
 # sets that tensor's step multiplier (clipped to WEIGHT_RANGE, geometric mean 1).
 PROBE_LEVEL, WEIGHT_RANGE = 7, (0.5, 2.0)
@@ -62,18 +73,29 @@ class KVTCCalibration:
     # sender and re-applied on the receiver (KVTC does the same), the keys of SmolLM2-135M
     # code 10% smaller at half the KL (session 8 probe, benchmarks/results/2026-12-06-kv-quality).
     inv_freq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    # Quality stats per measured label ("kvtc:L", "cachegen:L") and calibration window:
+    # [labels, windows, 4] (``kvtransfer.quality.FIELDS``); costs() applies the rule.
+    q_labels: list[str] = field(default_factory=list)
+    q_stats: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, len(quality.FIELDS))))
 
     def costs(self) -> dict[str, float]:
-        """Expected perplexity increase (fraction) per level, ``{"kvtc:L": cost}``: the
-        larger of the measured perplexity change (made monotone in the level: a finer
-        step never costs more) and the measured KL (nats), the expected increase of the
-        log-perplexity if the exact KV's next-token distribution were the text's. The
-        perplexity change on the calibration's few hundred tokens is noisy (+-1.5%: see
-        benchmarks/results/2026-12-06-kv-quality), the KL is not (calibration and
-        held-out KL agree within ~25%). Levels not measured cost inf."""
-        ppl = np.maximum.accumulate(np.nan_to_num(np.asarray(self.ppl_cost_pct, np.float64), nan=np.inf)) / 100
-        kl = np.expm1(np.nan_to_num(np.asarray(self.kl, np.float64), nan=np.inf))
-        return {f"kvtc:{lv}": float(max(p, k, 0.0)) for lv, (p, k) in enumerate(zip(ppl, kl))}
+        """Expected perplexity increase (fraction: 0.01 = 1%) per label, ``{"kvtc:L": cost,
+        "cachegen:L": cost}``, by the one rule of ``kvtransfer.quality`` (an upper bound:
+        the larger of the measured mean perplexity change and KL, plus a one-sided 95%
+        interval of what a 512-token evaluation measures; monotone in the level) on the
+        per-token stats measured at calibration. A calibration saved before those stats
+        existed (means only) gets the same rule with the per-token spread estimated from
+        its KL (sd ~ sqrt(2 KL)) over CALIB_WINDOWS x (CALIB_CONT - 1) tokens; kvtc levels
+        only. Levels not measured cost inf."""
+        if self.q_labels:
+            return quality.costs_by_label(self.q_labels, self.q_stats)
+        n = CALIB_WINDOWS * (CALIB_CONT - 1)
+        stats = []
+        for p, k in zip(np.asarray(self.ppl_cost_pct, np.float64), np.asarray(self.kl, np.float64)):
+            m = np.log1p(p / 100) if np.isfinite(p) else np.nan
+            var = 2 * max(k, 0.0)
+            stats.append([[m * n, var * (n - 1) + n * m * m, n, k * n]])
+        return quality.costs_by_label([f"kvtc:{lv}" for lv in range(len(stats))], np.array(stats))
 
     def check_shape(self, shape: tuple[int, ...], first_layer: int = 0) -> None:
         L, _, _, H, D = shape
@@ -91,7 +113,9 @@ class KVTCCalibration:
                 "mean": self.mean, "basis": self.basis, "rms": self.rms, "weight": self.weight,
                 "ppl_cost_pct": self.ppl_cost_pct, "kl": self.kl, "level_f": self.level_f,
                 "model_fingerprint": np.frombuffer(self.model_fingerprint.encode(), np.uint8),
-                "inv_freq": np.asarray(self.inv_freq, np.float32)}
+                "inv_freq": np.asarray(self.inv_freq, np.float32),
+                "q_labels": np.frombuffer(",".join(self.q_labels).encode(), np.uint8),
+                "q_stats": np.asarray(self.q_stats, np.float64)}
 
     @functools.cached_property
     def fingerprint(self) -> int:
@@ -119,6 +143,9 @@ class KVTCCalibration:
         out = cls(layers, heads, dim, a["mean"].astype(np.float32), a["basis"].astype(np.float32),
                   a["rms"].astype(np.float32), a["weight"].astype(np.float32), a["ppl_cost_pct"], a["kl"],
                   a["level_f"], bytes(a["model_fingerprint"]).decode(), inv_freq=a["inv_freq"].astype(np.float32))
+        if "q_labels" in a and len(a["q_labels"]):  # saved without them: costs() estimates from the means
+            out.q_labels = bytes(a["q_labels"]).decode().split(",")
+            out.q_stats = a["q_stats"].astype(np.float64)
         return out
 
 

@@ -20,7 +20,7 @@ through the ``bits`` option) from a subsample, or taken from a calibrated table;
 (2 bytes) are always in the stream. Typical choice: bf16 4 bits (12 bits a value), fp16
 6 bits (14 bits a value).
 
-``"range"``: arithmetic coding (constriction's ANS coder) of the sign+exponent head with
+``"range"``: arithmetic coding (rANS, ``rangecoding``) of the sign+exponent head with
 its histogram, shipped in the stream (~30-60 bytes): closer to the entropy (bf16 1.50x
 instead of 1.33x on the trained model's KV), about 5-10x slower. Heads there are bf16 /
 fp32: the top byte; fp16: sign + 5 exponent bits (the 2 mantissa MSBs in a packed 2-bit

@@ -32,7 +32,8 @@ def _gauge(metrics: Metrics, worker_id: str) -> float | None:
 
 
 def test_adaptive_worker_measures_its_codecs_and_says_so(ray_session, llama_dir):
-    manifest = manifest_for(llama_dir, kv_transfer={"codec": "adaptive", "level": 1})
+    manifest = manifest_for(llama_dir, kv_transfer={"codec": "adaptive", "level": 1,
+                                                              "max_quality_loss": 0.05})
     actor, health = _start(PrefillWorker, "prefill-profile-ok", manifest)
     try:
         assert health["kv_codec_profile"] == "measured" and health["kv_codec_profile_error"] is None, health
@@ -52,7 +53,8 @@ def test_adaptive_worker_measures_its_codecs_and_says_so(ray_session, llama_dir)
 
 
 def test_a_failed_profile_is_reported_not_silent(ray_session, llama_dir):
-    manifest = manifest_for(llama_dir, kv_transfer={"codec": "adaptive", "level": 1})
+    manifest = manifest_for(llama_dir, kv_transfer={"codec": "adaptive", "level": 1,
+                                                              "max_quality_loss": 0.05})
     actor, health = _start(ProfileFailsWorker, "prefill-profile-fails", manifest)
     try:
         assert health["ready"] is True  # it still serves

@@ -77,14 +77,16 @@ def test_unmeasured_option_is_outside_every_floor():
 
 
 def test_pinned_lossy_codecs_default_to_their_strongest_level_within_the_floor():
-    """cachegen pinned without a level is level 1 (within 1% on SmolLM2; level 3 cost
-    +17-22%); kvtc pinned takes the strongest level its calibration measured within the
+    """cachegen pinned without a level is its strongest level within the floor (by the
+    session 9 rule none is within 1% on SmolLM2: level 0, the finest); kvtc pinned takes the strongest level its calibration measured within the
     floor, and a pinned level above it is refused."""
     import pytest
 
     from kvtransfer.policy import PolicySpec, TransferPolicy
 
-    assert PolicySpec("cachegen").labels() == ["cachegen:1"]
+    assert PolicySpec("cachegen").labels() == ["cachegen:0"]  # none within 1% by the rule: the finest
+    assert PolicySpec("cachegen", max_quality_loss=0.02).labels() == ["cachegen:0"]
+    assert PolicySpec("cachegen", max_quality_loss=0.04).labels() == ["cachegen:1"]
     assert PolicySpec("cachegen", max_quality_loss=0.3).labels() == ["cachegen:3"]
     costs = {f"kvtc:{lv}": c for lv, c in enumerate([0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.013, 0.03])}
     assert PolicySpec("kvtc", measured=costs).labels() == ["kvtc:5"]

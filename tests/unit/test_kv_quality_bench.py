@@ -25,3 +25,24 @@ def test_runs_on_a_tiny_model(tmp_path):
     assert rows["cachegen:3"]["encode_MBps"] > 0
     assert len(res["windows"]) == 2 and (tmp_path / "q.png").stat().st_size > 0
     assert set(res["targets"]["bfloat16"]) >= {"within_1pct", "within_2pct"}
+
+
+def test_split_runs_merge_into_the_whole_run(tmp_path):
+    """--first-window splits a run over windows; --merge pools the parts into the figures
+    of one run over all of them."""
+    from models.builtin import builtin_model_dir
+
+    common = ["--model-dir", str(builtin_model_dir("tiny-llama")), "--ctx", "48", "--cont", "12", "--codecs",
+              "none,int8,cachegen:1", "--dtypes", "bfloat16", "--repeats", "0"]
+    paths = {k: tmp_path / f"{k}.json" for k in ("whole", "a", "b", "merged")}
+    assert main(common + ["--windows", "2", "--json", str(paths["whole"])]) == 0
+    assert main(common + ["--windows", "1", "--json", str(paths["a"])]) == 0
+    assert main(common + ["--windows", "1", "--first-window", "1", "--json", str(paths["b"])]) == 0
+    assert main(common + ["--merge", f"{paths['a']},{paths['b']}", "--json", str(paths["merged"])]) == 0
+    whole, merged = (json.loads(paths[k].read_text()) for k in ("whole", "merged"))
+    assert merged["windows"] == whole["windows"]
+    for lb, r in whole["rows"]["bfloat16"].items():
+        m = merged["rows"]["bfloat16"][lb]
+        for k in ("ratio_vs_fp16", "ppl_pct", "kl", "greedy_agree"):
+            assert abs(m[k] - r[k]) < 1e-9, (lb, k)
+    assert merged["rows"]["bfloat16"]["cachegen:1"]["stored_cost_pct"] > 0
