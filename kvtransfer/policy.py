@@ -84,7 +84,9 @@ class PolicySpec:
             cost = expected_quality_loss(*parse_label(label), self.measured)
             if cost > self.max_quality_loss:
                 raise ValueError(f"kv_transfer: {label} is expected to cost {100 * cost:.2f}% perplexity on this "
-                                 f"model, above max_quality_loss {self.max_quality_loss:g}")
+                                 f"model, above max_quality_loss {self.max_quality_loss:g}; allowed: a codec level "
+                                 "within it (codec: adaptive picks only such levels; kvtc's are cheaper than "
+                                 "cachegen's on real models), or a higher kv_transfer.max_quality_loss")
 
 
 class TransferPolicy:
