@@ -49,6 +49,7 @@ class StepOutput:
 
 def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size: int,
                  tp_rank: int = 0, tp_size: int = 1, tp_group: object = None) -> ModelRunner:
+    from engine.compiled import compile_mode
     from engine.linear import pack_model
     from engine.loader import load_model
     from engine.model import allocate_kv_cache
@@ -58,7 +59,10 @@ def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size:
     model = load_model(model_dir, torch_dtype, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
     pack_model(model)  # oneDNN-packed linears on CPU (engine/linear.py; SPLITSERVE_LINEAR=torch: off)
     caches = allocate_kv_cache(model.cfg, num_blocks, block_size, torch_dtype, tp_size=tp_size)
-    return ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
+    runner = ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
+    if compile_mode() == "decode" and not runner.enable_compile():
+        logger.info("SPLITSERVE_COMPILE=decode: not supported for this model or tp; eager")
+    return runner
 
 
 class LLMEngine:
@@ -88,6 +92,16 @@ class LLMEngine:
         # Guards the block manager and scheduler between the engine thread (schedule,
         # postprocess, abort) and ``reserve`` / ``release_reservation`` from other threads.
         self._lock = threading.RLock()
+        compiled = getattr(runner, "compiled", None)
+        if compiled is not None:
+            if scheduler_config.prefill_only:
+                runner.compiled = None  # never decodes: nothing to compile
+            else:
+                try:
+                    logger.info("compiled decode forward ready in %.1f s", compiled.warmup())
+                except Exception as e:  # noqa: BLE001 - compile errors vary; eager is the fallback
+                    compiled.broken = f"{type(e).__name__}: {e}"
+                    logger.warning("compiling the decode forward failed, eager: %s", compiled.broken)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: str = "float32", num_blocks: int = 512,
