@@ -215,7 +215,8 @@ class EngineWorker:
         s = self.settings
         if s.tp_size > 1:
             return await self._start_tp()
-        return await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks, s.block_size)
+        return await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks, s.block_size,
+                                       decodes=self.role != "prefill")
 
     async def cluster_state(self, state: dict[str, Any]) -> None:
         """The controller's snapshot of every pool, sent whenever it changes (workers
