@@ -70,21 +70,42 @@ def _packed_linear_fake(x: torch.Tensor, weight_id: int) -> torch.Tensor:
 
 @torch.library.custom_op("splitserve::decode_attention", mutates_args=("cache",))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                     table: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Eager decode attention of one layer (what engine.attention runs for a pure decode
-    step): write k/v [B, kvh, hd] at their slots, gather each sequence's blocks (table
-    [B, nblk]) and attend with the additive key mask [B, 1, 1, L]; q [B, heads, hd] ->
-    [B, heads * hd]. Opaque to the compiler: the cache is written in place."""
+                     table: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor, scale: float,
+                     window: int) -> torch.Tensor:
+    """Decode attention of one layer: write k/v [B, kvh, hd] at their slots, then attend
+    over each sequence's blocks (table [B, nblk], context lengths lens [B]): through the
+    C++ paged kernel (engine.paged_kernel: fp32, reads the cache in place) when it is
+    built and enabled, else engine.attention's gather + SDPA with the additive key mask
+    [B, 1, 1, L]. q [B, heads, hd] -> [B, heads * hd]. Opaque to the compiler: the cache
+    is written in place."""
     write_kv(cache, k, v, slots)
     b = q.shape[0]
+    if cache.dtype == torch.float32 and _use_paged_kernel():
+        from engine.paged_kernel import paged_decode
+
+        return paged_decode(q, cache, table, lens, scale, window or None).reshape(b, -1)
     out = _decode_planned(q, cache, (table.reshape(-1), table.shape[1], mask), scale)
     return out.reshape(b, -1)
 
 
 @decode_attention.register_fake
 def _decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                           slots: torch.Tensor, table: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+                           slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor,
+                           scale: float, window: int) -> torch.Tensor:
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+KERNEL_ENV = "SPLITSERVE_PAGED_KERNEL"
+
+
+def _use_paged_kernel() -> bool:
+    """SPLITSERVE_PAGED_KERNEL: 1 (default) uses engine.paged_kernel when it builds, 0 the
+    gather + SDPA of engine.attention."""
+    if os.environ.get(KERNEL_ENV, "1").strip() == "0":
+        return False
+    from engine.paged_kernel import kernel
+
+    return kernel() is not None
 
 
 def _register(p: PackedWeight) -> int:
@@ -161,7 +182,7 @@ class CompiledDecode:
             qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
             q, k = qk[:, :h], qk[:, h:]
             v = qkv[:, (h + kvh) * hd:].view(b, kvh, hd)
-            o = decode_attention(q, k, v, cache, slots, table, mask, self.scale)
+            o = decode_attention(q, k, v, cache, slots, table, lens, mask, self.scale, self.window or 0)
             x = x + o_l(o)
             gate, up = gu_l(_rms(n2, x)).chunk(2, dim=-1)
             x = x + down_l(F.silu(gate) * up)

@@ -111,3 +111,21 @@ def test_compiled_decode_generates_what_eager_does(tiny_llama_dir: Path, monkeyp
     assert c is not None and c.broken is None, c and c.broken
     assert c.calls > 10  # the decode steps ran compiled, at several batch sizes
     assert got == eager
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_kernel_matches_gather_and_sdpa(window: int | None) -> None:
+    from engine.paged_kernel import kernel, paged_decode
+
+    if kernel() is None:
+        pytest.skip("no C++ toolchain for the paged kernel here")
+    g = torch.Generator().manual_seed(4)
+    bs, kvh, heads, hd = 4, 3, 9, 16
+    cache = torch.randn(2, 12, bs, kvh, hd, generator=g)
+    tables, ctx = [[5, 2, 7, 0], [1, 0, 0, 0], [0, 11, 3, 4]], [10, 3, 16]
+    q = torch.randn(3, heads, hd, generator=g)
+    want = _decode_batch(q, cache, tables, ctx, hd ** -0.5, window)
+    got = paged_decode(q, cache, torch.tensor(tables), torch.tensor(ctx), hd ** -0.5, window)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), (got - want).abs().max()
