@@ -153,7 +153,9 @@ class CompiledDecode:
         else:
             lw = model.lm_head_weight
             self.lm_head = lambda x: F.linear(x, lw)
-        self.fn = torch.compile(self._forward, dynamic=True, fullgraph=True,
+        # Sizes dynamic where marked (batch >= 2, context blocks), everything else (the
+        # weight ids, head counts, the caches' shapes) constant.
+        self.fn = torch.compile(self._forward, dynamic=None, fullgraph=True,
                                 options={"cpp.dynamic_threads": True})
         self.broken: str | None = None  # why the compiled path was given up, if it was
         self.calls = 0  # decode steps run compiled
@@ -198,8 +200,13 @@ class CompiledDecode:
             used = t[: -(-c // bs)]
             rows.append(used + [0] * (nblk - len(used)))  # padding reads block 0, masked out
         cos, sin = self.model.rotary.tables(positions, self.model.dtype)
-        return (input_ids, cos, sin, slots, torch.tensor(rows, dtype=torch.long),
-                torch.tensor(ctx, dtype=torch.long))
+        table, lens = torch.tensor(rows, dtype=torch.long), torch.tensor(ctx, dtype=torch.long)
+        mark = torch._dynamo.maybe_mark_dynamic
+        if len(ctx) > 1:  # batch 1 has its own graph (torch specialises sizes 0 and 1)
+            for t in (input_ids, cos, sin, slots, table, lens):
+                mark(t, 0)
+        mark(table, 1)
+        return input_ids, cos, sin, slots, table, lens
 
     def warmup(self) -> float:
         """Compile both graphs (batch 1 and batch >= 2) before serving, so that no request
