@@ -136,6 +136,17 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
     Returns the attention output [T, heads, hd]."""
     plan = _step_plan(meta, cache, sliding_window)
     if plan["all_decode"]:  # a pure decode step: one batched call, no scatter
+        from engine.paged_kernel import paged_decode, wanted
+
+        if wanted(False, cache.dtype):  # SPLITSERVE_PAGED_KERNEL=1: the C++ kernel, in place
+            if "kernel" not in plan:
+                bs = cache.shape[2]
+                tabs = [meta.block_tables[i][: -(-c // bs)] for i, c in enumerate(meta.context_lens)]
+                width = max(len(t) for t in tabs)
+                plan["kernel"] = (torch.tensor([t + [0] * (width - len(t)) for t in tabs], dtype=torch.long),
+                                  torch.tensor(meta.context_lens, dtype=torch.long))
+            table, lens = plan["kernel"]  # type: ignore[misc]
+            return paged_decode(q, cache, table, lens, scale, sliding_window)
         return _decode_planned(q, cache, plan["decode"], scale).to(q.dtype)  # type: ignore[arg-type]
     out = torch.empty_like(q)
     starts: list[int] = plan["starts"]  # type: ignore[assignment]

@@ -80,9 +80,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: t
     is written in place."""
     write_kv(cache, k, v, slots)
     b = q.shape[0]
-    if cache.dtype == torch.float32 and _use_paged_kernel():
-        from engine.paged_kernel import paged_decode
+    from engine.paged_kernel import paged_decode, wanted
 
+    if wanted(True, cache.dtype):
         return paged_decode(q, cache, table, lens, scale, window or None).reshape(b, -1)
     out = _decode_planned(q, cache, (table.reshape(-1), table.shape[1], mask), scale)
     return out.reshape(b, -1)
@@ -93,19 +93,6 @@ def _decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
                            slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor,
                            scale: float, window: int) -> torch.Tensor:
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-
-
-KERNEL_ENV = "SPLITSERVE_PAGED_KERNEL"
-
-
-def _use_paged_kernel() -> bool:
-    """SPLITSERVE_PAGED_KERNEL: 1 (default) uses engine.paged_kernel when it builds, 0 the
-    gather + SDPA of engine.attention."""
-    if os.environ.get(KERNEL_ENV, "1").strip() == "0":
-        return False
-    from engine.paged_kernel import kernel
-
-    return kernel() is not None
 
 
 def _register(p: PackedWeight) -> int:

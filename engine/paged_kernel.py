@@ -13,6 +13,7 @@ Results differ from SDPA's by summation order (~1e-7 relative).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -106,6 +107,27 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor cache, torch::Tensor t
   return out;
 }
 """
+
+ENV = "SPLITSERVE_PAGED_KERNEL"
+MODES = ("auto", "1", "0")
+
+
+def kernel_mode() -> str:
+    """SPLITSERVE_PAGED_KERNEL: auto (default: in the compiled decode path only), 1 (also
+    in eager pure-decode steps), 0 (never: gather + SDPA)."""
+    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV}={mode!r}: allowed {', '.join(MODES)}")
+    return mode
+
+
+def wanted(compiled: bool, dtype: torch.dtype) -> bool:
+    """Whether a decode step (compiled or eager) in this dtype should use the kernel."""
+    mode = kernel_mode()
+    if dtype != torch.float32 or mode == "0" or (mode == "auto" and not compiled):
+        return False
+    return kernel() is not None
+
 
 _lock = threading.Lock()
 _module: Any = None

@@ -129,3 +129,19 @@ def test_paged_kernel_matches_gather_and_sdpa(window: int | None) -> None:
     got = paged_decode(q, cache, torch.tensor(tables), torch.tensor(ctx), hd ** -0.5, window)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.slow
+def test_eager_paged_kernel_generates_what_sdpa_does(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.paged_kernel import kernel, kernel_mode
+
+    monkeypatch.setenv("SPLITSERVE_PAGED_KERNEL", "0")
+    _, want = _generate(tiny_llama_dir)
+    monkeypatch.setenv("SPLITSERVE_PAGED_KERNEL", "1")
+    if kernel() is None:
+        pytest.skip("no C++ toolchain for the paged kernel here")
+    _, got = _generate(tiny_llama_dir)
+    assert got == want
+    monkeypatch.setenv("SPLITSERVE_PAGED_KERNEL", "yes")
+    with pytest.raises(ValueError, match="SPLITSERVE_PAGED_KERNEL='yes': allowed auto, 1, 0"):
+        kernel_mode()
