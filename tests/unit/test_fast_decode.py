@@ -145,3 +145,18 @@ def test_eager_paged_kernel_generates_what_sdpa_does(tiny_llama_dir: Path, monke
     monkeypatch.setenv("SPLITSERVE_PAGED_KERNEL", "yes")
     with pytest.raises(ValueError, match="SPLITSERVE_PAGED_KERNEL='yes': allowed auto, 1, 0"):
         kernel_mode()
+
+
+def test_compute_threads_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.threads import compute_threads
+
+    monkeypatch.delenv("SPLITSERVE_THREADS", raising=False)
+    assert (compute_threads(2), compute_threads(0.5)) == (2, 1)
+    monkeypatch.setenv("SPLITSERVE_THREADS", "reserve")
+    assert (compute_threads(2), compute_threads(1), compute_threads(8)) == (1, 1, 7)
+    monkeypatch.setenv("SPLITSERVE_THREADS", "3")
+    assert compute_threads(2) == 3
+    for bad in ("0", "many"):
+        monkeypatch.setenv("SPLITSERVE_THREADS", bad)
+        with pytest.raises(ValueError, match="allowed auto, reserve or a positive integer"):
+            compute_threads(2)
