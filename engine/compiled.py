@@ -18,6 +18,10 @@ Attention is opaque too (the custom op ``splitserve::decode_attention``: the eag
 write, block gather and SDPA of engine.attention, the cache written in place), as vLLM
 keeps its paged-attention kernel out of the compiled graph.
 
+Measured on SmolLM2 fp32, one thread (benchmarks/results/2026-12-06-speed, session 9): no
+faster than eager (0.99x at batch 1, 0.87x at batch 8): the step is bound by reading
+the weights, so it stays off by default.
+
 Not bit-identical to the eager path: inductor's reductions (RMSNorm's mean) and its
 vectorised elementwise code round differently (~1e-7 relative in fp32). ``SPLITSERVE_COMPILE``: ``off`` (default) or
 ``decode``. Anything the compiled path does not cover (prefill chunks, MoE, tensor
