@@ -8,7 +8,7 @@ Each child loads the model in the given dtype, prefills ``batch`` distinct promp
 then times ``--steps`` decode steps (median). Ratios are base / new (above 1: new faster).
 
     PYTHONPATH=. python -m benchmarks.engine_ab --base-ref c9e5e99 --json [--rounds 3]
-        [--dtypes float32,bfloat16] [--threads 1]
+        [--dtypes float32,bfloat16] [--threads 1] [--new-env SPLITSERVE_LINEAR=onednn,...]
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def child(batch: int, dtype: str, threads: int, steps: int, prompt_tokens: int) 
             "decode_step_min_ms": min(times) * 1e3, "threads": torch.get_num_threads()}
 
 
-def _run(src: Path, batch: int, dtype: str, threads: int, steps: int, prompt_tokens: int) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(src))
+def _run(src: Path, batch: int, dtype: str, threads: int, steps: int, prompt_tokens: int,
+         extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(src), **(extra_env or {}))
     code = (f"import json, benchmarks.engine_ab as m; print('RESULT', json.dumps(m.child({batch}, {dtype!r}, "
             f"{threads}, {steps}, {prompt_tokens})))")
     # benchmarks/ always from the working tree; engine/ and models/ from src.
@@ -83,8 +84,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompt-tokens", type=int, default=200)
+    p.add_argument("--base-env", default="", help="KEY=VALUE,... set for the base side only")
+    p.add_argument("--new-env", default="", help="KEY=VALUE,... set for the new side only "
+                                                 "(e.g. SPLITSERVE_LINEAR=onednn,SPLITSERVE_COMPILE=decode)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    side_env = {name: dict(kv.split("=", 1) for kv in raw.split(",") if kv)
+                for name, raw in (("base", args.base_env), ("new", args.new_env))}
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = args.dtypes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,11 +106,12 @@ def main() -> int:
                 for batch in batches:
                     for name, src in (("base", base), ("new", ROOT)):
                         la = _loadavg()
-                        res = _run(src, batch, dtype, args.threads, args.steps, args.prompt_tokens)
+                        res = _run(src, batch, dtype, args.threads, args.steps, args.prompt_tokens, side_env[name])
                         res["load1"] = la
                         runs.setdefault(f"{name}/{dtype}/b{batch}", []).append(res)
                         print(f"round {r} {name} {dtype} batch {batch}: {res}", file=sys.stderr, flush=True)
-    summary: dict[str, Any] = {"base_ref": args.base_ref, "threads": args.threads, "rounds": args.rounds,
+    summary: dict[str, Any] = {"base_ref": args.base_ref, "base_env": side_env["base"], "new_env": side_env["new"],
+                               "threads": args.threads, "rounds": args.rounds,
                                "prompt_tokens": args.prompt_tokens, "cases": {}}
     for dtype in dtypes:
         for batch in batches:

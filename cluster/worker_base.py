@@ -27,6 +27,7 @@ from engine.engine import LLMEngine, StepOutput, build_runner
 from engine.runner import StepInput, StepResult
 from engine.scheduler import SchedulerConfig
 from engine.sequence import SamplingParams
+from engine.threads import compute_threads
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class TPRank:
     """A tensor-parallel rank > 0: holds its model shard and KV heads, runs what rank 0 sends."""
 
     def __init__(self, settings: EngineSettings, rank: int, addr: str, port: int) -> None:
-        torch.set_num_threads(max(1, int(settings.num_cpus)))
+        torch.set_num_threads(compute_threads(settings.num_cpus))
         self.settings, self.rank, self.addr, self.port = settings, rank, addr, port
         self.runner: Any = None
 
@@ -120,7 +121,7 @@ class EngineWorker:
         self.pool_name = pool_name
         self.pool: PoolSpec = self.manifest.pools[pool_name]  # type: ignore[index]
         self.settings = settings_for(self.manifest, self.pool)
-        torch.set_num_threads(max(1, int(self.pool.num_cpus)))
+        torch.set_num_threads(compute_threads(self.pool.num_cpus))
         # splitserve's engine, or engine.vllm_engine.VLLMEngine (same interface).
         self.engine: LLMEngine | Any | None = None
         self._tp_ranks: list[Any] = []
@@ -231,7 +232,8 @@ class EngineWorker:
         s = self.settings
         if s.tp_size > 1:
             return await self._start_tp()
-        return await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks, s.block_size)
+        return await asyncio.to_thread(build_runner, s.model_dir, s.dtype, s.num_blocks, s.block_size,
+                                       decodes=self.role != "prefill")
 
     async def cluster_state(self, state: dict[str, Any]) -> None:
         """The controller's snapshot of every pool, sent whenever it changes (workers

@@ -27,6 +27,7 @@ from cluster.manifest import Manifest
 from cluster.manifest_checks import read_expert_placement
 from cluster.worker_base import current_node_ip, slot_of
 from decode_workers.worker import DecodeWorker
+from engine.threads import compute_threads
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class ExpertWorker:
         self.pool_name = pool_name
         self.pool = self.manifest.pools[pool_name]  # type: ignore[index]
         self.shard_index = slot_of(worker_id)
-        torch.set_num_threads(max(1, int(self.pool.num_cpus)))
+        torch.set_num_threads(compute_threads(self.pool.num_cpus))
         self.server: Any = None
         self.experts: list[list[int]] = []
         self._started_at = time.monotonic()

@@ -235,7 +235,7 @@ class AFDRunner(ModelRunner):
         x = model.embed_tokens(step.input_ids)
         if model.rotary.inv_freq.device != x.device:
             model.rotary.to(x.device)
-        cos, sin = model.rotary.cos_sin(step.positions, x.dtype)
+        cos, sin = model.rotary.tables(step.positions, x.dtype)
         xs = [x[a:b] for a, b, _ in parts]
         pending: list[_Dispatch | None] = [None] * len(parts)
         for i, (layer, cache) in enumerate(zip(model.layers, self.kv_caches)):

@@ -48,7 +48,13 @@ class StepOutput:
 
 
 def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size: int,
-                 tp_rank: int = 0, tp_size: int = 1, tp_group: object = None) -> ModelRunner:
+                 tp_rank: int = 0, tp_size: int = 1, tp_group: object = None,
+                 decodes: bool = True) -> ModelRunner:
+    """The model and KV cache of one rank. With SPLITSERVE_COMPILE=decode and decodes
+    (not a prefill-only worker), the compiled decode forward (engine.compiled) is built
+    and compiled here, before any request (a minute or more on a cold inductor cache)."""
+    from engine.compiled import compile_mode
+    from engine.paged_kernel import kernel, kernel_mode
     from engine.linear import pack_model
     from engine.loader import load_model
     from engine.model import allocate_kv_cache
@@ -58,7 +64,19 @@ def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size:
     model = load_model(model_dir, torch_dtype, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
     pack_model(model)  # oneDNN-packed linears on CPU (engine/linear.py; SPLITSERVE_LINEAR=torch: off)
     caches = allocate_kv_cache(model.cfg, num_blocks, block_size, torch_dtype, tp_size=tp_size)
-    return ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
+    runner = ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
+    if decodes and kernel_mode() == "1":
+        kernel()  # build the paged decode kernel now, not at the first decode step
+    if decodes and compile_mode() == "decode":
+        if not runner.enable_compile():
+            logger.info("SPLITSERVE_COMPILE=decode: not supported for this model or tp; eager")
+        else:
+            try:
+                logger.info("compiled decode forward ready in %.1f s", runner.compiled.warmup())
+            except Exception as e:  # noqa: BLE001 - compile errors vary; eager is the fallback
+                runner.compiled.broken = f"{type(e).__name__}: {e}"
+                logger.warning("compiling the decode forward failed, eager: %s", runner.compiled.broken)
+    return runner
 
 
 class LLMEngine:
@@ -88,6 +106,8 @@ class LLMEngine:
         # Guards the block manager and scheduler between the engine thread (schedule,
         # postprocess, abort) and ``reserve`` / ``release_reservation`` from other threads.
         self._lock = threading.RLock()
+        if scheduler_config.prefill_only and getattr(runner, "compiled", None) is not None:
+            runner.compiled = None  # never decodes
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: str = "float32", num_blocks: int = 512,

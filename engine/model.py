@@ -20,7 +20,7 @@ from engine.attention import paged_attention, write_kv
 from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.linear import PackedWeight, linear
-from engine.rope import Rotary, apply_rotary
+from engine.rope import Rotary, rotate
 from engine.tp import MergedColumnParallelLinear, RowParallelLinear, TPContext
 
 
@@ -36,6 +36,11 @@ class RMSNorm(nn.Module):
         self.weight = _frozen(n, dtype=dtype, fill=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # transformers' LlamaRMSNorm in fp32 (its casts are no-ops), the same kernels in
+            # fewer dispatches: x * rsqrt(mean(x^2) + eps), then times the weight.
+            r = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+            return (x * r).mul_(self.weight)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -62,8 +67,9 @@ class Attention(nn.Module):
                 cache: torch.Tensor) -> torch.Tensor:
         t, h, kvh, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        # Rotate q and k heads together (elementwise: the same values as one by one).
-        qk = apply_rotary(qkv[:, :(h + kvh) * hd].view(t, h + kvh, hd), cos, sin)
+        # Rotate q and k heads together (elementwise: the same values as one by one);
+        # cos and sin are Rotary.tables' [T, 1, hd] (sin signed).
+        qk = rotate(qkv[:, :(h + kvh) * hd].view(t, h + kvh, hd), cos, sin)
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + kvh) * hd:].view(t, kvh, hd)
         write_kv(cache, k, v, meta.slot_mapping)
@@ -84,7 +90,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, reduce=reduce)
+        return self.down_proj(F.silu(gate).mul_(up), reduce=reduce)
 
 
 class MoE(nn.Module):
@@ -140,8 +146,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # Residual adds in place into the sublayer's fresh output (a + b == b + a exactly).
+        x = self.self_attn(self.input_layernorm(x), cos, sin, meta, cache).add_(x)
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class CausalLM(nn.Module):
@@ -182,7 +189,7 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.rotary.inv_freq.device != x.device:
             self.rotary.to(x.device)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.tables(positions, x.dtype)
         for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, cos, sin, meta, cache)
             if layer_hook is not None:

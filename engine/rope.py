@@ -69,6 +69,15 @@ class Rotary:
         idx = positions.to(self._cos.device)
         return self._cos[idx].to(dtype), self._sin[idx].to(dtype)
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: LongTensor [T] -> (cos, signed sin), each [T, 1, head_dim] in dtype, for
+        ``rotate``: the sin of the first half of each head negated (the sign rotate_half
+        puts on the rotated coordinates), so that a step rotates with 4 ops per layer."""
+        cos, sin = self.cos_sin(positions, dtype)
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return cos[:, None, :], sin[:, None, :]
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -78,3 +87,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary with ``Rotary.tables``' [T, 1, head_dim] cos and signed sin; bit-identical
+    to it: element i of the first half is x_i*cos_i + x_{i+h}*(-sin_i), and
+    (-a)*b == a*(-b) exactly in IEEE arithmetic; roll by half a head swaps the halves."""
+    r = x.roll(x.shape[-1] // 2, -1)
+    r.mul_(signed_sin)
+    out = x * cos
+    return out.add_(r)

@@ -9,7 +9,9 @@ and out of the cache (disaggregation) travels as full-head tensors
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +20,8 @@ from engine import kvcopy
 from engine.attention_metadata import AttentionMetadata
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,8 +90,10 @@ def prepare_step(
     logprobs get logits rows for the prompt positions of their chunk, recorded in
     prompt_rows."""
     ids: list[int] = []
-    positions: list[torch.Tensor] = []
-    slots: list[torch.Tensor] = []
+    # Flat Python lists, one tensor each at the end (a decode step adds one token per
+    # sequence: per-sequence tensor ops cost more than the arithmetic).
+    positions: list[int] = []
+    slots: list[int] = []
     query_lens: list[int] = []
     context_lens: list[int] = []
     tables: list[list[int]] = []
@@ -104,8 +110,11 @@ def prepare_step(
             ids.append(seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1])
         else:
             ids.extend(seq.token_ids[start:end])
-        positions.append(torch.arange(start, end))
-        slots.append(_slots(seq.block_table, start, end, block_size))
+        positions.extend(range(start, end))
+        if n == 1:
+            slots.append(seq.block_table[start // block_size] * block_size + start % block_size)
+        else:
+            slots.extend(_slots(seq.block_table, start, end, block_size).tolist())
         query_lens.append(n)
         context_lens.append(end)
         tables.append(list(seq.block_table))
@@ -133,12 +142,12 @@ def prepare_step(
         imports.append((list(seq.block_table), seq.pending_kv))
     step = StepInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
-        positions=torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
         meta=AttentionMetadata(
             query_lens=query_lens,
             context_lens=context_lens,
             block_tables=tables,
-            slot_mapping=torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
             block_size=block_size,
         ),
         logits_indices=torch.tensor(logits_indices, dtype=torch.long),
@@ -172,6 +181,8 @@ class ModelRunner:
         # Given the per-(layer, K/V) word sums of an export into such a tensor, computed in
         # the gather (engine.kvcopy): the arena then publishes the slot without reading it again.
         self.export_sums: Callable[[str, list[int]], None] | None = None
+        # The compiled pure-decode forward (engine.compiled), when enabled and supported.
+        self.compiled: Any = None
 
     def _head_slice(self) -> slice:
         lo = self.tp_rank * self.kv_heads_local
@@ -317,6 +328,30 @@ class ModelRunner:
         """Final-normed hidden states of the step's tokens (engine.afd overrides this)."""
         return self.model(step.input_ids, step.positions, step.meta, self.kv_caches, hook)  # type: ignore[no-any-return]
 
+    def enable_compile(self) -> bool:
+        """Use engine.compiled for pure decode steps (compiled at the first one)."""
+        from engine.compiled import CompiledDecode
+
+        if self.tp_size > 1 or not CompiledDecode.supports(self.model):
+            return False
+        self.compiled = CompiledDecode(self.model, self.kv_caches)
+        return True
+
+    def _compiled_logits(self, step: StepInput) -> torch.Tensor | None:
+        """Logits of a pure decode step (every token sampled) through the compiled
+        forward, or None when it does not apply or fails (then eager from now on)."""
+        c, meta = self.compiled, step.meta
+        if (c is None or c.broken is not None or not meta.is_pure_decode or step.prompt_logits_indices.numel()
+                or len(step.logits_indices) != len(step.input_ids)):
+            return None
+        try:
+            return c(step.input_ids, step.positions, meta.slot_mapping, meta.block_tables,  # type: ignore[no-any-return]
+                     meta.context_lens)
+        except Exception as e:  # noqa: BLE001 - compile errors vary; the eager path is the fallback
+            c.broken = f"{type(e).__name__}: {e}"
+            logger.warning("compiled decode failed, staying eager: %s", c.broken)
+            return None
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:
         if step.block_copies:
@@ -336,9 +371,13 @@ class ModelRunner:
                 flat = self.kv_caches[layer].flatten(1, 2)  # [2, blocks * block_size, kvh, hd]
                 for rid, first, slots in step.kv_stream:
                     sink(rid, layer, first, flat.index_select(1, slots))
-        if step.input_ids.numel():
+        if step.input_ids.numel() and hook is None and self.compiled is not None:
+            logits = self._compiled_logits(step)
+        if step.input_ids.numel() and logits is None:
             hidden = self.forward(step, hook)
-            logits = self.model.compute_logits(hidden[step.logits_indices])
+            idx = step.logits_indices
+            rows = hidden if len(idx) == len(hidden) and step.meta.is_pure_decode else hidden[idx]
+            logits = self.model.compute_logits(rows)
             if step.prompt_logits_indices.numel():
                 prompt_logits = self.model.compute_logits(hidden[step.prompt_logits_indices])
         exported = {}

@@ -146,7 +146,8 @@ class Sampler:
         out: list[int] = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            tokens = processed[greedy].argmax(dim=-1).tolist()
+            rows = processed if len(greedy) == len(params) else processed[greedy]
+            tokens = rows.argmax(dim=-1).tolist()
             for i, t in zip(greedy, tokens):
                 out[i] = int(t)
         for i, p in enumerate(params):
