@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.admission import TTFTModel
@@ -445,6 +444,7 @@ class Generator:
                 self.router.hold(w)
                 holding.append(w)
                 open_ids = set(ids)
+            err: SplitServeError | None = None  # the last attempt's failure
             for attempt in range(MAX_ATTEMPTS):
                 if attempt > 0:
                     # The decode (colocated) worker failed: resume the open choices on
@@ -464,7 +464,7 @@ class Generator:
                     index_of.update({rid + suffix: j for j, rid in enumerate(ids)})
                     payload = self._resume_payload(req, ids, all_params, sent, open_ids,
                                                    prompt_lps_sent, suffix)
-                err: SplitServeError | None = None
+                err = None
                 load = self.router.blocks_for(len(req.prompt_token_ids) + p.max_tokens) * len(open_ids)
                 self.router.begin(w, load)
                 # Colocated: the prompt is computed here, it queues until the first token.
