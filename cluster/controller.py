@@ -287,7 +287,7 @@ class Controller(AutoscaleMixin, RolloutMixin):
         """Send every worker the current snapshot (workers that reach other pools' workers
         directly, like attention workers their expert workers, take their addresses from it)."""
         version = self.version
-        state = self._snapshot()  # not get_state: it refuses while the adoption (maybe this caller) runs
+        state = self._state_snapshot()  # not get_state: it refuses while the adoption (maybe this caller) runs
         calls = []
         for rec in list(self.workers.values()):
             method = getattr(rec.handle, "cluster_state", None)
@@ -415,9 +415,9 @@ class Controller(AutoscaleMixin, RolloutMixin):
             self._reports[reporter] = (time.monotonic(), -1 if version is None else version, dict(held or {}))
             if refused is not None:
                 self.refused_reports[reporter] = (int(refused[0]), int(refused[1]))
-        return self._snapshot()
+        return self._state_snapshot()
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _state_snapshot(self) -> dict[str, Any]:
         pools: dict[str, list[dict[str, Any]]] = {name: [] for name in self.manifest.pools}
         for rec in self.workers.values():
             stats = {**rec.stats, "draining": True} if rec.retiring else rec.stats

@@ -44,7 +44,7 @@ class AutoscaleMixin:
         except Exception as e:  # noqa: BLE001 - no autoscaler API here: placement still tries
             logger.warning("request_resources failed: %s", e)
 
-    def _snapshot(self, pool: str) -> Any:
+    def _pool_snapshot(self, pool: str) -> Any:
         from cluster.autoscale import pool_snapshot
 
         now = time.monotonic()
@@ -113,7 +113,7 @@ class AutoscaleMixin:
         assert spec is not None
         self.autoscale[pool] = {"target": len(self.live(pool)), "decisions": {"up": 0, "down": 0, "hold": 0},
                                 "unfulfilled": 0, "reason": "", "short_by": 0}
-        self._snapshot(pool)
+        self._pool_snapshot(pool)
         while not self._stopping:
             spec = self.manifest.pools[pool].autoscaling  # type: ignore[index]
             if spec is None:  # a rollout turned it off
@@ -138,7 +138,7 @@ class AutoscaleMixin:
         spec = pool_spec.autoscaling
         assert spec is not None
         slo = self.manifest.slo
-        snap = self._snapshot(pool)
+        snap = self._pool_snapshot(pool)
         state = self._policy.get(pool, PolicyState())
         decision, self._policy[pool] = decide(snap, SLO(slo.ttft_ms / 1e3, slo.tpot_ms / 1e3, slo.attainment),
                                               Limits(spec.min_replicas, spec.max_replicas, spec.cooldown_s),
