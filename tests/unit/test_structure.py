@@ -290,3 +290,18 @@ def test_schedulers_are_pure(scheduler):
     tops = {n.split(".")[0] for n in externals}
     assert not tops & {"ray", "torch", "numpy", "fastapi", "grpc"}, (scheduler, sorted(tops))
     assert not mods & {"engine.model", "engine.runner", "engine.loader", "engine.engine"}, sorted(mods)
+
+
+def test_controller_mixins_are_not_shadowed():
+    """The controller's mixins (autoscaling, rollout) are called through self: a method of
+    the same name in Controller silently replaces the mixin's (session 9: a `_snapshot()`
+    of the state shadowed the autoscaler's `_snapshot(pool)` and its loop died)."""
+    from cluster.controller import Controller
+
+    cls = Controller.__ray_actor_class__ if hasattr(Controller, "__ray_actor_class__") else Controller
+    own = {n for n in vars(cls) if not n.startswith("__")}
+    for base in cls.__mro__[1:]:
+        if base is object:
+            continue
+        clash = own & {n for n in vars(base) if not n.startswith("__")}
+        assert not clash, f"Controller redefines {sorted(clash)} of {base.__name__}"
