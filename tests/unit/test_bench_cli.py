@@ -207,7 +207,38 @@ def test_plots_and_json_output(fake_url, tmp_path, capsys):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ctrl_c_writes_what_was_measured(fake_url, tmp_path):
+@pytest.fixture
+def own_fake_url():
+    """The stub server in a process of its own: after a full suite the test process holds
+    many threads (Ray's, servers'), and a stub sharing its GIL answered slowly enough that
+    the interrupted bench did not finish within the test's wait (twice in session 9)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fake_server", "--port", str(port),
+                             "--ttft-ms", str(TTFT_S * 1e3), "--tpot-ms", str(TPOT_S * 1e3)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/metrics", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "fake server did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_ctrl_c_writes_what_was_measured(own_fake_url, tmp_path):
+    fake_url = own_fake_url
     out = tmp_path / "out"
     trace = tmp_path / "t.jsonl"
     # A run far longer than the test waits (2000 requests over 400 s), so the SIGINT always
@@ -231,7 +262,7 @@ def test_ctrl_c_writes_what_was_measured(fake_url, tmp_path):
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before the SIGINT"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
