@@ -1,27 +1,23 @@
-"""OpenAI-compatible HTTP ingress (FastAPI): validates, tokenizes, hands requests to the
-Generator and speaks SSE. The only module that knows HTTP."""
+"""The ingress's request handling: controller state, OpenAI requests validated and tokenized
+into jobs (cluster/choices.py), admission, the response to a job. The HTTP app around it
+is cluster/http_app.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.admission import RecentPrompts, queue_refusal
-from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
-                            SplitServeError)
-from cluster.generation import Delta, GenRequest, Generator, Usage
-from cluster.http_guard import RequestGuard, api_keys
-from cluster.logprobs import LogprobsBuilder
+from cluster.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
+from cluster.choices import Job, response_body, sse_events, usage_of
+from cluster.generation import GenRequest, Generator
 from cluster.tools import ToolPlan
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
@@ -32,19 +28,6 @@ from engine.sequence import SamplingParams
 logger = logging.getLogger(__name__)
 
 STATE_REFRESH_S = 0.5
-# How often a non-streamed request checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.5
-
-
-def error_response(e: SplitServeError) -> JSONResponse:
-    headers = {}
-    if isinstance(e, OverloadedError):
-        headers["Retry-After"] = str(e.retry_after_s)
-    return JSONResponse(e.to_openai(), status_code=e.status_code, headers=headers)
-
-
-def _sse(obj: object) -> bytes:
-    return f"data: {json.dumps(obj)}\n\n".encode()
 
 
 class Ingress:
@@ -282,7 +265,7 @@ class Ingress:
         rid = jobs[0].greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(kind, rid, req, jobs, firsts, include_usage),
+            return StreamingResponse(sse_events(kind, rid, req, jobs, firsts, include_usage, self._stream_ended),
                                      media_type="text/event-stream")
         try:
             await asyncio.gather(*(job.collect(first) for job, first in zip(jobs, firsts)))
@@ -291,7 +274,7 @@ class Ingress:
             for job in jobs:
                 await job.close()
         choices = [c.final_choice(kind, req) for job in jobs for c in job.returned()]
-        body = self._body(kind, rid, req, choices, _usage(jobs))
+        body = response_body(kind, rid, req, choices, usage_of(jobs))
         headers = {}
         if len(jobs) == 1 and len(jobs[0].choices) == 1:
             usage, c0 = jobs[0].usage, jobs[0].choices[0]
@@ -308,332 +291,5 @@ class Ingress:
             headers["Server-Timing"] = timing
         return JSONResponse(body, headers=headers)
 
-    def _body(self, kind: str, rid: str, req: CommonParams, choices: list[dict[str, Any]],
-              usage: dict[str, int] | None) -> dict[str, Any]:
-        if kind == "completion":
-            obj = "text_completion"
-        else:
-            obj = "chat.completion" if not req.stream else "chat.completion.chunk"
-        body: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()),
-                                "model": req.model, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return body
-
-    async def _sse(self, kind: str, rid: str, req: CommonParams, jobs: list[Job],
-                   firsts: list[Delta], include_usage: bool) -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[tuple[Job, Delta | SplitServeError | None]] = asyncio.Queue()
-
-        async def pump(job: Job) -> None:
-            try:
-                async for d in job.rest():
-                    await queue.put((job, d))
-            except SplitServeError as e:
-                await queue.put((job, e))
-                return
-            await queue.put((job, None))
-
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            if len(jobs) == 1:  # one prompt (the usual case): its deltas straight, no pump task
-                job = jobs[0]
-                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, firsts[0])], None))
-                try:
-                    async for d in job.rest():
-                        yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, d)], None))
-                except SplitServeError as e:
-                    yield _sse(e.to_openai())
-                    return
-                if include_usage:
-                    yield _sse(self._body(kind, rid, req, [], _usage(jobs)))
-                yield b"data: [DONE]\n\n"
-                return
-            for job, first in zip(jobs, firsts):
-                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, first)], None))
-                tasks.append(asyncio.get_running_loop().create_task(pump(job)))
-            running = len(tasks)
-            while running:
-                job, item = await queue.get()
-                if item is None:
-                    running -= 1
-                    continue
-                if isinstance(item, SplitServeError):
-                    yield _sse(item.to_openai())
-                    return
-                yield _sse(self._body(kind, rid, req, [job.chunk(kind, req, item)], None))
-            if include_usage:
-                yield _sse(self._body(kind, rid, req, [], _usage(jobs)))
-            yield b"data: [DONE]\n\n"
-        finally:
-            self._inflight -= 1
-            for t in tasks:
-                t.cancel()
-            for job in jobs:
-                with contextlib.suppress(Exception):
-                    await job.close()
-
-
-def _usage(jobs: list[Job]) -> dict[str, int]:
-    prompt = sum(job.usage.prompt_tokens for job in jobs)
-    completion = sum(job.usage.completion_tokens for job in jobs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class Job:
-    """One prompt's generation: its choices (n, or best_of of which the n with the highest
-    cumulative logprob are returned) share one stream and one prefill."""
-
-    def __init__(self, greq: GenRequest, first_index: int, n: int = 1, echo: str | None = None,
-                 want_logprobs: bool = True, tools: ToolPlan | None = None) -> None:
-        self.greq = greq
-        self.n = n
-        self.usage = Usage()
-        count = 1 + len(greq.more)
-        self.choices = [Choice(first_index + j, greq.prompt_token_ids, echo, tools) for j in range(count)]
-        self.want_logprobs = want_logprobs
-        self._stream: AsyncIterator[Delta] | None = None
-        self._gen: Generator | None = None
-
-    def start(self, gen: Generator, tokenizer: Any, kind: str) -> None:
-        self._gen = gen
-        self._stream = gen.generate(self.greq, self.usage)
-        for c, p in zip(self.choices, [self.greq.params] + self.greq.more):
-            if p.logprobs is not None and self.want_logprobs:
-                c.lp = LogprobsBuilder(tokenizer, kind, p.logprobs)
-
-    async def first(self) -> Delta:
-        assert self._stream is not None
-        try:
-            return await self._stream.__anext__()
-        except StopAsyncIteration:
-            return Delta("", [], "stop")
-
-    def rest(self) -> AsyncIterator[Delta]:
-        assert self._stream is not None
-        return self._stream
-
-    async def collect(self, first: Delta) -> None:
-        self.choices[first.index].take(first)
-        async for d in self.rest():
-            self.choices[d.index].take(d)
-
-    def chunk(self, kind: str, req: CommonParams, d: Delta) -> dict[str, Any]:
-        return self.choices[d.index].chunk(kind, req, d)
-
-    def returned(self) -> list[Choice]:
-        """The choices to return: all, or the n best by cumulative logprob (best_of)."""
-        if len(self.choices) == self.n:
-            return self.choices
-        best = sorted(self.choices, key=lambda c: -c.cum_logprob)[: self.n]
-        first = self.choices[0].index
-        for j, c in enumerate(best):
-            c.index = first + j
-        return best
-
-    async def close(self) -> None:
-        if self._stream is not None:
-            with contextlib.suppress(Exception):
-                await self._stream.aclose()  # type: ignore[attr-defined]
-        if self._gen is not None:  # a generator closed before it ran keeps no reservation
-            self._gen.release(self.greq)
-
-
-class Choice:
-    """One choice of a response: its text, token ids, logprobs."""
-
-    def __init__(self, index: int, prompt_token_ids: list[int], echo: str | None = None,
-                 tools: ToolPlan | None = None) -> None:
-        self.index = index
-        # With tools, the text is read for tool calls once complete (a streamed answer
-        # comes as one delta at the end).
-        self.tools = tools
-        self.prompt_token_ids = prompt_token_ids
-        self.echo = echo
-        self.text = ""
-        self.token_ids: list[int] = []
-        self.reason: str | None = None
-        self.lp: LogprobsBuilder | None = None
-        self.cum_logprob = 0.0
-        self.started = False
-
-    def take(self, d: Delta) -> dict[str, Any] | None:
-        """Adds a delta; returns the logprobs of its tokens in the response's format."""
-        text = d.text
-        frag = None
-        if not self.started and self.echo is not None:
-            text = self.echo + text
-            if self.lp is not None:
-                frag = self.lp.add_prompt(self.prompt_token_ids, d.prompt_logprobs or [], self.echo)
-        self.started = True
-        if d.logprobs is not None:
-            self.cum_logprob += sum(lp[0] for lp in d.logprobs)
-            if self.lp is not None:
-                frag = self.lp.merge(frag, self.lp.add(d.token_ids, d.logprobs))
-        self.text += text
-        self.token_ids += d.token_ids
-        self.reason = d.finish_reason or self.reason
-        d.text = text
-        return frag
-
-    def final_choice(self, kind: str, req: CommonParams) -> dict[str, Any]:
-        lp = None if self.lp is None else self.lp.whole()
-        if kind == "completion":
-            choice: dict[str, Any] = {"index": self.index, "text": self.text,
-                                      "finish_reason": self.reason, "logprobs": lp}
-        else:
-            message: dict[str, Any] = {"role": "assistant", "content": self.text}
-            reason = self.reason
-            if self.tools is not None:
-                message["content"], calls = self.tools.parse(self.text)
-                if calls:
-                    message["tool_calls"] = calls
-                    reason = "tool_calls" if reason == "stop" else reason
-            choice = {"index": self.index, "message": message, "finish_reason": reason, "logprobs": lp}
-        if req.return_token_ids:
-            choice["token_ids"] = self.token_ids
-        return choice
-
-    def chunk(self, kind: str, req: CommonParams, d: Delta) -> dict[str, Any]:
-        first_chunk = not self.started
-        frag = self.take(d)
-        if kind == "completion":
-            choice: dict[str, Any] = {"index": self.index, "text": d.text,
-                                      "finish_reason": d.finish_reason, "logprobs": frag}
-        else:
-            delta: dict[str, Any] = {"content": d.text}
-            reason = d.finish_reason
-            if self.tools is not None:  # held until the answer is complete
-                delta = {"content": ""}
-                if reason is not None:
-                    content, calls = self.tools.parse(self.text)
-                    delta = {"content": content}
-                    if calls:
-                        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-                        reason = "tool_calls" if reason == "stop" else reason
-            if first_chunk:
-                delta["role"] = "assistant"
-            choice = {"index": self.index, "delta": delta, "finish_reason": reason, "logprobs": frag}
-        if req.return_token_ids:
-            choice["token_ids"] = d.token_ids
-        return choice
-
-
-def build_app(ingress: Ingress) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await ingress.refresh()
-        task = asyncio.get_running_loop().create_task(ingress.refresh_loop())
-        try:
-            yield
-        finally:
-            task.cancel()
-
-    app = FastAPI(title="splitserve", lifespan=lifespan)
-    keys = api_keys(ingress.m.api_keys_path())
-    if keys:
-        logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
-
-    def refuse(path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
-        """Overload refusal before the request reaches FastAPI (cluster/http_guard.py)."""
-        if path not in ("/v1/completions", "/v1/chat/completions"):
-            return None
-        try:
-            ingress.refuse_early()
-        except OverloadedError as e:
-            return 429, json.dumps(e.to_openai()).encode(), [(b"retry-after", str(e.retry_after_s).encode())]
-        return None
-
-    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys, refuse=refuse)
-
-    @app.exception_handler(SplitServeError)
-    async def _err(_: Request, e: SplitServeError) -> JSONResponse:
-        return error_response(e)
-
-    async def body_of(request: Request) -> object:
-        # refuse_early ran before the request reached FastAPI (RequestGuard); again now:
-        # in a burst, every request passes that check before any is admitted (reading a
-        # body yields to the loop), and by now the ones ahead are counted.
-        raw = await request.body()
-        ingress.refuse_early()
-        ingress.metrics.bodies.inc()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
-
-    async def unless_gone(request: Request, work: Any) -> Response:
-        """Run work (a respond()) but cancel it once the client has disconnected, so a
-        non-streamed request whose client left frees its workers and KV at once."""
-        task = asyncio.ensure_future(work)
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                logger.info("client of %s %s left; request cancelled", request.method, request.url.path)
-                return Response(status_code=499)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        t_in = time.monotonic()
-        req, jobs = ingress.completion_request(await body_of(request))
-        return await unless_gone(request, ingress.respond("completion", req, jobs, t_in))
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        req, jobs = ingress.chat_request(await body_of(request))
-        return await unless_gone(request, ingress.respond("chat", req, jobs))
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": ingress.m.model.name, "object": "model",
-                                            "created": ingress.created, "owned_by": "splitserve",
-                                            "max_model_len": ingress.max_model_len}]}
-
-    @app.get("/health")
-    async def health() -> Response:
-        if ingress.healthy():
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unhealthy"}, status_code=503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(ingress.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return app
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the request bodies that the handlers parse themselves (strictly,
-    from the protocol models) and the error object, so that clients and fuzzers
-    (schemathesis) see the real API."""
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    from fastapi.openapi.utils import get_openapi
-
-    schema = get_openapi(title=app.title, version="1", routes=app.routes)
-    comps = schema.setdefault("components", {}).setdefault("schemas", {})
-    error = {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["message", "type"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-    comps["ErrorResponse"] = error
-    for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
-        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        comps.update(body.pop("$defs", {}))
-        comps[model.__name__] = body
-        op = schema["paths"][path]["post"]
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-        op["responses"] = {"200": {"description": "The completion (JSON, or server-sent events with stream)"},
-                           **{code: {"description": what, **err} for code, what in (
-                               ("400", "Invalid request"), ("401", "Missing or wrong API key"),
-                               ("404", "Unknown model"), ("413", "Body over server.max_request_bytes"),
-                               ("429", "Overloaded (Retry-After)"), ("503", "No healthy pool"))}}
-    app.openapi_schema = schema
-    return schema
+    def _stream_ended(self) -> None:
+        self._inflight -= 1

@@ -18,7 +18,8 @@ import uvicorn
 
 from cluster.controller import start_controller
 from cluster.revival import remove_leftovers
-from cluster.ingress import Ingress, build_app
+from cluster.http_app import build_app
+from cluster.ingress import Ingress
 from cluster.manifest import Manifest
 from placement.groups import PlacementGroupError
 
