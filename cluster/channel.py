@@ -52,20 +52,14 @@ def _frame(msgs: list[dict[str, Any]]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> list[dict[str, Any]]:
-    (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-    if n > MAX_FRAME:
-        raise ChannelClosedError(f"frame of {n} bytes exceeds {MAX_FRAME}")
-    return pickle.loads(await reader.readexactly(n))  # noqa: S301 - authenticated peer
-
-
 class Conn:
     """The worker's end of one ingress's channel."""
 
-    def __init__(self, client_id: str, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, client_id: str, writer: _Framed) -> None:
         self.client_id = client_id
         self.writer = writer
         self.closed = False
+        self.ended = False
         self.frames = 0
         self.messages = 0
         self._buf: list[dict[str, Any]] = []
@@ -129,7 +123,7 @@ class ChannelServer:
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str) -> None:
-        self._server = await asyncio.start_server(self._serve, host, 0)
+        self._server = await asyncio.get_running_loop().create_server(self._accepted, host, 0)
         self.host = host
         self.port = int(self._server.sockets[0].getsockname()[1])
 
@@ -144,40 +138,14 @@ class ChannelServer:
     _closed_frames = 0
     _closed_messages = 0
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), timeout=CONNECT_TIMEOUT_S)
-            if not hmac.compare_digest(token, self.token):
-                logger.warning("channel connection with a wrong token refused")
-                writer.close()
-                return
-            (n,) = _LEN.unpack(await asyncio.wait_for(reader.readexactly(_LEN.size), CONNECT_TIMEOUT_S))
-            client_id = (await asyncio.wait_for(reader.readexactly(min(n, 256)), CONNECT_TIMEOUT_S)).decode()
-        except Exception:  # noqa: BLE001 - a bad or slow handshake
-            writer.close()
-            return
-        conn = Conn(client_id, writer)
-        old = self.conns.pop(client_id, None)
-        if old is not None:
-            self._ended(old)
-        self.conns[client_id] = conn
-        try:
-            while True:
-                for msg in await _read_frame(reader):
-                    try:
-                        self.on_message(conn, msg)
-                    except Exception:  # noqa: BLE001 - one bad message does not end the channel
-                        logger.exception("channel message %s failed", msg.get("op"))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except Exception:  # noqa: BLE001
-            logger.exception("channel from %s failed", client_id)
-        finally:
-            if self.conns.get(client_id) is conn:
-                del self.conns[client_id]
-            self._ended(conn)
+    def _accepted(self) -> _ServerEnd:
+        return _ServerEnd(self)
 
     def _ended(self, conn: Conn) -> None:
+        """Once per channel: replaced by a new one of its ingress, or its connection lost."""
+        if conn.ended:
+            return
+        conn.ended = True
         self._closed_frames += conn.frames
         self._closed_messages += conn.messages
         conn.close()
@@ -230,29 +198,166 @@ class Mailbox:
         return self._items.popleft()
 
 
+class _Framed(asyncio.Protocol):
+    """One end of a channel as a protocol: frames are parsed as their bytes arrive and
+    handed to on_frame in that same event-loop turn (a reader task on a StreamReader took
+    one more turn per frame: on each request's way in and its reply's way back, and per
+    token frame of every stream). Flow control as StreamWriter.drain."""
+
+    def __init__(self, on_frame: Callable[[list[dict[str, Any]]], None],
+                 on_lost: Callable[[BaseException | None], None]) -> None:
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._paused = False
+        self._drained: list[asyncio.Future[None]] = []
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        self._frames()
+
+    def _frames(self) -> None:
+        buf = self._buf
+        while len(buf) >= _LEN.size and not self.lost:
+            (n,) = _LEN.unpack_from(buf)
+            if n > MAX_FRAME:
+                logger.warning("channel frame of %d bytes exceeds %d; closing the channel", n, MAX_FRAME)
+                self.close()
+                return
+            end = _LEN.size + n
+            if len(buf) < end:
+                return
+            body = bytes(buf[_LEN.size:end])
+            del buf[:end]
+            self.on_frame(pickle.loads(body))  # noqa: S301 - authenticated peer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.resume_writing()
+        self.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        waiters, self._drained = self._drained, []
+        for w in waiters:
+            _wake(w)
+
+    async def drain(self) -> None:
+        if self._paused and not self.lost:
+            w = asyncio.get_running_loop().create_future()
+            self._drained.append(w)
+            await w
+
+    # What Conn uses of a StreamWriter.
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _ServerEnd(_Framed):
+    """A worker's end of one connection: the handshake (the token, then the client id)
+    within CONNECT_TIMEOUT_S, then frames, each message to the server's on_message in the
+    event-loop turn its bytes arrive in. Nothing is unpickled before the token matched."""
+
+    def __init__(self, server: ChannelServer) -> None:
+        super().__init__(self._messages, self._lost)
+        self.server = server
+        self.conn: Conn | None = None
+        self._timer = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self.conn is None and not self._handshake():
+            return
+        self._frames()
+
+    def _handshake(self) -> bool:
+        buf = self._buf
+        if len(buf) < TOKEN_BYTES + _LEN.size:
+            return False
+        if not hmac.compare_digest(bytes(buf[:TOKEN_BYTES]), self.server.token):
+            logger.warning("channel connection with a wrong token refused")
+            self.close()
+            return False
+        (n,) = _LEN.unpack_from(buf, TOKEN_BYTES)
+        end = TOKEN_BYTES + _LEN.size + min(n, 256)
+        if len(buf) < end:
+            return False
+        try:
+            client_id = bytes(buf[TOKEN_BYTES + _LEN.size:end]).decode()
+        except UnicodeDecodeError:
+            self.close()
+            return False
+        del buf[:end]
+        self._timer.cancel()
+        self.conn = Conn(client_id, self)
+        old = self.server.conns.pop(client_id, None)
+        if old is not None:
+            self.server._ended(old)
+        self.server.conns[client_id] = self.conn
+        return True
+
+    def _messages(self, msgs: list[dict[str, Any]]) -> None:
+        conn = self.conn
+        assert conn is not None
+        for msg in msgs:
+            try:
+                self.server.on_message(conn, msg)
+            except Exception:  # noqa: BLE001 - one bad message does not end the channel
+                logger.exception("channel message %s failed", msg.get("op"))
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self._timer.cancel()
+        conn = self.conn
+        if exc is not None and not isinstance(exc, (ConnectionError, OSError)):
+            logger.warning("channel from %s failed: %r", conn.client_id if conn else "?", exc)
+        if conn is not None:
+            if self.server.conns.get(conn.client_id) is conn:
+                del self.server.conns[conn.client_id]
+            self.server._ended(conn)
+
+
 class ChannelClient:
     """The ingress's end of one worker's channel: send requests, and the worker's messages
-    are put on the queue registered for their request_id."""
+    are put in the mailbox registered for their request_id."""
 
-    def __init__(self, worker_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
-        self.reader = reader
-        self.writer = writer
         self.closed = False
         self.frames = 0
         self.messages = 0
         self._queues: dict[str, Mailbox | asyncio.Queue[dict[str, Any]]] = {}
-        self._task = asyncio.ensure_future(self._read())
+        self.protocol = _Framed(self._on_frame, self._on_lost)
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        assert self.protocol.transport is not None
+        return self.protocol.transport
 
     @classmethod
     async def connect(cls, worker_id: str, info: dict[str, Any], client_id: str,
                       timeout_s: float = CONNECT_TIMEOUT_S) -> ChannelClient:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(info["host"], info["port"]),
-                                                timeout=timeout_s)
+        client = cls(worker_id)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.create_connection(lambda: client.protocol, info["host"], info["port"]),
+                               timeout=timeout_s)
         cid = client_id.encode()
-        writer.write(info["token"].encode() + _LEN.pack(len(cid)) + cid)
-        await asyncio.wait_for(writer.drain(), timeout=timeout_s)
-        return cls(worker_id, reader, writer)
+        client.transport.write(info["token"].encode() + _LEN.pack(len(cid)) + cid)
+        await asyncio.wait_for(client.protocol.drain(), timeout=timeout_s)
+        return client
 
     def register(self, request_id: str, queue: Mailbox | asyncio.Queue[dict[str, Any]]) -> None:
         self._queues[request_id] = queue
@@ -263,19 +368,19 @@ class ChannelClient:
         self._queues.pop(request_id, None)
 
     async def send(self, msg: dict[str, Any], timeout_s: float = STALL_S) -> None:
-        if self.closed or self.writer.transport.is_closing():
+        if self.closed or self.transport.is_closing():
             raise ChannelClosedError(f"channel to {self.worker_id} is closed")
-        self.writer.write(_frame([msg]))
+        self.transport.write(_frame([msg]))
         # Waits only when the socket is backed up (a drain wrapped in wait_for costs a task
         # and event-loop turns per request otherwise).
-        if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
-            await asyncio.wait_for(self.writer.drain(), timeout=timeout_s)
+        if self.transport.get_write_buffer_size() > HIGH_WATER:
+            await asyncio.wait_for(self.protocol.drain(), timeout=timeout_s)
 
     def send_nowait(self, msg: dict[str, Any]) -> None:
-        """Fire and forget (aborts): never raises."""
+        """Fire and forget (aborts, releases): never raises."""
         if not self.closed:
             try:
-                self.writer.write(_frame([msg]))
+                self.transport.write(_frame([msg]))
             except Exception:  # noqa: BLE001
                 pass
 
@@ -283,29 +388,23 @@ class ChannelClient:
         return {"request_id": request_id,
                 "error": ChannelClosedError(f"channel to worker {self.worker_id} closed")}
 
-    async def _read(self) -> None:
-        try:
-            while True:
-                msgs = await _read_frame(self.reader)
-                self.frames += 1
-                self.messages += len(msgs)
-                for msg in msgs:
-                    q = self._queues.get(msg.get("request_id", ""))
-                    if q is not None:
-                        q.put_nowait(msg)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
-            pass
-        except Exception:  # noqa: BLE001
-            logger.exception("channel to %s failed", self.worker_id)
-        finally:
-            self.closed = True
-            self.writer.close()
-            for rid, q in list(self._queues.items()):
-                q.put_nowait(self._closed_msg(rid))
+    def _on_frame(self, msgs: list[dict[str, Any]]) -> None:
+        self.frames += 1
+        self.messages += len(msgs)
+        for msg in msgs:
+            q = self._queues.get(msg.get("request_id", ""))
+            if q is not None:
+                q.put_nowait(msg)
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and not isinstance(exc, (ConnectionError, OSError)):
+            logger.warning("channel to %s failed: %r", self.worker_id, exc)
+        self.closed = True
+        for rid, q in list(self._queues.items()):
+            q.put_nowait(self._closed_msg(rid))
 
     def close(self) -> None:
-        self._task.cancel()
-        self.writer.close()
+        self.protocol.close()
 
 
 class ChannelPool:

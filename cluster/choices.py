@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,16 @@ from cluster.generation import Delta, GenRequest, Generator, Usage
 from cluster.logprobs import LogprobsBuilder
 from cluster.protocol import CommonParams
 from cluster.tools import ToolPlan
+
+
+@dataclasses.dataclass
+class Reply:
+    """A response: its body (a whole response), or its server-sent events (stream); and
+    the jobs it answers."""
+
+    body: dict[str, Any] | None
+    events: AsyncIterator[bytes] | None
+    jobs: list[Job]
 
 
 def sse(obj: object) -> bytes:

@@ -44,6 +44,18 @@ async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dic
     return res
 
 
+def release_kv(channels: ChannelPool | None, w: WorkerView, request_id: str) -> None:
+    """Tell a prefill worker that it need not keep a request's KV (fire and forget): over
+    its channel when one is open (a message, ~0.01 ms), else a Ray call (~0.5 ms of this
+    process's time, which was most of the ingress's own time per request)."""
+    if channels is not None:
+        ch = channels.clients.get(w.worker_id)
+        if ch is not None and not ch.closed:
+            ch.send_nowait({"op": "release_kv", "request_id": request_id})
+            return
+    w.handle.release_kv.remote(request_id)
+
+
 def token_stream(channels: ChannelPool | None, w: WorkerView, payload: dict[str, Any],
                  timeout_s: float) -> AsyncIterator[dict[str, Any]]:
     """The worker's messages for the request and its further choices, until all finished

@@ -1,6 +1,16 @@
-"""The ingress's HTTP app (FastAPI): OpenAI routes, errors as OpenAI error objects, the
-request guard (cluster/http_guard.py), the OpenAPI schema. The request handling is
-cluster/ingress.py."""
+"""The ingress's HTTP app: OpenAI routes, errors as OpenAI error objects, the request guard
+(cluster/http_guard.py), the OpenAPI schema. The request handling is cluster/ingress.py.
+
+The two hot endpoints (``POST /v1/completions``, ``POST /v1/chat/completions``) are a plain
+ASGI app (``HotPath``) that the outermost app (``IngressApp``) calls directly: no
+middleware stack, routing, dependency solving or response classes per request (their
+cost was most of the ingress's own time, benchmarks/results/2026-12-06-path). It does what
+the FastAPI route did, in the same order: the guard's checks (401, 429, 400/413 by
+Content-Length, 413 while reading), the body read once, the same strict validation
+(cluster/protocol.py), the same OpenAI error objects and status codes, the same headers.
+Everything else (other paths, other methods: 405 on the hot paths) goes through FastAPI,
+where the hot paths are also routed (to the same HotPath) and documented in the OpenAPI
+schema."""
 
 from __future__ import annotations
 
@@ -9,14 +19,15 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from cluster.choices import Job, Reply
 from cluster.errors import InvalidRequestError, OverloadedError, SplitServeError
-from cluster.http_guard import RequestGuard, api_keys
+from cluster.http_guard import Refusal, RequestGuard, api_keys, respond
 from cluster.protocol import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -24,8 +35,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# How often a non-streamed request checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.5
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+HOT = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+_JSON = (b"content-type", b"application/json")
+_SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 
 
 def error_response(e: SplitServeError) -> JSONResponse:
@@ -35,8 +52,155 @@ def error_response(e: SplitServeError) -> JSONResponse:
     return JSONResponse(e.to_openai(), status_code=e.status_code, headers=headers)
 
 
+def _json(obj: object) -> bytes:
+    """As starlette's JSONResponse renders a body."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
 
-def build_app(ingress: Ingress) -> FastAPI:
+
+async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode()), _JSON]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, e: SplitServeError) -> None:
+    headers = [(b"retry-after", str(e.retry_after_s).encode())] if isinstance(e, OverloadedError) else []
+    await _send_json(send, e.status_code, _json(e.to_openai()), headers)
+
+
+def _server_timing(jobs: list[Job], t_in: float) -> bytes:
+    """The Server-Timing header: the worker's own time; for a single-token request also
+    this process's own time from the request's arrival here to its response encoded
+    (guard, body, validation, tokenizing, routing, response), apart from the prefill
+    call, and that call's parts (benchmarks/overhead.py reads them)."""
+    usage = jobs[0].usage
+    timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
+    c0 = jobs[0].choices[0]
+    if usage.first_token_at and c0.reason is not None and len(c0.token_ids) == 1:
+        ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
+        rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
+        timing += (f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
+                   f", rpc_in;dur={usage.rpc_in_s * 1e3:.3f}, publish;dur={usage.publish_s * 1e3:.3f}"
+                   f", rpc_out;dur={usage.rpc_out_s * 1e3:.3f}")
+    return timing.encode()
+
+
+class _Watch:
+    """Cancels the request's task when its client disconnects, so that a request whose
+    client left frees its workers and KV at once. Once the body is read, the server's
+    receive() returns only then (or once the response is complete)."""
+
+    __slots__ = ("task", "watcher", "gone", "stopped")
+
+    def __init__(self, receive: Receive) -> None:
+        self.task = asyncio.current_task()
+        self.gone = False
+        self.stopped = False
+        self.watcher = asyncio.ensure_future(receive())
+        self.watcher.add_done_callback(self._seen)
+
+    def _seen(self, w: asyncio.Future[Message]) -> None:
+        if self.stopped or w.cancelled() or w.exception() is not None:
+            return
+        if w.result().get("type") == "http.disconnect" and self.task is not None:
+            self.gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.watcher.cancel()
+
+
+class HotPath:
+    """POST /v1/completions and /v1/chat/completions as a plain ASGI app (module doc)."""
+
+    def __init__(self, ingress: Ingress, guard: RequestGuard) -> None:
+        self.ingress = ingress
+        self.guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t_in = time.monotonic()
+        refused: Refusal | bytes | None = self.guard.check(scope)
+        if refused is None:
+            refused = await self.guard.read_body(receive)
+            if refused is None:
+                return  # the client left
+        if isinstance(refused, tuple):
+            await respond(send, *refused)
+            return
+        raw, ingress, kind = refused, self.ingress, HOT[scope["path"]]
+        watch: _Watch | None = None
+        try:
+            # refuse_early ran in the guard's check; again now: in a burst, every request
+            # passes that check before any is admitted (reading a body yields to the loop),
+            # and by now the ones ahead are counted.
+            ingress.refuse_early()
+            ingress.metrics.bodies.inc()
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+            req, jobs = ingress.completion_request(body) if kind == "completion" else ingress.chat_request(body)
+            watch = _Watch(receive)
+            reply = await ingress.respond(kind, req, jobs)
+            if reply.events is not None:
+                await self._stream(send, reply.events, watch)
+                return
+            watch.stop()
+            await self._whole(send, reply, t_in)
+        except SplitServeError as e:
+            if watch is not None:
+                watch.stop()
+            await _send_error(send, e)
+        except asyncio.CancelledError:
+            if watch is None or not watch.gone:
+                raise
+            if watch.task is not None:
+                watch.task.uncancel()
+            logger.info("client of POST %s left; request cancelled", scope["path"])
+        finally:
+            if watch is not None:
+                watch.stop()
+
+    @staticmethod
+    async def _whole(send: Send, reply: Reply, t_in: float) -> None:
+        body = _json(reply.body)
+        headers = []
+        if len(reply.jobs) == 1 and len(reply.jobs[0].choices) == 1:
+            headers.append((b"server-timing", _server_timing(reply.jobs, t_in)))
+        await _send_json(send, 200, body, headers)
+
+    @staticmethod
+    async def _stream(send: Send, events: AsyncIterator[bytes], watch: _Watch) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [_SSE]})
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watch.stop()  # the response's end wakes the watcher: not a disconnect
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+class IngressApp:
+    """The outermost ASGI app: a POST to a hot path goes straight to HotPath; everything
+    else (lifespan too) to the FastAPI app."""
+
+    def __init__(self, app: FastAPI, hot: HotPath) -> None:
+        self.app = app
+        self.hot = hot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in HOT:
+            await self.hot(scope, receive, send)  # an exception: the server logs it, 500 if nothing was sent
+            return
+        await self.app(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        return self.app.openapi()
+
+
+def build_app(ingress: Ingress) -> IngressApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ingress.refresh()
@@ -51,9 +215,9 @@ def build_app(ingress: Ingress) -> FastAPI:
     if keys:
         logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
 
-    def refuse(path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
-        """Overload refusal before the request reaches FastAPI (cluster/http_guard.py)."""
-        if path not in ("/v1/completions", "/v1/chat/completions"):
+    def refuse(path: str) -> Refusal | None:
+        """Overload refusal before the request's body is read (cluster/http_guard.py)."""
+        if path not in HOT:
             return None
         try:
             ingress.refuse_early()
@@ -61,49 +225,15 @@ def build_app(ingress: Ingress) -> FastAPI:
             return 429, json.dumps(e.to_openai()).encode(), [(b"retry-after", str(e.retry_after_s).encode())]
         return None
 
-    app.add_middleware(RequestGuard, max_body_bytes=ingress.m.server.max_request_bytes, keys=keys, refuse=refuse)
+    max_bytes = ingress.m.server.max_request_bytes
+    app.add_middleware(RequestGuard, max_body_bytes=max_bytes, keys=keys, refuse=refuse)
+    hot = HotPath(ingress, RequestGuard(None, max_bytes, keys, refuse))
+    for path in HOT:  # reached through FastAPI only when not through IngressApp; 405 for other methods
+        app.router.add_route(path, hot, methods=["POST"], include_in_schema=False)
 
     @app.exception_handler(SplitServeError)
     async def _err(_: Request, e: SplitServeError) -> JSONResponse:
         return error_response(e)
-
-    async def body_of(request: Request) -> object:
-        # refuse_early ran before the request reached FastAPI (RequestGuard); again now:
-        # in a burst, every request passes that check before any is admitted (reading a
-        # body yields to the loop), and by now the ones ahead are counted.
-        raw = await request.body()
-        ingress.refuse_early()
-        ingress.metrics.bodies.inc()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
-
-    async def unless_gone(request: Request, work: Any) -> Response:
-        """Run work (a respond()) but cancel it once the client has disconnected, so a
-        non-streamed request whose client left frees its workers and KV at once."""
-        task = asyncio.ensure_future(work)
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                logger.info("client of %s %s left; request cancelled", request.method, request.url.path)
-                return Response(status_code=499)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        t_in = time.monotonic()
-        req, jobs = ingress.completion_request(await body_of(request))
-        return await unless_gone(request, ingress.respond("completion", req, jobs, t_in))
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        req, jobs = ingress.chat_request(await body_of(request))
-        return await unless_gone(request, ingress.respond("chat", req, jobs))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -122,13 +252,14 @@ def build_app(ingress: Ingress) -> FastAPI:
         return Response(ingress.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return app
+    return IngressApp(app, hot)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the request bodies that the handlers parse themselves (strictly,
-    from the protocol models) and the error object, so that clients and fuzzers
-    (schemathesis) see the real API."""
+    """FastAPI's schema of its routes plus the two hot endpoints (a plain ASGI app, which
+    FastAPI does not document): their request bodies (parsed strictly, from the protocol
+    models), responses and the error object, so that clients and fuzzers (schemathesis)
+    see the real API."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -140,18 +271,23 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
     comps["ErrorResponse"] = error
-    for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
+    hot_paths: dict[str, Any] = {}
+    for path, model, name in (("/v1/completions", CompletionRequest, "completions"),
+                              ("/v1/chat/completions", ChatCompletionRequest, "chat")):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.update(body.pop("$defs", {}))
         comps[model.__name__] = body
-        op = schema["paths"][path]["post"]
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
         err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-        op["responses"] = {"200": {"description": "The completion (JSON, or server-sent events with stream)"},
-                           **{code: {"description": what, **err} for code, what in (
-                               ("400", "Invalid request"), ("401", "Missing or wrong API key"),
-                               ("404", "Unknown model"), ("413", "Body over server.max_request_bytes"),
-                               ("429", "Overloaded (Retry-After)"), ("503", "No healthy pool"))}}
+        hot_paths[path] = {"post": {
+            "summary": name.capitalize(),
+            "operationId": f"{name}{path.replace('/', '_')}_post",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
+            "responses": {"200": {"description": "The completion (JSON, or server-sent events with stream)"},
+                          **{code: {"description": what, **err} for code, what in (
+                              ("400", "Invalid request"), ("401", "Missing or wrong API key"),
+                              ("404", "Unknown model"), ("413", "Body over server.max_request_bytes"),
+                              ("429", "Overloaded (Retry-After)"), ("503", "No healthy pool"))}}}}
+    schema["paths"] = {**hot_paths, **schema.get("paths", {})}
     app.openapi_schema = schema
     return schema

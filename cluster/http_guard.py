@@ -59,22 +59,39 @@ def _error(status: int, message: str, error_type: str, code: str, param: str | N
     return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}}).encode()
 
 
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """A request header's value (the last, if repeated)."""
+    found = None
+    for k, v in scope.get("headers") or ():
+        if k == name:
+            found = v
+    return found
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A whole JSON response."""
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestGuard:
-    """ASGI middleware: API keys, then the body-size limit (see the module doc)."""
+Refusal = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, keys: list[str] | None = None,
-                 refuse: Callable[[str], tuple[int, bytes, list[tuple[bytes, bytes]]] | None] | None = None) -> None:
+
+class RequestGuard:
+    """ASGI middleware: API keys, then the body-size limit (see the module doc). ``check``
+    and ``read_body`` are the same steps for an ASGI app that reads its own body (the
+    ingress's hot path, cluster/http_app.py)."""
+
+    def __init__(self, app: ASGIApp | None, max_body_bytes: int, keys: list[str] | None = None,
+                 refuse: Callable[[str], Refusal | None] | None = None) -> None:
         self.app = app
         self.refuse = refuse
         self.max_body_bytes = max_body_bytes
         self.keys = [k.encode() for k in keys or []]
+        self._too_big = _error(413, f"request body is larger than this server's limit of {max_body_bytes} bytes "
+                                    "(server.max_request_bytes)", "invalid_request_error", "request_too_large")
 
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
@@ -85,56 +102,68 @@ class RequestGuard:
         # Every key compared, constant time each: no early exit on the first match.
         return any([hmac.compare_digest(token, k) for k in self.keys])
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def check(self, scope: Scope) -> Refusal | None:
+        """What is refused before the body is read (401, then for a POST 429 and 400/413 by
+        Content-Length); None: go on (a body without Content-Length is checked as read)."""
         if self.keys and scope.get("path") not in OPEN_PATHS and not self._authorized(scope):
             client = scope.get("client") or ("?", 0)
             logger.warning("401 for %s %s from %s: missing or wrong API key", scope.get("method"),
                            scope.get("path"), client[0])
-            await _respond(send, 401, _error(
+            return 401, _error(
                 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' with a key this "
-                "server accepts", "invalid_request_error", "invalid_api_key"),
-                [(b"www-authenticate", b"Bearer")])
-            return
+                "server accepts", "invalid_request_error", "invalid_api_key"), [(b"www-authenticate", b"Bearer")]
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
+            return None
         refused = self.refuse(scope.get("path", "")) if self.refuse is not None else None
         if refused is not None:
-            await _respond(send, *refused)
-            return
-        too_big = _error(413, f"request body is larger than this server's limit of {self.max_body_bytes} bytes "
-                              "(server.max_request_bytes)", "invalid_request_error", "request_too_large")
-        length = dict(scope.get("headers") or []).get(b"content-length")
+            return refused
+        length = _header(scope, b"content-length")
         if length is not None:
             try:
                 n = int(length)
             except ValueError:
-                await _respond(send, 400, _error(400, f"Content-Length {length.decode(errors='replace')!r} is "
-                                                      "not a number", "invalid_request_error", "bad_request"))
-                return
+                return 400, _error(400, f"Content-Length {length.decode(errors='replace')!r} is not a number",
+                                   "invalid_request_error", "bad_request"), []
             if n > self.max_body_bytes:
-                await _respond(send, 413, too_big)
-                return
-            await self.app(scope, receive, send)  # the server reads no more than Content-Length
-            return
-        # No Content-Length (chunked): read up to the limit, then hand the body on.
+                return 413, self._too_big, []
+        return None
+
+    async def read_body(self, receive: Receive) -> bytes | Refusal | None:
+        """The whole body, or 413 as soon as the bytes received pass the limit (at most the
+        limit is ever buffered); None if the client left."""
         chunks, total = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             body = message.get("body", b"")
             total += len(body)
             if total > self.max_body_bytes:
-                await _respond(send, 413, too_big)
-                return
+                return 413, self._too_big, []
             chunks.append(body)
             if not message.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.app is not None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = self.check(scope)
+        if refused is not None:
+            await respond(send, *refused)
+            return
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS") or _header(scope, b"content-length") is not None:
+            await self.app(scope, receive, send)  # the server reads no more than Content-Length
+            return
+        # No Content-Length (chunked): read up to the limit, then hand the body on.
+        body = await self.read_body(receive)
+        if body is None:
+            return
+        if isinstance(body, tuple):
+            await respond(send, *body)
+            return
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replayed() -> Message:
             return replay.pop() if replay else await receive()

@@ -12,11 +12,9 @@ import time
 import uuid
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
 from cluster.admission import RecentPrompts, queue_refusal
 from cluster.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
-from cluster.choices import Job, response_body, sse_events, usage_of
+from cluster.choices import Job, Reply, response_body, sse_events, usage_of
 from cluster.generation import GenRequest, Generator
 from cluster.tools import ToolPlan
 from cluster.manifest import Manifest
@@ -36,6 +34,7 @@ class Ingress:
         self.controller = controller
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.vocab_size = int(tokenizer.vocab_size)  # ids, added tokens included (asked once)
         self.metrics = Metrics(manifest.model.name)
         self.router = Router(manifest.kv_cache.block_size)
         self.gen = Generator(manifest, self.router, self.metrics, tokenizer, controller)
@@ -104,7 +103,7 @@ class Ingress:
             raise InvalidRequestError(
                 f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV than a worker "
                 f"holds ({self.kv_capacity} tokens); lower max_tokens", param="max_tokens")
-        vocab = self.tokenizer.vocab_size
+        vocab = self.vocab_size
         bad = [t for t in req.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"stop_token_ids {bad} outside the vocabulary 0..{vocab - 1}",
@@ -205,7 +204,7 @@ class Ingress:
             if isinstance(prompt, str):
                 ids = self.tokenizer.encode(prompt)
             else:
-                vocab = self.tokenizer.vocab_size
+                vocab = self.vocab_size
                 if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
                     raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
                 ids = list(prompt)
@@ -248,15 +247,18 @@ class Ingress:
         return plan
 
     # -- responses ----------------------------------------------------------------------
-    async def respond(self, kind: str, req: CommonParams, jobs: list[Job],
-                      t_in: float | None = None) -> Response:
+    async def respond(self, kind: str, req: CommonParams, jobs: list[Job]) -> Reply:
+        """Admit and run the jobs: the whole response, or (stream) its events once the
+        first token of every job is there. A SplitServeError raised here (before any
+        output) is the HTTP error."""
         self._admit(jobs)
         self._inflight += 1
         for job in jobs:
             job.start(self.gen, self.tokenizer, kind)
         try:
-            # Errors before any output become HTTP errors.
-            firsts = await asyncio.gather(*(job.first() for job in jobs))
+            # One prompt (the usual case) awaited as it is, not in a task of its own.
+            firsts = ([await jobs[0].first()] if len(jobs) == 1
+                      else await asyncio.gather(*(job.first() for job in jobs)))
         except BaseException:
             self._inflight -= 1
             for job in jobs:
@@ -265,31 +267,18 @@ class Ingress:
         rid = jobs[0].greq.request_id.replace("req-", "cmpl-" if kind == "completion" else "chatcmpl-")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse_events(kind, rid, req, jobs, firsts, include_usage, self._stream_ended),
-                                     media_type="text/event-stream")
+            return Reply(None, sse_events(kind, rid, req, jobs, firsts, include_usage, self._stream_ended), jobs)
         try:
-            await asyncio.gather(*(job.collect(first) for job, first in zip(jobs, firsts)))
+            if len(jobs) == 1:
+                await jobs[0].collect(firsts[0])
+            else:
+                await asyncio.gather(*(job.collect(first) for job, first in zip(jobs, firsts)))
         finally:
             self._inflight -= 1
             for job in jobs:
                 await job.close()
         choices = [c.final_choice(kind, req) for job in jobs for c in job.returned()]
-        body = response_body(kind, rid, req, choices, usage_of(jobs))
-        headers = {}
-        if len(jobs) == 1 and len(jobs[0].choices) == 1:
-            usage, c0 = jobs[0].usage, jobs[0].choices[0]
-            timing = f"worker;dur={usage.worker_s * 1e3:.3f}"
-            if (t_in is not None and usage.first_token_at and c0.reason is not None
-                    and len(c0.token_ids) == 1):
-                # Single-token requests: time spent in this process's own code (validation,
-                # tokenizing, routing, response), apart from the worker RPC.
-                ingress_s = (usage.dispatched_at - t_in) + (time.monotonic() - usage.first_token_at)
-                rpc_s = usage.first_token_at - usage.dispatched_at - usage.worker_s
-                timing += (f", ingress;dur={ingress_s * 1e3:.3f}, rpc;dur={rpc_s * 1e3:.3f}"
-                           f", rpc_in;dur={usage.rpc_in_s * 1e3:.3f}, publish;dur={usage.publish_s * 1e3:.3f}"
-                           f", rpc_out;dur={usage.rpc_out_s * 1e3:.3f}")
-            headers["Server-Timing"] = timing
-        return JSONResponse(body, headers=headers)
+        return Reply(response_body(kind, rid, req, choices, usage_of(jobs)), None, jobs)
 
     def _stream_ended(self) -> None:
         self._inflight -= 1

@@ -158,7 +158,11 @@ class PrefillWorker(EngineWorker):
 
     # -- requests over an ingress's channel (cluster.channel) -----------------------------
     def channel_request(self, conn: Conn, msg: dict[str, Any]) -> None:
-        if msg.get("op") != "prefill":
+        op = msg.get("op")
+        if op == "release_kv":  # fire and forget, as release_kv.remote
+            asyncio.ensure_future(self.release_kv(msg["request_id"]))
+            return
+        if op != "prefill":
             super().channel_request(conn, msg)
             return
         asyncio.ensure_future(self._prefill_on(conn, msg["req"]))

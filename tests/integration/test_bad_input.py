@@ -89,6 +89,35 @@ def test_a_chunked_body_over_the_limit_is_cut_off_with_413(url):
     assert small.status_code == 200, small.text
 
 
+def test_the_completion_paths_answer_as_routes_do(url):
+    """The two POST endpoints are served outside FastAPI's routing (cluster/http_app.py):
+    other methods still get 405 naming the allowed one, a trailing slash the usual
+    redirect, the schema documents both, and each answer has its content type and length."""
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.get(f"{url}{path}", timeout=30)
+        assert r.status_code == 405 and r.headers["allow"] == "POST", (path, r.status_code, r.text)
+        r = httpx.put(f"{url}{path}", json={}, timeout=30)
+        assert r.status_code == 405, (path, r.status_code)
+        r = httpx.post(f"{url}{path}/", json={}, timeout=30)
+        assert r.status_code == 307 and r.headers["location"].endswith(path), (path, r.status_code)
+    schema = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    for path, model in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        op = schema["paths"][path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(model)
+        assert {"200", "400", "401", "404", "413", "429", "503"} <= set(op["responses"])
+    ok = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 1}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+    assert int(ok.headers["content-length"]) == len(ok.content)
+    assert "worker;dur=" in ok.headers["server-timing"] and "ingress;dur=" in ok.headers["server-timing"]
+    bad = post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "stream": "yes"})
+    assert bad.headers["content-type"] == "application/json" and int(bad.headers["content-length"]) == len(bad.content)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
 def test_server_still_serves_after_bad_input(url):
     from openai import OpenAI
 
