@@ -3,10 +3,18 @@ vLLM's onednn_mm."""
 import time, statistics, torch, sys
 import torch.nn.functional as F
 torch.set_num_threads(1)
-try:
-    from vllm import _custom_ops as ops
-except Exception as e:
-    ops = None; print("no vllm ops", e)
+
+
+def _vllm_ops():
+    try:
+        from vllm import _custom_ops as ops  # lazily: optional heavy dependency
+        return ops
+    except Exception as e:  # noqa: BLE001
+        print("no vllm ops", e)
+        return None
+
+
+ops = _vllm_ops()
 shapes = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 Ms = [int(m) for m in (sys.argv[1] if len(sys.argv) > 1 else "1,8,160,512,1280").split(",")]
 def bench(f, x, reps):
