@@ -27,6 +27,7 @@ from engine.engine import LLMEngine, StepOutput, build_runner
 from engine.runner import StepInput, StepResult
 from engine.scheduler import SchedulerConfig
 from engine.sequence import SamplingParams
+from engine.step_threads import StepThreads
 from engine.threads import compute_threads
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,8 @@ class EngineWorker:
         self.engine = LLMEngine(runner, self.scheduler_config(max_len), s.num_blocks,
                                 eos_token_ids=cfg.eos_token_ids, executor=executor,
                                 enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching,
-                                model_dir=s.model_dir)
+                                model_dir=s.model_dir,
+                                step_threads=StepThreads.for_worker(compute_threads(self.pool.num_cpus)))
         self._start_engine_thread()
         await self._start_channel()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)

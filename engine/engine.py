@@ -20,6 +20,7 @@ from engine.runner import ModelRunner, PromptRows, StepInput, StepResult, prepar
 from engine.sampler import Sampler, TokenLogprobs, token_logprobs
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import SamplingParams, Sequence, SeqStatus
+from engine.step_threads import StepThreads
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         model_dir: str | Path | None = None,
+        step_threads: StepThreads | None = None,
     ) -> None:
         self.runner = runner
         self.block_size = runner.block_size
@@ -99,6 +101,8 @@ class LLMEngine:
         self.sampler = Sampler(seed, None if model_dir is None else str(model_dir))
         self.eos_token_ids = list(eos_token_ids or [])
         self.executor: Executor = executor or runner.execute
+        # Torch threads per step (engine.step_threads): set on the thread that steps.
+        self.step_threads = step_threads
         self._seqs: dict[str, Sequence] = {}
         # Sequences whose blocks were reserved (``reserve``) while their KV is written in
         # off the engine thread; not scheduled until ``add_request(..., reserved=True)``.
@@ -231,6 +235,8 @@ class LLMEngine:
         out = StepOutput(preempted=list(batch.preempted))
         if batch.is_empty and not batch.kv_imports and not batch.block_copies:
             return out
+        if self.step_threads is not None:
+            self.step_threads.apply(batch.num_tokens)
         prompt_rows = PromptRows()
         step_input, sample_seqs = prepare_step(
             batch, self.block_size, export_on_sample=self.scheduler.config.prefill_only,
