@@ -1,0 +1,170 @@
+"""The entropy stage of ``cachegen`` streams (``kvtc``'s too): quantised rows of the three
+roles (anchor symbols, other tokens' symbols, channel means) <-> the sections ``buckets``,
+``tables``, ``escapes``, ``low`` and ``words`` (``cachegen_format``).
+
+Each row picks a table bucket by its spread (shipped, 5 bits a row). The tables are the
+chunk's histograms, shipped (``tables`` section), or calibrated per model
+(``cachegen_tables.LevelTables``: the stream carries none). Wide buckets keep
+``SPLIT_BITS`` low bits of each symbol raw; alphabets up to ``PAIR_MAX`` are coded two
+symbols at a time. Every table of a stream is built in one kernel call
+(``rangecoding.build``), the same frequencies as ``rangecoding.frequencies`` of the
+``normalize``d / ``pair_table``d counts (the reference). Calibrated tables depend only on
+the tables object, the level, the role and the bucket: they are built once per
+``LevelTables`` (``prepared``).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Any
+
+import numpy as np
+
+from kvtransfer.codecs import bitpack, rangecoding
+from kvtransfer.codecs import cachegen_quant as cq
+from kvtransfer.codecs import symbol_kernels as sk
+from kvtransfer.codecs.cachegen_tables import ROLES, LevelTables
+
+# Alphabets up to this size are coded two symbols at a time (alphabet <= 4096).
+PAIR_MAX = 64
+# Low bits of each symbol kept raw, per table bucket: wide buckets (mean |q| >= 2.8 steps)
+# code symbol >> r with the table and the r low bits raw. The low bits of a spread-out
+# distribution are nearly uniform (the streams grow 0.1-0.6%), and the coded alphabets
+# shrink to <= 25 symbols, so they pair: ANS decoding costs per call and per bit of
+# alphabet, and this about halves it at levels 0-1.
+SPLIT_BITS = np.array([max(0, (b - 8) // 2) if b >= 11 else 0 for b in range(cq.NUM_BUCKETS)], np.int64)
+# Coded alphabet per bucket: (2 R_b + 2) >> SPLIT_BITS, rounded up.
+CODED_K = -(-(2 * cq.RADIUS.astype(np.int64) + 2) // (1 << SPLIT_BITS))
+
+
+def coded_counts(c: np.ndarray, r: int) -> np.ndarray:
+    """Counts of symbol >> r from counts of the symbols."""
+    if not r:
+        return c
+    k = -(-len(c) // (1 << r))
+    out: np.ndarray = np.pad(c.astype(np.int64), (0, k * (1 << r) - len(c))).reshape(k, 1 << r).sum(axis=1)
+    return out
+
+
+@functools.cache
+def _divisions() -> tuple[np.ndarray, np.ndarray]:
+    return sk.pair_divisions(PAIR_MAX)
+
+
+def prepared(level: LevelTables, role: int, bucket: int) -> rangecoding.Prepared:
+    """The coder's table of a calibrated (role, bucket), built on first use and kept on
+    the LevelTables (at most roles x buckets per level; treat the tables as immutable)."""
+    cache = level.__dict__.setdefault("_prepared", {})
+    got = cache.get((role, bucket))
+    if got is None:
+        c = coded_counts(level.table(role, bucket), int(SPLIT_BITS[bucket]))
+        src = np.asarray(c, np.int64)
+        got = cache[(role, bucket)] = rangecoding.build(src, np.array([0, len(src)]),
+                                                        np.array([len(src) <= PAIR_MAX]), False)[1]
+    return got
+
+
+def _calibrated(level: LevelTables, roles: np.ndarray, used: np.ndarray) -> rangecoding.Prepared:
+    parts = [prepared(level, int(r), int(b)) for r, b in zip(roles, used)]
+    sizes = np.array([len(p[0]) for p in parts], np.int64)
+    off = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum(sizes, out=off[1:])
+    if not parts:
+        return np.zeros(0, np.uint32), np.zeros(0, np.uint32), np.zeros(0, np.int64), off
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]), off)
+
+
+def encode(rows: list[np.ndarray], sums: list[np.ndarray | None], level: LevelTables | None) -> list[Any]:
+    """Rows of symbols of each role (int32 [R, n]; sums: each row's sum of |q| where the
+    quantiser counted it) -> the sections buckets, tables, escapes, low, words."""
+    buckets = [cq.buckets_of(r, s) for r, s in zip(rows, sums)]
+    coded, lens, hists, hoffs, roles, useds, escapes, low = [], [], [], [], [], [], [], []
+    h0 = 0
+    for role, (rw, bk) in enumerate(zip(rows, buckets)):
+        counts = np.bincount(bk, minlength=cq.NUM_BUCKETS)
+        used = np.flatnonzero(counts)
+        split = SPLIT_BITS[used]
+        ks = CODED_K[used]
+        paired = ks <= PAIR_MAX
+        c, cstart, lo, lstart, hist, hstart, esc = sk.symbolize(rw, np.argsort(bk, kind="stable"), counts[used],
+                                                                cq.RADIUS[used], split, ks, paired)
+        for i in np.flatnonzero(split):
+            low.append(bitpack.pack(lo[lstart[i]:lstart[i + 1]], int(split[i])))
+        coded.append(c)
+        lens.append(np.diff(cstart))
+        hists.append(hist)
+        hoffs.append(hstart[1:] + h0)
+        h0 += int(hstart[-1])
+        roles.append(np.full(len(used), role))
+        useds.append(used)
+        escapes.append(esc)
+    used_all, role_all = np.concatenate(useds), np.concatenate(roles)
+    paired_all = CODED_K[used_all] <= PAIR_MAX
+    if level is None:  # shipped: the histograms of this chunk's coded symbols
+        shipped, tables = rangecoding.build(np.concatenate(hists), np.concatenate([[0], *hoffs]), paired_all, True)
+        blob = zlib.compress(shipped.tobytes(), 6)
+    else:
+        tables, blob = _calibrated(level, role_all, used_all), b""
+    lens_all = np.concatenate(lens)
+    words = rangecoding.encode_prepared(np.concatenate(coded), lens_all, np.arange(len(lens_all)), tables)
+    esc = np.concatenate([np.array([len(e) for e in escapes], np.int32), *escapes])
+    return [bitpack.pack(np.concatenate(buckets), 5), blob, esc, b"".join(x.tobytes() for x in low), words]
+
+
+def decode(sec: dict[str, memoryview], nrows: list[int], sizes: list[int],
+           level: LevelTables | None) -> list[np.ndarray]:
+    """Inverse of encode: the rows of each role (int32 [nrows[role], sizes[role]]) from
+    the sections; ValueError naming what does not match."""
+    flat = bitpack.unpack(np.frombuffer(sec["buckets"], np.uint8), 5, sum(nrows))
+    if int(flat.max(initial=0)) >= cq.NUM_BUCKETS:
+        raise ValueError("table bucket out of range")
+    buckets = np.split(flat, np.cumsum(nrows)[:-1])
+    counts = [np.bincount(bk, minlength=cq.NUM_BUCKETS) for bk in buckets]
+    useds = [np.flatnonzero(c) for c in counts]
+    used = np.concatenate(useds)
+    role_of = np.concatenate([np.full(len(u), r) for r, u in enumerate(useds)])
+    ks = CODED_K[used]
+    paired = ks <= PAIR_MAX
+    split = SPLIT_BITS[used]
+    n = np.concatenate([c[u] * s for c, u, s in zip(counts, useds, sizes)]).astype(np.int64)
+    lens = np.where(paired, (n + 1) // 2, n)
+    if level is not None:
+        tables = _calibrated(level, role_of, used)
+    else:
+        blob = np.frombuffer(zlib.decompress(sec["tables"]), np.uint16)
+        soff = sk.offsets(ks)
+        if soff[-1] != len(blob):
+            raise ValueError(f"tables section holds {len(blob)} counts, the buckets need {int(soff[-1])}")
+        tables = rangecoding.build(blob, soff, paired, False)[1]
+    syms = rangecoding.decode_prepared(np.frombuffer(sec["words"], np.uint32), lens, np.arange(len(lens)), tables)
+    cstart = sk.offsets(lens)
+    lsec = np.frombuffer(sec["low"], np.uint8)
+    lstart = sk.offsets(np.where(split > 0, n, 0))
+    low = np.empty(int(lstart[-1]), np.uint8)
+    pos = 0
+    for i in np.flatnonzero(split):
+        r, m = int(split[i]), int(n[i])
+        size = bitpack.packed_size(m, r)
+        if pos + size > len(lsec):
+            raise ValueError(f"low-bits section is {len(lsec)} bytes, the streams need more")
+        low[lstart[i]:lstart[i + 1]] = bitpack.unpack(lsec[pos:pos + size], r, m)
+        pos += size
+    if pos != len(lsec):
+        raise ValueError(f"low-bits section is {len(lsec)} bytes, the streams need {pos}")
+    escapes = np.frombuffer(sec["escapes"], np.int32)
+    n_esc = escapes[:len(ROLES)].view(np.uint32).astype(np.int64)
+    if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):
+        raise ValueError("escape counts do not match the escaped values")
+    bounds = len(ROLES) + np.concatenate([[0], np.cumsum(n_esc)])
+    rows, si = [], 0
+    for role, bk in enumerate(buckets):
+        u = useds[role]
+        nu = len(u)
+        rows.append(sk.desymbolize(syms, cstart[si:si + nu + 1], low, lstart[si:si + nu + 1],
+                                   np.argsort(bk, kind="stable"), counts[role][u], cq.RADIUS[u], split[si:si + nu],
+                                   np.where(paired[si:si + nu], ks[si:si + nu], 0),
+                                   escapes[bounds[role]:bounds[role + 1]], _divisions(), nrows[role], sizes[role]))
+        si += nu
+    return rows

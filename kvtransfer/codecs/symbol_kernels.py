@@ -1,0 +1,171 @@
+"""numba kernels between quantised rows and the entropy coder's symbols (``cachegen``'s
+streams): ``symbolize`` (rows sorted by table bucket, escapes, low bits cut off, pairs,
+histograms, in one pass) and ``desymbolize`` (the reverse, straight into rows in their
+order). ``cachegen_quant.to_streams`` / ``from_streams`` are the readable references.
+
+Compiled on first use and cached on disk (``cache=True``); imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart, low, lstart, hist, hstart,
+                   escapes):  # pragma: no cover - jitted
+    n = rows.shape[1]
+    ne = 0
+    # 4 interleaved histograms: a run of one symbol (zeros) is not one long add-to-memory chain
+    sub = np.zeros((4, int(np.max(ks)) if len(ks) else 1), np.int64)
+    for i in range(len(radius)):
+        rad = radius[i]
+        r = split[i]
+        k = ks[i]
+        mask = (1 << r) - 1
+        c = cstart[i]
+        lo = lstart[i]
+        h = hstart[i]
+        pr = paired[i]
+        half = False
+        prev = 0
+        sub[:, :k] = 0
+        q = 0
+        for oi in range(bstart[i], bstart[i + 1]):
+            row = rows[order[oi]]
+            for j in range(n):
+                v = row[j]
+                if v > rad or v < -rad:
+                    escapes[ne] = v
+                    ne += 1
+                    sym = 2 * rad + 1
+                else:
+                    sym = v + rad
+                if r:
+                    low[lo] = sym & mask
+                    lo += 1
+                    sym >>= r
+                sub[q & 3, sym] += 1
+                q += 1
+                if pr:
+                    if half:
+                        coded[c] = prev * k + sym
+                        c += 1
+                        half = False
+                    else:
+                        prev = sym
+                        half = True
+                else:
+                    coded[c] = sym
+                    c += 1
+        if pr and half:
+            coded[c] = prev * k
+        for s in range(k):
+            hist[h + s] = sub[0, s] + sub[1, s] + sub[2, s] + sub[3, s]
+    return ne
+
+
+@numba.njit(cache=True, nogil=True)
+def desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp, escapes, div, div_off,
+                     out):  # pragma: no cover - jitted
+    # the bucket's values in stream order: first symbol of a pair p is p // k (div[div_off[k] + p]),
+    # the second p - k (p // k); flat holds symbols < k * k of paired tables (the rANS decoder's)
+    n = out.shape[1]
+    e = 0
+    for i in range(len(radius)):
+        rad = radius[i]
+        r = split[i]
+        k = kp[i]
+        c0 = cstart[i]
+        l0 = lstart[i]
+        esc = 2 * rad + 1
+        total = (bstart[i + 1] - bstart[i]) * n
+        if total == 0:
+            continue
+        d0 = div_off[k] if k else 0
+        oi = bstart[i]
+        orow = order[oi]
+        j = 0
+        for idx in range(total):
+            if k:
+                pv = np.int64(flat[c0 + (idx >> 1)])
+                a = np.int64(div[d0 + pv])
+                hi = a if (idx & 1) == 0 else pv - a * k
+            else:
+                hi = np.int64(flat[c0 + idx])
+            sym = hi << r
+            if r:
+                sym += low[l0 + idx]
+            if sym == esc:
+                if e >= len(escapes):
+                    return -1
+                out[orow, j] = escapes[e]
+                e += 1
+            else:
+                out[orow, j] = sym - rad
+            j += 1
+            if j == n:
+                j = 0
+                oi += 1
+                if oi < bstart[i + 1]:
+                    orow = order[oi]
+    return e
+
+
+def pair_divisions(kmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """(div, div_off): div[div_off[k] + p] = p // k for p < k * k, k = 1..kmax (uint8)."""
+    off = np.zeros(kmax + 2, np.int64)
+    off[2:] = np.cumsum(np.arange(1, kmax + 1) ** 2)
+    div = np.concatenate([np.arange(k * k) // k for k in range(1, kmax + 1)]).astype(np.uint8)
+    return div, off[:kmax + 1].copy()
+
+
+def offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def symbolize(rows: np.ndarray, order: np.ndarray, counts: np.ndarray, radius: np.ndarray, split: np.ndarray,
+              ks: np.ndarray, paired: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rows of symbols [R, n] (int32), sorted by table bucket (``order``; counts: rows per
+    used bucket, in order) -> per used bucket i: the coded symbols ``coded[cstart[i]:
+    cstart[i + 1]]`` (value + radius, escapes as 2 radius + 1, the low ``split`` bits cut
+    off, paired as a * k + b where ``paired``), the cut-off low bits ``low[lstart[i]:...]``
+    (uint8), the histogram of the coded single symbols ``hist[hstart[i]:...]`` (ks[i]
+    entries); and the escaped values in stream order (``cachegen_quant.to_streams`` +
+    ``pair``): (coded, cstart, low, lstart, hist, hstart, escapes)."""
+    n = rows.shape[1]
+    nb = counts.astype(np.int64) * n
+    cstart = offsets(np.where(paired, (nb + 1) // 2, nb))
+    lstart = offsets(np.where(split > 0, nb, 0))
+    hstart = offsets(ks)
+    coded = np.empty(int(cstart[-1]), np.int32)
+    low = np.empty(int(lstart[-1]), np.uint8)
+    hist = np.zeros(int(hstart[-1]), np.int64)
+    escapes = np.empty(rows.size, np.int32)  # pages are touched only where written (escapes are rare)
+    ne = symbolize_rows(np.ascontiguousarray(rows, np.int32), order.astype(np.int64), offsets(counts),
+                        radius.astype(np.int64), split.astype(np.int64), ks.astype(np.int64),
+                        paired.astype(np.bool_), coded, cstart, low, lstart, hist, hstart, escapes)
+    return coded, cstart, low, lstart, hist, hstart, escapes[:ne].copy()
+
+
+def desymbolize(flat: np.ndarray, cstart: np.ndarray, low: np.ndarray, lstart: np.ndarray, order: np.ndarray,
+                counts: np.ndarray, radius: np.ndarray, split: np.ndarray, kp: np.ndarray, escapes: np.ndarray,
+                div: tuple[np.ndarray, np.ndarray], rows: int, n: int) -> np.ndarray:
+    """Inverse of symbolize for one role: the decoded coded symbols of its used buckets
+    (``flat[cstart[i]:cstart[i + 1]]``; kp[i] the pair alphabet, 0 unpaired; pairs < kp[i]
+    ** 2), their low bits (``low[lstart[i]:]``, uint8), the role's escaped values and
+    ``pair_divisions`` -> rows int32 [rows, n] in their original order. ValueError when the
+    escapes do not match."""
+    bstart = offsets(counts)
+    if bstart[-1] != rows:
+        raise ValueError(f"{int(bstart[-1])} rows in the buckets for {rows} rows")
+    out = np.empty((rows, n), np.int32)
+    e = desymbolize_rows(flat, np.asarray(cstart, np.int64), low, np.asarray(lstart, np.int64),
+                         order.astype(np.int64), bstart, radius.astype(np.int64), split.astype(np.int64),
+                         kp.astype(np.int64), np.ascontiguousarray(escapes, np.int32), div[0], div[1], out)
+    if e != len(escapes):
+        raise ValueError(f"{max(e, 0) if e >= 0 else 'more'} escape symbols but {len(escapes)} escaped values")
+    return out
