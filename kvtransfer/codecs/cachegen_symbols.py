@@ -90,8 +90,8 @@ def encode(rows: list[np.ndarray], sums: list[np.ndarray | None], level: LevelTa
         paired = ks <= PAIR_MAX
         c, cstart, lo, lstart, hist, hstart, esc = sk.symbolize(rw, np.argsort(bk, kind="stable"), counts[used],
                                                                 cq.RADIUS[used], split, ks, paired)
-        for i in np.flatnonzero(split):
-            low.append(bitpack.pack(lo[lstart[i]:lstart[i + 1]], int(split[i])))
+        if split.any():
+            low.append(sk.pack(lo, lstart, split))
         coded.append(c)
         lens.append(np.diff(cstart))
         hists.append(hist)
@@ -140,19 +140,7 @@ def decode(sec: dict[str, memoryview], nrows: list[int], sizes: list[int],
         tables = rangecoding.build(blob, soff, paired, False)[1]
     syms = rangecoding.decode_prepared(np.frombuffer(sec["words"], np.uint32), lens, np.arange(len(lens)), tables)
     cstart = sk.offsets(lens)
-    lsec = np.frombuffer(sec["low"], np.uint8)
-    lstart = sk.offsets(np.where(split > 0, n, 0))
-    low = np.empty(int(lstart[-1]), np.uint8)
-    pos = 0
-    for i in np.flatnonzero(split):
-        r, m = int(split[i]), int(n[i])
-        size = bitpack.packed_size(m, r)
-        if pos + size > len(lsec):
-            raise ValueError(f"low-bits section is {len(lsec)} bytes, the streams need more")
-        low[lstart[i]:lstart[i + 1]] = bitpack.unpack(lsec[pos:pos + size], r, m)
-        pos += size
-    if pos != len(lsec):
-        raise ValueError(f"low-bits section is {len(lsec)} bytes, the streams need {pos}")
+    low, lstart = sk.unpack(np.frombuffer(sec["low"], np.uint8), n, split)
     escapes = np.frombuffer(sec["escapes"], np.int32)
     n_esc = escapes[:len(ROLES)].view(np.uint32).astype(np.int64)
     if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):

@@ -113,6 +113,73 @@ def desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp
     return e
 
 
+@numba.njit(cache=True, nogil=True)
+def pack_lows(low, lstart, split, out, ostart):  # pragma: no cover - jitted
+    # the low bits of bucket i (low[lstart[i]:lstart[i + 1]], values < 2**split[i]) packed as
+    # ``bitpack.pack(v, split[i])`` into out[ostart[i]:ostart[i + 1]] (split 1..7)
+    for i in range(len(split)):
+        r = split[i]
+        if r == 0:
+            continue
+        v = low[lstart[i]:lstart[i + 1]]
+        o = out[ostart[i]:ostart[i + 1]]
+        n = len(v)
+        o[:] = 0
+        if r == 2:
+            for j in range(n):
+                o[j >> 2] |= v[j] << (2 * (j & 3))
+        elif r == 4:
+            for j in range(n):
+                o[j >> 1] |= v[j] << (4 * (j & 1))
+        elif r == 6:
+            q = len(o) // 3
+            for j in range(min(n, 3 * q)):
+                o[j] = v[j]
+            for k in range(q):
+                d = v[3 * q + k] if 3 * q + k < n else 0
+                for j in range(3):
+                    o[j * q + k] |= ((d >> (2 * j)) & 3) << 6
+        else:  # bit planes, most significant bit first (np.packbits)
+            plane = (n + 7) // 8
+            for b in range(r):
+                for j in range(n):
+                    o[b * plane + (j >> 3)] |= ((v[j] >> b) & 1) << (7 - (j & 7))
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def unpack_lows(buf, ostart, split, low, lstart):  # pragma: no cover - jitted
+    # inverse of pack_lows: bucket i's packed bits buf[ostart[i]:ostart[i + 1]] -> low[lstart[i]:...]
+    for i in range(len(split)):
+        r = split[i]
+        if r == 0:
+            continue
+        o = buf[ostart[i]:ostart[i + 1]]
+        v = low[lstart[i]:lstart[i + 1]]
+        n = len(v)
+        if r == 2:
+            for j in range(n):
+                v[j] = (o[j >> 2] >> (2 * (j & 3))) & 3
+        elif r == 4:
+            for j in range(n):
+                v[j] = (o[j >> 1] >> (4 * (j & 1))) & 15
+        elif r == 6:
+            q = len(o) // 3
+            for j in range(min(n, 3 * q)):
+                v[j] = o[j] & 63
+            for k in range(q):
+                if 3 * q + k < n:
+                    v[3 * q + k] = ((o[k] >> 6) | ((o[q + k] >> 6) << 2) | ((o[2 * q + k] >> 6) << 4))
+        else:
+            plane = (n + 7) // 8
+            for j in range(n):
+                acc = 0
+                for b in range(r):
+                    acc |= ((o[b * plane + (j >> 3)] >> (7 - (j & 7))) & 1) << b
+                v[j] = acc
+    return 0
+
+
 def pair_divisions(kmax: int) -> tuple[np.ndarray, np.ndarray]:
     """(div, div_off): div[div_off[k] + p] = p // k for p < k * k, k = 1..kmax (uint8)."""
     off = np.zeros(kmax + 2, np.int64)
@@ -125,6 +192,37 @@ def offsets(lengths: np.ndarray) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=out[1:])
     return out
+
+
+def packed_sizes(n: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``bitpack.packed_size(n, r)`` elementwise (r 0: no bytes)."""
+    n, r = np.asarray(n, np.int64), np.asarray(r, np.int64)
+    return np.select([r == 0, r == 2, r == 4, r == 6, r == 8],
+                     [0, (n + 3) // 4, (n + 1) // 2, 3 * (-(-n // 32) * 8), n], r * ((n + 7) // 8))
+
+
+def pack(low: np.ndarray, lstart: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """The low bits of every bucket (``low[lstart[i]:lstart[i + 1]]``, split[i] bits, 0:
+    none) packed one after another as ``bitpack.pack`` packs each (uint8)."""
+    ostart = offsets(packed_sizes(np.diff(lstart), split))
+    out = np.empty(int(ostart[-1]), np.uint8)
+    pack_lows(low, np.asarray(lstart, np.int64), np.asarray(split, np.int64), out, ostart)
+    return out
+
+
+def unpack(buf: np.ndarray, n: np.ndarray, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of pack given each bucket's value count n: (low, lstart). ValueError when
+    buf is not exactly as long as they need."""
+    split = np.asarray(split, np.int64)
+    ostart = offsets(packed_sizes(n, split))
+    if ostart[-1] > len(buf):
+        raise ValueError(f"low-bits section is {len(buf)} bytes, the streams need more")
+    if ostart[-1] != len(buf):
+        raise ValueError(f"low-bits section is {len(buf)} bytes, the streams need {int(ostart[-1])}")
+    lstart = offsets(np.where(split > 0, n, 0))
+    low = np.empty(int(lstart[-1]), np.uint8)
+    unpack_lows(buf, ostart, split, low, lstart)
+    return low, lstart
 
 
 def symbolize(rows: np.ndarray, order: np.ndarray, counts: np.ndarray, radius: np.ndarray, split: np.ndarray,
