@@ -15,101 +15,125 @@ import numpy as np
 @numba.njit(cache=True, nogil=True)
 def symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart, low, lstart, hist, hstart,
                    escapes):  # pragma: no cover - jitted
+    # per bucket, in passes that vectorise: its rows gathered into one stream of value +
+    # radius (a row holding an escape is redone value by value), low bits cut off,
+    # the histogram (4 interleaved: a run of one symbol is not one add-to-memory chain), pairs
     n = rows.shape[1]
     ne = 0
-    # 4 interleaved histograms: a run of one symbol (zeros) is not one long add-to-memory chain
+    most = 0
+    for i in range(len(radius)):
+        most = max(most, (bstart[i + 1] - bstart[i]) * n)
+    tmp = np.empty(most, np.int32)
     sub = np.zeros((4, int(np.max(ks)) if len(ks) else 1), np.int64)
     for i in range(len(radius)):
-        rad = radius[i]
+        rad = np.int32(radius[i])
+        esc = np.int32(2 * radius[i] + 1)
         r = split[i]
         k = ks[i]
-        mask = (1 << r) - 1
-        c = cstart[i]
-        lo = lstart[i]
-        h = hstart[i]
-        pr = paired[i]
-        half = False
-        prev = 0
-        sub[:, :k] = 0
+        total = (bstart[i + 1] - bstart[i]) * n
         q = 0
         for oi in range(bstart[i], bstart[i + 1]):
             row = rows[order[oi]]
+            bad = 0
             for j in range(n):
                 v = row[j]
-                if v > rad or v < -rad:
-                    escapes[ne] = v
-                    ne += 1
-                    sym = 2 * rad + 1
-                else:
-                    sym = v + rad
-                if r:
-                    low[lo] = sym & mask
-                    lo += 1
-                    sym >>= r
-                sub[q & 3, sym] += 1
-                q += 1
-                if pr:
-                    if half:
-                        coded[c] = prev * k + sym
-                        c += 1
-                        half = False
-                    else:
-                        prev = sym
-                        half = True
-                else:
-                    coded[c] = sym
-                    c += 1
-        if pr and half:
-            coded[c] = prev * k
+                bad |= (v > rad) | (v < -rad)
+                tmp[q + j] = v + rad
+            if bad:
+                for j in range(n):
+                    v = row[j]
+                    if v > rad or v < -rad:
+                        escapes[ne] = v
+                        ne += 1
+                        tmp[q + j] = esc
+            q += n
+        if r:
+            mask = np.int32((1 << r) - 1)
+            l0 = lstart[i]
+            for t in range(total):
+                low[l0 + t] = tmp[t] & mask
+                tmp[t] >>= r
+        sub[:, :k] = 0
+        t = 0
+        while t + 4 <= total:
+            sub[0, tmp[t]] += 1
+            sub[1, tmp[t + 1]] += 1
+            sub[2, tmp[t + 2]] += 1
+            sub[3, tmp[t + 3]] += 1
+            t += 4
+        while t < total:
+            sub[0, tmp[t]] += 1
+            t += 1
+        h = hstart[i]
         for s in range(k):
             hist[h + s] = sub[0, s] + sub[1, s] + sub[2, s] + sub[3, s]
+        c0 = cstart[i]
+        if paired[i]:
+            half = total // 2
+            kk = np.int32(k)
+            for t in range(half):
+                coded[c0 + t] = tmp[2 * t] * kk + tmp[2 * t + 1]
+            if total & 1:
+                coded[c0 + half] = tmp[total - 1] * kk
+        else:
+            for t in range(total):
+                coded[c0 + t] = tmp[t]
     return ne
 
 
 @numba.njit(cache=True, nogil=True)
 def desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp, escapes, div, div_off,
                      out):  # pragma: no cover - jitted
-    # the bucket's values in stream order: first symbol of a pair p is p // k (div[div_off[k] + p]),
-    # the second p - k (p // k); flat holds symbols < k * k of paired tables (the rANS decoder's)
+    # per bucket, the inverse passes: pairs split (first symbol of a pair p is p // k =
+    # div[div_off[k] + p], the second p - k (p // k); flat holds symbols < k * k of paired
+    # tables, the rANS decoder's), low bits put back, rows scattered (value - radius; a row
+    # holding an escape symbol is redone value by value, taking the escaped values in order)
     n = out.shape[1]
     e = 0
+    most = 0
     for i in range(len(radius)):
-        rad = radius[i]
+        most = max(most, (bstart[i + 1] - bstart[i]) * n)
+    tmp = np.empty(most + 1, np.int32)
+    for i in range(len(radius)):
+        rad = np.int32(radius[i])
+        esc = np.int32(2 * radius[i] + 1)
         r = split[i]
         k = kp[i]
         c0 = cstart[i]
-        l0 = lstart[i]
-        esc = 2 * rad + 1
         total = (bstart[i + 1] - bstart[i]) * n
         if total == 0:
             continue
-        d0 = div_off[k] if k else 0
-        oi = bstart[i]
-        orow = order[oi]
-        j = 0
-        for idx in range(total):
-            if k:
-                pv = np.int64(flat[c0 + (idx >> 1)])
-                a = np.int64(div[d0 + pv])
-                hi = a if (idx & 1) == 0 else pv - a * k
-            else:
-                hi = np.int64(flat[c0 + idx])
-            sym = hi << r
-            if r:
-                sym += low[l0 + idx]
-            if sym == esc:
-                if e >= len(escapes):
-                    return -1
-                out[orow, j] = escapes[e]
-                e += 1
-            else:
-                out[orow, j] = sym - rad
-            j += 1
-            if j == n:
-                j = 0
-                oi += 1
-                if oi < bstart[i + 1]:
-                    orow = order[oi]
+        if k:
+            d0 = div_off[k]
+            kk = np.int32(k)
+            for t in range((total + 1) // 2):
+                pv = flat[c0 + t]
+                a = np.int32(div[d0 + pv])
+                tmp[2 * t] = a
+                tmp[2 * t + 1] = pv - a * kk
+        else:
+            for t in range(total):
+                tmp[t] = flat[c0 + t]
+        if r:
+            l0 = lstart[i]
+            for t in range(total):
+                tmp[t] = (tmp[t] << r) + np.int32(low[l0 + t])
+        q = 0
+        for oi in range(bstart[i], bstart[i + 1]):
+            row = out[order[oi]]
+            bad = 0
+            for j in range(n):
+                s = tmp[q + j]
+                bad |= s == esc
+                row[j] = s - rad
+            if bad:
+                for j in range(n):
+                    if tmp[q + j] == esc:
+                        if e >= len(escapes):
+                            return -1
+                        row[j] = escapes[e]
+                        e += 1
+            q += n
     return e
 
 
