@@ -36,6 +36,10 @@ PAIR_MAX = 64
 SPLIT_BITS = np.array([max(0, (b - 8) // 2) if b >= 11 else 0 for b in range(cq.NUM_BUCKETS)], np.int64)
 # Coded alphabet per bucket: (2 R_b + 2) >> SPLIT_BITS, rounded up.
 CODED_K = -(-(2 * cq.RADIUS.astype(np.int64) + 2) // (1 << SPLIT_BITS))
+_RADIUS = cq.RADIUS.astype(np.int64)
+# Bucket b >= 1 holds rows of mean |q| >= 2**((b - OFFSET) / 2) (``cachegen_quant.buckets_of``).
+_THRESHOLDS = 2.0 ** ((np.arange(cq.NUM_BUCKETS) - cq.OFFSET) / 2)
+_NO_SUMS = np.zeros(0, np.int64)
 
 
 def coded_counts(c: np.ndarray, r: int) -> np.ndarray:
@@ -78,32 +82,25 @@ def _calibrated(level: LevelTables, roles: np.ndarray, used: np.ndarray) -> rang
 
 def encode(rows: list[np.ndarray], sums: list[np.ndarray | None], level: LevelTables | None) -> list[Any]:
     """Rows of symbols of each role (int32 [R, n]; sums: each row's sum of |q| where the
-    quantiser counted it) -> the sections buckets, tables, escapes, low, words."""
-    buckets = [cq.buckets_of(r, s) for r, s in zip(rows, sums)]
-    coded, lens, hists, hoffs, roles, useds, escapes, low = [], [], [], [], [], [], [], []
-    h0 = 0
-    for role, (rw, bk) in enumerate(zip(rows, buckets)):
-        counts = np.bincount(bk, minlength=cq.NUM_BUCKETS)
-        used = np.flatnonzero(counts)
-        split = SPLIT_BITS[used]
-        ks = CODED_K[used]
-        paired = ks <= PAIR_MAX
-        c, cstart, lo, lstart, hist, hstart, esc = sk.symbolize(rw, np.argsort(bk, kind="stable"), counts[used],
-                                                                cq.RADIUS[used], split, ks, paired)
-        if split.any():
-            low.append(sk.pack(lo, lstart, split))
+    quantiser counted it) -> the sections buckets, tables, escapes, low, words. One kernel
+    call per role (``symbol_kernels.symbolize_role``: buckets, sort, symbols, low bits)."""
+    buckets, coded, lens, hists, roles, useds, escapes, low = [], [], [], [], [], [], [], []
+    for role, (rw, s) in enumerate(zip(rows, sums)):
+        bk, used, c, ln, packed, hist, esc = sk.symbolize_role(
+            np.ascontiguousarray(rw, np.int32), _NO_SUMS if s is None else np.ascontiguousarray(s, np.int64),
+            s is not None, _THRESHOLDS, _RADIUS, SPLIT_BITS, CODED_K, PAIR_MAX)
+        buckets.append(bk)
         coded.append(c)
-        lens.append(np.diff(cstart))
+        lens.append(ln)
         hists.append(hist)
-        hoffs.append(hstart[1:] + h0)
-        h0 += int(hstart[-1])
         roles.append(np.full(len(used), role))
         useds.append(used)
         escapes.append(esc)
+        low.append(packed)
     used_all, role_all = np.concatenate(useds), np.concatenate(roles)
-    paired_all = CODED_K[used_all] <= PAIR_MAX
+    ks = CODED_K[used_all]
     if level is None:  # shipped: the histograms of this chunk's coded symbols
-        shipped, tables = rangecoding.build(np.concatenate(hists), np.concatenate([[0], *hoffs]), paired_all, True)
+        shipped, tables = rangecoding.build(np.concatenate(hists), sk.offsets(ks), ks <= PAIR_MAX, True)
         blob = zlib.compress(shipped.tobytes(), 6)
     else:
         tables, blob = _calibrated(level, role_all, used_all), b""

@@ -204,6 +204,111 @@ def unpack_lows(buf, ostart, split, low, lstart):  # pragma: no cover - jitted
     return 0
 
 
+@numba.njit(cache=True, nogil=True)
+def _packed_size(n, r):  # pragma: no cover - jitted
+    if r == 0:
+        return 0
+    if r == 2:
+        return (n + 3) // 4
+    if r == 4:
+        return (n + 1) // 2
+    if r == 6:
+        return 3 * (((n + 31) // 32) * 8)
+    if r == 8:
+        return n
+    return r * ((n + 7) // 8)
+
+
+@numba.njit(cache=True, nogil=True)
+def row_buckets(rows, sums, has_sums, thresholds):  # pragma: no cover - jitted
+    # bucket of each row by its mean |value| s (sums[r] / n, or counted): the number of
+    # thresholds[1:] at or below s (thresholds[j] = 2**((j - OFFSET) / 2): the buckets of
+    # ``cachegen_quant.buckets_of``, floor(2 log2 s) + OFFSET clipped; s is a ratio of
+    # integers, never within rounding of a threshold unless equal to a power of two)
+    R, n = rows.shape
+    bk = np.zeros(R, np.uint8)
+    if n == 0:
+        return bk
+    for r in range(R):
+        if has_sums:
+            tot = sums[r]
+        else:
+            tot = 0
+            for j in range(n):
+                tot += abs(np.int64(rows[r, j]))
+        s = np.float64(tot) / n
+        b = 0
+        for j in range(1, len(thresholds)):
+            if s >= thresholds[j]:
+                b = j
+        bk[r] = b
+    return bk
+
+
+@numba.njit(cache=True, nogil=True)
+def symbolize_role(rows, sums, has_sums, thresholds, radius_b, split_b, k_b, pair_max):  # pragma: no cover
+    # one role's rows [R, n] -> (bucket per row, used buckets, coded symbols, their length
+    # per used bucket, packed low bits, histograms (k_b[used] entries each), escapes):
+    # ``row_buckets``, a stable counting sort by bucket, ``symbolize_rows``, ``pack_lows``
+    R, n = rows.shape
+    nbk = len(radius_b)
+    bk = row_buckets(rows, sums, has_sums, thresholds)
+    counts = np.zeros(nbk, np.int64)
+    for r in range(R):
+        counts[bk[r]] += 1
+    nu = 0
+    for b in range(nbk):
+        if counts[b]:
+            nu += 1
+    used = np.empty(nu, np.int64)
+    start = np.zeros(nbk, np.int64)
+    u = 0
+    acc = 0
+    for b in range(nbk):
+        start[b] = acc
+        acc += counts[b]
+        if counts[b]:
+            used[u] = b
+            u += 1
+    order = np.empty(R, np.int64)
+    for r in range(R):
+        order[start[bk[r]]] = r
+        start[bk[r]] += 1
+    radius = np.empty(nu, np.int64)
+    split = np.empty(nu, np.int64)
+    ks = np.empty(nu, np.int64)
+    paired = np.empty(nu, np.bool_)
+    bstart = np.zeros(nu + 1, np.int64)
+    cstart = np.zeros(nu + 1, np.int64)
+    lstart = np.zeros(nu + 1, np.int64)
+    hstart = np.zeros(nu + 1, np.int64)
+    ostart = np.zeros(nu + 1, np.int64)
+    for i in range(nu):
+        b = used[i]
+        radius[i] = radius_b[b]
+        split[i] = split_b[b]
+        ks[i] = k_b[b]
+        paired[i] = k_b[b] <= pair_max
+        nb = counts[b] * n
+        bstart[i + 1] = bstart[i] + counts[b]
+        cstart[i + 1] = cstart[i] + ((nb + 1) // 2 if paired[i] else nb)
+        lstart[i + 1] = lstart[i] + (nb if split[i] > 0 else 0)
+        hstart[i + 1] = hstart[i] + ks[i]
+        ostart[i + 1] = ostart[i] + _packed_size(nb, split[i])
+    coded = np.empty(cstart[nu], np.int32)
+    low = np.empty(lstart[nu], np.uint8)
+    hist = np.zeros(hstart[nu], np.int64)
+    escapes = np.empty(R * n, np.int32)
+    ne = symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart, low, lstart, hist, hstart,
+                        escapes)
+    packed = np.empty(ostart[nu], np.uint8)
+    pack_lows(low, lstart, split, packed, ostart)
+    lens = np.empty(nu, np.int64)
+    for i in range(nu):
+        lens[i] = cstart[i + 1] - cstart[i]
+    return bk, used, coded, lens, packed, hist, escapes[:ne].copy()
+
+
 def pair_divisions(kmax: int) -> tuple[np.ndarray, np.ndarray]:
     """(div, div_off): div[div_off[k] + p] = p // k for p < k * k, k = 1..kmax (uint8)."""
     off = np.zeros(kmax + 2, np.int64)

@@ -178,3 +178,22 @@ def test_codecs_shared_by_threads_code_as_alone():
         together = list(pool.map(run, jobs * 3))
     for i, (data, dec) in enumerate(together):
         assert data == alone[i % len(jobs)][0] and torch.equal(dec, alone[i % len(jobs)][1])
+
+
+def test_row_buckets_equal_buckets_of():
+    """Buckets by thresholds (the encoder's kernel) equal floor(2 log2(mean |q|)) + OFFSET,
+    exact powers of two among the spreads included."""
+    from kvtransfer.codecs import cachegen_quant as cq
+
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 2, 7, 52, 459):
+        rows = (rng.laplace(size=(3000, n)) * np.exp(rng.uniform(-5, 6, size=(3000, 1)))).round().astype(np.int32)
+        if n:
+            rows[:40] = 0
+            rows[:40, 0] = 2 ** np.arange(40) % (n * 2 ** 12) * n  # sums n * 2**k: spread exactly 2**k
+            rows[40:80] = rng.integers(-3, 4, size=(40, n))
+        sums = np.abs(rows.astype(np.int64)).sum(axis=1)
+        want = cq.buckets_of(rows, sums)
+        th = cachegen_symbols._THRESHOLDS
+        assert np.array_equal(sk.row_buckets(rows, sums, True, th), want), n
+        assert np.array_equal(sk.row_buckets(rows, sums[:0], False, th), cq.buckets_of(rows)), n
