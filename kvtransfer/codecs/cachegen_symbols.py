@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtransfer.codecs import bitpack, rangecoding
+from kvtransfer.codecs import bitpack, lowbits_kernels, rangecoding
 from kvtransfer.codecs import cachegen_quant as cq
 from kvtransfer.codecs import symbol_kernels as sk
 from kvtransfer.codecs.cachegen_tables import ROLES, LevelTables
@@ -127,6 +127,7 @@ def decode(sec: dict[str, memoryview], nrows: list[int], sizes: list[int],
     split = SPLIT_BITS[used]
     n = np.concatenate([c[u] * s for c, u, s in zip(counts, useds, sizes)]).astype(np.int64)
     lens = np.where(paired, (n + 1) // 2, n)
+    kp = np.where(paired, ks, 0)
     if level is not None:
         tables = _calibrated(level, role_of, used)
     else:
@@ -137,7 +138,7 @@ def decode(sec: dict[str, memoryview], nrows: list[int], sizes: list[int],
         tables = rangecoding.build(blob, soff, paired, False)[1]
     syms = rangecoding.decode_prepared(np.frombuffer(sec["words"], np.uint32), lens, np.arange(len(lens)), tables)
     cstart = sk.offsets(lens)
-    low, lstart = sk.unpack(np.frombuffer(sec["low"], np.uint8), n, split)
+    low, lstart = lowbits_kernels.unpack(np.frombuffer(sec["low"], np.uint8), n, split)
     escapes = np.frombuffer(sec["escapes"], np.int32)
     n_esc = escapes[:len(ROLES)].view(np.uint32).astype(np.int64)
     if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):
@@ -145,11 +146,13 @@ def decode(sec: dict[str, memoryview], nrows: list[int], sizes: list[int],
     bounds = len(ROLES) + np.concatenate([[0], np.cumsum(n_esc)])
     rows, si = [], 0
     for role, bk in enumerate(buckets):
-        u = useds[role]
-        nu = len(u)
-        rows.append(sk.desymbolize(syms, cstart[si:si + nu + 1], low, lstart[si:si + nu + 1],
-                                   np.argsort(bk, kind="stable"), counts[role][u], cq.RADIUS[u], split[si:si + nu],
-                                   np.where(paired[si:si + nu], ks[si:si + nu], 0),
-                                   escapes[bounds[role]:bounds[role + 1]], _divisions(), nrows[role], sizes[role]))
+        nu = len(useds[role])
+        out, e = sk.desymbolize_role(syms, cstart[si:si + nu + 1], low, lstart[si:si + nu + 1], bk, useds[role],
+                                     _RADIUS, SPLIT_BITS, kp[si:si + nu], escapes[bounds[role]:bounds[role + 1]],
+                                     *_divisions(), sizes[role])
+        if e != bounds[role + 1] - bounds[role]:
+            raise ValueError(f"{max(e, 0) if e >= 0 else 'more'} escape symbols but "
+                             f"{bounds[role + 1] - bounds[role]} escaped values")
+        rows.append(out)
         si += nu
     return rows

@@ -3,13 +3,15 @@ streams): ``symbolize`` (rows sorted by table bucket, escapes, low bits cut off,
 histograms, in one pass) and ``desymbolize`` (the reverse, straight into rows in their
 order). ``cachegen_quant.to_streams`` / ``from_streams`` are the readable references.
 
-Compiled on first use and cached on disk (``cache=True``); imports nothing of the project.
+Compiled on first use and cached on disk (``cache=True``); imports only ``lowbits_kernels``.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+from kvtransfer.codecs.lowbits_kernels import _packed_size, offsets, pack_lows
 
 
 @numba.njit(cache=True, nogil=True)
@@ -138,88 +140,6 @@ def desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp
 
 
 @numba.njit(cache=True, nogil=True)
-def pack_lows(low, lstart, split, out, ostart):  # pragma: no cover - jitted
-    # the low bits of bucket i (low[lstart[i]:lstart[i + 1]], values < 2**split[i]) packed as
-    # ``bitpack.pack(v, split[i])`` into out[ostart[i]:ostart[i + 1]] (split 1..7)
-    for i in range(len(split)):
-        r = split[i]
-        if r == 0:
-            continue
-        v = low[lstart[i]:lstart[i + 1]]
-        o = out[ostart[i]:ostart[i + 1]]
-        n = len(v)
-        o[:] = 0
-        if r == 2:
-            for j in range(n):
-                o[j >> 2] |= v[j] << (2 * (j & 3))
-        elif r == 4:
-            for j in range(n):
-                o[j >> 1] |= v[j] << (4 * (j & 1))
-        elif r == 6:
-            q = len(o) // 3
-            for j in range(min(n, 3 * q)):
-                o[j] = v[j]
-            for k in range(q):
-                d = v[3 * q + k] if 3 * q + k < n else 0
-                for j in range(3):
-                    o[j * q + k] |= ((d >> (2 * j)) & 3) << 6
-        else:  # bit planes, most significant bit first (np.packbits)
-            plane = (n + 7) // 8
-            for b in range(r):
-                for j in range(n):
-                    o[b * plane + (j >> 3)] |= ((v[j] >> b) & 1) << (7 - (j & 7))
-    return 0
-
-
-@numba.njit(cache=True, nogil=True)
-def unpack_lows(buf, ostart, split, low, lstart):  # pragma: no cover - jitted
-    # inverse of pack_lows: bucket i's packed bits buf[ostart[i]:ostart[i + 1]] -> low[lstart[i]:...]
-    for i in range(len(split)):
-        r = split[i]
-        if r == 0:
-            continue
-        o = buf[ostart[i]:ostart[i + 1]]
-        v = low[lstart[i]:lstart[i + 1]]
-        n = len(v)
-        if r == 2:
-            for j in range(n):
-                v[j] = (o[j >> 2] >> (2 * (j & 3))) & 3
-        elif r == 4:
-            for j in range(n):
-                v[j] = (o[j >> 1] >> (4 * (j & 1))) & 15
-        elif r == 6:
-            q = len(o) // 3
-            for j in range(min(n, 3 * q)):
-                v[j] = o[j] & 63
-            for k in range(q):
-                if 3 * q + k < n:
-                    v[3 * q + k] = ((o[k] >> 6) | ((o[q + k] >> 6) << 2) | ((o[2 * q + k] >> 6) << 4))
-        else:
-            plane = (n + 7) // 8
-            for j in range(n):
-                acc = 0
-                for b in range(r):
-                    acc |= ((o[b * plane + (j >> 3)] >> (7 - (j & 7))) & 1) << b
-                v[j] = acc
-    return 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _packed_size(n, r):  # pragma: no cover - jitted
-    if r == 0:
-        return 0
-    if r == 2:
-        return (n + 3) // 4
-    if r == 4:
-        return (n + 1) // 2
-    if r == 6:
-        return 3 * (((n + 31) // 32) * 8)
-    if r == 8:
-        return n
-    return r * ((n + 7) // 8)
-
-
-@numba.njit(cache=True, nogil=True)
 def row_buckets(rows, sums, has_sums, thresholds):  # pragma: no cover - jitted
     # bucket of each row by its mean |value| s (sums[r] / n, or counted): the number of
     # thresholds[1:] at or below s (thresholds[j] = 2**((j - OFFSET) / 2): the buckets of
@@ -309,49 +229,46 @@ def symbolize_role(rows, sums, has_sums, thresholds, radius_b, split_b, k_b, pai
     return bk, used, coded, lens, packed, hist, escapes[:ne].copy()
 
 
+@numba.njit(cache=True, nogil=True)
+def desymbolize_role(flat, cstart, low, lstart, bk, used, radius_b, split_b, kp, escapes, div, div_off,
+                     n):  # pragma: no cover - jitted
+    # one role: rows [len(bk), n] from the decoded symbols of its used buckets (cstart /
+    # lstart: their offsets, len(used) + 1; kp: pair alphabet per used bucket, 0 unpaired):
+    # the stable counting sort of the rows by bucket, then ``desymbolize_rows``; returns
+    # (rows, escapes taken or -1)
+    R = len(bk)
+    nbk = len(radius_b)
+    counts = np.zeros(nbk, np.int64)
+    for r in range(R):
+        counts[bk[r]] += 1
+    start = np.zeros(nbk, np.int64)
+    acc = 0
+    for b in range(nbk):
+        start[b] = acc
+        acc += counts[b]
+    order = np.empty(R, np.int64)
+    for r in range(R):
+        order[start[bk[r]]] = r
+        start[bk[r]] += 1
+    nu = len(used)
+    bstart = np.zeros(nu + 1, np.int64)
+    radius = np.empty(nu, np.int64)
+    split = np.empty(nu, np.int64)
+    for i in range(nu):
+        bstart[i + 1] = bstart[i] + counts[used[i]]
+        radius[i] = radius_b[used[i]]
+        split[i] = split_b[used[i]]
+    out = np.empty((R, n), np.int32)
+    e = desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp, escapes, div, div_off, out)
+    return out, e
+
+
 def pair_divisions(kmax: int) -> tuple[np.ndarray, np.ndarray]:
     """(div, div_off): div[div_off[k] + p] = p // k for p < k * k, k = 1..kmax (uint8)."""
     off = np.zeros(kmax + 2, np.int64)
     off[2:] = np.cumsum(np.arange(1, kmax + 1) ** 2)
     div = np.concatenate([np.arange(k * k) // k for k in range(1, kmax + 1)]).astype(np.uint8)
     return div, off[:kmax + 1].copy()
-
-
-def offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def packed_sizes(n: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """``bitpack.packed_size(n, r)`` elementwise (r 0: no bytes)."""
-    n, r = np.asarray(n, np.int64), np.asarray(r, np.int64)
-    return np.select([r == 0, r == 2, r == 4, r == 6, r == 8],
-                     [0, (n + 3) // 4, (n + 1) // 2, 3 * (-(-n // 32) * 8), n], r * ((n + 7) // 8))
-
-
-def pack(low: np.ndarray, lstart: np.ndarray, split: np.ndarray) -> np.ndarray:
-    """The low bits of every bucket (``low[lstart[i]:lstart[i + 1]]``, split[i] bits, 0:
-    none) packed one after another as ``bitpack.pack`` packs each (uint8)."""
-    ostart = offsets(packed_sizes(np.diff(lstart), split))
-    out = np.empty(int(ostart[-1]), np.uint8)
-    pack_lows(low, np.asarray(lstart, np.int64), np.asarray(split, np.int64), out, ostart)
-    return out
-
-
-def unpack(buf: np.ndarray, n: np.ndarray, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of pack given each bucket's value count n: (low, lstart). ValueError when
-    buf is not exactly as long as they need."""
-    split = np.asarray(split, np.int64)
-    ostart = offsets(packed_sizes(n, split))
-    if ostart[-1] > len(buf):
-        raise ValueError(f"low-bits section is {len(buf)} bytes, the streams need more")
-    if ostart[-1] != len(buf):
-        raise ValueError(f"low-bits section is {len(buf)} bytes, the streams need {int(ostart[-1])}")
-    lstart = offsets(np.where(split > 0, n, 0))
-    low = np.empty(int(lstart[-1]), np.uint8)
-    unpack_lows(buf, ostart, split, low, lstart)
-    return low, lstart
 
 
 def symbolize(rows: np.ndarray, order: np.ndarray, counts: np.ndarray, radius: np.ndarray, split: np.ndarray,
@@ -376,23 +293,3 @@ def symbolize(rows: np.ndarray, order: np.ndarray, counts: np.ndarray, radius: n
                         radius.astype(np.int64), split.astype(np.int64), ks.astype(np.int64),
                         paired.astype(np.bool_), coded, cstart, low, lstart, hist, hstart, escapes)
     return coded, cstart, low, lstart, hist, hstart, escapes[:ne].copy()
-
-
-def desymbolize(flat: np.ndarray, cstart: np.ndarray, low: np.ndarray, lstart: np.ndarray, order: np.ndarray,
-                counts: np.ndarray, radius: np.ndarray, split: np.ndarray, kp: np.ndarray, escapes: np.ndarray,
-                div: tuple[np.ndarray, np.ndarray], rows: int, n: int) -> np.ndarray:
-    """Inverse of symbolize for one role: the decoded coded symbols of its used buckets
-    (``flat[cstart[i]:cstart[i + 1]]``; kp[i] the pair alphabet, 0 unpaired; pairs < kp[i]
-    ** 2), their low bits (``low[lstart[i]:]``, uint8), the role's escaped values and
-    ``pair_divisions`` -> rows int32 [rows, n] in their original order. ValueError when the
-    escapes do not match."""
-    bstart = offsets(counts)
-    if bstart[-1] != rows:
-        raise ValueError(f"{int(bstart[-1])} rows in the buckets for {rows} rows")
-    out = np.empty((rows, n), np.int32)
-    e = desymbolize_rows(flat, np.asarray(cstart, np.int64), low, np.asarray(lstart, np.int64),
-                         order.astype(np.int64), bstart, radius.astype(np.int64), split.astype(np.int64),
-                         kp.astype(np.int64), np.ascontiguousarray(escapes, np.int32), div[0], div[1], out)
-    if e != len(escapes):
-        raise ValueError(f"{max(e, 0) if e >= 0 else 'more'} escape symbols but {len(escapes)} escaped values")
-    return out

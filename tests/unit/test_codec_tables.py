@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.codec_bench import synthetic_kv
 from kvtransfer.codec import get_codec
-from kvtransfer.codecs import bitpack, cachegen_symbols, kernels, rangecoding, rans_kernels
+from kvtransfer.codecs import bitpack, cachegen_symbols, kernels, lowbits_kernels, rangecoding, rans_kernels
 from kvtransfer.codecs import symbol_kernels as sk
 from kvtransfer.codecs.cachegen import calibrate
 from kvtransfer.codecs.cachegen_tables import CacheGenTables
@@ -83,17 +83,17 @@ def test_low_bits_pack_like_bitpack():
         for n0 in (0, 1, 7, 8, 31, 32, 33, 100, 257):
             split_a = np.array(split)
             n = np.array([n0 + i for i in range(len(split))])
-            lstart = sk.offsets(np.where(split_a > 0, n, 0))
+            lstart = lowbits_kernels.offsets(np.where(split_a > 0, n, 0))
             low = np.concatenate([rng.integers(0, 1 << r, m) if r else np.zeros(0, int)
                                   for r, m in zip(split, n)]).astype(np.uint8)
-            got = sk.pack(low, lstart, split_a)
+            got = lowbits_kernels.pack(low, lstart, split_a)
             want = b"".join(bitpack.pack(low[lstart[i]:lstart[i + 1]], r).tobytes() for i, r in enumerate(split) if r)
             assert got.tobytes() == want, (split, n0)
-            back, ls = sk.unpack(got, n, split_a)
+            back, ls = lowbits_kernels.unpack(got, n, split_a)
             assert np.array_equal(back, low) and np.array_equal(ls, lstart)
             if len(got):
                 with pytest.raises(ValueError, match="low-bits"):
-                    sk.unpack(got[:-1], n, split_a)
+                    lowbits_kernels.unpack(got[:-1], n, split_a)
 
 
 def _fresh(tables: CacheGenTables, tmp_path, name: str) -> CacheGenTables:
