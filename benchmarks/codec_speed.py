@@ -5,7 +5,7 @@
         [--repeats 5] [--kv KV.pt] [--profile LABEL] [--json OUT.json]
 
 KV: SmolLM2-135M-Instruct's (the built-in model) KV of the first evaluation window of
-``benchmarks.kv_quality`` (prose, 2048 tokens, fp32 compute), cast to bf16; ``--kv``
+``benchmarks.kv_quality`` (prose, 2048 tokens, fp32 compute), cast to bf16 (``--dtype``); ``--kv``
 loads a saved ``[layers, 2, tokens, kv_heads, head_dim]`` tensor (or a dict with
 "eval": [(kv, ids), ...]) instead of prefilling. One torch thread
 (``torch.set_num_threads(1)``); MB/s are fp16-equivalent bytes per second of CPU time of
@@ -36,7 +36,10 @@ import torch
 from benchmarks.kv_quality import parse_codecs
 
 
-def load_kv(path: str | None, tokens: int) -> torch.Tensor:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_kv(path: str | None, tokens: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     if path:
         d = torch.load(path)
         kv = d["eval"][0][0] if isinstance(d, dict) else d
@@ -47,7 +50,7 @@ def load_kv(path: str | None, tokens: int) -> torch.Tensor:
         probe = kvprobe.Probe(builtin_model_dir("smollm2-135m-instruct"), tokens)
         (_, ids), = kvprobe.windows(probe.tok, "eval", 1, tokens, 0)
         kv = probe.context_kv(ids)[0]
-    return kv[:, :, :tokens].to(torch.bfloat16).contiguous()
+    return kv[:, :, :tokens].to(dtype).contiguous()
 
 
 def codec_of(label: str, layer: int | None = None, layers: int = 0) -> Any:
@@ -128,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default="int8,cachegen:0-5,kvtc:0-7")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the KV's dtype (cast from fp32)")
     ap.add_argument("--kv", help="a saved KV tensor (torch.save) instead of a prefill")
     ap.add_argument("--profile", metavar="LABEL")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    kv = load_kv(args.kv, args.tokens)
+    kv = load_kv(args.kv, args.tokens, DTYPES[args.dtype])
     if args.profile:
         profile(args.profile, kv, args.repeats)
         return 0
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     res = measure(parse_codecs(args.codecs), kv, args.repeats)
-    print(f"KV {tuple(kv.shape)} bf16 ({kv.numel() * 2 / 1e6:.1f} MB fp16-equivalent); load before "
+    print(f"KV {tuple(kv.shape)} {args.dtype} ({kv.numel() * 2 / 1e6:.1f} MB fp16-equivalent); load before "
           f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print("| codec | x fp16 | slice enc MB/s | slice dec MB/s | per-layer enc MB/s | per-layer dec MB/s |")
     print("|---|---|---|---|---|---|")
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {lb} | {r['ratio_vs_fp16']:.2f} | {r['slice_encode_MBps']:.0f} | {r['slice_decode_MBps']:.0f} | "
               f"{r['layer_encode_MBps']:.0f} | {r['layer_decode_MBps']:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": list(kv.shape), "load_before": load[0],
+        Path(args.json).write_text(json.dumps({"shape": list(kv.shape), "dtype": args.dtype, "load_before": load[0],
                                                "load_after": os.getloadavg()[0], "rows": res}, indent=1) + "\n")
     return 0
 

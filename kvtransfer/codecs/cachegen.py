@@ -18,13 +18,8 @@
    decorrelating transform; ``exact_head`` / ``exact_tail`` tokens (attention sink,
    most recent tokens) are kept exact.
 
-Stream payload: eight u64 section lengths, then the sections ``exact`` (raw head/tail
-tokens), ``delta`` (fp32 step per layer and K/V), ``mode`` (delta-mode bit per channel),
-``buckets`` (5-bit table choice per row), ``tables`` (zlib'd uint16 counts of the used
-tables, of the coded part ``symbol >> SPLIT_BITS[bucket]``; empty when calibrated),
-``escapes`` (int32 counts per role, then values), ``low`` (the ``SPLIT_BITS`` raw low bits
-of the symbols of wide buckets, packed per stream) and ``words`` (the ANS-coded symbols,
-two per coded symbol where the alphabet allows).
+Stream layout: ``cachegen_format``; the entropy stage (buckets, tables, escapes, low bits,
+words): ``cachegen_symbols``.
 
 Speed: the entropy coder is rANS with a lookup-table decoder (``rangecoding``, numba);
 symbols are coded in pairs (half the coder steps) and wide buckets keep low bits raw; the
@@ -39,16 +34,15 @@ not carry its positions, so this codec does not).
 
 from __future__ import annotations
 
-import struct
-import zlib
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from kvtransfer.codecs.base import KVCodec, Payload
-from kvtransfer.codecs import bitpack, kernels, rangecoding
 from kvtransfer.codecs import cachegen_quant as cq
+from kvtransfer.codecs import cachegen_symbols, rangecoding
+from kvtransfer.codecs.base import CodecError, KVCodec, Payload, parse
+from kvtransfer.codecs.cachegen_format import CALIBRATED, OPTS, PCA, RANS, sections, unsections
 from kvtransfer.codecs.cachegen_tables import (ROLES, CacheGenTables, LevelTables, merge_counts, pca_basis,
                                                raw_counts)
 from kvtransfer.codecs.none import UINT, bits_of, tensor_from_bits
@@ -64,32 +58,6 @@ LEVEL_STEPS = (0.1, 0.2, 0.4, 0.8, 1.2, 1.6)
 DEFAULT_LEVEL = 1
 # Step multiplier of the first and of the last layer (linear in between).
 SHALLOW, DEEP = 0.75, 1.25
-# level, group, flags, exact head, exact tail, tables fingerprint, first layer
-_OPTS = struct.Struct("<BBBxHHIH")
-_CALIBRATED, _PCA = 1, 2
-# The words are rANS (``rangecoding``, this build's coder); streams of builds that coded
-# with constriction's ANS lack the flag and are refused by name.
-_RANS = 4
-# Alphabets up to this size are coded two symbols at a time (alphabet <= 4096).
-PAIR_MAX = 64
-_SECTIONS = ("exact", "delta", "mode", "buckets", "tables", "escapes", "low", "words")
-# Low bits of each symbol kept raw, per table bucket: wide buckets (mean |q| >= 2.8 steps)
-# code symbol >> r with the table and the r low bits raw. The low bits of a spread-out
-# distribution are nearly uniform (the streams grow 0.1-0.6%), and the coded alphabets
-# shrink to <= 25 symbols, so they pair: ANS decoding costs per call and per bit of
-# alphabet, and this about halves it at levels 0-1.
-SPLIT_BITS = np.array([max(0, (b - 8) // 2) if b >= 11 else 0 for b in range(cq.NUM_BUCKETS)], np.int64)
-
-
-def coded_counts(c: np.ndarray, r: int) -> np.ndarray:
-    """Counts of symbol >> r from counts of the symbols."""
-    if not r:
-        return c
-    k = -(-len(c) // (1 << r))
-    out: np.ndarray = np.pad(c.astype(np.int64), (0, k * (1 << r) - len(c))).reshape(k, 1 << r).sum(axis=1)
-    return out
-
-
 # Step multiplier of keys and of values.
 KV_STEP = (1.0, 1.0)
 
@@ -114,24 +82,6 @@ def steps_for(z: torch.Tensor, level: int, first_layer: int = 0, total_layers: i
             raise ValueError("cachegen codes finite KV only; this tensor holds NaN or inf (use 'lossless')")
     delta = (layer_steps(level, L, first_layer, total_layers) * np.where(rms > 0, rms, 1.0)).astype(np.float32)
     out: np.ndarray = np.maximum(delta, np.float32(1e-30))
-    return out
-
-
-def _sections(parts: list[Payload]) -> list[Payload]:
-    return [struct.pack(f"<{len(parts)}Q", *(memoryview(p).nbytes for p in parts)), *parts]
-
-
-def _unsections(payload: memoryview) -> dict[str, memoryview]:
-    n = len(_SECTIONS)
-    if len(payload) < 8 * n:
-        raise ValueError(f"payload of {len(payload)} bytes has no room for its section index")
-    lengths = struct.unpack_from(f"<{n}Q", payload)
-    if 8 * n + sum(lengths) != len(payload):
-        raise ValueError(f"sections add up to {8 * n + sum(lengths)} bytes, payload is {len(payload)}")
-    out, pos = {}, 8 * n
-    for name, ln in zip(_SECTIONS, lengths):
-        out[name] = payload[pos:pos + ln]
-        pos += ln
     return out
 
 
@@ -210,46 +160,13 @@ class CacheGenCodec(KVCodec):
         q, head, tail = self.quantize(kv)
         T = kv.shape[2]
         exact = [bits_of(kv[:, :, :head].contiguous()), bits_of(kv[:, :, T - tail:].contiguous())]
-        rows = self._rows(q)
         level = self.tables.levels[self.level] if self.tables is not None else None
-        buckets = [cq.buckets_of(r, sums) for r, sums in zip(rows, (q.sum_a, q.sum_d, None))]
-        arrays: list[np.ndarray] = []
-        tables: list[np.ndarray] = []
-        shipped: list[np.ndarray] = []
-        table_of: list[int] = []
-        low: list[np.ndarray] = []
-        role_escapes: list[np.ndarray] = []
-        for role, (rw, bk) in enumerate(zip(rows, buckets)):
-            counts = np.bincount(bk, minlength=cq.NUM_BUCKETS)
-            used = np.flatnonzero(counts)
-            split = SPLIT_BITS[used]
-            full = 2 * cq.RADIUS[used].astype(np.int64) + 2
-            ks = -(-full // (1 << split))
-            paired = ks <= PAIR_MAX
-            coded, lows, hists, esc = kernels.symbolize(rw, np.argsort(bk, kind="stable"), counts[used],
-                                                        cq.RADIUS[used], split, ks, paired)
-            role_escapes.append(esc)
-            for i, b in enumerate(used):
-                r = int(split[i])
-                if r:
-                    low.append(bitpack.pack(lows[i], r))
-                if level is not None:
-                    c = coded_counts(level.table(role, int(b)), r)
-                else:  # shipped: the histogram of this chunk's coded symbols
-                    c = rangecoding.normalize(hists[i])
-                    shipped.append(c)
-                arrays.append(coded[i])
-                table_of.append(len(tables))
-                tables.append(rangecoding.pair_table(c) if paired[i] else c)
-        words = rangecoding.encode(arrays, table_of, tables)
-        shipped_b = bitpack.pack(np.concatenate(buckets), 5)
-        shipped_t = b"" if level is not None else zlib.compress(b"".join(t.tobytes() for t in shipped), 6)
-        flags = (_CALIBRATED if level is not None else 0) | (_PCA if self._pca() else 0) | _RANS
-        fp = self._stream_fingerprint()
-        escapes = np.concatenate([np.array([len(e) for e in role_escapes], np.int32), *role_escapes])
+        coded = cachegen_symbols.encode(self._rows(q), [q.sum_a, q.sum_d, None], level)
+        flags = (CALIBRATED if level is not None else 0) | (PCA if self._pca() else 0) | RANS
         parts: list[Payload] = [b"".join(e.tobytes() for e in exact), q.delta, np.packbits(q.mode.reshape(-1)),
-                                shipped_b, shipped_t, escapes, b"".join(x.tobytes() for x in low), words]
-        return _OPTS.pack(self.level, self.group, flags, head, tail, fp, self.first_layer), _sections(parts)
+                                *coded]
+        return OPTS.pack(self.level, self.group, flags, head, tail, self._stream_fingerprint(),
+                         self.first_layer), sections(parts)
 
     # -- hooks of subclasses (kvtc: another transform, its own side information) ---------
     def _levels(self) -> int:
@@ -263,8 +180,8 @@ class CacheGenCodec(KVCodec):
         """Token-major coded channels [L, 2, T, C] -> KV [L, 2, T, H, D] (float32)."""
         L, _, Tm, H, D = shape
         out = mid.view(L, 2, Tm, H, D)
-        pca = tables.pca(first_layer, L) if tables is not None and flags & _PCA else None
-        if flags & _PCA and pca is None:
+        pca = tables.pca(first_layer, L) if tables is not None and flags & PCA else None
+        if flags & PCA and pca is None:
             raise ValueError("stream is in PCA coordinates but the tables hold no PCA basis")
         if pca is not None:
             out = torch.einsum("lkthe,lkhde->lkthd", out, pca[1]) + pca[0][:, :, None]
@@ -273,27 +190,23 @@ class CacheGenCodec(KVCodec):
     # -- decode ------------------------------------------------------------------------
     def _decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
                 opts: bytes) -> torch.Tensor:
-        level, group, flags, head, tail, fp, first_layer = _OPTS.unpack(opts)
+        level, group, flags, head, tail, fp, first_layer = OPTS.unpack(opts)
         L, _, T, H, D = shape
         C, Tm = H * D, T - head - tail
         if level >= self._levels() or group < 1 or Tm < 0:
             raise ValueError(f"bad cachegen options: level {level}, group {group}, exact {head}+{tail} of {T}")
-        if not flags & _RANS:
-            from kvtransfer.codecs.base import CodecError
-
+        if not flags & RANS:
             raise CodecError(f"{self.name} stream was entropy-coded by an older build (constriction ANS); this "
                              "build codes and decodes rANS streams only")
         tables = None
-        if flags & _CALIBRATED:
+        if flags & CALIBRATED:
             if self.tables is None or self.tables.fingerprint != fp:
-                from kvtransfer.codecs.base import CodecError
-
                 have = "no tables" if self.tables is None else f"tables {self.tables.fingerprint:#010x}"
                 raise CodecError(f"cachegen stream was coded with calibrated tables {fp:#010x}; this codec has "
                                  f"{have} (pass tables= from the same calibrate/load)")
             tables = self.tables
             tables.check_shape(shape, first_layer)
-        sec = _unsections(payload)
+        sec = unsections(payload)
         np_u = UINT[dtype][0]
         item = np.dtype(np_u).itemsize
         exact = np.frombuffer(sec["exact"], np_u)
@@ -302,73 +215,8 @@ class CacheGenCodec(KVCodec):
         delta = np.frombuffer(sec["delta"], np.float32).reshape(L, 2).copy()
         mode = np.unpackbits(np.frombuffer(sec["mode"], np.uint8), count=L * 2 * C).astype(bool).reshape(L, 2, C)
         anchors, others, _ = cq.token_layout(Tm, group)
-        sizes = [len(anchors), len(others), C]
-        nrows = [L * 2 * C, L * 2 * C, L * 2]
-        flat = bitpack.unpack(np.frombuffer(sec["buckets"], np.uint8), 5, sum(nrows))
-        if int(flat.max(initial=0)) >= cq.NUM_BUCKETS:
-            raise ValueError("table bucket out of range")
-        buckets = np.split(flat, np.cumsum(nrows)[:-1])
-        if tables is not None:
-            lt = tables.levels[level]
-            counts = [{b: coded_counts(lt.table(role, b), int(SPLIT_BITS[b])) for b in cq.used_buckets(buckets[role])}
-                      for role in range(len(ROLES))]
-        else:
-            blob = np.frombuffer(zlib.decompress(sec["tables"]), np.uint16)
-            counts, pos = [], 0
-            for b_role in buckets:
-                role_counts: dict[int, np.ndarray] = {}
-                for b in cq.used_buckets(b_role):
-                    k = -(-(2 * int(cq.RADIUS[b]) + 2) // (1 << int(SPLIT_BITS[b])))
-                    role_counts[b] = blob[pos:pos + k]
-                    pos += k
-                counts.append(role_counts)
-            if pos != len(blob):
-                raise ValueError(f"tables section holds {len(blob)} counts, the buckets need {pos}")
-        tabs: list[np.ndarray] = []
-        table_of: list[int] = []
-        lens: list[int] = []
-        ks: list[tuple[int, int, int]] = []
-        for role in range(len(ROLES)):
-            rc = cq.row_counts(buckets[role])
-            for b in cq.used_buckets(buckets[role]):
-                c = counts[role][b]
-                n = int(rc[b]) * sizes[role]
-                paired = len(c) <= PAIR_MAX
-                table_of.append(len(tabs))
-                tabs.append(rangecoding.pair_table(c) if paired else c)
-                lens.append((n + 1) // 2 if paired else n)
-                ks.append((len(c) if paired else 0, n, int(SPLIT_BITS[b])))
-        words = np.frombuffer(sec["words"], np.uint32)
-        low = np.frombuffer(sec["low"], np.uint8)
-        escapes = np.frombuffer(sec["escapes"], np.int32)
-        n_esc = escapes[:len(ROLES)].view(np.uint32).astype(np.int64)
-        if len(n_esc) != len(ROLES) or len(ROLES) + int(n_esc.sum()) != len(escapes):
-            raise ValueError("escape counts do not match the escaped values")
-        bounds = len(ROLES) + np.concatenate([[0], np.cumsum(n_esc)])
-        flat, seg = rangecoding.decode_flat(words, lens, table_of, tabs)
-        lows, pos = [], 0
-        for k, n, r in ks:
-            if r:
-                size = bitpack.packed_size(n, r)
-                if pos + size > len(low):
-                    raise ValueError(f"low-bits section is {len(low)} bytes, the streams need more")
-                lows.append(bitpack.unpack(low[pos:pos + size], r, n))
-                pos += size
-            else:
-                lows.append(np.zeros(0, np.uint8))
-        if pos != len(low):
-            raise ValueError(f"low-bits section is {len(low)} bytes, the streams need {pos}")
-        rows, si = [], 0
-        for role in range(len(ROLES)):
-            bk = buckets[role]
-            per_bucket = np.bincount(bk, minlength=cq.NUM_BUCKETS)
-            used = np.flatnonzero(per_bucket)
-            nu = len(used)
-            rows.append(kernels.desymbolize(flat, seg[si:si + nu + 1], lows[si:si + nu], np.argsort(bk, kind="stable"),
-                                            per_bucket[used], cq.RADIUS[used], SPLIT_BITS[used],
-                                            np.array([k for k, _, _ in ks[si:si + nu]], np.int64),
-                                            escapes[bounds[role]:bounds[role + 1]], len(bk), sizes[role]))
-            si += nu
+        rows = cachegen_symbols.decode(sec, [L * 2 * C, L * 2 * C, L * 2], [len(anchors), len(others), C],
+                                       tables.levels[level] if tables is not None else None)
         mid = cq.reconstruct_tokens(delta, rows[2].reshape(L, 2, C), mode, rows[0].reshape(L, 2, C, -1),
                                     rows[1].reshape(L, 2, C, -1), Tm, group)
         mid = self._inverse(mid, shape[:2] + (Tm,) + shape[3:], tables, flags, first_layer)
@@ -384,10 +232,8 @@ class CacheGenCodec(KVCodec):
 
 def describe(data: bytes | memoryview) -> dict[str, int]:
     """Bytes per section of a cachegen stream (side information vs coded symbols)."""
-    from kvtransfer.codecs.base import parse
-
     _, _, _, opts, payload = parse(data)
-    out = {k: len(v) for k, v in _unsections(payload).items()}
+    out = {k: len(v) for k, v in unsections(payload).items()}
     out["header"] = len(memoryview(data)) - len(payload)
     return out
 

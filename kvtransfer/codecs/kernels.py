@@ -6,23 +6,27 @@ where numpy and torch took several, single-threaded (a codec runs on one core).
   writing channel-major symbol rows, with each row's sum of |q| for the table buckets;
 - ``reconstruct``: its inverse straight into token-major float32 (the same float32
   arithmetic as the encoder: every value within step / 2 of its input);
-- ``rope``: RoPE on the keys of token-major KV in place (kvtc codes keys before RoPE);
-- ``symbolize`` / ``desymbolize``: quantised rows to the entropy coder's symbols (sorted
-  by table bucket, escapes, low bits cut off, pairs) and back;
-- ``rans_encode`` / ``rans_decode``: the rANS coder of ``rangecoding``.
+- ``rope``: RoPE on the keys of token-major KV in place (kvtc codes keys before RoPE),
+  the angle tables of a (position, length, frequencies, direction) cached: the layers of
+  one chunk share them.
 
-Compiled on first use (seconds) and cached on disk by numba (``cache=True``); this module
-is imported only where symbols are coded (numba takes ~0.5 s to import).
+The entropy stage's kernels are in ``symbol_kernels`` and ``rans_kernels``. Compiled on
+first use (seconds) and cached on disk by numba (``cache=True``); this module is imported
+only where symbols are coded (numba takes ~0.5 s to import).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numba
 import numpy as np
 import torch
 
 _QMAX = 2 ** 30
-_L = 1 << 31  # the rANS state's lower bound (rans64)
+# Angle tables kept (``rope_tables``): a few chunks' positions in flight, ~130 KB each at
+# 512 tokens x 32 frequencies.
+ROPE_CACHE = 32
 
 
 @numba.njit(cache=True, nogil=True)
@@ -135,201 +139,6 @@ def rope_rows(x, cos, sin):  # pragma: no cover - jitted
                     x[li, t, h, i + half] = b * c + a * s
     return 0
 
-@numba.njit(cache=True, nogil=True)
-def symbolize_rows(rows, order, bstart, radius, split, ks, paired, coded, cstart, low, lstart, hist, hstart,
-                   escapes):  # pragma: no cover - jitted
-    n = rows.shape[1]
-    ne = 0
-    # 4 interleaved histograms: a run of one symbol (zeros) is not one long add-to-memory chain
-    sub = np.zeros((4, int(np.max(ks)) if len(ks) else 1), np.int64)
-    for i in range(len(radius)):
-        rad = radius[i]
-        r = split[i]
-        k = ks[i]
-        mask = (1 << r) - 1
-        c = cstart[i]
-        lo = lstart[i]
-        h = hstart[i]
-        pr = paired[i]
-        half = False
-        prev = 0
-        sub[:, :k] = 0
-        q = 0
-        for oi in range(bstart[i], bstart[i + 1]):
-            row = rows[order[oi]]
-            for j in range(n):
-                v = row[j]
-                if v > rad or v < -rad:
-                    escapes[ne] = v
-                    ne += 1
-                    sym = 2 * rad + 1
-                else:
-                    sym = v + rad
-                if r:
-                    low[lo] = sym & mask
-                    lo += 1
-                    sym >>= r
-                sub[q & 3, sym] += 1
-                q += 1
-                if pr:
-                    if half:
-                        coded[c] = prev * k + sym
-                        c += 1
-                        half = False
-                    else:
-                        prev = sym
-                        half = True
-                else:
-                    coded[c] = sym
-                    c += 1
-        if pr and half:
-            coded[c] = prev * k
-        for s in range(k):
-            hist[h + s] = sub[0, s] + sub[1, s] + sub[2, s] + sub[3, s]
-    return ne
-
-
-@numba.njit(cache=True, nogil=True)
-def desymbolize_rows(flat, cstart, low, lstart, order, bstart, radius, split, kp, escapes,
-                     out):  # pragma: no cover - jitted
-    n = out.shape[1]
-    e = 0
-    for i in range(len(radius)):
-        rad = radius[i]
-        r = split[i]
-        k = kp[i]
-        c0 = cstart[i]
-        l0 = lstart[i]
-        esc = 2 * rad + 1
-        total = (bstart[i + 1] - bstart[i]) * n
-        if total == 0:
-            continue
-        # the bucket's values in stream order: first symbol of a pair a = p // k, second p % k
-        # (tables of both, no division per symbol)
-        first = np.empty(max(k, 1) * max(k, 1), np.int64)
-        second = np.empty(max(k, 1) * max(k, 1), np.int64)
-        if k:
-            for a in range(k):
-                for b in range(k):
-                    first[a * k + b] = a
-                    second[a * k + b] = b
-        oi = bstart[i]
-        orow = order[oi]
-        j = 0
-        for idx in range(total):
-            if k:
-                pv = flat[c0 + (idx >> 1)]
-                hi = first[pv] if (idx & 1) == 0 else second[pv]
-            else:
-                hi = np.int64(flat[c0 + idx])
-            sym = hi << r
-            if r:
-                sym += low[l0 + idx]
-            if sym == esc:
-                if e >= len(escapes):
-                    return -1
-                out[orow, j] = escapes[e]
-                e += 1
-            else:
-                out[orow, j] = sym - rad
-            j += 1
-            if j == n:
-                j = 0
-                oi += 1
-                if oi < bstart[i + 1]:
-                    orow = order[oi]
-    return e
-
-
-@numba.njit(cache=True, nogil=True)
-def rans_encode(syms, starts, seg_table, freq, cum, bits, off, ksizes, out):  # pragma: no cover - jitted
-    # two interleaved states (symbol i on state i % 2): the decoder's two dependency chains overlap
-    lo = np.uint64(_L)
-    word = np.uint64(0xFFFFFFFF)
-    x0 = lo
-    x1 = lo
-    p = len(out)
-    for i in range(len(starts) - 2, -1, -1):
-        t = seg_table[i]
-        o = off[t]
-        k = ksizes[t]
-        sb = np.uint64(bits[t])
-        lim = (lo >> sb) << np.uint64(32)
-        for j in range(starts[i + 1] - 1, starts[i] - 1, -1):
-            s = syms[j]
-            if s < 0 or s >= k:
-                return -1
-            f = np.uint64(freq[o + s])
-            c = np.uint64(cum[o + s])
-            if j & 1:
-                if x1 >= lim * f:
-                    p -= 1
-                    out[p] = np.uint32(x1 & word)
-                    x1 = x1 >> np.uint64(32)
-                x1 = ((x1 // f) << sb) + (x1 % f) + c
-            else:
-                if x0 >= lim * f:
-                    p -= 1
-                    out[p] = np.uint32(x0 & word)
-                    x0 = x0 >> np.uint64(32)
-                x0 = ((x0 // f) << sb) + (x0 % f) + c
-    p -= 4
-    out[p] = np.uint32(x0 & word)
-    out[p + 1] = np.uint32(x0 >> np.uint64(32))
-    out[p + 2] = np.uint32(x1 & word)
-    out[p + 3] = np.uint32(x1 >> np.uint64(32))
-    return p
-
-
-@numba.njit(cache=True, nogil=True)
-def rans_decode(words, lens, seg_table, freq, cum, bits, off, lut_off, out):  # pragma: no cover - jitted
-    n = len(words)
-    if n < 4:
-        return 1
-    lo = np.uint64(_L)
-    ntab = len(bits)
-    lut = np.empty(lut_off[ntab], np.uint16)
-    for t in range(ntab):
-        base = lut_off[t]
-        for s in range(off[t + 1] - off[t]):
-            c = base + np.int64(cum[off[t] + s])
-            lut[c:c + np.int64(freq[off[t] + s])] = s
-    x0 = np.uint64(words[0]) | (np.uint64(words[1]) << np.uint64(32))
-    x1 = np.uint64(words[2]) | (np.uint64(words[3]) << np.uint64(32))
-    p = 4
-    k = 0
-    for i in range(len(lens)):
-        t = seg_table[i]
-        o = off[t]
-        sb = np.uint64(bits[t])
-        mask = (np.uint64(1) << sb) - np.uint64(1)
-        base = lut_off[t]
-        for _ in range(lens[i]):
-            if k & 1:
-                slot = x1 & mask
-                s = lut[base + np.int64(slot)]
-                x1 = np.uint64(freq[o + s]) * (x1 >> sb) + slot - np.uint64(cum[o + s])
-                if x1 < lo:
-                    if p >= n:
-                        return 2
-                    x1 = (x1 << np.uint64(32)) | np.uint64(words[p])
-                    p += 1
-            else:
-                slot = x0 & mask
-                s = lut[base + np.int64(slot)]
-                x0 = np.uint64(freq[o + s]) * (x0 >> sb) + slot - np.uint64(cum[o + s])
-                if x0 < lo:
-                    if p >= n:
-                        return 2
-                    x0 = (x0 << np.uint64(32)) | np.uint64(words[p])
-                    p += 1
-            out[k] = s
-            k += 1
-    if p != n or x0 != lo or x1 != lo:
-        return 3
-    return 0
-
-
 def quantize(z: np.ndarray, delta: np.ndarray, group: int) -> tuple[np.ndarray, ...]:
     """z float32 [L, 2, T, C] token-major (contiguous), delta float32 [L, 2] -> (ref [L, 2,
     C], mode, qa [L, 2, C, A], qd [L, 2, C, T - A] channel-major, sum |qa| per row, sum |qd|
@@ -351,61 +160,6 @@ def quantize(z: np.ndarray, delta: np.ndarray, group: int) -> tuple[np.ndarray, 
             sa, sd)
 
 
-def symbolize(rows: np.ndarray, order: np.ndarray, counts: np.ndarray, radius: np.ndarray, split: np.ndarray,
-              ks: np.ndarray, paired: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray],
-                                                         np.ndarray]:
-    """Rows of symbols [R, n] (int32), sorted by table bucket (``order``; counts: rows per
-    used bucket, in order) -> per used bucket: the coded symbols (value + radius, escapes
-    as 2 radius + 1, the low ``split`` bits cut off, paired as a * k + b where ``paired``),
-    the cut-off low bits (uint8), the histogram of the coded single symbols (k entries);
-    and the escaped values in stream order (``cachegen_quant.to_streams`` + ``pair``)."""
-    n = rows.shape[1]
-    nb = counts.astype(np.int64) * n
-    clen = np.where(paired, (nb + 1) // 2, nb)
-    cstart = np.zeros(len(nb) + 1, np.int64)
-    np.cumsum(clen, out=cstart[1:])
-    llen = np.where(split > 0, nb, 0)
-    lstart = np.zeros(len(nb) + 1, np.int64)
-    np.cumsum(llen, out=lstart[1:])
-    hstart = np.zeros(len(nb) + 1, np.int64)
-    np.cumsum(ks, out=hstart[1:])
-    bstart = np.zeros(len(nb) + 1, np.int64)
-    np.cumsum(counts, out=bstart[1:])
-    coded = np.empty(int(cstart[-1]), np.int32)
-    low = np.empty(int(lstart[-1]), np.uint8)
-    hist = np.zeros(int(hstart[-1]), np.int64)
-    escapes = np.empty(rows.size, np.int32)  # pages are touched only where written (escapes are rare)
-    ne = symbolize_rows(np.ascontiguousarray(rows, np.int32), order.astype(np.int64), bstart,
-                             radius.astype(np.int64), split.astype(np.int64), ks.astype(np.int64),
-                             paired.astype(np.bool_), coded, cstart, low, lstart, hist, hstart, escapes)
-    return ([coded[cstart[i]:cstart[i + 1]] for i in range(len(nb))],
-            [low[lstart[i]:lstart[i + 1]] for i in range(len(nb))],
-            [hist[hstart[i]:hstart[i + 1]] for i in range(len(nb))], escapes[:ne].copy())
-
-
-def desymbolize(flat: np.ndarray, cstart: np.ndarray, lows: list[np.ndarray], order: np.ndarray,
-                counts: np.ndarray, radius: np.ndarray, split: np.ndarray, kp: np.ndarray, escapes: np.ndarray,
-                rows: int, n: int) -> np.ndarray:
-    """Inverse of symbolize for one role: the decoded coded symbols of its used buckets
-    (``flat[cstart[i]:cstart[i + 1]]``; kp[i] the pair alphabet, 0 unpaired), their
-    unpacked low bits and the role's escaped values -> rows int32 [rows, n] in their
-    original order. ValueError when the escapes do not match."""
-    low = np.concatenate(lows) if lows else np.zeros(0, np.uint8)
-    lstart = np.zeros(len(lows) + 1, np.int64)
-    np.cumsum([len(x) for x in lows], out=lstart[1:])
-    bstart = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=bstart[1:])
-    out = np.empty((rows, n), np.int32)
-    if bstart[-1] != rows:
-        raise ValueError(f"{int(bstart[-1])} rows in the buckets for {rows} rows")
-    e = desymbolize_rows(flat, np.asarray(cstart, np.int64), low, lstart, order.astype(np.int64), bstart,
-                              radius.astype(np.int64), split.astype(np.int64), kp.astype(np.int64),
-                              np.ascontiguousarray(escapes, np.int32), out)
-    if e != len(escapes):
-        raise ValueError(f"{max(e, 0) if e >= 0 else 'more'} escape symbols but {len(escapes)} escaped values")
-    return out
-
-
 def reconstruct(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa: np.ndarray, qd: np.ndarray,
                 tokens: int, group: int) -> torch.Tensor:
     """Inverse of quantize, token-major: float32 [L, 2, T, C]."""
@@ -418,10 +172,18 @@ def reconstruct(delta: np.ndarray, ref: np.ndarray, mode: np.ndarray, qa: np.nda
 
 
 def rope_tables(first_pos: int, tokens: int, inv_freq: np.ndarray, sign: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sign * sin [tokens, D / 2] (float32, angles in float64), as ``rope_keys``."""
+    """cos and sign * sin [tokens, D / 2] (float32, angles in float64), as ``rope_keys``;
+    read-only arrays, cached by (first_pos, tokens, the float32 frequencies, sign)."""
+    return _rope_tables(int(first_pos), int(tokens), np.asarray(inv_freq, np.float32).tobytes(), float(sign))
+
+
+@functools.lru_cache(maxsize=ROPE_CACHE)
+def _rope_tables(first_pos: int, tokens: int, inv_freq: bytes, sign: float) -> tuple[np.ndarray, np.ndarray]:
     pos = np.arange(first_pos, first_pos + tokens, dtype=np.float64)
-    ang = pos[:, None] * np.asarray(inv_freq, np.float32).astype(np.float64)[None, :]
-    return np.cos(ang).astype(np.float32), (sign * np.sin(ang)).astype(np.float32)
+    ang = pos[:, None] * np.frombuffer(inv_freq, np.float32).astype(np.float64)[None, :]
+    cos, sin = np.cos(ang).astype(np.float32), (sign * np.sin(ang)).astype(np.float32)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
 
 
 def rope_(keys: np.ndarray, first_pos: int, inv_freq: np.ndarray, sign: float) -> None:

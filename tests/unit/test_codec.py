@@ -384,7 +384,7 @@ def test_lossless_truncated_anywhere_is_codec_error(dtype):
 def test_cachegen_wide_buckets_keep_low_bits_and_malformed_sections_are_codec_errors():
     import struct
 
-    from kvtransfer.codecs.cachegen import _SECTIONS
+    from kvtransfer.codecs.cachegen_format import SECTIONS as _SECTIONS
 
     c = get_codec("cachegen", level=0)
     kv = kv_like(torch.float32, 120, specials=False)

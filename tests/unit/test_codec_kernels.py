@@ -71,7 +71,8 @@ def test_rans_round_trip_near_entropy_and_damage_raises():
 
 
 def test_symbolize_equals_to_streams_split_and_pair():
-    from kvtransfer.codecs.cachegen import PAIR_MAX, SPLIT_BITS
+    from kvtransfer.codecs import symbol_kernels
+    from kvtransfer.codecs.cachegen_symbols import PAIR_MAX, SPLIT_BITS
 
     rng = np.random.default_rng(3)
     scale = np.exp(rng.uniform(-4, 4, size=(200, 1)))
@@ -84,7 +85,11 @@ def test_symbolize_equals_to_streams_split_and_pair():
     split = SPLIT_BITS[used]
     ks = -(-(2 * cq.RADIUS[used].astype(np.int64) + 2) // (1 << split))
     paired = ks <= PAIR_MAX
-    coded, lows, hists, esc = kernels.symbolize(rows, order, counts[used], cq.RADIUS[used], split, ks, paired)
+    c, cstart, lo, lstart, hist, hstart, esc = symbol_kernels.symbolize(rows, order, counts[used], cq.RADIUS[used],
+                                                                        split, ks, paired)
+    coded = [c[cstart[i]:cstart[i + 1]] for i in range(len(used))]
+    lows = [lo[lstart[i]:lstart[i + 1]] for i in range(len(used))]
+    hists = [hist[hstart[i]:hstart[i + 1]] for i in range(len(used))]
     ref = cq.to_streams(rows, bk)
     assert ref.buckets == [int(b) for b in used] and np.array_equal(esc, ref.escapes) and len(esc) >= 1
     for i, sym in enumerate(ref.symbols):

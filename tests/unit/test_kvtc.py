@@ -221,7 +221,7 @@ def test_concurrent_first_use_calibrates_once(tmp_path, monkeypatch):
     import threading
     import time
 
-    from kvtransfer.codecs import kvtc
+    from kvtransfer.codecs import kvtc, kvtc_model
     from kvtransfer.codecs.kvtc_calib import model_fingerprint
 
     d = tmp_path / "model"
@@ -237,7 +237,7 @@ def test_concurrent_first_use_calibrates_once(tmp_path, monkeypatch):
         cal.model_fingerprint = model_fingerprint(model_dir)
         return cal
 
-    monkeypatch.setattr(kvtc, "calibrate_model", fake_calibrate)
+    monkeypatch.setattr(kvtc_model, "calibrate_model", fake_calibrate)
     got = []
     threads = [threading.Thread(target=lambda: got.append(kvtc.load_or_calibrate(d, timeout_s=30))) for _ in range(3)]
     for t in threads:
