@@ -34,6 +34,18 @@ logger = logging.getLogger(__name__)
 _PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
+def after_this_turn(fn: Any) -> None:
+    """Run fn once this event-loop turn is over: bookkeeping at a request's end (its KV
+    release, metrics) then runs after the response this turn writes, not before it (it was
+    ~0.1 ms of each single-token request's latency). At once without a running loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        fn()
+        return
+    loop.call_soon(fn)
+
+
 def _params_dict(p: SamplingParams) -> dict[str, Any]:
     """dataclasses.asdict of sampling params for a worker, without its deep-copying
     recursion (~10x faster; the only containers are copied here)."""
@@ -530,22 +542,28 @@ class Generator:
             for held in holding:
                 self.router.unhold(held)
             self._unreserve(req)
-            if handle is not None and handle.transport in ("grpc", "shm") and kv_from is not None:
-                # However the request ended, the sender need not keep its KV parts or arena
-                # slot (the receiver releases them after a successful fetch; this covers the
-                # rest).
-                try:
-                    release_kv(self.channels, kv_from, handle.request_id)
-                except Exception:  # noqa: BLE001 - the sender may be dead (its parts with it)
-                    pass
-            self.metrics.inflight.dec()
-            self.metrics.requests.labels(outcome).inc()
-            if outcome == "ok":
-                e2e = time.monotonic() - t0
-                self.metrics.e2e.observe(e2e)
-                self.metrics.tokens.inc(n_out)
-                self.metrics.request_done(ttft, e2e, len(req.prompt_token_ids), n_out)
-                if ttft is not None:
-                    self.metrics.ttft.observe(ttft)
-                    if n_out > len(ids):
-                        self.metrics.tpot.observe((e2e - ttft) / (n_out / len(ids) - 1))
+            e2e = time.monotonic() - t0
+            release = (kv_from if handle is not None and handle.transport in ("grpc", "shm") and kv_from is not None
+                       else None)
+
+            def ended() -> None:
+                if release is not None:
+                    # However the request ended, the sender need not keep its KV parts or
+                    # arena slot (the receiver releases them after a successful fetch; this
+                    # covers the rest).
+                    try:
+                        release_kv(self.channels, release, handle.request_id)
+                    except Exception:  # noqa: BLE001 - the sender may be dead (its parts with it)
+                        pass
+                self.metrics.inflight.dec()
+                self.metrics.requests.labels(outcome).inc()
+                if outcome == "ok":
+                    self.metrics.e2e.observe(e2e)
+                    self.metrics.tokens.inc(n_out)
+                    self.metrics.request_done(ttft, e2e, len(req.prompt_token_ids), n_out)
+                    if ttft is not None:
+                        self.metrics.ttft.observe(ttft)
+                        if n_out > len(ids):
+                            self.metrics.tpot.observe((e2e - ttft) / (n_out / len(ids) - 1))
+
+            after_this_turn(ended)
