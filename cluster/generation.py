@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.admission import TTFTModel
+from cluster.admission import Headroom, TTFTModel
 from cluster.channel import ChannelPool
 from cluster.dispatch import call_prefill, token_stream
 from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedError, SplitServeError,
@@ -51,6 +51,14 @@ class GenRequest:
     more: list[SamplingParams] = field(default_factory=list)
     # Prompt tokens admission counted as queued before the request reached a worker.
     reserved: int = 0
+    # When the ingress first saw the request (time.monotonic(); 0: unknown) and the time to
+    # first token admission predicted for it (None: not predicted): what Headroom learns from.
+    arrived_at: float = 0.0
+    predicted_ttft: float | None = None
+
+
+# A request's place in a worker's queue (Generator._queue).
+Queued = tuple[WorkerView, int, int, float, GenRequest]
 
 
 @dataclass
@@ -156,6 +164,7 @@ class Generator:
         # Measured seconds per prompt token queued at a worker (its own and those ahead
         # of it) until the first token: the prefill rate under the current load.
         self.ttft_model = TTFTModel()  # TTFT vs prompt tokens queued ahead (cluster/admission.py)
+        self.headroom = Headroom(manifest.slo.attainment)  # what the model does not see, learned
         # Prompt tokens of admitted requests not yet at a worker's queue (spread evenly).
         self.reserved = 0
         # Refused by admission since start (requests, prompt tokens): demand the autoscaler
@@ -172,19 +181,32 @@ class Generator:
                                         lambda handle: handle.channel_info.remote())
 
     # -- admission ----------------------------------------------------------------------
-    def predict_ttft(self, prompt_tokens: int) -> float | None:
+    def predict_ttft(self, prompt_tokens: int, unadmitted_tokens: int = 0) -> float | None:
         """Seconds to the first token of a new request of prompt_tokens at the least-loaded
-        first-token worker; None while the rate is unmeasured or nothing is queued (a
-        request with nothing ahead of it is always admitted)."""
+        first-token worker, behind its queue, the admitted requests not yet queued and
+        unadmitted_tokens (requests not yet parsed, assumed ahead); None while the rate is
+        unmeasured or nothing is ahead (a request with nothing ahead of it is always
+        admitted)."""
         if self.ttft_model.samples < ADMIT_MIN_SAMPLES:
             return None
         ws = self.router.healthy(self.first_pool)
         if not ws:
             return None
-        ahead = min(w.queued_tokens for w in ws) + self.reserved // len(ws)
+        ahead = min(w.queued_tokens for w in ws) + (self.reserved + unadmitted_tokens) // len(ws)
         if ahead == 0:
             return None
-        return self.ttft_model.predict(ahead + prompt_tokens)
+        return self.ttft_model.predict(ahead + prompt_tokens) + self.headroom.margin()
+
+    def _expect(self, reqs: list[GenRequest], predicted: float | None) -> None:
+        """Remember the TTFT admission expects of each request (for Headroom): the model's
+        prediction without the margin, or with nothing ahead, the model's for its prompt
+        alone."""
+        if predicted is None and self.ttft_model.samples >= ADMIT_MIN_SAMPLES:
+            predicted = self.ttft_model.predict(sum(len(r.prompt_token_ids) for r in reqs))
+        elif predicted is not None:
+            predicted -= self.headroom.margin()
+        for r in reqs:
+            r.predicted_ttft = predicted
 
     def admit(self, reqs: list[GenRequest]) -> None:
         """Raise OverloadedError (429, Retry-After) if the requests (one HTTP request's
@@ -196,6 +218,7 @@ class Generator:
         predicted = self.predict_ttft(prompt_tokens)
         slo = self.m.slo.ttft_ms / 1000.0
         if predicted is None or predicted <= slo:
+            self._expect(reqs, predicted)
             for r in reqs:
                 r.reserved = len(r.prompt_token_ids)
                 self.reserved += r.reserved
@@ -217,21 +240,25 @@ class Generator:
         self.reserved -= req.reserved
         req.reserved = 0
 
-    def _queue(self, w: WorkerView, tokens: int, req: GenRequest) -> tuple[WorkerView, int, int, float]:
+    def _queue(self, w: WorkerView, tokens: int, req: GenRequest) -> Queued:
         """A request's prompt joins w's queue: (worker, its tokens, tokens ahead incl. its
-        own, when)."""
+        own, when, the request)."""
         self._unreserve(req)
         ahead = w.queued_tokens + tokens
         w.queued_tokens += tokens
-        return w, tokens, ahead, time.monotonic()
+        return w, tokens, ahead, time.monotonic(), req
 
-    def _dequeue(self, q: tuple[WorkerView, int, int, float] | None, first_token: bool) -> None:
+    def _dequeue(self, q: Queued | None, first_token: bool) -> None:
         if q is None:
             return
-        w, tokens, ahead, t = q
+        w, tokens, ahead, t, req = q
         w.queued_tokens -= tokens
         if first_token and ahead > 0:
-            self.ttft_model.observe(ahead, time.monotonic() - t)
+            now = time.monotonic()
+            self.ttft_model.observe(ahead, now - t)
+            if req.predicted_ttft is not None:
+                self.headroom.observe(now - (req.arrived_at or t) - req.predicted_ttft)
+                req.predicted_ttft = None  # once per request (a resumed one comes back here)
 
     def _worker_failed(self, w: WorkerView, e: BaseException) -> WorkerFailedError:
         self.router.mark_failed(w.worker_id)

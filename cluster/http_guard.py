@@ -5,10 +5,12 @@
   every path but ``/health`` wants ``Authorization: Bearer <key>``; otherwise 401 with an
   OpenAI error object (``code: invalid_api_key``), as OpenAI answers. Keys are compared
   in constant time. Without keys, nothing is asked.
-- **Early refusal.** An ingress may pass ``refuse(path)``: called for a POST once the key
+- **Early refusal.** An ingress may pass ``refuse(scope)``: called for a POST once the key
   is checked, before anything is read; a ``(status, body, headers)`` it returns is sent at
   once (the ingress's overload check: under a burst most 429s end here, costing neither
-  FastAPI's routing nor a body read).
+  FastAPI's routing nor a body read). To let the request through it may leave an object
+  with a ``release()`` method in ``scope[HOLD_KEY]`` (the ingress's admission ticket),
+  released when the request ends if nothing released it before.
 - **Body size.** A body over ``server.max_request_bytes`` gets 413 before it is parsed: at
   once from its ``Content-Length``, or, for a chunked body, as soon as the bytes received
   pass the limit (at most the limit is ever buffered).
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 ENV_KEY = "SPLITSERVE_API_KEY"
 OPEN_PATHS = frozenset({"/health"})
+HOLD_KEY = "splitserve.hold"  # scope key: what refuse() holds for a request it let through
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -70,7 +73,7 @@ class RequestGuard:
     """ASGI middleware: API keys, then the body-size limit (see the module doc)."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, keys: list[str] | None = None,
-                 refuse: Callable[[str], tuple[int, bytes, list[tuple[bytes, bytes]]] | None] | None = None) -> None:
+                 refuse: Callable[[Scope], tuple[int, bytes, list[tuple[bytes, bytes]]] | None] | None = None) -> None:
         self.app = app
         self.refuse = refuse
         self.max_body_bytes = max_body_bytes
@@ -101,10 +104,19 @@ class RequestGuard:
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        refused = self.refuse(scope.get("path", "")) if self.refuse is not None else None
+        refused = self.refuse(scope) if self.refuse is not None else None
         if refused is not None:
             await _respond(send, *refused)
             return
+        try:
+            await self._checked(scope, receive, send)
+        finally:
+            held = scope.pop(HOLD_KEY, None)
+            if held is not None:
+                held.release()
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The body-size check, then the app."""
         too_big = _error(413, f"request body is larger than this server's limit of {self.max_body_bytes} bytes "
                               "(server.max_request_bytes)", "invalid_request_error", "request_too_large")
         length = dict(scope.get("headers") or []).get(b"content-length")

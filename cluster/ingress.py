@@ -16,11 +16,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.admission import RecentPrompts, queue_refusal
+from cluster.admission import RecentPrompts, Ticket, Unadmitted, queue_refusal
 from cluster.errors import (InvalidRequestError, ModelNotFoundError, OverloadedError,
                             SplitServeError)
 from cluster.generation import Delta, GenRequest, Generator, Usage
-from cluster.http_guard import RequestGuard, api_keys
+from cluster.heap import freeze_startup_heap
+from cluster.http_guard import HOLD_KEY, RequestGuard, api_keys
 from cluster.logprobs import LogprobsBuilder
 from cluster.tools import ToolPlan
 from cluster.manifest import Manifest
@@ -61,6 +62,7 @@ class Ingress:
         self.created = int(time.time())
         self._inflight = 0
         self.recent_prompts = RecentPrompts()  # what refuse_early assumes of a request not yet parsed
+        self.unadmitted = Unadmitted()  # past refuse_early, not yet at the exact check
         # Structured output: the grammar engine's tokenizer (built on first use) and the
         # grammars of recent requests, checked once.
         self._gtok: Any = None
@@ -180,21 +182,31 @@ class Ingress:
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
 
-    def refuse_early(self) -> None:
-        """Before a request's body is parsed (and again before it is read): 429 if the in-flight limit is reached or the
-        queue plus the shortest recent prompt predicts a TTFT miss (cluster/admission.py). Under a burst most
-        refusals end here, costing no parse, tokenization or Ray call."""
+    def refuse_early(self, holding: Ticket | None = None) -> Ticket | None:
+        """Before a request's body is read (and again once it is, holding the ticket the first
+        check gave): 429 if the in-flight limit is reached or the queue, the requests past this
+        check and not yet admitted (each as the shortest recent prompt) and the request itself
+        predict a TTFT miss (cluster/admission.py). Under a burst most refusals end here,
+        costing no parse, tokenization or Ray call. Passing the first check gives a ticket: the
+        request counts among the unadmitted until its exact check (``respond``) or its end
+        releases it."""
         self._check_inflight()
         if not self.m.server.ttft_admission:
-            return
+            return holding
         a, b = self.gen.ttft_model.coefficients()
         short = self.recent_prompts.short()
-        refusal = queue_refusal(self.gen.predict_ttft(short), self.m.slo.ttft_ms, a, b, short)
+        others = self.unadmitted.count - (holding is not None)
+        refusal = queue_refusal(self.gen.predict_ttft(short, others * short), self.m.slo.ttft_ms, a, b, short)
         if refusal is not None:
+            if holding is not None:
+                holding.release()
             self.metrics.rejected.labels("ttft_queue").inc()
             raise OverloadedError(*refusal)
+        return holding if holding is not None else self.unadmitted.ticket()
 
-    def _admit(self, jobs: list[Job]) -> None:
+    def _admit(self, jobs: list[Job], ticket: Ticket | None = None) -> None:
+        if ticket is not None:
+            ticket.release()  # the exact check below counts this request by its own prompt
         self.recent_prompts.observe(sum(len(job.greq.prompt_token_ids) for job in jobs))
         self._check_inflight()
         self.gen.admit([job.greq for job in jobs])
@@ -266,8 +278,11 @@ class Ingress:
 
     # -- responses ----------------------------------------------------------------------
     async def respond(self, kind: str, req: CommonParams, jobs: list[Job],
-                      t_in: float | None = None) -> Response:
-        self._admit(jobs)
+                      t_in: float | None = None, ticket: Ticket | None = None) -> Response:
+        arrived = t_in if t_in is not None else time.monotonic()
+        for job in jobs:
+            job.greq.arrived_at = arrived
+        self._admit(jobs, ticket)
         self._inflight += 1
         for job in jobs:
             job.start(self.gen, self.tokenizer, kind)
@@ -522,6 +537,7 @@ def build_app(ingress: Ingress) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ingress.refresh()
+        freeze_startup_heap("ingress")
         task = asyncio.get_running_loop().create_task(ingress.refresh_loop())
         try:
             yield
@@ -533,12 +549,13 @@ def build_app(ingress: Ingress) -> FastAPI:
     if keys:
         logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
 
-    def refuse(path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
-        """Overload refusal before the request reaches FastAPI (cluster/http_guard.py)."""
-        if path not in ("/v1/completions", "/v1/chat/completions"):
+    def refuse(scope: dict[str, Any]) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """Overload refusal before the request reaches FastAPI (cluster/http_guard.py); a
+        request let through holds an admission ticket until its exact check."""
+        if scope.get("path") not in ("/v1/completions", "/v1/chat/completions"):
             return None
         try:
-            ingress.refuse_early()
+            scope[HOLD_KEY] = ingress.refuse_early()
         except OverloadedError as e:
             return 429, json.dumps(e.to_openai()).encode(), [(b"retry-after", str(e.retry_after_s).encode())]
         return None
@@ -554,7 +571,7 @@ def build_app(ingress: Ingress) -> FastAPI:
         # in a burst, every request passes that check before any is admitted (reading a
         # body yields to the loop), and by now the ones ahead are counted.
         raw = await request.body()
-        ingress.refuse_early()
+        request.scope[HOLD_KEY] = ingress.refuse_early(holding=request.scope.get(HOLD_KEY))
         ingress.metrics.bodies.inc()
         try:
             return json.loads(raw)
@@ -580,12 +597,14 @@ def build_app(ingress: Ingress) -> FastAPI:
     async def completions(request: Request) -> Response:
         t_in = time.monotonic()
         req, jobs = ingress.completion_request(await body_of(request))
-        return await unless_gone(request, ingress.respond("completion", req, jobs, t_in))
+        work = ingress.respond("completion", req, jobs, t_in, request.scope.get(HOLD_KEY))
+        return await unless_gone(request, work)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
+        t_in = time.monotonic()
         req, jobs = ingress.chat_request(await body_of(request))
-        return await unless_gone(request, ingress.respond("chat", req, jobs))
+        return await unless_gone(request, ingress.respond("chat", req, jobs, t_in, request.scope.get(HOLD_KEY)))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
