@@ -44,7 +44,8 @@ import numpy as np
 
 from placement.catalogue import GPU, ModelShape
 from placement.attention_expert import ae_capacity, ae_kv_capacity_tokens, ae_options, ae_roofline
-from placement.latency import ALLREDUCE_LATENCY_S, AttentionExpert, Coeffs, LatencyModel, roofline
+from placement.attention_expert import AttentionExpert
+from placement.latency import ALLREDUCE_LATENCY_S, Coeffs, LatencyModel, roofline
 from placement.layout import SLO, Layout, Workload  # noqa: F401 - re-exported
 from placement.simulator import ClusterSpec, Instance, Simulation, attainment
 
