@@ -83,6 +83,12 @@ def _summary(rows: list[dict[str, Any]], slo_s: float) -> dict[str, Any]:
             "met_slo": sum(t <= slo_s for t in ttfts)}
 
 
+def _late(self: Any, holding: Any = None) -> Any:
+    """``late`` mode's Ingress.refuse_early: the in-flight limit only, TTFT after tokenizing."""
+    self._check_inflight()
+    return holding
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the clients against URL
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(a.rounds):
             for mode in a.modes.split(","):
                 dep.ingress.m.server.ttft_admission = mode != "off"
-                Ingress.refuse_early = early if mode == "early" else Ingress._check_inflight  # type: ignore[method-assign]
+                Ingress.refuse_early = early if mode == "early" else _late  # type: ignore[method-assign]
                 time.sleep(2)  # idle between bursts
                 load = os.getloadavg()[0]
                 out = subprocess.run([sys.executable, "-m", "benchmarks.burst", "--client", url, "--n", str(a.n),

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = Server(dep)
     try:
         url = srv.start()
-        dep.ingress.gen.predict_ttft = lambda n: 10.0  # type: ignore[method-assign] - every request refused
+        dep.ingress.gen.predict_ttft = lambda n, unadmitted=0: 10.0  # type: ignore[method-assign] - every request refused
         for _ in range(a.rounds):
             for path in ("models", "refuse"):
                 c0 = time.process_time()

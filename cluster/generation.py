@@ -11,16 +11,17 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.admission import TTFTModel
+from cluster.admission import Headroom, TTFTModel
 from cluster.channel import ChannelPool
 from cluster.dispatch import call_prefill, release_kv, token_stream
-from cluster.errors import (InvalidRequestError, NoHealthyPoolError, OverloadedError, SplitServeError,
-                            WorkerFailedError)
+from cluster.errors import InvalidRequestError, NoHealthyPoolError, SplitServeError, WorkerFailedError
+from cluster.gen_admission import AdmissionMixin
+from cluster.genrequest import Delta, GenRequest, StopStrings, Usage
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
 from cluster.router import Router, WorkerView
@@ -60,96 +61,6 @@ MAX_ATTEMPTS = 3
 # Longest a re-sent request waits for a healthy worker of the pool (the controller is
 # replacing the dead one), within its deadline.
 WAIT_HEALTHY_S = 30.0
-# Admission: samples of the prefill rate before predictions are trusted, and their EWMA weight.
-ADMIT_MIN_SAMPLES = 3
-
-
-@dataclass
-class GenRequest:
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    stop: list[str] = field(default_factory=list)
-    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
-    # Params of further choices of the same prompt (n > 1): one prefill, forked KV.
-    more: list[SamplingParams] = field(default_factory=list)
-    # Prompt tokens admission counted as queued before the request reached a worker.
-    reserved: int = 0
-
-
-@dataclass
-class Delta:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    # Per token of token_ids, when the request asked (params.logprobs): (logprob, top ids,
-    # top logprobs) of the raw logits.
-    logprobs: list[Any] | None = None
-    # On the first delta when the request asked (params.prompt_logprobs): one entry per
-    # prompt token, None for the first.
-    prompt_logprobs: list[Any] | None = None
-    # Which of the request's choices (0 .. len(GenRequest.more)).
-    index: int = 0
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # Seconds the prefill worker spent on the request (queue + compute), as it reports.
-    worker_s: float = 0.0
-    # Monotonic times: request handed to a worker, first token back from it.
-    dispatched_at: float = 0.0
-    first_token_at: float = 0.0
-    # The prefill call's parts beyond the worker's own time (seconds): the call's way in
-    # (submission to the worker's method starting), publishing the KV after the engine
-    # finished, and the reply's way back.
-    rpc_in_s: float = 0.0
-    publish_s: float = 0.0
-    rpc_out_s: float = 0.0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-class StopStrings:
-    """Holds back text that could be the start of a stop string; cuts at a full match."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.floor = 0  # matches start at or after this (text before min_tokens is exempt)
-
-    def feed(self, new: str, final: bool, active: bool = True) -> tuple[str, bool]:
-        """Returns (text safe to send now, whether a stop string matched). With active
-        false (fewer than min_tokens generated), the text passes unchecked."""
-        self.text += new
-        if not active:
-            out, self.sent = self.text[self.sent:], len(self.text)
-            self.floor = self.sent
-            return out, False
-        if self.stops:
-            start = max(self.floor, self.sent - self.hold)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                cut = min(hits)
-                out, self.sent = self.text[self.sent:cut], cut
-                return out, True
-        end = len(self.text) if final else max(self.sent, len(self.text) - self._partial())
-        out, self.sent = self.text[self.sent:end], end
-        return out, False
-
-    def _partial(self) -> int:
-        """Length of the longest tail of the text that begins some stop string."""
-        best = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -165,7 +76,7 @@ def _retryable(e: SplitServeError) -> bool:
     return isinstance(e, WorkerFailedError) and e.code != "request_failed"
 
 
-class Generator:
+class Generator(AdmissionMixin):
     """Runs requests against the pools (one per ingress)."""
 
     def __init__(self, manifest: Manifest, router: Router, metrics: Metrics, tokenizer: Any,
@@ -179,6 +90,7 @@ class Generator:
         # Measured seconds per prompt token queued at a worker (its own and those ahead
         # of it) until the first token: the prefill rate under the current load.
         self.ttft_model = TTFTModel()  # TTFT vs prompt tokens queued ahead (cluster/admission.py)
+        self.headroom = Headroom(manifest.slo.attainment)  # what the model does not see, learned
         # Prompt tokens of admitted requests not yet at a worker's queue (spread evenly).
         self.reserved = 0
         # Refused by admission since start (requests, prompt tokens): demand the autoscaler
@@ -193,68 +105,6 @@ class Generator:
         if os.environ.get("SPLITSERVE_CHANNEL", "1") != "0":
             self.channels = ChannelPool(f"ingress-{uuid.uuid4().hex[:12]}",
                                         lambda handle: handle.channel_info.remote())
-
-    # -- admission ----------------------------------------------------------------------
-    def predict_ttft(self, prompt_tokens: int) -> float | None:
-        """Seconds to the first token of a new request of prompt_tokens at the least-loaded
-        first-token worker; None while the rate is unmeasured or nothing is queued (a
-        request with nothing ahead of it is always admitted)."""
-        if self.ttft_model.samples < ADMIT_MIN_SAMPLES:
-            return None
-        ws = self.router.healthy(self.first_pool)
-        if not ws:
-            return None
-        ahead = min(w.queued_tokens for w in ws) + self.reserved // len(ws)
-        if ahead == 0:
-            return None
-        return self.ttft_model.predict(ahead + prompt_tokens)
-
-    def admit(self, reqs: list[GenRequest]) -> None:
-        """Raise OverloadedError (429, Retry-After) if the requests (one HTTP request's
-        prompts) would miss their TTFT target behind the queue: early, instead of queueing
-        without bound. Admitted, their prompt tokens count as queued at once."""
-        if not self.m.server.ttft_admission:
-            return
-        prompt_tokens = sum(len(r.prompt_token_ids) for r in reqs)
-        predicted = self.predict_ttft(prompt_tokens)
-        slo = self.m.slo.ttft_ms / 1000.0
-        if predicted is None or predicted <= slo:
-            for r in reqs:
-                r.reserved = len(r.prompt_token_ids)
-                self.reserved += r.reserved
-            return
-        self.metrics.rejected.labels("ttft").inc()
-        self.refused_requests += len(reqs)
-        self.refused_prompt_tokens += prompt_tokens
-        retry = min(60, max(1, math.ceil(predicted - slo)))
-        a, b = self.ttft_model.coefficients()
-        raise OverloadedError(f"predicted time to first token {predicted * 1e3:.0f} ms exceeds the "
-                              f"{self.m.slo.ttft_ms:.0f} ms target (measured {a * 1e3:.0f} ms + "
-                              f"{b * 1e3:.3f} ms per prompt token queued ahead); retry in {retry} s", retry)
-
-    def release(self, req: GenRequest) -> None:
-        """Forget what admission counted for req (idempotent)."""
-        self._unreserve(req)
-
-    def _unreserve(self, req: GenRequest) -> None:
-        self.reserved -= req.reserved
-        req.reserved = 0
-
-    def _queue(self, w: WorkerView, tokens: int, req: GenRequest) -> tuple[WorkerView, int, int, float]:
-        """A request's prompt joins w's queue: (worker, its tokens, tokens ahead incl. its
-        own, when)."""
-        self._unreserve(req)
-        ahead = w.queued_tokens + tokens
-        w.queued_tokens += tokens
-        return w, tokens, ahead, time.monotonic()
-
-    def _dequeue(self, q: tuple[WorkerView, int, int, float] | None, first_token: bool) -> None:
-        if q is None:
-            return
-        w, tokens, ahead, t = q
-        w.queued_tokens -= tokens
-        if first_token and ahead > 0:
-            self.ttft_model.observe(ahead, time.monotonic() - t)
 
     def _worker_failed(self, w: WorkerView, e: BaseException) -> WorkerFailedError:
         self.router.mark_failed(w.worker_id)

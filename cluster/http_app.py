@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, Response
 
 from cluster.choices import Job, Reply
 from cluster.errors import InvalidRequestError, OverloadedError, SplitServeError
-from cluster.http_guard import Refusal, RequestGuard, api_keys, respond
+from cluster.heap import freeze_startup_heap
+from cluster.http_guard import HOLD_KEY, Refusal, RequestGuard, api_keys, release_held, respond
 from cluster.protocol import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -121,20 +122,27 @@ class HotPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t_in = time.monotonic()
         refused: Refusal | bytes | None = self.guard.check(scope)
+        if refused is not None:
+            await respond(send, *refused)
+            return
+        try:  # past the early check the request holds an admission ticket: released at the end at the latest
+            await self._checked(scope, receive, send, t_in)
+        finally:
+            release_held(scope)
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send, t_in: float) -> None:
+        refused = await self.guard.read_body(receive)
         if refused is None:
-            refused = await self.guard.read_body(receive)
-            if refused is None:
-                return  # the client left
+            return  # the client left
         if isinstance(refused, tuple):
             await respond(send, *refused)
             return
         raw, ingress, kind = refused, self.ingress, HOT[scope["path"]]
         watch: _Watch | None = None
         try:
-            # refuse_early ran in the guard's check; again now: in a burst, every request
-            # passes that check before any is admitted (reading a body yields to the loop),
-            # and by now the ones ahead are counted.
-            ingress.refuse_early()
+            # refuse_early ran in the guard's check; again now, holding the ticket it gave:
+            # by now more requests may be queued ahead.
+            scope[HOLD_KEY] = ingress.refuse_early(holding=scope.get(HOLD_KEY))
             ingress.metrics.bodies.inc()
             try:
                 body = json.loads(raw)
@@ -142,7 +150,7 @@ class HotPath:
                 raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
             req, jobs = ingress.completion_request(body) if kind == "completion" else ingress.chat_request(body)
             watch = _Watch(receive)
-            reply = await ingress.respond(kind, req, jobs)
+            reply = await ingress.respond(kind, req, jobs, ticket=scope.get(HOLD_KEY), arrived=t_in)
             if reply.events is not None:
                 await self._stream(send, reply.events, watch)
                 return
@@ -204,6 +212,7 @@ def build_app(ingress: Ingress) -> IngressApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ingress.refresh()
+        freeze_startup_heap("ingress")
         task = asyncio.get_running_loop().create_task(ingress.refresh_loop())
         try:
             yield
@@ -215,12 +224,13 @@ def build_app(ingress: Ingress) -> IngressApp:
     if keys:
         logger.info("API keys required (%d accepted) on every endpoint but /health", len(keys))
 
-    def refuse(path: str) -> Refusal | None:
-        """Overload refusal before the request's body is read (cluster/http_guard.py)."""
-        if path not in HOT:
+    def refuse(scope: Scope) -> Refusal | None:
+        """Overload refusal before the request's body is read (cluster/http_guard.py); a
+        request let through holds an admission ticket until its exact check."""
+        if scope.get("path") not in HOT:
             return None
         try:
-            ingress.refuse_early()
+            scope[HOLD_KEY] = ingress.refuse_early(holding=scope.get(HOLD_KEY))
         except OverloadedError as e:
             return 429, json.dumps(e.to_openai()).encode(), [(b"retry-after", str(e.retry_after_s).encode())]
         return None

@@ -5,10 +5,12 @@
   every path but ``/health`` wants ``Authorization: Bearer <key>``; otherwise 401 with an
   OpenAI error object (``code: invalid_api_key``), as OpenAI answers. Keys are compared
   in constant time. Without keys, nothing is asked.
-- **Early refusal.** An ingress may pass ``refuse(path)``: called for a POST once the key
+- **Early refusal.** An ingress may pass ``refuse(scope)``: called for a POST once the key
   is checked, before anything is read; a ``(status, body, headers)`` it returns is sent at
   once (the ingress's overload check: under a burst most 429s end here, costing neither
-  FastAPI's routing nor a body read).
+  FastAPI's routing nor a body read). To let the request through it may leave an object
+  with a ``release()`` method in ``scope[HOLD_KEY]`` (the ingress's admission ticket):
+  released when the request is refused later or ends, if nothing released it before.
 - **Body size.** A body over ``server.max_request_bytes`` gets 413 before it is parsed: at
   once from its ``Content-Length``, or, for a chunked body, as soon as the bytes received
   pass the limit (at most the limit is ever buffered).
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 ENV_KEY = "SPLITSERVE_API_KEY"
 OPEN_PATHS = frozenset({"/health"})
+HOLD_KEY = "splitserve.hold"  # scope key: what refuse() holds for a request it let through
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -79,13 +82,20 @@ async def respond(send: Send, status: int, body: bytes, headers: list[tuple[byte
 Refusal = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 
+def release_held(scope: Scope) -> None:
+    """Release what refuse() left in the scope for the request (idempotent)."""
+    held = scope.pop(HOLD_KEY, None)
+    if held is not None:
+        held.release()
+
+
 class RequestGuard:
     """ASGI middleware: API keys, then the body-size limit (see the module doc). ``check``
     and ``read_body`` are the same steps for an ASGI app that reads its own body (the
     ingress's hot path, cluster/http_app.py)."""
 
     def __init__(self, app: ASGIApp | None, max_body_bytes: int, keys: list[str] | None = None,
-                 refuse: Callable[[str], Refusal | None] | None = None) -> None:
+                 refuse: Callable[[Scope], Refusal | None] | None = None) -> None:
         self.app = app
         self.refuse = refuse
         self.max_body_bytes = max_body_bytes
@@ -114,9 +124,15 @@ class RequestGuard:
                 "server accepts", "invalid_request_error", "invalid_api_key"), [(b"www-authenticate", b"Bearer")]
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return None
-        refused = self.refuse(scope.get("path", "")) if self.refuse is not None else None
+        refused = self.refuse(scope) if self.refuse is not None else None
         if refused is not None:
             return refused
+        refused = self._check_length(scope)
+        if refused is not None:
+            release_held(scope)
+        return refused
+
+    def _check_length(self, scope: Scope) -> Refusal | None:
         length = _header(scope, b"content-length")
         if length is not None:
             try:
@@ -153,6 +169,13 @@ class RequestGuard:
         if refused is not None:
             await respond(send, *refused)
             return
+        try:
+            await self._checked(scope, receive, send)
+        finally:
+            release_held(scope)
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.app is not None
         if scope.get("method") in ("GET", "HEAD", "OPTIONS") or _header(scope, b"content-length") is not None:
             await self.app(scope, receive, send)  # the server reads no more than Content-Length
             return

@@ -12,10 +12,11 @@ import time
 import uuid
 from typing import Any
 
-from cluster.admission import RecentPrompts, queue_refusal
+from cluster.admission import RecentPrompts, Ticket, Unadmitted, queue_refusal
 from cluster.errors import InvalidRequestError, ModelNotFoundError, OverloadedError
 from cluster.choices import Job, Reply, response_body, sse_events, usage_of
-from cluster.generation import GenRequest, Generator
+from cluster.generation import Generator
+from cluster.genrequest import GenRequest
 from cluster.tools import ToolPlan
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
@@ -43,6 +44,7 @@ class Ingress:
         self.created = int(time.time())
         self._inflight = 0
         self.recent_prompts = RecentPrompts()  # what refuse_early assumes of a request not yet parsed
+        self.unadmitted = Unadmitted()  # past refuse_early, not yet at the exact check
         # Structured output: the grammar engine's tokenizer (built on first use) and the
         # grammars of recent requests, checked once.
         self._gtok: Any = None
@@ -162,21 +164,31 @@ class Ingress:
             raise OverloadedError(f"{self._inflight} requests in flight (limit "
                                   f"{self.m.server.max_waiting_requests}); retry later")
 
-    def refuse_early(self) -> None:
-        """Before a request's body is parsed (and again before it is read): 429 if the in-flight limit is reached or the
-        queue plus the shortest recent prompt predicts a TTFT miss (cluster/admission.py). Under a burst most
-        refusals end here, costing no parse, tokenization or Ray call."""
+    def refuse_early(self, holding: Ticket | None = None) -> Ticket | None:
+        """Before a request's body is read (and again once it is, holding the ticket the first
+        check gave): 429 if the in-flight limit is reached or the queue, the requests past this
+        check and not yet admitted (each as the shortest recent prompt) and the request itself
+        predict a TTFT miss (cluster/admission.py). Under a burst most refusals end here,
+        costing no parse, tokenization or Ray call. Passing the first check gives a ticket: the
+        request counts among the unadmitted until its exact check (``respond``) or its end
+        releases it."""
         self._check_inflight()
         if not self.m.server.ttft_admission:
-            return
+            return holding
         a, b = self.gen.ttft_model.coefficients()
         short = self.recent_prompts.short()
-        refusal = queue_refusal(self.gen.predict_ttft(short), self.m.slo.ttft_ms, a, b, short)
+        others = self.unadmitted.count - (holding is not None)
+        refusal = queue_refusal(self.gen.predict_ttft(short, others * short), self.m.slo.ttft_ms, a, b, short)
         if refusal is not None:
+            if holding is not None:
+                holding.release()
             self.metrics.rejected.labels("ttft_queue").inc()
             raise OverloadedError(*refusal)
+        return holding if holding is not None else self.unadmitted.ticket()
 
-    def _admit(self, jobs: list[Job]) -> None:
+    def _admit(self, jobs: list[Job], ticket: Ticket | None = None) -> None:
+        if ticket is not None:
+            ticket.release()  # the exact check below counts this request by its own prompt
         self.recent_prompts.observe(sum(len(job.greq.prompt_token_ids) for job in jobs))
         self._check_inflight()
         self.gen.admit([job.greq for job in jobs])
@@ -247,11 +259,17 @@ class Ingress:
         return plan
 
     # -- responses ----------------------------------------------------------------------
-    async def respond(self, kind: str, req: CommonParams, jobs: list[Job]) -> Reply:
+    async def respond(self, kind: str, req: CommonParams, jobs: list[Job], ticket: Ticket | None = None,
+                      arrived: float | None = None) -> Reply:
         """Admit and run the jobs: the whole response, or (stream) its events once the
         first token of every job is there. A SplitServeError raised here (before any
-        output) is the HTTP error."""
-        self._admit(jobs)
+        output) is the HTTP error. ticket: the request's admission ticket (released at its
+        exact check); arrived: when the ingress first saw it (admission's headroom learns
+        from the time since)."""
+        arrived = arrived if arrived is not None else time.monotonic()
+        for job in jobs:
+            job.greq.arrived_at = arrived
+        self._admit(jobs, ticket)
         self._inflight += 1
         for job in jobs:
             job.start(self.gen, self.tokenizer, kind)

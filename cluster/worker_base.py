@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cluster.channel import ChannelServer, Conn
+from cluster.heap import freeze_startup_heap
 from cluster.liveness import process_identity
 from cluster.manifest import Manifest, PoolSpec
 from engine.engine import LLMEngine, StepOutput, build_runner
@@ -169,6 +170,7 @@ class EngineWorker:
             self._start_engine_thread()
             await self._start_channel()
             logger.info("%s %s started (vLLM engine)", self.role, self.worker_id)
+            freeze_startup_heap(self.worker_id)
             return await self.health()
         runner = await self.build_runner()
         # The KV copy kernels (engine.kvcopy), compiled or loaded from numba's cache now
@@ -185,6 +187,7 @@ class EngineWorker:
         self._start_engine_thread()
         await self._start_channel()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
+        freeze_startup_heap(self.worker_id)
         return await self.health()
 
     async def _load_kv_calibration(self) -> None:

@@ -1,18 +1,111 @@
 """Attention/expert disaggregated MoE decode for the layout search (MegaScale-Infer, Zhu et
 al. 2025): which attention:expert worker counts fit a node and their memory, their roofline
-coefficients per layer and micro-batch (``placement.latency.AttentionExpert`` simulates the
+coefficients per layer and micro-batch (``AttentionExpert``, below, times the
 ping-pong), the KV they hold and the rate they sustain."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from placement.catalogue import GPU, ModelShape
-from placement.latency import ALLREDUCE_LATENCY_S, AttentionExpert, Coeffs
+from placement.latency import ALLREDUCE_LATENCY_S, Coeffs
 
 # Fixed cost of one kernel sequence (a layer's attention or its experts on one GPU) and of
 # one hop between the attention and expert pools, seconds: the same order as one small
 # all-reduce (placement.latency).
 AE_LAUNCH_S = ALLREDUCE_LATENCY_S
 AE_HOP_S = ALLREDUCE_LATENCY_S
+
+
+@dataclass(frozen=True)
+class AttentionExpert:
+    """MoE decode disaggregated into attention and expert workers (MegaScale-Infer,
+    Zhu et al. 2025). Per layer, a micro-batch runs attention on the attention pool (each
+    of the ``n_attention`` workers holds its share of the sequences and their KV), its
+    routed hidden states go to the expert pool (``top_k`` experts per token, spread over
+    ``n_expert`` workers), and back. With ``micro_batches`` m >= 2 the pools ping-pong:
+    one works on micro-batch j while the other works on j - 1, so a step costs about
+    m * layers * max(T_a, T_e) plus one fill, instead of layers * (T_a + T_e + 2 T_c).
+
+    Coefficients are per layer and per micro-batch:
+    attention: a + b * context tokens + c * sequences (on one attention worker);
+    expert:    a + b * routed tokens + c * routed tokens^2 (on one expert worker; c is
+               usually 0);
+    comm:      a + b * tokens (one hop between the pools, either way).
+    """
+
+    attention: Coeffs
+    expert: Coeffs
+    comm: Coeffs
+    layers: int
+    top_k: int = 2
+    n_attention: int = 1
+    n_expert: int = 1
+    micro_batches: int = 2
+    # Cores the attention and expert workers share, None: each has its own device. With
+    # fewer cores than workers (this machine: 1 attention + 2 expert processes on 2 cores)
+    # the pools cannot overlap freely: a step takes at least all their work / cores.
+    cores: float | None = None
+
+    def parts(self, batch: int) -> int:
+        """Micro-batches a step of ``batch`` sequences runs in: the batch splits between
+        sequences, so never more parts than sequences (batch 1 runs in lock-step)."""
+        return max(1, min(self.micro_batches, int(batch)))
+
+    def stage_times(self, batch: int, total_context: int) -> tuple[float, float, float]:
+        """(T_a, T_e, T_c): one micro-batch through one layer on each pool, and one hop."""
+        m, na = self.parts(batch), max(1, self.n_attention)
+        seqs = batch / (na * m)
+        ctx = total_context / (na * m)
+        ta = self.attention.a + self.attention.b * ctx + self.attention.c * seqs
+        routed = batch / m * self.top_k / max(1, self.n_expert)
+        te = self.expert.a + self.expert.b * routed + self.expert.c * routed * routed
+        tc = self.comm.a + self.comm.b * batch / m
+        return ta, te, tc
+
+    def step_s(self, batch: int, total_context: int) -> float:
+        """One decode step of the whole batch: the micro-batches' ping-pong simulated as
+        two FIFO servers (the pools) with the hops as delays between them."""
+        if batch <= 0:
+            return 0.0
+        ta, te, tc = self.stage_times(batch, total_context)
+        m = self.parts(batch)
+        step = pingpong_s(ta, te, tc, self.layers, m)
+        if self.cores is not None and self.cores < max(1, self.n_attention) + max(1, self.n_expert):
+            # Shared cores: every worker's work (hops counted on both sides) over the cores.
+            work = m * self.layers * (max(1, self.n_attention) * ta + max(1, self.n_expert) * te + 2 * tc)
+            step = max(step, work / self.cores)
+        return step
+
+    def closed_form_s(self, batch: int, total_context: int) -> float:
+        """MegaScale-Infer's estimate when the pools overlap: (T_a + T_e + 2 T_c) +
+        max(T_a, T_e) * (m * layers - 1)."""
+        ta, te, tc = self.stage_times(batch, total_context)
+        m = self.parts(batch)
+        return (ta + te + 2 * tc) + max(ta, te) * (m * self.layers - 1)
+
+
+def pingpong_s(ta: float, te: float, tc: float, layers: int, m: int) -> float:
+    """Makespan of m micro-batches, each through ``layers`` x (attention ta, hop tc,
+    experts te, hop tc), where the attention pool and the expert pool each serve one
+    micro-batch at a time, in the order they become ready."""
+    import heapq
+
+    heap: list[tuple[float, int, int, int]] = [(0.0, j, 0, 0) for j in range(m)]  # (ready, mb, layer, pool)
+    free = [0.0, 0.0]
+    end_all = 0.0
+    while heap:
+        ready, j, layer, pool = heapq.heappop(heap)
+        start = max(ready, free[pool])
+        end = start + (ta if pool == 0 else te)
+        free[pool] = end
+        if pool == 0:
+            heapq.heappush(heap, (end + tc, j, layer, 1))
+        elif layer + 1 < layers:
+            heapq.heappush(heap, (end + tc, j, layer + 1, 0))
+        else:
+            end_all = max(end_all, end + tc)
+    return end_all
 
 
 def ae_roofline(model: ModelShape, gpu: GPU, n_attention: int, n_expert: int,

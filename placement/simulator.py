@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from placement.latency import AttentionExpert, LatencyModel
+from placement.attention_expert import AttentionExpert
+from placement.latency import LatencyModel
 
 
 @dataclass

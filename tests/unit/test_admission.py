@@ -61,3 +61,33 @@ def test_recent_prompts_assume_the_shortest():
     rp.observe(80)  # 100 and 20 fall out of the window of 3 one by one
     rp.observe(90)
     assert rp.short() == 60
+
+
+def test_tickets_count_requests_not_yet_admitted_and_release_once():
+    from cluster.admission import Unadmitted
+
+    u = Unadmitted()
+    a, b = u.ticket(), u.ticket()
+    assert u.count == 2
+    a.release()
+    a.release()  # idempotent: the exact check and the request's end may both release
+    assert u.count == 1
+    b.release()
+    assert u.count == 0
+
+
+def test_headroom_is_the_attainment_quantile_of_recent_residuals():
+    from cluster.admission import Headroom
+
+    h = Headroom(0.9, keep=10, min_samples=5)
+    for r in (0.05, 0.01, 0.02, 0.03):
+        h.observe(r)
+    assert h.margin() == 0.0  # too few residuals yet
+    h.observe(0.04)
+    assert h.margin() == pytest.approx(0.05)  # 90th percentile of 0.01..0.05
+    for _ in range(10):  # the model over-predicts now: residuals negative, margin never below 0
+        h.observe(-0.02)
+    assert h.margin() == 0.0
+    for r in (0.1,) * 2 + (0.0,) * 8:  # a burst's ingress delay is learned within the window
+        h.observe(r)
+    assert h.margin() == pytest.approx(0.1)

@@ -47,8 +47,8 @@ def test_kv_transfer_term():
 
 # -- chunked prefill, step fits, serving overheads, attention/expert ping-pong ------------
 
-from placement.latency import (AttentionExpert, Overheads, chunk_attention_work,  # noqa: E402
-                               fit_overheads, fit_prefill_steps, pingpong_s)
+from placement.attention_expert import AttentionExpert, pingpong_s  # noqa: E402
+from placement.latency import Overheads, chunk_attention_work, fit_overheads, fit_prefill_steps  # noqa: E402
 
 
 def test_chunk_attention_forms_agree_on_whole_prompts_and_differ_on_chunks():
@@ -187,7 +187,8 @@ def test_attention_expert_fit_and_shared_cores() -> None:
     """ae_fit recovers the coefficients of lock-step steps it was made from; with fewer
     shared cores than workers, a ping-pong step takes at least all the work / cores."""
     from placement.attention_expert import ae_fit
-    from placement.latency import AttentionExpert, Coeffs
+    from placement.attention_expert import AttentionExpert
+    from placement.latency import Coeffs
 
     true = AttentionExpert(Coeffs(1e-3, 0.0, 2e-5), Coeffs(5e-4, 1e-5, 0.0), Coeffs(1e-4, 1e-6, 0.0), 8, 2, 1, 2,
                            micro_batches=1)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.plan_rank import LAYOUTS, compare_rankings, ladder_goodput, manifest_dict
+from benchmarks.plan_rank import LAYOUTS, manifest_dict
+from benchmarks.plan_rank_report import compare_rankings, ladder_goodput
 from cluster.manifest import parse_manifest
 from placement.profile import find_cached_profile, quick_shapes
 

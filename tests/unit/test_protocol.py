@@ -1,7 +1,7 @@
 import pytest
 
 from cluster.errors import InvalidRequestError
-from cluster.generation import StopStrings
+from cluster.genrequest import StopStrings
 from cluster.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 
 

@@ -77,7 +77,8 @@ def test_goodput_search_brackets_the_knee():
 
 from dataclasses import replace  # noqa: E402
 
-from placement.latency import AttentionExpert, Overheads  # noqa: E402
+from placement.attention_expert import AttentionExpert  # noqa: E402
+from placement.latency import Overheads  # noqa: E402
 
 
 def test_overhead_terms_are_applied():

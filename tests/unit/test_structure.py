@@ -292,16 +292,21 @@ def test_schedulers_are_pure(scheduler):
     assert not mods & {"engine.model", "engine.runner", "engine.loader", "engine.engine"}, sorted(mods)
 
 
-def test_controller_mixins_are_not_shadowed():
-    """The controller's mixins (autoscaling, rollout) are called through self: a method of
-    the same name in Controller silently replaces the mixin's (session 9: a `_snapshot()`
-    of the state shadowed the autoscaler's `_snapshot(pool)` and its loop died)."""
-    from cluster.controller import Controller
+@pytest.mark.parametrize("where", ["cluster.controller:Controller", "cluster.generation:Generator"])
+def test_mixins_are_not_shadowed(where):
+    """The controller's mixins (autoscaling, rollout) and the generator's (admission) are
+    called through self: a method of the same name in the class silently replaces the
+    mixin's (session 9: a `_snapshot()` of the controller's state shadowed the autoscaler's
+    `_snapshot(pool)` and its loop died)."""
+    import importlib
 
-    cls = Controller.__ray_actor_class__ if hasattr(Controller, "__ray_actor_class__") else Controller
+    module, name = where.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    cls = cls.__ray_actor_class__ if hasattr(cls, "__ray_actor_class__") else cls
+    assert len(cls.__mro__) > 2, f"{name} has no mixin"
     own = {n for n in vars(cls) if not n.startswith("__")}
     for base in cls.__mro__[1:]:
         if base is object:
             continue
         clash = own & {n for n in vars(base) if not n.startswith("__")}
-        assert not clash, f"Controller redefines {sorted(clash)} of {base.__name__}"
+        assert not clash, f"{name} redefines {sorted(clash)} of {base.__name__}"
