@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cluster.errors import SplitServeError
-from cluster.generation import Delta, GenRequest, Generator, Usage
+from cluster.generation import Generator
+from cluster.genrequest import Delta, GenRequest, Usage
 from cluster.logprobs import LogprobsBuilder
 from cluster.protocol import CommonParams
 from cluster.tools import ToolPlan
