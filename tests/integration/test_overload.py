@@ -56,6 +56,8 @@ def test_burst_of_300_gets_only_200_and_429(ray_session, llama_dir):
         results = asyncio.run(burst())
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         wait_kv_released(dep)
+        # Every admission ticket came back (admitted, refused or ended): none held for good.
+        assert dep.ingress.unadmitted.count == 0
     assert set(codes) <= {200, 429} and 200 in codes, sorted(set(codes))
     assert raw_parsed < codes.count(200) + 30, (raw_parsed, codes.count(200))
     statuses = [r.status_code for r, _ in results]

@@ -91,3 +91,25 @@ def test_headroom_is_the_attainment_quantile_of_recent_residuals():
     for r in (0.1,) * 2 + (0.0,) * 8:  # a burst's ingress delay is learned within the window
         h.observe(r)
     assert h.margin() == pytest.approx(0.1)
+
+
+def test_guard_releases_a_ticket_when_it_refuses_after_the_early_check():
+    """refuse() let the request through with a ticket; the body-size check then refuses it
+    (413 by Content-Length): the ticket must come back, or the early check would count a
+    request that is gone as queued ahead for ever."""
+    from cluster.admission import Unadmitted
+    from cluster.http_guard import HOLD_KEY, RequestGuard
+
+    u = Unadmitted()
+
+    def refuse(scope):
+        scope[HOLD_KEY] = u.ticket()
+        return None
+
+    guard = RequestGuard(None, max_body_bytes=10, refuse=refuse)
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"100")]}
+    refused = guard.check(scope)
+    assert refused is not None and refused[0] == 413
+    assert u.count == 0 and HOLD_KEY not in scope
+    ok = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"5")]}
+    assert guard.check(ok) is None and u.count == 1  # let through: held until its exact check or its end
