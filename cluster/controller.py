@@ -227,12 +227,7 @@ class Controller(HealthMixin, AutoscaleMixin, RolloutMixin):
         if self.workers.pop(rec.worker_id, None) is None:
             return
         self.version += 1
-        try:
-            ray.kill(rec.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
-        if rec.group is not None:
-            rec.group.remove()
+        self._kill(rec)
         logger.info("removed %s: %s", rec.worker_id, why)
 
     def _held(self, worker_id: str, since_version: int) -> int | None:

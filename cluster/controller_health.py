@@ -84,12 +84,7 @@ class HealthMixin:
         logger.warning("replacing %s: %s", rec.worker_id, why)
         self.workers.pop(rec.worker_id, None)
         self.version += 1
-        try:
-            ray.kill(rec.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
-        if rec.group is not None:
-            rec.group.remove()
+        self._kill(rec)
         try:
             for attempt in range(5):
                 try:
@@ -112,3 +107,12 @@ class HealthMixin:
                 await self._publish()
             await asyncio.sleep(period)
 
+    @staticmethod
+    def _kill(rec: WorkerRecord) -> None:
+        """End a worker's actor (if still alive) and free its placement group."""
+        try:
+            ray.kill(rec.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        if rec.group is not None:
+            rec.group.remove()
