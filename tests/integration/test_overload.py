@@ -59,7 +59,9 @@ def test_burst_of_300_gets_only_200_and_429(ray_session, llama_dir):
         # Every admission ticket came back (admitted, refused or ended): none held for good.
         assert dep.ingress.unadmitted.count == 0
     assert set(codes) <= {200, 429} and 200 in codes, sorted(set(codes))
-    assert raw_parsed < codes.count(200) + 30, (raw_parsed, codes.count(200))
+    # Some are still parsed and refused by the exact check (a prompt longer than the shortest
+    # recent one that the early check assumed): 10-43 seen; without the ticket 209.
+    assert raw_parsed <= 75, (raw_parsed, codes.count(200))
     statuses = [r.status_code for r, _ in results]
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
     ok = [(r, s) for r, s in results if r.status_code == 200]
