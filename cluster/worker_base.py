@@ -29,7 +29,7 @@ from engine.runner import StepInput, StepResult
 from engine.scheduler import SchedulerConfig
 from engine.sequence import SamplingParams
 from engine.step_threads import StepThreads
-from engine.threads import compute_threads
+from engine.threads import compute_threads, thread_scope, use_threads, use_threads_everywhere
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,13 @@ class EngineWorker:
         self.pool_name = pool_name
         self.pool: PoolSpec = self.manifest.pools[pool_name]  # type: ignore[index]
         self.settings = settings_for(self.manifest, self.pool)
-        torch.set_num_threads(compute_threads(self.pool.num_cpus))
+        self.threads = compute_threads(self.pool.num_cpus)
+        # Our engine: only the engine thread computes with all reserved CPUs (use_threads at
+        # its start); every other thread (loading, KV send and import) with one, so that the
+        # engine's OpenMP workers keep spinning between a step's parallel regions
+        # (engine.threads). vLLM sets up its own threads.
+        self._engine_scoped = self.pool.engine != "vllm" and thread_scope() == "engine"
+        use_threads_everywhere(1 if self._engine_scoped else self.threads)
         # splitserve's engine, or engine.vllm_engine.VLLMEngine (same interface).
         self.engine: LLMEngine | Any | None = None
         self._tp_ranks: list[Any] = []
@@ -183,7 +189,7 @@ class EngineWorker:
                                 eos_token_ids=cfg.eos_token_ids, executor=executor,
                                 enable_prefix_caching=self.manifest.kv_cache.enable_prefix_caching,
                                 model_dir=s.model_dir,
-                                step_threads=StepThreads.for_worker(compute_threads(self.pool.num_cpus)))
+                                step_threads=StepThreads.for_worker(self.threads))
         self._start_engine_thread()
         await self._start_channel()
         logger.info("%s %s started (tp=%d)", self.role, self.worker_id, s.tp_size)
@@ -389,6 +395,8 @@ class EngineWorker:
         assert self.engine is not None and self._loop is not None
         engine, loop = self.engine, self._loop
         self._engine_tid = threading.get_native_id()
+        if self._engine_scoped:
+            use_threads(self.threads)
         while not self._stopping:
             self._work.clear()
             self._apply_pending()

@@ -11,7 +11,7 @@ is no faster on 2 (70-72 ms vs 68-74 ms): the ingress, Ray and the worker's own 
 preempt one of the two OpenMP threads now and then, and the other waits at the barrier.
 One thread for decode steps leaves them the second core.
 
-``torch.set_num_threads`` changes the OpenMP thread count of the calling thread only
+``engine.threads.use_threads`` changes the OpenMP thread count of the calling thread only
 (libgomp's per-thread ICV), so the engine thread calls ``apply`` itself, before each step.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-import torch
+from engine.threads import use_threads
 
 ENV = "SPLITSERVE_DECODE_THREADS"
 
@@ -64,7 +64,7 @@ class StepThreads:
         """Call on the thread that runs the step, with the step's tokens per sequence."""
         n = self.want(num_tokens)
         if n != self.current:
-            torch.set_num_threads(n)
+            use_threads(n)
             self.current = n
             self.switches += 1
         return n
