@@ -2,7 +2,8 @@
 
 Per layer: ``write_kv`` stores the step's K/V at their slots, then ``paged_attention``
 gathers each sequence's keys and values for positions [0, context_len) through its block
-table and attends. Decode sequences (query_len 1) of a step go through one padded SDPA
+table and attends. Decode sequences (query_len 1) of a step go through the paged kernel
+(engine.paged_kernel: fp32 on CPU, reading the blocks in place) or else one padded SDPA
 call with a key-padding mask; prefill chunks loop, each with a causal mask offset by the
 context already cached (query i of a chunk of q tokens over a context of c sits at
 position c - q + i and sees keys 0 .. c - q + i).
@@ -119,15 +120,34 @@ def _step_plan(meta: AttentionMetadata, cache: torch.Tensor, window: int | None)
     for n in meta.query_lens:
         starts.append(starts[-1] + n)
     decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
-    plan = {"starts": starts, "decode": None, "rows": None,
+    # "decode": the decode sequences' gather plan (_decode_plan) or, for the paged kernel,
+    # "kernel": their block tables; each built by _decode_rows at its first layer.
+    plan = {"starts": starts, "seqs": decode, "rows": None,
             "all_decode": len(decode) == len(meta.query_lens)}
-    if decode:
-        plan["decode"] = _decode_plan(cache, [meta.block_tables[i] for i in decode],
-                                      [meta.context_lens[i] for i in decode], window)
-        if not plan["all_decode"]:
-            plan["rows"] = torch.tensor([starts[i] for i in decode], device=cache.device)
+    if decode and not plan["all_decode"]:
+        plan["rows"] = torch.tensor([starts[i] for i in decode], device=cache.device)
     meta.plan[key] = plan
     return plan
+
+
+def _decode_rows(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, plan: dict[str, object],
+                 scale: float, window: int | None) -> torch.Tensor:
+    """Attention of the step's decode sequences (plan["seqs"], their queries q [B, heads,
+    hd]): the paged kernel reading the cache in place (engine.paged_kernel: fp32 on CPU),
+    else gather + SDPA."""
+    from engine.paged_kernel import decode_tables, paged_decode, wanted
+
+    seqs: list[int] = plan["seqs"]  # type: ignore[assignment]
+    if wanted(cache.dtype, cache.device):
+        if "kernel" not in plan:
+            plan["kernel"] = decode_tables([meta.block_tables[i] for i in seqs],
+                                           [meta.context_lens[i] for i in seqs], cache.shape[2])
+        table, lens = plan["kernel"]  # type: ignore[misc]
+        return paged_decode(q, cache, table, lens, scale, window)
+    if "decode" not in plan:
+        plan["decode"] = _decode_plan(cache, [meta.block_tables[i] for i in seqs],
+                                      [meta.context_lens[i] for i in seqs], window)
+    return _decode_planned(q, cache, plan["decode"], scale)  # type: ignore[arg-type]
 
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -136,23 +156,12 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
     Returns the attention output [T, heads, hd]."""
     plan = _step_plan(meta, cache, sliding_window)
     if plan["all_decode"]:  # a pure decode step: one batched call, no scatter
-        from engine.paged_kernel import paged_decode, wanted
-
-        if wanted(False, cache.dtype):  # SPLITSERVE_PAGED_KERNEL=1: the C++ kernel, in place
-            if "kernel" not in plan:
-                bs = cache.shape[2]
-                tabs = [meta.block_tables[i][: -(-c // bs)] for i, c in enumerate(meta.context_lens)]
-                width = max(len(t) for t in tabs)
-                plan["kernel"] = (torch.tensor([t + [0] * (width - len(t)) for t in tabs], dtype=torch.long),
-                                  torch.tensor(meta.context_lens, dtype=torch.long))
-            table, lens = plan["kernel"]  # type: ignore[misc]
-            return paged_decode(q, cache, table, lens, scale, sliding_window)
-        return _decode_planned(q, cache, plan["decode"], scale).to(q.dtype)  # type: ignore[arg-type]
+        return _decode_rows(q, cache, meta, plan, scale, sliding_window).to(q.dtype)
     out = torch.empty_like(q)
     starts: list[int] = plan["starts"]  # type: ignore[assignment]
-    if plan["decode"] is not None:
+    if plan["seqs"]:
         rows: torch.Tensor = plan["rows"]  # type: ignore[assignment]
-        ob = _decode_planned(q.index_select(0, rows), cache, plan["decode"], scale)  # type: ignore[arg-type]
+        ob = _decode_rows(q.index_select(0, rows), cache, meta, plan, scale, sliding_window)
         out.index_copy_(0, rows, ob.to(out.dtype))
     for i, n in enumerate(meta.query_lens):
         if n <= 1:

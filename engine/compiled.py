@@ -78,15 +78,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: t
                      window: int) -> torch.Tensor:
     """Decode attention of one layer: write k/v [B, kvh, hd] at their slots, then attend
     over each sequence's blocks (table [B, nblk], context lengths lens [B]): through the
-    C++ paged kernel (engine.paged_kernel: fp32, reads the cache in place) when it is
-    built and enabled, else engine.attention's gather + SDPA with the additive key mask
+    paged kernel (engine.paged_kernel: fp32 on CPU, reads the cache in place) when it
+    applies, else engine.attention's gather + SDPA with the additive key mask
     [B, 1, 1, L]. q [B, heads, hd] -> [B, heads * hd]. Opaque to the compiler: the cache
     is written in place."""
     write_kv(cache, k, v, slots)
     b = q.shape[0]
     from engine.paged_kernel import paged_decode, wanted
 
-    if wanted(True, cache.dtype):
+    if wanted(cache.dtype, cache.device):
         return paged_decode(q, cache, table, lens, scale, window or None).reshape(b, -1)
     out = _decode_planned(q, cache, (table.reshape(-1), table.shape[1], mask), scale)
     return out.reshape(b, -1)

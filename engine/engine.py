@@ -66,8 +66,8 @@ def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size:
     pack_model(model)  # oneDNN-packed linears on CPU (engine/linear.py; SPLITSERVE_LINEAR=torch: off)
     caches = allocate_kv_cache(model.cfg, num_blocks, block_size, torch_dtype, tp_size=tp_size)
     runner = ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
-    if decodes and kernel_mode() == "1":
-        kernel()  # build the paged decode kernel now, not at the first decode step
+    if decodes and kernel_mode() != "0" and torch_dtype == torch.float32:
+        kernel()  # compile (or load) the paged decode kernel now, not at the first decode step
     if decodes and compile_mode() == "decode":
         if not runner.enable_compile():
             logger.info("SPLITSERVE_COMPILE=decode: not supported for this model or tp; eager")
