@@ -49,8 +49,16 @@ def test_rmsnorm_fp32_is_bit_identical_to_transformers() -> None:
     ours.weight.copy_(w)
     with torch.no_grad():
         theirs.weight.copy_(w)
-    for rows in (1, 3, 8):
+    for rows in (1, 3, 8, 160, 512):
         x = torch.randn(rows, 576, generator=g) * 3
+        assert torch.equal(ours(x), theirs(x))
+    for n in (64, 1000):  # other widths: vectorised main loop and a remainder
+        ours, theirs = RMSNorm(n, 1e-6, torch.float32), LlamaRMSNorm(n, eps=1e-6)
+        w = torch.randn(n, generator=g)
+        ours.weight.copy_(w)
+        with torch.no_grad():
+            theirs.weight.copy_(w)
+        x = torch.randn(5, n, generator=g)
         assert torch.equal(ours(x), theirs(x))
 
 
