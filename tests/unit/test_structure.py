@@ -292,12 +292,13 @@ def test_schedulers_are_pure(scheduler):
     assert not mods & {"engine.model", "engine.runner", "engine.loader", "engine.engine"}, sorted(mods)
 
 
-@pytest.mark.parametrize("where", ["cluster.controller:Controller", "cluster.generation:Generator"])
+@pytest.mark.parametrize("where", ["cluster.controller:Controller", "cluster.generation:Generator",
+                                   "cluster.worker_base:EngineWorker"])
 def test_mixins_are_not_shadowed(where):
-    """The controller's mixins (autoscaling, rollout) and the generator's (admission) are
-    called through self: a method of the same name in the class silently replaces the
-    mixin's (session 9: a `_snapshot()` of the controller's state shadowed the autoscaler's
-    `_snapshot(pool)` and its loop died)."""
+    """The controller's mixins (autoscaling, rollout), the generator's (admission) and the
+    workers' (the engine loop) are called through self: a method of the same name in the
+    class silently replaces the mixin's (session 9: a `_snapshot()` of the controller's
+    state shadowed the autoscaler's `_snapshot(pool)` and its loop died)."""
     import importlib
 
     module, name = where.split(":")
