@@ -12,6 +12,9 @@ is given ``--gpus 2``).
     PYTHONPATH=. python -m benchmarks.vs_vllm_open --rates 0.2,0.4,0.6,0.8 --duration 60 \\
         --targets colocated,disagg,vllm --out DIR --json
 
+Targets can be run one invocation each into the same DIR (the machine's lock can then be
+let go between them); compare.json keeps the targets of earlier runs with the same settings.
+
 Writes DIR/<target>/summary.json (bench's) and DIR/compare.json: per target and rate the
 goodput (req/s, and per CPU), attainment, TTFT and TPOT p50/p90, 429s; per target the best
 goodput over the rates and the highest rate served at >= 90 % attainment (DistServe's
@@ -113,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                            "targets": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    prev = out / "compare.json"
+    if prev.exists():  # targets measured by an earlier run into DIR with the same settings stay
+        old = json.loads(prev.read_text())
+        if {k: old.get(k) for k in res if k != "targets"} == {k: v for k, v in res.items() if k != "targets"}:
+            res["targets"] = {t: r for t, r in old.get("targets", {}).items() if t not in targets}
     for t in targets:
         res["targets"][t] = run_target(t, args, model_dir)
         (out / "compare.json").write_text(json.dumps(res, indent=2) + "\n")
