@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from cluster.channel import ChannelPool, Mailbox
+from cluster.channel import ChannelPool, Mailbox, yield_cpu
 from cluster.router import WorkerView
 
 
@@ -30,6 +30,7 @@ async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dic
     ok = False
     try:
         await ch.send({"op": "prefill", "request_id": rid, "req": payload}, timeout_s)
+        yield_cpu()  # the worker, woken onto this CPU by the write, takes the request first
         msg = await q.get(timeout_s)
         ok = True
     finally:
