@@ -15,6 +15,7 @@ import ray
 
 from cluster.channel import ChannelPool, Mailbox, yield_cpu
 from cluster.router import WorkerView
+from kvtransfer.base import KVHandle
 
 
 async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dict[str, Any],
@@ -40,6 +41,9 @@ async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dic
     if "error" in msg:
         raise msg["error"]
     res: dict[str, Any] = msg["result"]
+    stub = res.pop("kv_stub", None)
+    if stub is not None:  # an early reply: the handle's fields, its ref on the way to the decode worker
+        res["kv"] = KVHandle(*stub, None)
     if res.get("kv_pull"):  # no decode worker was known there: the ref comes as a Ray reply
         res["kv"] = await asyncio.wait_for(w.handle.take_kv.remote(rid), timeout=timeout_s)
     return res
