@@ -23,6 +23,7 @@ import asyncio
 import collections
 import hmac
 import logging
+import os
 import pickle
 import secrets
 import struct
@@ -79,6 +80,12 @@ class Conn:
         """Write what is queued now instead of at the end of this event-loop turn (a reply
         that should leave before other work of this turn starts)."""
         self._flush()
+
+    def hand_off(self) -> None:
+        """flush(), then give this CPU to the reader (yield_cpu): for a reply the peer waits
+        for, when this turn has more work after it."""
+        self._flush()
+        yield_cpu()
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -156,6 +163,19 @@ class ChannelServer:
             self._server.close()
         for conn in list(self.conns.values()):
             conn.close()
+
+
+def yield_cpu() -> None:
+    """Let the process this one just woke run first. A socket write wakes its reader with
+    a "sync" wake-up: Linux places the reader on the writer's CPU, expecting the writer to
+    sleep soon; if the writer's event-loop turn goes on instead, the reader waits for it
+    (on this 2-core machine ~0.1 ms of a prefill reply's way back: the KV publish
+    hand-off after the reply; benchmarks/results/2026-12-06-path, session 11). Without a
+    runnable thread waiting here this returns at once."""
+    try:
+        os.sched_yield()
+    except (AttributeError, OSError):  # not on every platform
+        pass
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

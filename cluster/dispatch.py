@@ -13,8 +13,9 @@ from typing import Any
 
 import ray
 
-from cluster.channel import ChannelPool, Mailbox
+from cluster.channel import ChannelPool, Mailbox, yield_cpu
 from cluster.router import WorkerView
+from kvtransfer.base import KVHandle
 
 
 async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dict[str, Any],
@@ -30,6 +31,7 @@ async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dic
     ok = False
     try:
         await ch.send({"op": "prefill", "request_id": rid, "req": payload}, timeout_s)
+        yield_cpu()  # the worker, woken onto this CPU by the write, takes the request first
         msg = await q.get(timeout_s)
         ok = True
     finally:
@@ -39,6 +41,9 @@ async def call_prefill(channels: ChannelPool | None, w: WorkerView, payload: dic
     if "error" in msg:
         raise msg["error"]
     res: dict[str, Any] = msg["result"]
+    stub = res.pop("kv_stub", None)
+    if stub is not None:  # an early reply: the handle's fields, its ref on the way to the decode worker
+        res["kv"] = KVHandle(*stub, None)
     if res.get("kv_pull"):  # no decode worker was known there: the ref comes as a Ray reply
         res["kv"] = await asyncio.wait_for(w.handle.take_kv.remote(rid), timeout=timeout_s)
     return res

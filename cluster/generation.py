@@ -256,6 +256,7 @@ class Generator(AdmissionMixin):
         prompt_lps_sent = False
         handle = None
         kv_from: WorkerView | None = None
+        prefill_times: tuple[float, float] | None = None  # (queue_s, prefill_s), observed at the end
         try:
             if self.m.mode == "disaggregated":
                 # Both workers are chosen up front: the prefill worker picks the KV
@@ -283,8 +284,9 @@ class Generator(AdmissionMixin):
                     usage.rpc_in_s = res["received_at"] - res["called_at"]
                     usage.publish_s = res["replied_at"] - res["received_at"] - usage.worker_s
                     usage.rpc_out_s = usage.first_token_at - res["replied_at"]
-                self.metrics.queue.observe(res["queue_s"])
-                self.metrics.prefill.observe(res["prefill_s"])
+                # Histograms at the request's end (ended, below): not between the first token
+                # and its response.
+                prefill_times = (res["queue_s"], res["prefill_s"])
                 firsts = {req.request_id: (res["first_token"], res.get("first_logprobs"))}
                 firsts.update({cid: (t, lp) for cid, t, lp in res.get("children") or ()})
                 going: list[int] = []  # choices the decode worker continues
@@ -405,6 +407,9 @@ class Generator(AdmissionMixin):
                         release_kv(self.channels, release, handle.request_id)
                     except Exception:  # noqa: BLE001 - the sender may be dead (its parts with it)
                         pass
+                if prefill_times is not None:
+                    self.metrics.queue.observe(prefill_times[0])
+                    self.metrics.prefill.observe(prefill_times[1])
                 self.metrics.inflight.dec()
                 self.metrics.requests.labels(outcome).inc()
                 if outcome == "ok":

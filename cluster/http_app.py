@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from cluster.choices import Job, Reply
-from cluster.errors import InvalidRequestError, OverloadedError, SplitServeError
+from cluster.errors import OverloadedError, SplitServeError
 from cluster.heap import freeze_startup_heap
 from cluster.http_guard import HOLD_KEY, Refusal, RequestGuard, api_keys, release_held, respond
 from cluster.protocol import ChatCompletionRequest, CompletionRequest
@@ -53,9 +53,13 @@ def error_response(e: SplitServeError) -> JSONResponse:
     return JSONResponse(e.to_openai(), status_code=e.status_code, headers=headers)
 
 
+# One encoder for every body (json.dumps with these arguments builds one per call).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
 def _json(obj: object) -> bytes:
     """As starlette's JSONResponse renders a body."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -89,14 +93,26 @@ def _server_timing(jobs: list[Job], t_in: float) -> bytes:
 class _Watch:
     """Cancels the request's task when its client disconnects, so that a request whose
     client left frees its workers and KV at once. Once the body is read, the server's
-    receive() returns only then (or once the response is complete)."""
+    receive() returns only then (or once the response is complete).
 
-    __slots__ = ("task", "watcher", "gone", "stopped")
+    The watcher task starts in the event loop's next turn, i.e. once the request's task
+    first waits (for the prefill worker, its request sent): not between the request's
+    arrival and its dispatch. A disconnect before then is still seen (receive() returns
+    it)."""
+
+    __slots__ = ("task", "watcher", "gone", "stopped", "_starting")
 
     def __init__(self, receive: Receive) -> None:
         self.task = asyncio.current_task()
         self.gone = False
         self.stopped = False
+        self.watcher: asyncio.Future[Message] | None = None
+        self._starting: asyncio.Handle | None = asyncio.get_running_loop().call_soon(self._start, receive)
+
+    def _start(self, receive: Receive) -> None:
+        self._starting = None
+        if self.stopped:
+            return
         self.watcher = asyncio.ensure_future(receive())
         self.watcher.add_done_callback(self._seen)
 
@@ -109,7 +125,11 @@ class _Watch:
 
     def stop(self) -> None:
         self.stopped = True
-        self.watcher.cancel()
+        if self._starting is not None:
+            self._starting.cancel()
+            self._starting = None
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class HotPath:
@@ -144,11 +164,8 @@ class HotPath:
             # by now more requests may be queued ahead.
             scope[HOLD_KEY] = ingress.refuse_early(holding=scope.get(HOLD_KEY))
             ingress.metrics.bodies.inc()
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
-            req, jobs = ingress.completion_request(body) if kind == "completion" else ingress.chat_request(body)
+            # The raw body: parsed and validated in one pass (cluster.protocol.parse_json_request).
+            req, jobs = ingress.completion_request(raw) if kind == "completion" else ingress.chat_request(raw)
             watch = _Watch(receive)
             reply = await ingress.respond(kind, req, jobs, ticket=scope.get(HOLD_KEY), arrived=t_in)
             if reply.events is not None:

@@ -20,7 +20,7 @@ from cluster.genrequest import GenRequest
 from cluster.tools import ToolPlan
 from cluster.manifest import Manifest
 from cluster.metrics import Metrics
-from cluster.protocol import ChatCompletionRequest, CommonParams, CompletionRequest, parse_request
+from cluster.protocol import ChatCompletionRequest, CommonParams, CompletionRequest, parse_json_request, parse_request
 from cluster.router import Router
 from engine.sequence import SamplingParams
 
@@ -208,8 +208,16 @@ class Ingress:
         greq = GenRequest(ids, params, req.stop or [], more=more)
         return Job(greq, first_index, req.n, echo, want_logprobs, tools)
 
+    @staticmethod
+    def _parse(model_cls: type[CommonParams], body: object) -> Any:
+        """body: the request's JSON body as bytes (parsed and validated in one pass), or
+        parsed."""
+        if isinstance(body, (bytes, bytearray)):
+            return parse_json_request(model_cls, bytes(body))
+        return parse_request(model_cls, body)
+
     def completion_request(self, body: object) -> tuple[CompletionRequest, list[Job]]:
-        req: CompletionRequest = parse_request(CompletionRequest, body)
+        req: CompletionRequest = self._parse(CompletionRequest, body)
         self._check_model(req)
         jobs: list[Job] = []
         for i, prompt in enumerate(req.prompts()):
@@ -227,7 +235,7 @@ class Ingress:
         return req, jobs
 
     def chat_request(self, body: object) -> tuple[ChatCompletionRequest, list[Job]]:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
+        req: ChatCompletionRequest = self._parse(ChatCompletionRequest, body)
         self._check_model(req)
         if req.max_tokens is None and req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens

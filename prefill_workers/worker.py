@@ -134,17 +134,9 @@ class PrefillWorker(KVHoldMixin, EngineWorker):
         if op != "prefill":
             super().channel_request(conn, msg)
             return
-        asyncio.ensure_future(self._prefill_on(conn, msg["req"]))
-
-    async def _prefill_on(self, conn: Conn, req: dict[str, Any]) -> None:
-        """prefill() for a request that came over a channel; the result goes back on it.
-        A KV handle holding a Ray object ref cannot travel in the channel: the KV is pushed
-        to the decode worker (prefetch_kv) and the ingress gets the handle without the
-        ref, at once when the engine finishes (publishing the KV overlaps the reply and
-        the decode request). With no decode worker known, the ingress takes the handle
-        with take_kv."""
-        import ray
-
+        # The request reaches the engine in this event-loop turn (the one its bytes arrived
+        # in), not in a task's first step one turn later.
+        req = msg["req"]
         rid = req["request_id"]
         # Requests that end at their first token (max_tokens 1) never reach a decode worker.
         decodes = any(int(p.get("max_tokens") or 2) > 1
@@ -153,8 +145,29 @@ class PrefillWorker(KVHoldMixin, EngineWorker):
         early = decode is not None or not decodes
         if early:
             self._early[rid] = conn
+        begun: float | BaseException
         try:
-            res = await self.prefill(req)
+            begun = self._begin_prefill(req)
+        except Exception as e:  # noqa: BLE001 - answered by _prefill_on, as a failed prefill()
+            begun = e
+        asyncio.ensure_future(self._prefill_on(conn, req, decodes, decode, early, begun))
+
+    async def _prefill_on(self, conn: Conn, req: dict[str, Any], decodes: bool, decode: Any, early: bool,
+                          begun: float | BaseException) -> None:
+        """prefill() for a request that came over a channel (begun by channel_request: when
+        it arrived, or why it could not start); the result goes back on it.
+        A KV handle holding a Ray object ref cannot travel in the channel: the KV is pushed
+        to the decode worker (prefetch_kv) and the ingress gets the handle without the
+        ref, at once when the engine finishes (publishing the KV overlaps the reply and
+        the decode request). With no decode worker known, the ingress takes the handle
+        with take_kv."""
+        import ray
+
+        rid = req["request_id"]
+        try:
+            if isinstance(begun, BaseException):
+                raise begun
+            res = await self._end_prefill(rid, begun)
         except asyncio.CancelledError:
             res = RuntimeError(f"prefill of {rid} was aborted")
         except Exception as e:  # noqa: BLE001 - handed to the ingress (or the decode worker)
@@ -235,6 +248,10 @@ class PrefillWorker(KVHoldMixin, EngineWorker):
         Returns first_token, kv (a KVHandle), queue_s, prefill_s, num_cached_tokens,
         first_logprobs and prompt_logprobs (None unless the params ask) and, for streamed
         transfers, kv_plan (codec per chunk)."""
+        return await self._end_prefill(req["request_id"], self._begin_prefill(req))
+
+    def _begin_prefill(self, req: dict[str, Any]) -> float:
+        """prefill() up to the request queued for the engine; returns when it arrived."""
         rid = req["request_id"]
         received_at = time.monotonic()
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -256,7 +273,15 @@ class PrefillWorker(KVHoldMixin, EngineWorker):
                     decode.prefetch_kv.remote(handle)
             self._submit(rid, {"prompt_token_ids": req["prompt_token_ids"], "params": req["params"],
                                "stream_kv": stream, "children": req.get("children")})
-            res = await asyncio.wait_for(fut, timeout=self.manifest.server.request_timeout_s)
+        except BaseException:
+            self._forget(rid)
+            raise
+        return received_at
+
+    async def _end_prefill(self, rid: str, received_at: float) -> dict[str, Any]:
+        """prefill() from the request queued (_begin_prefill) to its result."""
+        try:
+            res = await asyncio.wait_for(self._futures[rid], timeout=self.manifest.server.request_timeout_s)
             # Monotonic clock (system-wide on a node): the ingress splits its dispatch time
             # into the call's way in, the KV publish and the reply's way back.
             return {**res, "received_at": received_at, "replied_at": time.monotonic()}
@@ -265,12 +290,16 @@ class PrefillWorker(KVHoldMixin, EngineWorker):
             raise TimeoutError(f"prefill of {rid} took longer than "
                                f"{self.manifest.server.request_timeout_s}s") from None
         finally:
-            self._futures.pop(rid, None)
-            self._arrivals.pop(rid, None)
-            self._dest.pop(rid, None)
-            self._children.pop(rid, None)
-            if self._streams.pop(rid, None) is not None:  # not handed over: the receiver must not wait
-                self.connector.grpc.sender.abort(rid, f"prefill of {rid} did not complete")
+            self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        """A prefill call ended (or could not start): what this worker kept of it."""
+        self._futures.pop(rid, None)
+        self._arrivals.pop(rid, None)
+        self._dest.pop(rid, None)
+        self._children.pop(rid, None)
+        if self._streams.pop(rid, None) is not None:  # not handed over: the receiver must not wait
+            self.connector.grpc.sender.abort(rid, f"prefill of {rid} did not complete")
 
     def on_step(self, out: StepOutput) -> None:
         now = time.monotonic()
@@ -312,15 +341,18 @@ class PrefillWorker(KVHoldMixin, EngineWorker):
             conn = self._early.pop(rid, None)
             if conn is not None:
                 # The ingress needs the first token, not the KV: reply now, with a handle
-                # without the ref (the ref goes to the decode worker once published).
-                nbytes = kv.numel() * kv.element_size()
-                stub = KVHandle(rid, tuple(kv.shape), str(kv.dtype).removeprefix("torch."), nbytes,
-                                getattr(self.connector.pick(self._dest.get(rid)), "name", "object_store"), None)
+                # without the ref (the ref goes to the decode worker once published), as
+                # the KVHandle fields (kv_stub, cluster.dispatch.call_prefill): a tuple
+                # pickles in a third of a dataclass's time on a cold cache (~50 us less
+                # on the reply's way back, both ends; session 11).
+                stub = (rid, tuple(kv.shape), str(kv.dtype).removeprefix("torch."), kv.numel() * kv.element_size(),
+                        getattr(self.connector.pick(self._dest.get(rid)), "name", "object_store"))
                 conn.send({"request_id": rid, "result": {
-                    **result, "kv": stub, "received_at": self._arrivals.get(rid, now), "replied_at": now}})
+                    **result, "kv_stub": stub, "received_at": self._arrivals.get(rid, now), "replied_at": now}})
                 # On the socket before the KV publish below starts a thread that competes
-                # with this loop for the GIL.
-                conn.flush()
+                # with this loop for the GIL; and the ingress, woken onto this CPU by the
+                # write, runs before this turn goes on (channel.yield_cpu).
+                conn.hand_off()
             # Publishing the KV (a copy into the object store, or encoding for gRPC) runs
             # off the event loop and off the engine thread, beside the next prefill step.
             send = asyncio.get_running_loop().run_in_executor(
