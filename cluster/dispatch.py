@@ -13,7 +13,8 @@ from typing import Any
 
 import ray
 
-from cluster.channel import ChannelPool, Mailbox, yield_cpu
+from cluster.channel import yield_cpu
+from cluster.channel_client import ChannelPool, Mailbox
 from cluster.router import WorkerView
 from kvtransfer.base import KVHandle
 

@@ -17,7 +17,7 @@ from typing import Any
 from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.admission import Headroom, TTFTModel
-from cluster.channel import ChannelPool
+from cluster.channel_client import ChannelPool
 from cluster.dispatch import call_prefill, release_kv, token_stream
 from cluster.errors import InvalidRequestError, NoHealthyPoolError, SplitServeError, WorkerFailedError
 from cluster.gen_admission import AdmissionMixin

@@ -9,7 +9,8 @@ import asyncio
 import pickle
 import struct
 
-from cluster.channel import ChannelClosedError, ChannelClient, ChannelPool, ChannelServer, Mailbox
+from cluster.channel import ChannelClosedError, ChannelServer
+from cluster.channel_client import ChannelClient, ChannelPool, Mailbox
 from cluster.dispatch import release_kv
 from cluster.router import WorkerView
 

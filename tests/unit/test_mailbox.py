@@ -1,4 +1,4 @@
-"""cluster.channel.Mailbox: a request's messages from its channel, in order, to one consumer;
+"""cluster.channel_client.Mailbox: a request's messages from its channel, in order, to one consumer;
 a timeout when none comes; a cancelled consumer leaves it usable."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from cluster.channel import Mailbox
+from cluster.channel_client import Mailbox
 
 
 def test_messages_in_order_whether_waiting_or_not():
