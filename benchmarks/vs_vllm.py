@@ -105,6 +105,19 @@ def vllm_server(model_dir: str, dtype: str, log: Path, timeout_s: float, eager: 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+        # vLLM's engine core is a child in the same process group that may still be exiting
+        # (and computing) after the server is gone: the next target must not share the
+        # cores with it (session 11: one colocated round right after vLLM's took 52 ms TPOT
+        # against 36-38 in the rounds around it).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.2)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
