@@ -121,7 +121,8 @@ def _step_plan(meta: AttentionMetadata, cache: torch.Tensor, window: int | None)
         starts.append(starts[-1] + n)
     decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
     # "decode": the decode sequences' gather plan (_decode_plan) or, for the paged kernel,
-    # "kernel": their block tables; each built by _decode_rows at its first layer.
+    # "kernel": their block tables; each built by _decode_rows at its first layer, as is
+    # "use_kernel" (which of the two).
     plan = {"starts": starts, "seqs": decode, "rows": None,
             "all_decode": len(decode) == len(meta.query_lens)}
     if decode and not plan["all_decode"]:
@@ -138,7 +139,9 @@ def _decode_rows(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, 
     from engine.paged_kernel import decode_tables, paged_decode, wanted
 
     seqs: list[int] = plan["seqs"]  # type: ignore[assignment]
-    if wanted(cache.dtype, cache.device):
+    if "use_kernel" not in plan:  # decided once a step, not per layer
+        plan["use_kernel"] = wanted(cache.dtype, cache.device)
+    if plan["use_kernel"]:
         if "kernel" not in plan:
             plan["kernel"] = decode_tables([meta.block_tables[i] for i in seqs],
                                            [meta.context_lens[i] for i in seqs], cache.shape[2])

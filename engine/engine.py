@@ -55,7 +55,7 @@ def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size:
     (not a prefill-only worker), the compiled decode forward (engine.compiled) is built
     and compiled here, before any request (a minute or more on a cold inductor cache)."""
     from engine.compiled import compile_mode
-    from engine.paged_kernel import kernel, kernel_mode
+    from engine.paged_kernel import wanted
     from engine.linear import pack_model
     from engine.loader import load_model
     from engine.model import allocate_kv_cache
@@ -66,8 +66,8 @@ def build_runner(model_dir: str | Path, dtype: str, num_blocks: int, block_size:
     pack_model(model)  # oneDNN-packed linears on CPU (engine/linear.py; SPLITSERVE_LINEAR=torch: off)
     caches = allocate_kv_cache(model.cfg, num_blocks, block_size, torch_dtype, tp_size=tp_size)
     runner = ModelRunner(model, caches, block_size, tp_rank=tp_rank, tp_size=tp_size)
-    if decodes and kernel_mode() != "0" and torch_dtype == torch.float32:
-        kernel()  # compile (or load) the paged decode kernel now, not at the first decode step
+    if decodes:
+        wanted(torch_dtype, caches[0].device)  # compiles (or loads) the kernel now where it applies
     if decodes and compile_mode() == "decode":
         if not runner.enable_compile():
             logger.info("SPLITSERVE_COMPILE=decode: not supported for this model or tp; eager")
